@@ -1,0 +1,365 @@
+"""Put LAMOST spectra on one fixed log-wavelength grid and standardise them.
+
+Every spectrum of a batch is resampled onto the same grid of ``NPIX`` pixels,
+``log10(lambda) = LOGLAM0 + DLOGLAM * k`` (vacuum Angstrom, 3690-9100 A, the
+range used by Yang et al. 2021, with LAMOST's own 1e-4 dex step).  Unusable
+pixels (``ivar <= 0``, ``andmask != 0``, non-finite values) and the parts of the
+grid outside a spectrum's coverage are filled by linear interpolation between
+the neighbouring good pixels (held at the nearest good value at the edges) and
+flagged in a boolean mask.  The flux is then standardised as
+``x / ||x||_2`` (eq. 1 of the paper).
+
+All array work is vectorised over the batch (``N x NPIX``): the only Python loop
+gathers the per-spectrum arrays into one padded block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from lamost_ostar.io import Spectrum
+
+__all__ = [
+    "LOGLAM0",
+    "DLOGLAM",
+    "NPIX",
+    "WAVE_MIN",
+    "WAVE_MAX",
+    "grid_loglam",
+    "grid_wavelength",
+    "PreparedBatch",
+    "resample",
+    "resample_arrays",
+    "standardise",
+    "prepare",
+    "prepare_arrays",
+]
+
+#: log10 of the first grid wavelength (3690 A, vacuum).
+LOGLAM0: float = 3.5670
+#: Grid step in log10(wavelength) (LAMOST's own pixel size).
+DLOGLAM: float = 1e-4
+#: Number of grid pixels (3690.0 ... 9099.6 A).
+NPIX: int = 3921
+#: Nominal wavelength range covered by the grid [A].
+WAVE_MIN: float = 3690.0
+WAVE_MAX: float = 9100.0
+
+# Weight below which a neighbouring native pixel is considered not to
+# contribute to an interpolated grid value (for the mask).
+_WEIGHT_TOL = 1e-6
+# Pad value for log10(wavelength) beyond a spectrum's last pixel (above any
+# optical wavelength, below the row offset used by the generic search).
+_LOGLAM_PAD = 5.0
+_ROW_OFFSET = 10.0
+
+
+def grid_loglam() -> np.ndarray:
+    """Return ``log10`` of the grid wavelengths.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of shape ``(NPIX,)``.
+    """
+    return LOGLAM0 + DLOGLAM * np.arange(NPIX, dtype=np.float64)
+
+
+def grid_wavelength() -> np.ndarray:
+    """Return the common vacuum wavelength grid in Angstrom.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of shape ``(NPIX,)``, ``10**(LOGLAM0 + DLOGLAM*k)``.
+    """
+    return 10.0 ** grid_loglam()
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of spectra on the common grid, ready for a model.
+
+    Attributes
+    ----------
+    x : numpy.ndarray
+        float32 ``(N, NPIX)``, standardised flux ``x / ||x||_2`` (eq. 1).
+    mask : numpy.ndarray
+        bool ``(N, NPIX)``, True where the value was interpolated over a bad
+        pixel or lies outside the spectrum's wavelength coverage.
+    good_fraction : numpy.ndarray
+        float32 ``(N,)``, fraction of grid pixels that are not masked.
+    ivar : numpy.ndarray or None
+        float32 ``(N, NPIX)`` inverse variance of the *resampled, not
+        standardised* flux (0 where masked).
+    norm : numpy.ndarray or None
+        float64 ``(N,)``, the L2 norm each resampled spectrum was divided by.
+    """
+
+    x: np.ndarray
+    mask: np.ndarray
+    good_fraction: np.ndarray
+    ivar: np.ndarray | None = None
+    norm: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _pad(arrays: Sequence[np.ndarray], lengths: np.ndarray, width: int,
+         fill: float, dtype) -> np.ndarray:
+    """Stack 1-d arrays of different lengths into one padded block."""
+    out = np.full((len(arrays), width), fill, dtype=dtype)
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    if len(arrays):
+        out[inside] = np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
+    return out
+
+
+def _fractional_index_loglinear(coeff0: np.ndarray, coeff1: np.ndarray,
+                                loglam: np.ndarray) -> np.ndarray:
+    """Fractional native pixel index of each grid point, log-linear spectra."""
+    return (loglam[None, :] - coeff0[:, None]) / coeff1[:, None]
+
+
+def _fractional_index_search(logwave: np.ndarray, lengths: np.ndarray,
+                             loglam: np.ndarray) -> np.ndarray:
+    """Fractional native pixel index for arbitrary increasing wavelengths.
+
+    One ``searchsorted`` over all rows at once: each row's log-wavelengths are
+    offset by ``row * _ROW_OFFSET`` so that the flattened block stays sorted.
+    """
+    n_rows, width = logwave.shape
+    rows = np.arange(n_rows)
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    lw = np.where(inside, logwave, _LOGLAM_PAD)
+    flat = (lw + _ROW_OFFSET * rows[:, None]).ravel()
+    query = loglam[None, :] + _ROW_OFFSET * rows[:, None]
+    j = np.searchsorted(flat, query.ravel(), side="right").reshape(query.shape)
+    j = j - 1 - rows[:, None] * width
+    j = np.clip(j, 0, np.maximum(lengths - 2, 0)[:, None])
+    lo = np.take_along_axis(lw, j, axis=1)
+    hi = np.take_along_axis(lw, np.minimum(j + 1, width - 1), axis=1)
+    step = np.where(hi > lo, hi - lo, 1.0)
+    return j + (loglam[None, :] - lo) / step
+
+
+def _fill_bad(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Replace bad pixels by linear interpolation between good neighbours.
+
+    Pixels before the first (after the last) good pixel take the first
+    (last) good value; rows without any good pixel become zero.
+    """
+    n_rows, width = values.shape
+    idx = np.broadcast_to(np.arange(width), values.shape)
+    prev = np.maximum.accumulate(np.where(good, idx, -1), axis=1)
+    nxt = np.minimum.accumulate(np.where(good, idx, width)[:, ::-1], axis=1)[:, ::-1]
+    has_prev = prev >= 0
+    has_next = nxt < width
+    left = np.where(has_prev, prev, nxt)
+    right = np.where(has_next, nxt, prev)
+    left = np.clip(left, 0, width - 1)
+    right = np.clip(right, 0, width - 1)
+    span = right - left
+    w = np.where(span > 0, (idx - left) / np.where(span > 0, span, 1), 0.0)
+    v_left = np.take_along_axis(values, left, axis=1)
+    v_right = np.take_along_axis(values, right, axis=1)
+    filled = (1.0 - w) * v_left + w * v_right
+    filled = np.where(good, values, filled)
+    any_good = good.any(axis=1)
+    return np.where(any_good[:, None], filled, 0.0)
+
+
+def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
+                    *, andmask: np.ndarray | None = None,
+                    coeff0: np.ndarray | None = None,
+                    coeff1: np.ndarray | None = None,
+                    wavelength: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a padded block of spectra onto the common grid.
+
+    Parameters
+    ----------
+    flux, ivar : numpy.ndarray
+        ``(N, L)`` native flux and inverse variance; row ``i`` uses its first
+        ``lengths[i]`` pixels.
+    lengths : numpy.ndarray
+        ``(N,)`` number of native pixels per row (at least 2).
+    andmask : numpy.ndarray, optional
+        ``(N, L)`` integer mask; non-zero pixels are treated as bad.
+    coeff0, coeff1 : numpy.ndarray, optional
+        ``(N,)`` log10 wavelength of pixel 0 and log10 step.  Rows where either
+        is NaN use ``wavelength`` instead.
+    wavelength : numpy.ndarray, optional
+        ``(N, L)`` increasing vacuum wavelengths [A]; required for rows without
+        finite coefficients.
+
+    Returns
+    -------
+    flux : numpy.ndarray
+        float64 ``(N, NPIX)`` resampled flux, bad/outside pixels filled.
+    ivar : numpy.ndarray
+        float64 ``(N, NPIX)`` propagated inverse variance, 0 where masked.
+    mask : numpy.ndarray
+        bool ``(N, NPIX)``, True where interpolated over bad pixels or outside
+        the spectrum's coverage.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_rows, width = flux.shape
+    if n_rows == 0:
+        empty = np.zeros((0, NPIX))
+        return empty, empty.copy(), np.zeros((0, NPIX), dtype=bool)
+    if np.any(lengths < 2):
+        raise ValueError("every spectrum needs at least 2 pixels")
+    loglam = grid_loglam()
+
+    # fractional native pixel index of each grid point
+    if coeff0 is None or coeff1 is None:
+        c0 = np.full(n_rows, np.nan)
+        c1 = np.full(n_rows, np.nan)
+    else:
+        c0 = np.asarray(coeff0, dtype=np.float64)
+        c1 = np.asarray(coeff1, dtype=np.float64)
+    loglin = np.isfinite(c0) & np.isfinite(c1) & (c1 > 0)
+    pos = np.empty((n_rows, NPIX))
+    if loglin.any():
+        pos[loglin] = _fractional_index_loglinear(c0[loglin], c1[loglin], loglam)
+    if not loglin.all():
+        if wavelength is None:
+            raise ValueError("wavelength is required for spectra without coeff0/coeff1")
+        other = ~loglin
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lw = np.log10(np.asarray(wavelength, dtype=np.float64)[other])
+        pos[other] = _fractional_index_search(lw, lengths[other], loglam)
+
+    # good native pixels, bad ones filled from their good neighbours
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    good = inside & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    if andmask is not None:
+        good &= np.asarray(andmask) == 0
+    filled = _fill_bad(np.where(good, flux, 0.0), good)
+    safe_ivar = np.where(good, ivar, 1.0)
+
+    # linear interpolation at the fractional indices
+    last = (lengths - 1)[:, None].astype(np.float64)
+    outside = (pos < 0.0) | (pos > last) | ~np.isfinite(pos)
+    posc = np.clip(np.nan_to_num(pos, nan=0.0), 0.0, last)
+    i0 = np.minimum(np.floor(posc).astype(np.int64), (lengths - 2)[:, None])
+    t = posc - i0
+    i1 = i0 + 1
+    f0 = np.take_along_axis(filled, i0, axis=1)
+    f1 = np.take_along_axis(filled, i1, axis=1)
+    out_flux = (1.0 - t) * f0 + t * f1
+
+    g0 = np.take_along_axis(good, i0, axis=1)
+    g1 = np.take_along_axis(good, i1, axis=1)
+    mask = (outside
+            | (~g0 & ((1.0 - t) > _WEIGHT_TOL))
+            | (~g1 & (t > _WEIGHT_TOL)))
+    v0 = 1.0 / np.take_along_axis(safe_ivar, i0, axis=1)
+    v1 = 1.0 / np.take_along_axis(safe_ivar, i1, axis=1)
+    var = (1.0 - t) ** 2 * np.where(g0, v0, 0.0) + t ** 2 * np.where(g1, v1, 0.0)
+    out_ivar = np.where(mask | (var <= 0), 0.0, 1.0 / np.where(var > 0, var, 1.0))
+    return out_flux, out_ivar, mask
+
+
+def _gather(spectra: Sequence["Spectrum"]) -> dict:
+    """Gather a list of Spectrum records into padded arrays."""
+    lengths = np.array([np.size(s.flux) for s in spectra], dtype=np.int64)
+    width = int(lengths.max()) if len(lengths) else 0
+    flux = _pad([s.flux for s in spectra], lengths, width, np.nan, np.float64)
+    ivar = _pad([s.ivar for s in spectra], lengths, width, 0.0, np.float64)
+    andmask = _pad([np.zeros(n, np.int64) if getattr(s, "andmask", None) is None
+                    else s.andmask for s, n in zip(spectra, lengths)],
+                   lengths, width, 0, np.int64)
+    c0 = np.array([np.nan if getattr(s, "coeff0", None) is None else s.coeff0
+                   for s in spectra], dtype=np.float64)
+    c1 = np.array([np.nan if getattr(s, "coeff1", None) is None else s.coeff1
+                   for s in spectra], dtype=np.float64)
+    need_wave = ~(np.isfinite(c0) & np.isfinite(c1))
+    wavelength = None
+    if need_wave.any():
+        wavelength = _pad([s.wavelength if nw else np.ones(n)
+                           for s, n, nw in zip(spectra, lengths, need_wave)],
+                          lengths, width, np.nan, np.float64)
+    return dict(flux=flux, ivar=ivar, lengths=lengths, andmask=andmask,
+                coeff0=c0, coeff1=c1, wavelength=wavelength)
+
+
+def resample(spectra: Sequence["Spectrum"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a batch of :class:`lamost_ostar.io.Spectrum` onto the grid.
+
+    Parameters
+    ----------
+    spectra : sequence of Spectrum
+        Records with ``flux``, ``ivar``, ``wavelength``, ``andmask``,
+        ``coeff0`` and ``coeff1``.  Log-linear spectra use the coefficients;
+        spectra with ``coeff0``/``coeff1`` of None use their wavelength array.
+
+    Returns
+    -------
+    flux, ivar, mask : numpy.ndarray
+        ``(N, NPIX)`` resampled flux (float64), inverse variance (float64, 0
+        where masked) and bool mask (True = interpolated or outside coverage).
+    """
+    if len(spectra) == 0:
+        return resample_arrays(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0, int))
+    return resample_arrays(**_gather(spectra))
+
+
+def standardise(flux: np.ndarray) -> np.ndarray:
+    """Divide each row by its L2 norm, ``x / ||x||_2`` (eq. 1 of the paper).
+
+    Parameters
+    ----------
+    flux : numpy.ndarray
+        ``(N, M)`` or ``(M,)`` flux.
+
+    Returns
+    -------
+    numpy.ndarray
+        Array of the same shape and float dtype; rows of zero norm stay zero.
+    """
+    flux = np.asarray(flux)
+    if not np.issubdtype(flux.dtype, np.floating):
+        flux = flux.astype(np.float64)
+    norm = np.sqrt(np.sum(np.square(flux, dtype=np.float64), axis=-1, keepdims=True))
+    safe = np.where(norm > 0, norm, 1.0)
+    return (flux / safe).astype(flux.dtype, copy=False)
+
+
+def _finish(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> PreparedBatch:
+    norm = np.sqrt(np.sum(flux * flux, axis=1))
+    x = standardise(flux).astype(np.float32)
+    good_fraction = (1.0 - mask.mean(axis=1)).astype(np.float32) if mask.size else \
+        np.zeros(mask.shape[0], np.float32)
+    return PreparedBatch(x=x, mask=mask, good_fraction=good_fraction,
+                         ivar=ivar.astype(np.float32), norm=norm)
+
+
+def prepare(spectra: Sequence["Spectrum"]) -> PreparedBatch:
+    """Resample and standardise a batch of spectra (the model input).
+
+    Parameters
+    ----------
+    spectra : sequence of Spectrum
+        Records from :mod:`lamost_ostar.io`.
+
+    Returns
+    -------
+    PreparedBatch
+        ``x`` (float32 ``N x NPIX``, unit L2 norm per row), ``mask``,
+        ``good_fraction``, plus the resampled ``ivar`` and the ``norm``.
+    """
+    return _finish(*resample(spectra))
+
+
+def prepare_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
+                   **kwargs) -> PreparedBatch:
+    """Like :func:`prepare` for a padded array block (see :func:`resample_arrays`)."""
+    return _finish(*resample_arrays(flux, ivar, lengths, **kwargs))
