@@ -1,0 +1,750 @@
+"""Read LAMOST low-resolution (LRS) spectra in every released file layout.
+
+Three layouts exist and are told apart **from the file content**, never from the
+data-release number:
+
+``"image"`` (DR2-DR8, pipeline v2.7-v2.9)
+    One image HDU of 5 rows x N pixels (N varies, 3751-3909 seen): flux, inverse
+    variance, vacuum heliocentric wavelength [Angstrom], andmask, ormask.
+``"dr1"`` (pipeline v2.6)
+    The same 5 x N image, but row 2 holds the continuum-normalised flux instead of
+    the wavelength; the wavelength comes from ``COEFF0``/``COEFF1``. The S/N keywords
+    are ``SN_U`` ... ``SN_Z`` and there is no ``OBSID``. Recognised because row 2
+    does not look like a wavelength array.
+``"coadd"`` (DR9 and later)
+    Empty primary HDU carrying the metadata header, and a one-row binary table
+    ``COADD`` with the columns ``FLUX IVAR WAVELENGTH ANDMASK ORMASK``.
+
+Plain and gzip-compressed files are read alike (gzip is recognised by its magic
+bytes, whatever the file name). Medium-resolution files (``COADD_B``/``COADD_R``
+tables) are refused with :class:`MediumResolutionError`.
+
+Two engines give identical :class:`Spectrum` records: ``"fitsio"`` (default, the
+fast path: cfitsio opens/decompresses the file and reads the data; the few header
+keywords needed are parsed from the raw header cards, which is ~20x faster than
+building a full header object) and ``"astropy"`` (the file is read once into memory,
+gunzipped with :mod:`zlib` if needed and opened with :mod:`astropy.io.fits`).
+
+Quality rules (applied identically by both engines)
+---------------------------------------------------
+* Negative inverse variances are set to 0.
+* Non-finite pixels: a pixel whose flux or ivar is NaN/inf is masked (flux 0,
+  ivar 0) and counted in :attr:`Spectrum.n_nonfinite`. If more than
+  ``max_nonfinite_fraction`` (default 0.5) of the pixels are non-finite, or any
+  wavelength is non-finite, :class:`NonFiniteError` is raised instead.
+* If no pixel is left with ivar > 0, :class:`NoUsablePixelsError` is raised.
+* Fewer than :data:`N_ROWS` image rows, a missing ``COADD`` column, or fewer than
+  :data:`MIN_PIXELS` pixels raise :class:`LayoutError`.
+* Wavelengths: when the stored wavelengths agree with ``10**(COEFF0 + COEFF1*i)``
+  (relative 1e-6, i.e. float32 rounding) the exact float64 log-linear grid is
+  returned and ``coeff0``/``coeff1`` are set; otherwise the stored values are
+  returned (as float64) and ``coeff0``/``coeff1`` are None.
+
+Examples
+--------
+>>> from lamost_ostar.io import read_spectrum, read_spectra
+>>> spec = read_spectrum("spec-55859-F5902_sp01-001.fits.gz")      # doctest: +SKIP
+>>> batch = read_spectra(paths)                                      # doctest: +SKIP
+>>> len(batch.spectra), [(e.path, e.reason) for e in batch.errors]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+
+__all__ = [
+    "Spectrum",
+    "ReadError",
+    "NotFitsError",
+    "CorruptFileError",
+    "EmptyFileError",
+    "MediumResolutionError",
+    "LayoutError",
+    "NoUsablePixelsError",
+    "NonFiniteError",
+    "FileError",
+    "BatchRead",
+    "read_spectrum",
+    "read_spectra",
+    "ENGINES",
+    "LAYOUTS",
+    "REASONS",
+    "IMAGE_ROWS",
+    "COADD_COLUMNS",
+    "COEFF0",
+    "COEFF1",
+    "N_ROWS",
+    "MIN_PIXELS",
+    "MAX_NONFINITE_FRACTION",
+]
+
+#: Engines accepted by :func:`read_spectrum` / :func:`read_spectra`.
+ENGINES = ("fitsio", "astropy")
+#: Layout names stored in :attr:`Spectrum.layout`.
+LAYOUTS = ("image", "dr1", "coadd")
+#: Row meaning of the DR2-DR8 5 x N image (DR1 has ``"subcontinuum"`` in row 2).
+IMAGE_ROWS = ("flux", "ivar", "wavelength", "andmask", "ormask")
+#: Columns of the DR9+ ``COADD`` binary table that the reader needs.
+COADD_COLUMNS = ("FLUX", "IVAR", "WAVELENGTH", "ANDMASK", "ORMASK")
+#: LAMOST LRS log10 wavelength of pixel 0 and log10 step (header COEFF0/COEFF1).
+COEFF0 = 3.5682
+COEFF1 = 1e-4
+#: Number of rows of the image layouts.
+N_ROWS = 5
+#: Fewest pixels accepted for a low-resolution spectrum (real files: 3751-3909).
+MIN_PIXELS = 1000
+#: Default largest fraction of non-finite pixels that is masked rather than refused.
+MAX_NONFINITE_FRACTION = 0.5
+#: Relative tolerance for "stored wavelengths equal the COEFF0/COEFF1 grid".
+_WAVE_RTOL = 1e-6
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_FITS_MAGIC = b"SIMPLE  ="
+
+# header keyword -> kind; the only keywords the reader needs
+_WANTED = {
+    "OBSID": "int", "DESIG": "str", "RA": "float", "DEC": "float", "LMJD": "int",
+    "PLANID": "str", "SPID": "int", "FIBERID": "int", "CLASS": "str",
+    "SUBCLASS": "str", "DATA_V": "str", "VERSPIPE": "str", "COEFF0": "float",
+    "COEFF1": "float",
+    "SNRU": "float", "SNRG": "float", "SNRR": "float", "SNRI": "float", "SNRZ": "float",
+    "SN_U": "float", "SN_G": "float", "SN_R": "float", "SN_I": "float", "SN_Z": "float",
+}
+_BANDS = ("u", "g", "r", "i", "z")
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class Spectrum:
+    """One LAMOST low-resolution spectrum and its metadata.
+
+    Attributes
+    ----------
+    flux, ivar : numpy.ndarray
+        float32 (n,); ``ivar`` is 0 where a pixel is unusable (including pixels
+        masked because they were non-finite).
+    wavelength : numpy.ndarray
+        float64 (n,), vacuum heliocentric wavelength in Angstrom.
+    andmask, ormask : numpy.ndarray
+        int32 (n,) pipeline bit masks.
+    path : str
+        Source file.
+    layout : str
+        ``"image"`` (DR2-DR8), ``"dr1"`` or ``"coadd"`` (DR9+), see :data:`LAYOUTS`.
+    obsid, designation, ra, dec, lmjd, planid, spid, fiberid
+        Header OBSID (None for DR1), DESIG, RA, DEC [deg], LMJD, PLANID, SPID, FIBERID.
+    pipeline_class, pipeline_subclass : str or None
+        Header CLASS / SUBCLASS.
+    snr : dict
+        S/N per band, keys among ``"u","g","r","i","z"`` (SNRU.. or SN_U.. keywords).
+    data_release, pipeline_version : str or None
+        Header DATA_V (e.g. ``"LAMOST DR7"``) and VERSPIPE.
+    coeff0, coeff1 : float or None
+        log10 wavelength of pixel 0 and log10 step; None if the wavelengths are not
+        the log-linear grid of the header coefficients.
+    n_nonfinite : int
+        Number of pixels whose flux or ivar was NaN/inf and that were masked
+        (ivar and flux set to 0). Added field (default 0).
+    """
+
+    flux: np.ndarray
+    ivar: np.ndarray
+    wavelength: np.ndarray
+    andmask: np.ndarray
+    ormask: np.ndarray
+    path: str
+    layout: str
+    obsid: int | None = None
+    designation: str | None = None
+    ra: float | None = None
+    dec: float | None = None
+    lmjd: int | None = None
+    planid: str | None = None
+    spid: int | None = None
+    fiberid: int | None = None
+    pipeline_class: str | None = None
+    pipeline_subclass: str | None = None
+    snr: dict[str, float] = field(default_factory=dict)
+    data_release: str | None = None
+    pipeline_version: str | None = None
+    coeff0: float | None = None
+    coeff1: float | None = None
+    n_nonfinite: int = 0
+
+    @property
+    def npix(self) -> int:
+        """Number of pixels."""
+        return int(self.flux.shape[0])
+
+
+class ReadError(Exception):
+    """A file could not be turned into a :class:`Spectrum`.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    message : str
+        One-line human-readable explanation (newlines are collapsed).
+    reason : str, optional
+        Short machine-readable code; defaults to the subclass's ``reason``.
+
+    Notes
+    -----
+    ``str(err)`` is ``"<path>: <message>"`` on one line.
+    """
+
+    reason: str = "unreadable"
+
+    def __init__(self, path: str | os.PathLike, message: str, reason: str | None = None):
+        self.path = os.fspath(path)
+        self.message = _one_line(message)
+        if reason is not None:
+            self.reason = reason
+        super().__init__(f"{self.path}: {self.message}")
+
+
+class NotFitsError(ReadError):
+    """The file (or the gzip member) is not FITS."""
+
+    reason = "not_fits"
+
+
+class CorruptFileError(ReadError):
+    """Truncated (reason ``"truncated"``) or otherwise corrupt (``"corrupt"``) file."""
+
+    reason = "corrupt"
+
+
+class EmptyFileError(ReadError):
+    """The file (or its decompressed content) has zero bytes."""
+
+    reason = "empty"
+
+
+class MediumResolutionError(ReadError):
+    """A LAMOST medium-resolution (MRS, ``COADD_B``/``COADD_R``) file."""
+
+    reason = "medium_resolution"
+
+
+class LayoutError(ReadError):
+    """Missing or short rows/columns, or an unknown layout."""
+
+    reason = "bad_layout"
+
+
+class NoUsablePixelsError(ReadError):
+    """No pixel with a positive inverse variance."""
+
+    reason = "no_usable_pixels"
+
+
+class NonFiniteError(ReadError):
+    """Too many non-finite flux/ivar values, or non-finite wavelengths."""
+
+    reason = "non_finite"
+
+
+#: All reason codes that :class:`FileError` can carry.
+REASONS = ("not_fits", "corrupt", "truncated", "empty", "medium_resolution",
+           "bad_layout", "no_usable_pixels", "non_finite", "unreadable")
+
+
+@dataclass
+class FileError:
+    """A file that :func:`read_spectra` could not read.
+
+    Attributes
+    ----------
+    path : str
+    reason : str
+        One of :data:`REASONS` (``"unreadable"`` for an unexpected exception).
+    message : str
+        One line.
+    """
+
+    path: str
+    reason: str
+    message: str
+
+
+@dataclass
+class BatchRead:
+    """Result of :func:`read_spectra`: the spectra read and the files that failed."""
+
+    spectra: list[Spectrum]
+    errors: list[FileError]
+
+
+# --------------------------------------------------------------------------- helpers
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parse_card_value(text: str) -> Any:
+    """Parse the value field (columns 11-80) of a FITS header card."""
+    s = text.lstrip()
+    if s.startswith("'"):
+        out = []
+        i = 1
+        n = len(s)
+        while i < n:
+            c = s[i]
+            if c == "'":
+                if i + 1 < n and s[i + 1] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                break
+            out.append(c)
+            i += 1
+        return "".join(out).rstrip()
+    v = s.split("/", 1)[0].strip()
+    if not v:
+        return None
+    if v == "T":
+        return True
+    if v == "F":
+        return False
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return v
+
+
+def _parse_primary_cards(raw: bytes, path: str) -> dict[str, Any]:
+    """Values of the wanted keywords of the primary header in the raw file bytes."""
+    out: dict[str, Any] = {}
+    n = len(raw)
+    pos = 0
+    while pos + 80 <= n:
+        card = raw[pos:pos + 80]
+        pos += 80
+        if card[8:10] != b"= ":
+            if card[:8] == b"END     ":
+                return out
+            continue
+        key = card[:8].rstrip().decode("ascii", "replace")
+        if key in _WANTED:
+            out[key] = _parse_card_value(card[10:].decode("ascii", "replace"))
+    raise CorruptFileError(path, "primary header has no END card", "truncated")
+
+
+def _as_int(v: Any) -> int | None:
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    try:
+        f = float(str(v).strip())
+    except ValueError:
+        return None
+    return int(f) if np.isfinite(f) and f == int(f) else None
+
+
+def _as_float(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _as_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _gunzip(data: bytes, path: str) -> bytes:
+    """Decompress a (possibly multi-member) gzip stream, with typed errors."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data)
+        out += d.flush()
+    except zlib.error as exc:
+        raise CorruptFileError(path, f"corrupt gzip stream ({exc})", "corrupt") from None
+    if not d.eof:
+        raise CorruptFileError(path, f"truncated gzip stream (ends after {len(data)} "
+                               f"compressed bytes, {len(out)} decompressed)", "truncated")
+    return out
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's FITS bytes (gunzipped if gzip), with typed errors for bad files."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except IsADirectoryError:
+        raise NotFitsError(path, "is a directory, not a FITS file") from None
+    except FileNotFoundError:
+        raise ReadError(path, "file not found", "unreadable") from None
+    except OSError as exc:
+        raise ReadError(path, f"cannot read file ({exc.strerror or exc})",
+                        "unreadable") from None
+    if not data:
+        raise EmptyFileError(path, "empty file (0 bytes)")
+    if data[:2] == _GZIP_MAGIC:
+        data = _gunzip(data, path)
+        if not data:
+            raise EmptyFileError(path, "gzip file decompresses to 0 bytes")
+        if data[:9] != _FITS_MAGIC:
+            raise NotFitsError(path, "gzip content is not a FITS file "
+                               "(no SIMPLE card at the start)")
+    elif data[:9] != _FITS_MAGIC:
+        raise NotFitsError(path, "not a FITS file (no SIMPLE card at the start)")
+    return data
+
+
+def _diagnose(path: str, exc: BaseException) -> ReadError:
+    """Turn a low-level library failure into the most specific :class:`ReadError`.
+
+    Only called on the error path: re-reads the file to tell empty, non-FITS,
+    truncated and corrupt files apart.
+    """
+    try:
+        raw = _read_bytes(path)
+    except ReadError as err:
+        return err
+    msg = _one_line(exc)
+    # a plain FITS file whose declared data run past its end is truncated
+    if len(raw) % 2880:
+        return CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
+                                f"multiple of 2880): {msg}", "truncated")
+    low = msg.lower()
+    if "end of file" in low or "past end" in low or "truncat" in low:
+        return CorruptFileError(path, f"truncated FITS file: {msg}", "truncated")
+    return CorruptFileError(path, f"corrupt FITS file: {msg}", "corrupt")
+
+
+# --------------------------------------------------------------------------- sources
+class _Source(Protocol):
+    """What the layout logic needs from an opened file (one per engine)."""
+
+    hdu_names: list[str]
+    header: dict[str, Any]
+
+    def primary_dims(self) -> tuple[int, ...]: ...
+    def read_primary(self) -> np.ndarray: ...
+    def coadd_columns(self) -> list[str]: ...
+    def read_coadd(self) -> dict[str, np.ndarray]: ...
+
+
+class _FitsioSource:
+    def __init__(self, fits: Any, path: str):
+        self._f = fits
+        self.hdu_names = [h.get_extname().strip().upper() for h in fits]
+        self.header = _parse_primary_cards(fits.read_raw(), path)
+
+    def primary_dims(self) -> tuple[int, ...]:
+        info = self._f[0].get_info()
+        if info.get("hdutype", 0) != 0:
+            return ()
+        return tuple(int(d) for d in info.get("dims", ()))
+
+    def read_primary(self) -> np.ndarray:
+        return self._f[0].read()
+
+    def _coadd(self) -> Any:
+        return self._f[self.hdu_names.index("COADD")]
+
+    def coadd_columns(self) -> list[str]:
+        return [c.upper() for c in self._coadd().get_colnames()]
+
+    def read_coadd(self) -> dict[str, np.ndarray]:
+        hdu = self._coadd()
+        names = {c.upper(): c for c in hdu.get_colnames()}
+        nrows = hdu.get_nrows()
+        if nrows < 1:
+            return {}
+        rec = hdu.read(columns=[names[c] for c in COADD_COLUMNS], rows=[0])
+        return {c: np.ravel(rec[names[c]][0]) for c in COADD_COLUMNS}
+
+
+class _AstropySource:
+    def __init__(self, hdul: Any, nbytes: int, path: str):
+        self._h = hdul
+        self._n = nbytes
+        self._path = path
+        self.hdu_names = [h.name.strip().upper() for h in hdul]
+        hdr = hdul[0].header
+        self.header = {k: hdr[k] for k in _WANTED if k in hdr}
+        for k, v in list(self.header.items()):
+            if not isinstance(v, (str, bool, int, float)):
+                self.header[k] = None  # astropy "Undefined" value
+
+    def _check_complete(self, index: int) -> None:
+        info = self._h.fileinfo(index)
+        need = info["datLoc"] + self._h[index].size
+        if need > self._n:
+            raise CorruptFileError(self._path, f"truncated FITS file: HDU {index} needs "
+                                   f"{need} bytes, file has {self._n}", "truncated")
+
+    def primary_dims(self) -> tuple[int, ...]:
+        hdr = self._h[0].header
+        naxis = int(hdr.get("NAXIS", 0))
+        return tuple(int(hdr.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))
+
+    def read_primary(self) -> np.ndarray:
+        self._check_complete(0)
+        return self._h[0].data
+
+    def _index(self) -> int:
+        return self.hdu_names.index("COADD")
+
+    def coadd_columns(self) -> list[str]:
+        return [c.upper() for c in self._h[self._index()].columns.names]
+
+    def read_coadd(self) -> dict[str, np.ndarray]:
+        i = self._index()
+        self._check_complete(i)
+        data = self._h[i].data
+        if data is None or len(data) < 1:
+            return {}
+        names = {c.upper(): c for c in data.columns.names}
+        return {c: np.ravel(data[names[c]][0]) for c in COADD_COLUMNS}
+
+
+# --------------------------------------------------------------------------- assembly
+def _looks_like_wavelength(row: np.ndarray) -> bool:
+    """True if a row is an increasing optical wavelength array in Angstrom."""
+    if row.size < 2 or not np.all(np.isfinite(row)):
+        return False
+    return bool(2500.0 < row[0] < row[-1] < 12000.0 and np.all(np.diff(row) > 0))
+
+
+def _loglin_grid(c0: float, c1: float, n: int) -> np.ndarray:
+    return 10.0 ** (c0 + c1 * np.arange(n, dtype=np.float64))
+
+
+def _wavelength(stored: np.ndarray, hdr: dict[str, Any], path: str
+                ) -> tuple[np.ndarray, float | None, float | None]:
+    if not np.all(np.isfinite(stored)):
+        raise NonFiniteError(path, "non-finite wavelength values")
+    c0, c1 = _as_float(hdr.get("COEFF0")), _as_float(hdr.get("COEFF1"))
+    if c0 is not None and c1 is not None and c1 > 0:
+        grid = _loglin_grid(c0, c1, stored.size)
+        if np.allclose(stored, grid, rtol=_WAVE_RTOL, atol=0.0):
+            return grid, c0, c1
+    return stored.astype(np.float64), None, None
+
+
+def _build(path: str, src: _Source, max_nonfinite_fraction: float) -> Spectrum:
+    names = src.hdu_names
+    hdr = src.header
+    if any(n.startswith("COADD_") for n in names):
+        raise MediumResolutionError(
+            path, "medium-resolution (MRS) file with "
+            + "/".join(n for n in names if n.startswith("COADD_"))
+            + " tables; not a low-resolution spectrum")
+    if "COADD" in names:
+        layout = "coadd"
+        missing = [c for c in COADD_COLUMNS if c not in src.coadd_columns()]
+        if missing:
+            raise LayoutError(path, f"COADD table lacks column(s) {', '.join(missing)}")
+        cols = src.read_coadd()
+        if not cols:
+            raise LayoutError(path, "COADD table has no rows")
+        n = min(c.size for c in cols.values())
+        if n != max(c.size for c in cols.values()):
+            raise LayoutError(path, "COADD columns have different lengths")
+        flux, ivar, wave, andm, orm = (cols[c] for c in COADD_COLUMNS)
+    else:
+        dims = src.primary_dims()
+        if len(dims) != 2:
+            raise LayoutError(path, f"unknown layout: no COADD table and primary HDU is "
+                              f"not a 2-D image (dims {dims}); HDUs {names}")
+        if dims[0] < N_ROWS:
+            raise LayoutError(path, f"image has {dims[0]} rows, {N_ROWS} needed "
+                              f"({', '.join(IMAGE_ROWS)})")
+        data = src.read_primary()
+        flux, ivar, row2, andm, orm = data[0], data[1], data[2], data[3], data[4]
+        n = data.shape[1]
+        if _looks_like_wavelength(row2):
+            layout, wave = "image", row2
+        else:
+            c0, c1 = _as_float(hdr.get("COEFF0")), _as_float(hdr.get("COEFF1"))
+            if c0 is None or c1 is None:
+                raise LayoutError(path, "image row 2 is not a wavelength array and "
+                                  "COEFF0/COEFF1 are missing")
+            layout, wave = "dr1", None
+    if n < MIN_PIXELS:
+        raise LayoutError(path, f"short spectrum: {n} pixels (< {MIN_PIXELS})")
+
+    if wave is None:
+        c0, c1 = float(hdr["COEFF0"]), float(hdr["COEFF1"])
+        wavelength = _loglin_grid(c0, c1, n)
+    else:
+        wavelength, c0, c1 = _wavelength(np.asarray(wave), hdr, path)
+
+    flux = np.asarray(flux, dtype=np.float32)   # native byte order copies
+    ivar = np.asarray(ivar, dtype=np.float32)
+    if flux.base is not None or not flux.flags.writeable:
+        flux = flux.copy()
+    if ivar.base is not None or not ivar.flags.writeable:
+        ivar = ivar.copy()
+    bad = ~(np.isfinite(flux) & np.isfinite(ivar))
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad:
+        if n_bad > max_nonfinite_fraction * n:
+            raise NonFiniteError(path, f"{n_bad} of {n} pixels have non-finite flux or "
+                                 f"ivar (> {max_nonfinite_fraction:.0%})")
+        flux[bad] = 0.0
+        ivar[bad] = 0.0
+    np.maximum(ivar, 0.0, out=ivar)
+    if not np.any(ivar > 0):
+        raise NoUsablePixelsError(path, f"no usable pixels (ivar <= 0 in all {n})")
+
+    def _mask(m: np.ndarray) -> np.ndarray:
+        m = np.asarray(m)
+        if m.dtype.kind == "f":
+            m = np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+        return m.astype(np.int32)
+
+    snr = {}
+    for b in _BANDS:
+        v = _as_float(hdr.get("SNR" + b.upper()))
+        if v is None:
+            v = _as_float(hdr.get("SN_" + b.upper()))
+        if v is not None:
+            snr[b] = v
+    return Spectrum(
+        flux=flux, ivar=ivar, wavelength=wavelength,
+        andmask=_mask(andm), ormask=_mask(orm), path=path, layout=layout,
+        obsid=_as_int(hdr.get("OBSID")), designation=_as_str(hdr.get("DESIG")),
+        ra=_as_float(hdr.get("RA")), dec=_as_float(hdr.get("DEC")),
+        lmjd=_as_int(hdr.get("LMJD")), planid=_as_str(hdr.get("PLANID")),
+        spid=_as_int(hdr.get("SPID")), fiberid=_as_int(hdr.get("FIBERID")),
+        pipeline_class=_as_str(hdr.get("CLASS")),
+        pipeline_subclass=_as_str(hdr.get("SUBCLASS")), snr=snr,
+        data_release=_as_str(hdr.get("DATA_V")),
+        pipeline_version=_as_str(hdr.get("VERSPIPE")),
+        coeff0=c0, coeff1=c1, n_nonfinite=n_bad,
+    )
+
+
+# --------------------------------------------------------------------------- engines
+def _read_fitsio(path: str, max_nonfinite_fraction: float) -> Spectrum:
+    import fitsio
+
+    try:
+        fits = fitsio.FITS(path)
+    except OSError as exc:
+        raise _diagnose(path, exc) from None
+    try:
+        try:
+            src = _FitsioSource(fits, path)
+            return _build(path, src, max_nonfinite_fraction)
+        except ReadError:
+            raise
+        except OSError as exc:  # cfitsio errors while reading data
+            raise _diagnose(path, exc) from None
+    finally:
+        fits.close()
+
+
+def _read_astropy(path: str, max_nonfinite_fraction: float) -> Spectrum:
+    import warnings
+
+    from astropy.io import fits as afits
+
+    raw = _read_bytes(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with afits.open(_stdio.BytesIO(raw), memmap=False, lazy_load_hdus=False
+                            ) as hdul:
+                src = _AstropySource(hdul, len(raw), path)
+                return _build(path, src, max_nonfinite_fraction)
+    except ReadError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        if len(raw) % 2880:
+            raise CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
+                                   f"multiple of 2880): {_one_line(exc)}",
+                                   "truncated") from None
+        raise CorruptFileError(path, f"corrupt FITS file: {_one_line(exc)}") from None
+
+
+_ENGINE_FUNCS = {"fitsio": _read_fitsio, "astropy": _read_astropy}
+
+
+def read_spectrum(path: str | os.PathLike, engine: str = "fitsio", *,
+                  max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> Spectrum:
+    """Read one LAMOST low-resolution spectrum.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A LAMOST LRS FITS file, plain or gzip-compressed (any file name).
+    engine : {"fitsio", "astropy"}
+        ``"fitsio"`` (fast) or ``"astropy"``; both give identical records.
+    max_nonfinite_fraction : float
+        Largest fraction of pixels with non-finite flux/ivar that is masked
+        (counted in :attr:`Spectrum.n_nonfinite`) rather than refused.
+
+    Returns
+    -------
+    Spectrum
+
+    Raises
+    ------
+    ReadError
+        One of its subclasses, with a one-line ``message`` and a ``reason`` code.
+    ValueError
+        For an unknown ``engine``.
+    """
+    try:
+        func = _ENGINE_FUNCS[engine]
+    except KeyError:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}") from None
+    return func(os.fspath(path), max_nonfinite_fraction)
+
+
+def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
+                 max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> BatchRead:
+    """Read many files; a bad file never stops the batch.
+
+    Parameters
+    ----------
+    paths : iterable of str or os.PathLike
+    engine : {"fitsio", "astropy"}
+    max_nonfinite_fraction : float
+        See :func:`read_spectrum`.
+
+    Returns
+    -------
+    BatchRead
+        ``spectra`` in input order (of the files that were read) and ``errors``
+        (one :class:`FileError` per failed file; an unexpected exception gives
+        reason ``"unreadable"``).
+    """
+    func = _ENGINE_FUNCS.get(engine)
+    if func is None:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    spectra: list[Spectrum] = []
+    errors: list[FileError] = []
+    for p in paths:
+        path = os.fspath(p)
+        try:
+            spectra.append(func(path, max_nonfinite_fraction))
+        except ReadError as err:
+            errors.append(FileError(err.path, err.reason, err.message))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
+            errors.append(FileError(path, "unreadable",
+                                    _one_line(f"{type(exc).__name__}: {exc}")))
+    return BatchRead(spectra, errors)
