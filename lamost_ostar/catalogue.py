@@ -144,6 +144,7 @@ def _build_metadata() -> sa.MetaData:
         sa.Column("host", sa.String(255)),
         *[sa.Column(c, sa.BigInteger, nullable=False, server_default="0") for c in SCAN_COUNT_COLUMNS],
         sa.Column("status", sa.String(32), nullable=False, server_default="running"),
+        sa.Column("summary", json_t),
     )
 
     sa.Table(
@@ -529,7 +530,7 @@ class Catalogue:
     # ---- scans
     def start_scan(self, model_version: str | None = None, *, code_version: str | None = None,
                    parameters: Mapping[str, Any] | None = None, host: str | None = None,
-                   started: datetime | None = None) -> int:
+                   started: datetime | None = None, **extra: Any) -> int:
         """Insert a provenance row for a new scan and return its id.
 
         Parameters
@@ -544,6 +545,8 @@ class Catalogue:
             Defaults to this machine's host name.
         started : datetime, optional
             Defaults to now (UTC).
+        **extra
+            Further provenance, merged into ``parameters``.
         """
         if code_version is None:
             from lamost_ostar import __version__ as code_version
@@ -551,7 +554,7 @@ class Catalogue:
             "started": started or datetime.now(timezone.utc),
             "model_version": model_version,
             "code_version": code_version,
-            "parameters": _jsonable(dict(parameters or {})),
+            "parameters": _jsonable({**dict(parameters or {}), **extra}),
             "host": host if host is not None else socket.gethostname(),
             "status": "running",
         }
@@ -563,16 +566,31 @@ class Catalogue:
         self._scan_models[scan_id] = model_version
         return scan_id
 
-    def update_scan(self, scan_id: int, counts: Mapping[str, int] | Any | None = None, *,
-                    status: str | None = None, finished: datetime | None = None) -> None:
-        """Update a scan's counts and/or status (e.g. progress during a long scan).
+    def update_scan(self, scan_id: int, counts: Mapping[str, Any] | Any | None = None, *,
+                    status: str | None = None, finished: datetime | None = None,
+                    **more: Any) -> None:
+        """Update a scan's counts, status and summary (e.g. progress during a long scan).
 
-        ``counts`` is a mapping (or dataclass / object with attributes) with any
-        of ``files_seen, files_read, files_classified, files_failed,
-        files_skipped``; the ``files_`` prefix may be omitted.  Other keys are
-        ignored.
+        Parameters
+        ----------
+        scan_id : int
+        counts : mapping or object, optional
+            Counts as a mapping (or a dataclass / object with attributes); more
+            can be given as keywords.  Recognised names, with or without a
+            ``files_`` or ``n_`` prefix: ``seen`` (alias ``files``), ``read``,
+            ``classified``, ``failed`` (alias ``errors``), ``skipped``.  When
+            ``read`` is not given it is ``classified + failed`` (files opened).
+            Every other key (e.g. ``n_candidates``, ``errors_by_reason``) is kept
+            in the scan's ``summary`` JSON.
+        status : str, optional
+            e.g. ``running``, ``finished``/``complete``, ``partial``, ``interrupted``.
+        finished : datetime, optional
+            End time.
         """
-        values: dict[str, Any] = _count_values(counts)
+        merged: dict[str, Any] = {**_as_mapping(counts), **more}
+        values, extra = _count_values(merged)
+        if extra:
+            values["summary"] = _jsonable(extra)
         if status is not None:
             values["status"] = str(status)
         if finished is not None:
@@ -587,10 +605,15 @@ class Catalogue:
 
         self._write_tx(_do)
 
-    def finish_scan(self, scan_id: int, counts: Mapping[str, int] | Any | None = None,
-                    status: str = "finished") -> None:
-        """Record a scan's final counts, status (``finished``, ``failed``, ``interrupted``) and end time."""
-        self.update_scan(scan_id, counts, status=status, finished=datetime.now(timezone.utc))
+    def finish_scan(self, scan_id: int, counts: Mapping[str, Any] | Any | None = None,
+                    status: str = "finished", **more: Any) -> None:
+        """Record a scan's final counts, status and end time.
+
+        Accepts ``finish_scan(id, {"files_seen": ...}, "finished")`` as well as
+        keyword counts ``finish_scan(id, n_files=..., n_errors=..., status=...)``;
+        see :meth:`update_scan` for the names.
+        """
+        self.update_scan(scan_id, counts, status=status, finished=datetime.now(timezone.utc), **more)
 
     def scans(self) -> Table:
         """All scans with their provenance and counts, as an astropy Table (newest last)."""
@@ -601,7 +624,7 @@ class Catalogue:
             n_err = dict(conn.execute(sa.select(_ERRORS.c.scan_id, sa.func.count())
                                       .group_by(_ERRORS.c.scan_id)).all())
         cols = ["id", "status", "started", "finished", "model_version", "code_version", "host",
-                *SCAN_COUNT_COLUMNS, "result_rows", "error_rows", "parameters"]
+                *SCAN_COUNT_COLUMNS, "result_rows", "error_rows", "parameters", "summary"]
         data: dict[str, list] = {c: [] for c in cols}
         for r in rows:
             for c in cols:
@@ -611,7 +634,7 @@ class Catalogue:
                     v = n_err.get(r["id"], 0)
                 elif c in ("started", "finished"):
                     v = _iso(r[c])
-                elif c == "parameters":
+                elif c in ("parameters", "summary"):
                     v = json.dumps(r[c], sort_keys=True) if r[c] is not None else None
                 else:
                     v = r[c]
@@ -867,8 +890,9 @@ class Catalogue:
                 table = table[order[::-1] if descending else order]
             if limit is not None:
                 table = table[:limit]
-        table.meta["catalogue"] = "lamost_ostar"
-        table.meta["min_p_o"] = float(min_p_o) if min_p_o is not None else -1.0
+        table.meta["ORIGIN"] = "lamost_ostar catalogue"
+        if min_p_o is not None:
+            table.meta["MIN_P_O"] = float(min_p_o)
         return table
 
     def candidates(self, min_p_o: float = DEFAULT_P_O_THRESHOLD, **kwargs: Any) -> Table:
@@ -918,19 +942,39 @@ def _result_row(item: Any, path: str, mv: str, scan_id: int | None, now: datetim
     return row
 
 
-def _count_values(counts: Any) -> dict[str, int]:
-    if counts is None:
+_COUNT_ALIASES = {"seen": "files_seen", "files": "files_seen", "read": "files_read",
+                  "classified": "files_classified", "failed": "files_failed",
+                  "errors": "files_failed", "skipped": "files_skipped"}
+
+
+def _as_mapping(obj: Any) -> dict[str, Any]:
+    if obj is None:
         return {}
-    if dataclasses.is_dataclass(counts) and not isinstance(counts, type):
-        counts = dataclasses.asdict(counts)
-    elif not isinstance(counts, Mapping):
-        counts = {k: getattr(counts, k) for k in dir(counts) if not k.startswith("_")}
-    out = {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return {k: getattr(obj, k) for k in dir(obj)
+            if not k.startswith("_") and not callable(getattr(obj, k))}
+
+
+def _count_values(counts: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Split counts into scan count columns and extra summary items."""
+    out: dict[str, int] = {}
+    extra: dict[str, Any] = {}
     for key, value in counts.items():
-        col = key if key.startswith("files_") else f"files_{key}"
-        if col in SCAN_COUNT_COLUMNS and value is not None:
+        base = key
+        for prefix in ("files_", "n_"):
+            if base.startswith(prefix):
+                base = base[len(prefix):]
+        col = _COUNT_ALIASES.get(base) or _COUNT_ALIASES.get(key)
+        if col is not None and value is not None and col not in out:
             out[col] = int(value)
-    return out
+        else:
+            extra[key] = value
+    if "files_read" not in out and "files_classified" in out and "files_failed" in out:
+        out["files_read"] = out["files_classified"] + out["files_failed"]
+    return out, extra
 
 
 def _group_paths(rows: Mapping[tuple[str, str], Any]) -> Iterator[tuple[str, list[str]]]:

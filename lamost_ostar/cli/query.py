@@ -1,0 +1,169 @@
+"""``lamost-ostar query``: select O-star candidates (or any results) from a catalogue.
+
+Examples
+--------
+::
+
+    lamost-ostar query --db catalogue.sqlite                       # candidates, p(O) >= 0.5
+    lamost-ostar query --db catalogue.sqlite --min-p-o 0.9 --cone 83.8 -5.4 2 -o orion.fits
+    lamost-ostar query --db postgresql+psycopg://user@host/db --all --scan 3 -o all.csv
+    lamost-ostar query --db catalogue.sqlite --scans                 # scan provenance
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import click
+
+__all__ = ["query", "infer_format", "EXTENSIONS"]
+
+#: file name ending -> output format
+EXTENSIONS: dict[str, str] = {
+    ".csv": "csv", ".fits": "fits", ".fit": "fits", ".fts": "fits", ".fits.gz": "fits",
+    ".vot": "votable", ".votable": "votable", ".xml": "votable", ".ecsv": "ecsv",
+    ".txt": "table", ".dat": "table",
+}
+#: output format -> astropy Table.write format
+_ASTROPY_FORMAT = {"csv": "ascii.csv", "fits": "fits", "votable": "votable", "ecsv": "ascii.ecsv"}
+#: columns shown on the terminal (files get every column)
+_TERMINAL_COLUMNS = ("obsid", "designation", "ra", "dec", "predicted_class", "p_o", "snr_g",
+                     "pipeline_class", "pipeline_subclass", "model_version", "dist", "path")
+_TERMINAL_SCAN_COLUMNS = ("id", "status", "started", "finished", "model_version", "code_version",
+                          "host", "files_seen", "files_classified", "files_failed", "files_skipped",
+                          "result_rows", "error_rows")
+_FORMATS = {"p_o": "{:.4f}", "ra": "{:.5f}", "dec": "{:.5f}", "snr_g": "{:.1f}", "dist": "{:.4f}"}
+
+
+def infer_format(path: str) -> str | None:
+    """Output format implied by a file name's extension, or None."""
+    name = path.lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return EXTENSIONS[ext]
+    return None
+
+
+def _terminal_text(table, columns) -> str:
+    shown = table[[c for c in columns if c in table.colnames]]
+    for name, fmt in _FORMATS.items():
+        if name in shown.colnames:
+            shown[name].format = fmt
+    return "\n".join(shown.pformat(max_lines=-1, max_width=-1))
+
+
+def _emit(table, fmt: str, output: str | None, overwrite: bool, terminal_columns) -> None:
+    if output is None:
+        if fmt == "table":
+            click.echo(_terminal_text(table, terminal_columns))
+        elif fmt == "fits":
+            raise click.UsageError("FITS output needs --output FILE")
+        else:
+            buf = io.StringIO()
+            table.write(buf, format=_ASTROPY_FORMAT[fmt])
+            click.echo(buf.getvalue().rstrip("\n"))
+        return
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise click.ClickException(f"{output} exists (use --overwrite to replace it)")
+    if fmt == "table":
+        path.write_text(_terminal_text(table, table.colnames) + "\n")
+    else:
+        table.write(path, format=_ASTROPY_FORMAT[fmt], overwrite=overwrite)
+
+
+@click.command("query")
+@click.option("--db", required=True, envvar="LAMOST_OSTAR_DB", metavar="URL",
+              help="Catalogue: a SQLite file path, sqlite:///... or postgresql+psycopg://... URL "
+                   "(env LAMOST_OSTAR_DB).")
+@click.option("--min-p-o", type=float, default=None, metavar="P",
+              help="Minimum p(O) of a candidate [default: 0.5; not applied with --all].")
+@click.option("--class", "classes", multiple=True, metavar="CLASS",
+              help="Predicted class(es) to keep, e.g. O or O,B (repeatable).")
+@click.option("--cone", nargs=3, type=float, default=None, metavar="RA DEC RADIUS",
+              help="Cone search, all in degrees; adds a 'dist' column.")
+@click.option("--snr-min", type=float, default=None, help="Minimum S/N (band --snr-band).")
+@click.option("--snr-max", type=float, default=None, help="Maximum S/N (band --snr-band).")
+@click.option("--snr-band", type=click.Choice(["g", "r", "i"]), default="g", show_default=True,
+              help="Band of the S/N range.")
+@click.option("--scan", "scan_id", type=int, default=None, metavar="ID", help="Rows of this scan.")
+@click.option("--model", "model_version", default=None, metavar="VERSION",
+              help="Rows of this model version.")
+@click.option("--sort", default="p_o", show_default=True, metavar="COLUMN",
+              help="Sort column (p_*/snr_* descending, others ascending by default).")
+@click.option("--ascending/--descending", "ascending", default=None,
+              help="Override the sort direction.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N", help="At most N rows.")
+@click.option("--all", "all_rows", is_flag=True, help="Every result row, not only candidates.")
+@click.option("--output", "-o", default=None, metavar="FILE",
+              help="Write to FILE (format from the extension: .csv .fits .vot/.xml .ecsv .txt).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "fits", "votable", "ecsv"]),
+              default=None, help="Output format [default: from --output, else a terminal table].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--scans", "list_scans", is_flag=True,
+              help="List the scans (provenance and counts) instead of results.")
+@click.option("--errors", "list_errors", is_flag=True,
+              help="List the error rows (unreadable files and reasons) instead of results.")
+def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model_version, sort,
+          ascending, limit, all_rows, output, fmt, overwrite, list_scans, list_errors):
+    """Select O-star candidates (or every result with --all) from a catalogue.
+
+    Prints a table on the terminal, or writes CSV, FITS, VOTable or ECSV files
+    that open in TOPCAT, pandas and astropy.
+    """
+    import sqlalchemy.exc
+
+    from lamost_ostar.catalogue import Catalogue, CatalogueError
+
+    if fmt is None:
+        if output is None:
+            fmt = "table"
+        else:
+            fmt = infer_format(output)
+            if fmt is None:
+                raise click.UsageError(f"cannot tell the format of {output!r} from its extension; "
+                                       "use --format csv|fits|votable|ecsv|table")
+    if min_p_o is not None and not 0.0 <= min_p_o <= 1.0:
+        raise click.BadParameter(f"{min_p_o:g} is not in [0, 1]", param_hint="'--min-p-o'")
+    if cone is not None:
+        ra, dec, radius = cone
+        if not -90.0 <= dec <= 90.0:
+            raise click.BadParameter(f"Dec {dec:g} is outside [-90, 90]", param_hint="'--cone'")
+        if not 0.0 < radius <= 180.0:
+            raise click.BadParameter(f"radius {radius:g} must be in (0, 180] degrees",
+                                     param_hint="'--cone'")
+    class_list = [c.strip().upper() for item in classes for c in item.split(",") if c.strip()]
+
+    try:
+        cat = Catalogue(db, create=False)
+        if list_scans:
+            table, cols = cat.scans(), _TERMINAL_SCAN_COLUMNS
+        elif list_errors:
+            table = cat.errors(scan_id=scan_id, model_version=model_version, limit=limit)
+            cols = table.colnames
+        else:
+            table = cat.query(min_p_o=min_p_o, predicted_class=class_list or None, cone=cone,
+                              snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
+                              scan_id=scan_id, model_version=model_version, sort=sort,
+                              descending=None if ascending is None else not ascending,
+                              limit=limit, all_rows=all_rows)
+            cols = _TERMINAL_COLUMNS
+        _emit(table, fmt, output, overwrite, cols)
+    except CatalogueError as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        lines = str(orig).strip().splitlines()
+        raise click.ClickException(f"database error: {lines[0] if lines else type(orig).__name__}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if "cat" in locals():
+            cat.close()
+    if output is not None:
+        what = "scans" if list_scans else ("errors" if list_errors else "rows")
+        click.echo(f"wrote {len(table)} {what} to {output} ({fmt})", err=True)
+    elif fmt == "table" and not (list_scans or list_errors):
+        scope = "all results" if all_rows and min_p_o is None else \
+            f"candidates with p_o >= {min_p_o if min_p_o is not None else 0.5:g}"
+        click.echo(f"{len(table)} rows ({scope})", err=True)
