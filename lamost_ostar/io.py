@@ -420,7 +420,7 @@ def _diagnose(path: str, exc: BaseException) -> ReadError:
         raw = _read_bytes(path)
     except ReadError as err:
         return err
-    msg = _one_line(exc)
+    msg = _one_line(str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
     # a plain FITS file whose declared data run past its end is truncated
     if len(raw) % 2880:
         return CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
@@ -739,8 +739,9 @@ def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
     spectra: list[Spectrum] = []
     errors: list[FileError] = []
     for p in paths:
-        path = os.fspath(p)
+        path = str(p)
         try:
+            path = os.fspath(p)
             spectra.append(func(path, max_nonfinite_fraction))
         except ReadError as err:
             errors.append(FileError(err.path, err.reason, err.message))

@@ -1,0 +1,233 @@
+"""Tests for :mod:`lamost_ostar.io` (fixtures in tests/data/io_*, real files in shared)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamost_ostar import io
+from lamost_ostar.io import (
+    BatchRead, CorruptFileError, EmptyFileError, FileError, LayoutError,
+    MediumResolutionError, NoUsablePixelsError, NonFiniteError, NotFitsError, ReadError,
+    Spectrum, read_spectra, read_spectrum,
+)
+
+DATA = Path(__file__).resolve().parent / "data"
+ENGINES = ("fitsio", "astropy")
+
+GOOD = {
+    # fixture: (layout, obsid, class, subclass, snr_g, ra, dec, data_release, npix)
+    "io_image_dr7.fits": ("image", 677503031, "STAR", "G3", 153.72, 24.376852, 25.427147,
+                          "LAMOST DR7", 3909),
+    "io_image_dr6.fits.gz": ("image", 359910161, "STAR", "F5", 87.63, 292.05872,
+                             43.925228, "LAMOST DR6", 3909),
+    "io_dr1_gzip.fits": ("dr1", None, "STAR", "F9", 71.41, 99.316263, 27.23237, None,
+                         3904),
+    "io_coadd_dr9.fits.gz": ("coadd", 101013, "STAR", "A2", 5.56, 332.321523, -2.122024,
+                             "LAMOST DR9", 3908),
+}
+
+BAD = {
+    "io_empty.fits": (EmptyFileError, "empty"),
+    "io_not_fits.fits": (NotFitsError, "not_fits"),
+    "io_gzip_not_fits.fits.gz": (NotFitsError, "not_fits"),
+    "io_truncated.fits.gz": (CorruptFileError, "truncated"),
+    "io_truncated.fits": (CorruptFileError, "truncated"),
+    "io_medres.fits": (MediumResolutionError, "medium_resolution"),
+    "io_short_rows.fits.gz": (LayoutError, "bad_layout"),
+    "io_zero_ivar.fits.gz": (NoUsablePixelsError, "no_usable_pixels"),
+    "io_nan_most.fits.gz": (NonFiniteError, "non_finite"),
+}
+
+
+def _assert_same(a: Spectrum, b: Spectrum) -> None:
+    for f in fields(Spectrum):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(va, np.ndarray):
+            assert va.dtype == vb.dtype, f.name
+            np.testing.assert_array_equal(va, vb, err_msg=f"{a.path}: {f.name}")
+        else:
+            assert va == vb, (a.path, f.name, va, vb)
+
+
+# ------------------------------------------------------------------ committed fixtures
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_good_fixture(name, engine):
+    layout, obsid, cls, sub, snrg, ra, dec, dr, npix = GOOD[name]
+    s = read_spectrum(DATA / name, engine=engine)
+    assert s.layout == layout
+    assert s.obsid == obsid
+    assert (s.pipeline_class, s.pipeline_subclass) == (cls, sub)
+    assert s.snr["g"] == pytest.approx(snrg)
+    assert set(s.snr) == {"u", "g", "r", "i", "z"}
+    assert s.ra == pytest.approx(ra) and s.dec == pytest.approx(dec)
+    assert s.data_release == dr
+    assert s.designation.startswith("LAMOST J")
+    assert s.path == str(DATA / name)
+    assert s.npix == npix
+    for arr, dt in ((s.flux, np.float32), (s.ivar, np.float32), (s.wavelength, np.float64),
+                    (s.andmask, np.int32), (s.ormask, np.int32)):
+        assert arr.dtype == dt and arr.shape == (npix,)
+        assert arr.dtype.isnative
+    assert np.all(np.isfinite(s.flux)) and np.all(s.ivar >= 0) and np.any(s.ivar > 0)
+    # LAMOST log-linear grid: 10**(3.5682 + 1e-4 i), exact float64
+    assert (s.coeff0, s.coeff1) == (3.5682, 1e-4)
+    np.testing.assert_array_equal(s.wavelength, 10.0 ** (3.5682 + 1e-4 * np.arange(npix)))
+    assert 3690 < s.wavelength[0] < 3710 and s.n_nonfinite == 0
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_engines_identical_on_fixtures(name):
+    _assert_same(read_spectrum(DATA / name, "fitsio"), read_spectrum(DATA / name, "astropy"))
+
+
+def test_dr1_flux_is_row0_not_normalised():
+    s = read_spectrum(DATA / "io_dr1_gzip.fits")
+    # DR1 row 2 is the continuum-normalised flux (~1); row 0 is the calibrated flux
+    assert np.median(s.flux[s.ivar > 0]) > 10
+    assert s.pipeline_version == "v2.6.4" and s.lmjd == 55862 and s.planid == "B6212"
+    assert (s.spid, s.fiberid) == (6, 3)
+
+
+def test_image_stored_wavelength_matches_grid():
+    import fitsio
+
+    raw = fitsio.read(str(DATA / "io_image_dr7.fits"))
+    s = read_spectrum(DATA / "io_image_dr7.fits")
+    np.testing.assert_allclose(s.wavelength, raw[2], rtol=1e-6)
+    np.testing.assert_array_equal(s.flux, raw[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_fixture(name, engine):
+    cls, reason = BAD[name]
+    with pytest.raises(cls) as exc:
+        read_spectrum(DATA / name, engine=engine)
+    err = exc.value
+    assert isinstance(err, ReadError)
+    assert err.reason == reason
+    assert err.path == str(DATA / name)
+    assert "\n" not in str(err) and "\n" not in err.message and err.message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_few_nonfinite_pixels_are_masked(engine):
+    s = read_spectrum(DATA / "io_nan_few.fits.gz", engine=engine)
+    assert s.n_nonfinite == 23
+    assert np.all(np.isfinite(s.flux)) and np.all(np.isfinite(s.ivar))
+    assert np.all(s.ivar[100:120] == 0) and np.all(s.ivar[2000:2003] == 0)
+    assert np.all(s.flux[100:120] == 0)
+    with pytest.raises(NonFiniteError):
+        read_spectrum(DATA / "io_nan_few.fits.gz", engine=engine,
+                      max_nonfinite_fraction=0.001)
+
+
+def test_read_spectra_never_stops(tmp_path):
+    paths = [DATA / "io_image_dr7.fits", DATA / "io_truncated.fits.gz",
+             tmp_path / "missing.fits", tmp_path, DATA / "io_coadd_dr9.fits.gz",
+             None, DATA / "io_empty.fits"]
+    for engine in ENGINES:
+        batch = read_spectra(paths, engine=engine)
+        assert isinstance(batch, BatchRead)
+        assert [s.layout for s in batch.spectra] == ["image", "coadd"]
+        assert all(isinstance(e, FileError) for e in batch.errors)
+        reasons = [e.reason for e in batch.errors]
+        # missing file and a non-path object are "unreadable"; a directory is not FITS
+        assert reasons == ["truncated", "unreadable", "not_fits", "unreadable", "empty"]
+        assert all(e.message and "\n" not in e.message for e in batch.errors)
+        assert set(reasons) <= set(io.REASONS)
+
+
+def test_unknown_engine():
+    with pytest.raises(ValueError, match="unknown engine"):
+        read_spectrum(DATA / "io_image_dr7.fits", engine="nope")
+    with pytest.raises(ValueError, match="unknown engine"):
+        read_spectra([DATA / "io_image_dr7.fits"], engine="nope")
+
+
+def test_card_value_parser():
+    p = io._parse_card_value
+    assert p("'LAMOST DR7'         / Data release") == "LAMOST DR7"
+    assert p("'it''s'  / x") == "it's"
+    assert p("''") == ""
+    assert p("               -28762 / id") == -28762
+    assert p("            64.065186 / ra") == 64.065186
+    assert p("                1E-05 / z") == 1e-05
+    assert p("                    T / b") is True
+    assert p("                      / empty") is None
+
+
+# ------------------------------------------------------------------ real shared files
+def _manifest(shared_data: Path) -> list[dict[str, str]]:
+    root = shared_data / "lamost"
+    if not (root / "manifest.csv").is_file():
+        pytest.skip(f"{root / 'manifest.csv'} not found")
+    with open(root / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def shared_batches(shared_data):
+    rows = _manifest(shared_data)
+    paths = [str(shared_data / "lamost" / r["file"]) for r in rows]
+    return rows, {e: read_spectra(paths, engine=e) for e in ENGINES}
+
+
+def test_all_shared_files_read(shared_batches):
+    rows, batches = shared_batches
+    assert len(rows) == 296
+    for engine, batch in batches.items():
+        assert len(batch.spectra) == 295, engine
+        assert [(Path(e.path).name, e.reason) for e in batch.errors] == [
+            ("med-58408-TD230151N343645T01_sp01-015.fits", "medium_resolution")]
+        layouts = [s.layout for s in batch.spectra]
+        assert {k: layouts.count(k) for k in set(layouts)} == {
+            "dr1": 179, "image": 115, "coadd": 1}
+
+
+def test_shared_metadata_matches_manifest(shared_batches):
+    rows, batches = shared_batches
+    by_path = {s.path: s for s in batches["fitsio"].spectra}
+    root = Path(batches["fitsio"].spectra[0].path).parents[1]
+    checked = 0
+    for r in rows:
+        s = by_path.get(str(root / r["file"]))
+        if s is None:
+            assert r["format"].startswith("MRS")
+            continue
+        assert s.obsid == (int(r["obsid"]) if r["obsid"] else None), r["file"]
+        assert (s.pipeline_class or "") == r["cls"], r["file"]
+        assert (s.pipeline_subclass or "") == r["subclass"], r["file"]
+        assert s.snr["g"] == pytest.approx(float(r["snrg"])), r["file"]
+        assert s.ra == pytest.approx(float(r["ra"]), abs=1e-9), r["file"]
+        assert s.dec == pytest.approx(float(r["dec"]), abs=1e-9), r["file"]
+        assert s.designation == r["desig"], r["file"]
+        assert (s.data_release or "") == r["data_v"], r["file"]
+        assert (s.pipeline_version or "") == r["verspipe"], r["file"]
+        assert s.npix == int(r["format"].rstrip(")").split(",")[-1]) if "(" in r["format"] \
+            else s.npix == 3908
+        checked += 1
+    assert checked == 295
+
+
+def test_shared_engines_identical(shared_batches):
+    _, batches = shared_batches
+    a, b = batches["fitsio"], batches["astropy"]
+    assert [s.path for s in a.spectra] == [s.path for s in b.spectra]
+    for sa, sb in zip(a.spectra, b.spectra):
+        _assert_same(sa, sb)
+
+
+def test_shared_real_medium_resolution(shared_data):
+    path = shared_data / "lamost" / "laspec" / "med-58408-TD230151N343645T01_sp01-015.fits"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    for engine in ENGINES:
+        with pytest.raises(MediumResolutionError, match="COADD_B/COADD_R"):
+            read_spectrum(path, engine=engine)
