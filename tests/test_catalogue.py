@@ -1,0 +1,476 @@
+"""Tests for lamost_ostar.catalogue on a SQLite file and on a real PostgreSQL server.
+
+The PostgreSQL tests use ``LAMOST_OSTAR_TEST_PG`` (default
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and skip with a reason
+when no server answers.  Each test gets its own schema (dropped afterwards), so
+concurrent test runs never collide.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import random
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from astropy.table import Table
+
+from lamost_ostar.catalogue import (
+    DEFAULT_P_O_THRESHOLD,
+    Catalogue,
+    CatalogueError,
+    CatalogueWriter,
+    angular_distance,
+    cone_bounds,
+    normalise_url,
+)
+try:
+    from lamost_ostar.stage import StageResult
+except ImportError:  # until lamost_ostar.stage lands: the DESIGN.md record, field for field
+    from dataclasses import dataclass as _dataclass
+
+    @_dataclass
+    class StageResult:  # type: ignore[no-redef]
+        path: str
+        ok: bool
+        error_reason: str | None = None
+        error_message: str | None = None
+        obsid: int | None = None
+        designation: str | None = None
+        ra: float | None = None
+        dec: float | None = None
+        lmjd: int | None = None
+        planid: str | None = None
+        spid: int | None = None
+        fiberid: int | None = None
+        snr_g: float | None = None
+        snr_r: float | None = None
+        snr_i: float | None = None
+        pipeline_class: str | None = None
+        pipeline_subclass: str | None = None
+        data_release: str | None = None
+        layout: str | None = None
+        probs: dict[str, float] | None = None
+        p_o: float | None = None
+        predicted_class: str | None = None
+        flags: int = 0
+        model_version: str | None = None
+
+PG_URL = os.environ.get("LAMOST_OSTAR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+CLASSES = ("O", "B", "A", "F", "G", "K", "M")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _pg_admin_engine():
+    """An engine on the test PostgreSQL server, or a skip reason."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return None, "psycopg (PostgreSQL driver) is not installed"
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # any failure to answer means: no server for these tests
+        engine.dispose()
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()
+        return None, f"no PostgreSQL server answers at {PG_URL} ({first[0] if first else exc})"
+    return engine, None
+
+
+@contextlib.contextmanager
+def _pg_schema_url():
+    """Yield a URL of a fresh PostgreSQL schema (dropped afterwards); skip if no server."""
+    admin, reason = _pg_admin_engine()
+    if admin is None:
+        pytest.skip(reason)
+    schema = f"lo_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty catalogue location: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "catalogue.sqlite")
+    else:
+        with _pg_schema_url() as url:
+            yield url
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL schema only."""
+    with _pg_schema_url() as url:
+        yield url
+
+
+def make_result(i: int, *, ok: bool = True, model_version: str = "v1", classes=CLASSES,
+                p_o: float | None = None, ra: float | None = None, dec: float | None = None,
+                snr_g: float | None = None, prefix: str = "/data/spec") -> StageResult:
+    """A StageResult for file number ``i`` (deterministic values)."""
+    path = f"{prefix}-{i:06d}.fits.gz"
+    if not ok:
+        return StageResult(path=path, ok=False, error_reason="corrupt",
+                           error_message=f"file {i} is truncated", model_version=model_version)
+    p_o = (i % 10) / 10 if p_o is None else p_o
+    rest = (1 - p_o) / (len(classes) - 1)
+    probs = {c: (p_o if c == "O" else rest) for c in classes}
+    pred = "O" if p_o >= max(probs.values()) else classes[-1]
+    return StageResult(
+        path=path, ok=True, obsid=100000 + i, designation=f"J{i:06d}",
+        ra=(i * 7.3) % 360 if ra is None else ra, dec=((i * 3.1) % 170) - 85 if dec is None else dec,
+        lmjd=57000 + i % 5, planid=f"plan{i % 3}", spid=i % 16 + 1, fiberid=i % 250 + 1,
+        snr_g=float(i % 50) if snr_g is None else snr_g, snr_r=float(i % 40) + 1, snr_i=None,
+        pipeline_class="STAR", pipeline_subclass="O" if pred == "O" else "K3",
+        data_release="LAMOST DR7", layout="image", probs=probs, p_o=p_o, predicted_class=pred,
+        flags=i % 4, model_version=model_version)
+
+
+def _count(url: str, table: str) -> int:
+    cat = Catalogue(url)
+    with cat.engine.connect() as conn:
+        n = conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
+    cat.close()
+    return int(n)
+
+
+# --------------------------------------------------------------------------- URLs
+
+def test_normalise_url_forms(tmp_path):
+    url = normalise_url(tmp_path / "a.sqlite")
+    assert url.drivername == "sqlite" and url.database == str((tmp_path / "a.sqlite").resolve())
+    assert normalise_url(f"sqlite:///{tmp_path}/b.db").database == str(tmp_path / "b.db")
+    assert normalise_url("postgresql://u@h:5432/d").drivername == "postgresql+psycopg"
+    assert normalise_url("postgres://u@h/d").drivername == "postgresql+psycopg"
+    assert normalise_url("postgresql+psycopg://u@h/d").drivername == "postgresql+psycopg"
+    for bad in ("mysql://u@h/d", "sqlite://", "sqlite:///:memory:", "", "://nonsense"):
+        with pytest.raises(CatalogueError):
+            normalise_url(bad)
+
+
+def test_read_only_open_does_not_create(tmp_path):
+    missing = tmp_path / "missing.sqlite"
+    with pytest.raises(CatalogueError, match="no catalogue file"):
+        Catalogue(missing, create=False).engine
+    assert not missing.exists()
+    # an SQLite file without the tables is not a catalogue
+    sa.create_engine(f"sqlite:///{tmp_path / 'other.sqlite'}").connect().close()
+    with pytest.raises(CatalogueError, match="no lamost_ostar catalogue"):
+        Catalogue(tmp_path / "other.sqlite", create=False).engine
+
+
+def test_sqlite_uses_wal(tmp_path):
+    cat = Catalogue(tmp_path / "c.sqlite")
+    with cat.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+
+
+def test_picklable_with_lazy_engine(tmp_path):
+    cat = CatalogueWriter(tmp_path / "c.sqlite")
+    sid = cat.start_scan("v1")
+    assert cat._engine is not None
+    clone = pickle.loads(pickle.dumps(cat))
+    assert clone._engine is None and clone.url == cat.url
+    clone.write(sid, [make_result(1)])
+    assert clone._engine is not None
+    assert len(cat.query(all_rows=True)) == 1
+
+
+# --------------------------------------------------------------------------- writing
+
+def test_write_idempotent_and_resume(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("v1", parameters={"paths": ["/data"], "batch_size": 64})
+    batch = [make_result(i) for i in range(30)] + [make_result(i, ok=False) for i in range(30, 35)]
+    summary = cat.write(sid, batch)
+    assert (summary.results, summary.errors) == (30, 5)
+    cat.write(sid, batch)                       # same batch again: nothing changes
+    cat.write(sid, list(reversed(batch[:10])))  # partial overlap
+    assert cat.counts() == {"results": 30, "errors": 5}
+
+    paths = [r.path for r in batch] + [f"/new/{i}.fits" for i in range(3)]
+    done = cat.done_paths(paths, "v1")
+    assert done == {r.path for r in batch}
+    assert cat.done_paths(paths, "v1", include_errors=False) == {r.path for r in batch if r.ok}
+    assert cat.done_paths(paths, "v2") == set()
+    assert cat.done_paths([], "v1") == set()
+
+    # the same files under another model version are new rows
+    cat.write(sid, [make_result(i, model_version="v2", classes=("O", "F", "G", "K")) for i in range(5)])
+    assert cat.counts("v2") == {"results": 5, "errors": 0}
+    assert cat.counts() == {"results": 35, "errors": 5}
+
+    # stored values
+    row = cat.query(all_rows=True, model_version="v1", sort="obsid", limit=1)[0]
+    ref = batch[0]
+    assert row["path"] == ref.path and row["obsid"] == ref.obsid and row["designation"] == ref.designation
+    assert row["p_o"] == pytest.approx(ref.p_o) and row["predicted_class"] == ref.predicted_class
+    assert row["snr_g"] == pytest.approx(ref.snr_g) and np.ma.is_masked(row["snr_i"])
+    assert row["flags"] == ref.flags and row["scan_id"] == sid and row["layout"] == "image"
+    four = cat.query(all_rows=True, model_version="v2")
+    assert four["p_b"].mask.all() and four["p_m"].mask.all() and not four["p_f"].mask.any()
+    cat.close()
+
+
+def test_done_paths_many_chunks(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("v1")
+    cat.write(sid, [make_result(i) for i in range(0, 1300, 2)])  # 650 rows
+    paths = [make_result(i).path for i in range(1300)]
+    assert cat.done_paths(paths, "v1") == set(paths[::2])
+    cat.close()
+
+
+def test_errors_and_results_precedence(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("v1")
+    cat.write(sid, [make_result(1, ok=False), make_result(2, ok=False)])
+    assert cat.counts() == {"results": 0, "errors": 2}
+    # file 1 later succeeds (e.g. a rescan that retries errors): its error row goes
+    sid2 = cat.start_scan("v1")
+    cat.write(sid2, [make_result(1)])
+    assert cat.counts() == {"results": 1, "errors": 1}
+    assert list(cat.errors()["path"]) == [make_result(2).path]
+    # an error for a file that already has a result is not kept
+    cat.write(sid2, [make_result(1, ok=False)])
+    assert cat.counts() == {"results": 1, "errors": 1}
+    # within one batch: duplicates collapse and a success beats an error
+    cat.write(sid2, [make_result(3), make_result(3), make_result(3, ok=False), make_result(4, ok=False),
+                     make_result(4, ok=False)])
+    assert cat.counts() == {"results": 2, "errors": 2}
+    errs = cat.errors(reason="corrupt")
+    assert sorted(errs["path"]) == [make_result(2).path, make_result(4).path]
+    assert set(errs["message"]) == {"file 2 is truncated", "file 4 is truncated"}
+    cat.close()
+
+
+def test_result_without_model_version_takes_the_scans(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("vscan")
+    r = make_result(7, model_version=None)
+    e = StageResult(path="/x/broken.fits", ok=False, error_reason="not_fits", error_message="bad")
+    cat.write(sid, [r, e])
+    assert cat.done_paths([r.path, e.path], "vscan") == {r.path, e.path}
+
+
+def test_scans_provenance_and_counts(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan(model_version="v1", code_version="0.1.0",
+                         parameters={"paths": ["/a", "/b"], "batch_size": 256}, host="node1")
+    cat.write(sid, [make_result(i) for i in range(4)] + [make_result(9, ok=False)])
+    cat.update_scan(sid, {"files_seen": 3})
+    # the scan module's keyword style
+    cat.finish_scan(sid, n_files=6, n_skipped=1, n_classified=4, n_errors=1, n_candidates=2,
+                    errors_by_reason={"corrupt": 1}, status="complete")
+    sid2 = cat.start_scan("v1")
+    cat.finish_scan(sid2, {"files_seen": 0}, "interrupted")
+    with pytest.raises(CatalogueError, match="no scan"):
+        cat.finish_scan(999, {"seen": 1})
+    t = cat.scans()
+    assert list(t["id"]) == [sid, sid2]
+    row = t[0]
+    assert row["status"] == "complete" and row["model_version"] == "v1" and row["host"] == "node1"
+    assert (row["files_seen"], row["files_read"], row["files_classified"], row["files_failed"],
+            row["files_skipped"]) == (6, 5, 4, 1, 1)
+    assert (row["result_rows"], row["error_rows"]) == (4, 1)
+    assert '"batch_size": 256' in row["parameters"] and '"n_candidates": 2' in row["summary"]
+    assert row["finished"] >= row["started"]
+    assert t[1]["status"] == "interrupted"
+
+
+def test_candidates_view(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("v1")
+    cat.write(sid, [make_result(i) for i in range(20)])   # p_o = (i % 10) / 10
+    expected = sum(1 for i in range(20) if (i % 10) / 10 >= DEFAULT_P_O_THRESHOLD)
+    assert _count(db_url, "candidates") == expected == len(cat.query())
+
+
+# --------------------------------------------------------------------------- concurrency
+
+def _writer_proc(blob: bytes, scan_ids: list[int], lo: int, hi: int, seed: int, barrier) -> None:
+    cat = pickle.loads(blob)            # as a Dask worker gets it
+    rng = random.Random(seed)
+    idx = list(range(lo, hi))
+    batches = [idx[k:k + 15] for k in range(0, len(idx), 15)]
+    rng.shuffle(batches)
+    barrier.wait(timeout=60)
+    for n, b in enumerate(batches):
+        cat.write(scan_ids[n % len(scan_ids)], [make_result(i, ok=(i % 11 != 0)) for i in b])
+    cat.close()
+
+
+def test_concurrent_writers_no_loss_no_duplicates(db_url):
+    cat = Catalogue(db_url)
+    scans = [cat.start_scan("v1"), cat.start_scan("v1")]   # two scans writing at once
+    cat.write(scans[0], [make_result(i, ok=(i % 11 != 0)) for i in range(0, 20)])  # parent engine exists
+    ctx = mp.get_context("fork")
+    ranges = [(0, 90), (45, 135), (90, 180), (10, 170)]
+    barrier = ctx.Barrier(len(ranges))
+    blob = pickle.dumps(cat)
+    procs = [ctx.Process(target=_writer_proc, args=(blob, scans, lo, hi, k, barrier))
+             for k, (lo, hi) in enumerate(ranges)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+    n_err = sum(1 for i in range(180) if i % 11 == 0)
+    assert cat.counts() == {"results": 180 - n_err, "errors": n_err}
+    with cat.engine.connect() as conn:
+        for table in ("results", "errors"):
+            dup = conn.execute(sa.text(f"select path from {table} group by path, model_version "
+                                       "having count(*) > 1")).all()
+            assert dup == []
+    paths = [make_result(i).path for i in range(180)]
+    assert cat.done_paths(paths, "v1") == set(paths)
+    cat.close()
+
+
+# --------------------------------------------------------------------------- queries
+
+@pytest.fixture
+def filled(db_url):
+    cat = Catalogue(db_url)
+    s1, s2 = cat.start_scan("v1"), cat.start_scan("v2")
+    cat.write(s1, [make_result(i) for i in range(40)] + [make_result(99, ok=False)])
+    cat.write(s2, [make_result(i, model_version="v2", p_o=0.95) for i in range(5)])
+    yield cat, s1, s2
+    cat.close()
+
+
+def test_query_filters(filled):
+    cat, s1, s2 = filled
+    all_v1 = cat.query(all_rows=True, model_version="v1")
+    assert len(all_v1) == 40 and len(cat.query(all_rows=True)) == 45
+    p = np.asarray(all_v1["p_o"])
+
+    cand = cat.query(model_version="v1")                 # default threshold 0.5
+    assert len(cand) == int((p >= 0.5).sum()) and np.all(cand["p_o"] >= 0.5)
+    assert list(cand["p_o"]) == sorted(cand["p_o"], reverse=True)   # p_o descending by default
+    assert len(cat.query(min_p_o=0.85, model_version="v1")) == int((p >= 0.85).sum())
+    assert len(cat.query(min_p_o=0.0, model_version="v1")) == 40
+    assert len(cat.query(all_rows=True, min_p_o=0.7, model_version="v1")) == int((p >= 0.7).sum())
+
+    o = cat.query(all_rows=True, predicted_class="o", model_version="v1")
+    assert set(o["predicted_class"]) == {"O"} and len(o) == int((all_v1["predicted_class"] == "O").sum())
+    assert len(cat.query(all_rows=True, predicted_class=["O", "M"], model_version="v1")) == 40
+
+    snr = np.asarray(all_v1["snr_g"])
+    t = cat.query(all_rows=True, snr_min=10, snr_max=20, model_version="v1")
+    assert len(t) == int(((snr >= 10) & (snr <= 20)).sum())
+    t = cat.query(all_rows=True, snr_min=15, snr_band="r", model_version="v1")
+    assert np.all(t["snr_r"] >= 15)
+    with pytest.raises(CatalogueError):
+        cat.query(snr_min=5, snr_max=1)
+    with pytest.raises(CatalogueError):
+        cat.query(snr_band="z")
+
+    assert set(cat.query(all_rows=True, scan_id=s2)["model_version"]) == {"v2"}
+    assert len(cat.query(all_rows=True, scan_id=s1)) == 40
+    assert len(cat.query(model_version="v2")) == 5
+
+    t = cat.query(all_rows=True, sort="obsid", limit=7)
+    assert len(t) == 7 and list(t["obsid"]) == sorted(t["obsid"])
+    t = cat.query(all_rows=True, sort="ra", descending=True, model_version="v1")
+    assert list(t["ra"]) == sorted(all_v1["ra"], reverse=True)
+    assert len(cat.query(all_rows=True, limit=0)) == 0
+    with pytest.raises(CatalogueError, match="cannot sort"):
+        cat.query(sort="nonsense")
+    with pytest.raises(CatalogueError):
+        cat.query(min_p_o=1.5)
+    assert len(cat.query(min_p_o=1.0)) == 0
+
+
+def test_cone_bounds_edges():
+    assert cone_bounds(10, 89.5, 1.0)[2] is None               # contains the pole
+    lo, hi, ranges = cone_bounds(0.2, 0, 1.0)                 # wraps through RA 0
+    assert (lo, hi) == (-1.0, 1.0) and len(ranges) == 2
+    assert cone_bounds(359.9, 10, 0.5)[2][1][0] == 0.0
+    with pytest.raises(CatalogueError):
+        cone_bounds(0, 91, 1)
+    with pytest.raises(CatalogueError):
+        cone_bounds(0, 0, 0)
+    assert angular_distance(0, 0, 180, 0) == pytest.approx(180)
+    assert angular_distance(10, 89, 190, 89) == pytest.approx(2)
+
+
+def test_cone_search_matches_brute_force(tmp_path):
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    rng = np.random.default_rng(42)
+    n = 3000
+    ra = rng.uniform(0, 360, n)
+    dec = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+    # crowd the awkward places: RA 0/360 seam and both poles
+    ra[:300] = rng.uniform(-3, 3, 300) % 360
+    dec[:300] = rng.uniform(-5, 5, 300)
+    dec[300:450] = rng.uniform(84, 90, 150)
+    dec[450:600] = rng.uniform(-90, -84, 150)
+    cat = Catalogue(tmp_path / "cone.sqlite")
+    sid = cat.start_scan("v1")
+    cat.write(sid, [make_result(i, ra=ra[i], dec=dec[i], p_o=0.9) for i in range(n)])
+    stars = SkyCoord(ra * u.deg, dec * u.deg)
+    cones = [(0.5, 1.0, 3.0), (359.5, -2.0, 2.5), (45.0, 87.0, 5.0), (200.0, -88.0, 3.0),
+             (120.0, 30.0, 10.0), (300.0, -60.0, 25.0), (10.0, 0.0, 120.0), (77.0, 86.0, 1.5)]
+    for c_ra, c_dec, rad in cones:
+        sep = stars.separation(SkyCoord(c_ra * u.deg, c_dec * u.deg)).deg
+        expected = {make_result(i).path for i in np.flatnonzero(sep <= rad)}
+        t = cat.query(cone=(c_ra, c_dec, rad), sort="dist", all_rows=True)
+        assert set(t["path"]) == expected, (c_ra, c_dec, rad)
+        assert np.all(np.diff(t["dist"]) >= 0) and np.all(t["dist"] <= rad)
+        got = {p: d for p, d in zip(t["path"], t["dist"])}
+        for i in np.flatnonzero(sep <= rad)[:20]:
+            assert got[make_result(i).path] == pytest.approx(sep[i], abs=1e-8)
+    assert len(cat.query(cone=(0.5, 1.0, 3.0), limit=3, all_rows=True)) == 3
+    with pytest.raises(CatalogueError):
+        cat.query(cone=(0, 95, 1))
+    with pytest.raises(CatalogueError):
+        cat.query(cone=(0, 0))
+
+
+def test_cone_search_postgresql(pg_url):
+    cat = Catalogue(pg_url)
+    sid = cat.start_scan("v1")
+    pts = [(359.9, 0.0), (0.1, 0.1), (1.5, 0.0), (180.0, 89.9), (0.0, 89.8), (90.0, -30.0)]
+    cat.write(sid, [make_result(i, ra=r, dec=d, p_o=0.9) for i, (r, d) in enumerate(pts)])
+    assert set(cat.query(cone=(0.0, 0.0, 1.0))["obsid"]) == {100000, 100001}
+    assert set(cat.query(cone=(90.0, 90.0, 0.25))["obsid"]) == {100003, 100004}
+
+
+def test_export_round_trip(filled, tmp_path):
+    cat, _, _ = filled
+    t = cat.query(all_rows=True, sort="obsid")
+    t4 = cat.query(all_rows=True, model_version="v2")
+    for fmt, name in (("ascii.csv", "t.csv"), ("fits", "t.fits"), ("votable", "t.xml"),
+                      ("ascii.ecsv", "t.ecsv")):
+        t.write(tmp_path / name, format=fmt)
+        back = Table.read(tmp_path / name, format=fmt)
+        assert len(back) == len(t)
+        for col in ("path", "obsid", "predicted_class", "p_o", "ra", "dec", "snr_g"):
+            assert col in back.colnames
+        assert [str(p) for p in back["path"]] == list(t["path"])
+        assert list(back["obsid"]) == list(t["obsid"])
+        np.testing.assert_allclose(back["p_o"], t["p_o"])
+        assert np.ma.is_masked(back["snr_i"][0])
+    empty = cat.query(min_p_o=1.0)
+    for fmt, name in (("ascii.csv", "e.csv"), ("fits", "e.fits"), ("votable", "e.vot")):
+        empty.write(tmp_path / name, format=fmt)
+        assert len(Table.read(tmp_path / name, format=fmt)) == 0
+    assert len(t4) == 5
