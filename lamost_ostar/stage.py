@@ -1,0 +1,520 @@
+"""The O-star stage: a batch of files or spectra -> one result per spectrum.
+
+This is the plugin API of :mod:`lamost_ostar`.  A *stage* is any object with
+
+* ``process(items) -> list[result]``: ``items`` is a sequence of file paths
+  and/or :class:`lamost_ostar.io.Spectrum` records; exactly one result per item
+  comes back, **in input order**; a bad item gives a result with ``ok=False``
+  and an ``error_reason``/``error_message``, never an exception;
+* ``model_version``: a string naming what produced the results (used to skip
+  files already done when a scan is resumed).
+
+Stages are registered as entry points in the group ``lamost_ostar.stages``
+(this package registers ``ostar`` -> :class:`OStarStage`) and loaded by name
+with :func:`load_stage`, so another pipeline, or :mod:`lamost_ostar.scan`, can
+use a stage without importing it.  The core never imports plugins.
+
+Quality flags (:attr:`StageResult.flags`) are bits; test them with ``&``:
+
+=====================  =====  ===============================================
+flag                   value  meaning
+=====================  =====  ===============================================
+``FLAG_LOW_SNR``       1      S/N in g below :data:`LOW_SNR_G`
+``FLAG_NO_SNR``        2      no S/N in g in the header
+``FLAG_MASKED``        4      fewer than :data:`MIN_GOOD_FRACTION` of the grid
+                              pixels are good (rest interpolated or missing)
+``FLAG_EDGE``          8      coverage misses more than :data:`EDGE_MAX_MISSING`
+                              pixels at the blue or red end of the grid
+``FLAG_NOT_STAR``      16     LAMOST pipeline CLASS is given and is not STAR
+``FLAG_LOW_CONFIDENCE``32     highest class probability below
+                              :data:`MIN_CONFIDENCE`
+=====================  =====  ===============================================
+
+Examples
+--------
+>>> from lamost_ostar.stage import load_stage          # doctest: +SKIP
+>>> stage = load_stage("ostar", device="cpu")          # doctest: +SKIP
+>>> [r.p_o for r in stage.process(["spec-55859-F5902_sp01-001.fits.gz"])]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lamost_ostar.io import Spectrum, read_spectra
+from lamost_ostar.preprocess import prepare
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "FLAG_LOW_SNR",
+    "FLAG_NO_SNR",
+    "FLAG_MASKED",
+    "FLAG_EDGE",
+    "FLAG_NOT_STAR",
+    "FLAG_LOW_CONFIDENCE",
+    "FLAG_NAMES",
+    "LOW_SNR_G",
+    "MIN_GOOD_FRACTION",
+    "EDGE_MAX_MISSING",
+    "MIN_CONFIDENCE",
+    "DEVICES",
+    "Stage",
+    "StageResult",
+    "OStarStage",
+    "decode_flags",
+    "spectrum_metadata",
+    "quality_flags",
+    "resolve_device",
+    "available_stages",
+    "load_stage",
+]
+
+#: Entry point group for stages.
+ENTRY_POINT_GROUP = "lamost_ostar.stages"
+
+#: S/N in g below this value.
+FLAG_LOW_SNR = 1 << 0
+#: No g-band S/N in the header.
+FLAG_NO_SNR = 1 << 1
+#: Too many grid pixels interpolated over bad pixels or outside the coverage.
+FLAG_MASKED = 1 << 2
+#: The spectrum does not reach one end of the grid.
+FLAG_EDGE = 1 << 3
+#: The LAMOST pipeline class is known and is not STAR.
+FLAG_NOT_STAR = 1 << 4
+#: The model's highest class probability is low.
+FLAG_LOW_CONFIDENCE = 1 << 5
+
+#: flag bit -> name
+FLAG_NAMES: dict[int, str] = {
+    FLAG_LOW_SNR: "low_snr",
+    FLAG_NO_SNR: "no_snr",
+    FLAG_MASKED: "masked",
+    FLAG_EDGE: "edge",
+    FLAG_NOT_STAR: "not_star",
+    FLAG_LOW_CONFIDENCE: "low_confidence",
+}
+
+#: g-band S/N threshold of ``FLAG_LOW_SNR``.
+LOW_SNR_G = 10.0
+#: Minimum fraction of good grid pixels (else ``FLAG_MASKED``).
+MIN_GOOD_FRACTION = 0.8
+#: Maximum number of missing grid pixels at either end (else ``FLAG_EDGE``);
+#: 100 pixels of 1e-4 dex are ~86 A at the blue end.  DR2+ spectra start at
+#: 3699.9 A, 12 pixels after the grid start, and are not flagged.
+EDGE_MAX_MISSING = 100
+#: Highest class probability below which ``FLAG_LOW_CONFIDENCE`` is set.
+MIN_CONFIDENCE = 0.5
+
+#: Accepted values of the ``device`` argument.
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass
+class StageResult:
+    """Result of a stage for one input (one spectrum, or one file that failed).
+
+    Attributes
+    ----------
+    path : str
+        Source file (the record's ``path`` for a Spectrum input).
+    ok : bool
+        False if the item could not be classified; then ``error_reason`` (short
+        code, e.g. ``"corrupt"``, ``"no_usable_pixels"``) and ``error_message``
+        (one line) say why and the classification fields are None.
+    obsid, designation, ra, dec, lmjd, planid, spid, fiberid
+        Identifiers and position from the header.
+    snr_g, snr_r, snr_i : float or None
+        LAMOST pipeline S/N per band.
+    pipeline_class, pipeline_subclass, data_release, layout : str or None
+        From the file.
+    probs : dict or None
+        Class -> calibrated probability (sums to 1).
+    p_o : float or None
+        Calibrated probability of class O.
+    predicted_class : str or None
+        Class of highest probability.
+    flags : int
+        Quality bit flags, ``FLAG_*``.
+    model_version : str or None
+        Model version that produced the result.
+    """
+
+    path: str
+    ok: bool
+    error_reason: str | None = None
+    error_message: str | None = None
+    obsid: int | None = None
+    designation: str | None = None
+    ra: float | None = None
+    dec: float | None = None
+    lmjd: int | None = None
+    planid: str | None = None
+    spid: int | None = None
+    fiberid: int | None = None
+    snr_g: float | None = None
+    snr_r: float | None = None
+    snr_i: float | None = None
+    pipeline_class: str | None = None
+    pipeline_subclass: str | None = None
+    data_release: str | None = None
+    layout: str | None = None
+    probs: dict[str, float] | None = None
+    p_o: float | None = None
+    predicted_class: str | None = None
+    flags: int = 0
+    model_version: str | None = None
+
+    @classmethod
+    def failure(cls, path: str, reason: str, message: str,
+                model_version: str | None = None, spectrum: Spectrum | None = None
+                ) -> "StageResult":
+        """An ``ok=False`` result (keeps the header metadata when a spectrum was read)."""
+        meta = spectrum_metadata(spectrum) if spectrum is not None else {}
+        return cls(path=os.fspath(path), ok=False, error_reason=reason,
+                   error_message=" ".join(str(message).split()),
+                   model_version=model_version, **meta)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What :mod:`lamost_ostar.scan` needs from a stage (see the module docstring)."""
+
+    model_version: str | None
+
+    def process(self, items: Sequence[str | os.PathLike | Spectrum]) -> list[Any]:
+        """One result per item, in input order; never raises for a bad item."""
+
+
+def decode_flags(flags: int) -> list[str]:
+    """Names of the bits set in ``flags`` (see :data:`FLAG_NAMES`)."""
+    return [name for bit, name in FLAG_NAMES.items() if int(flags) & bit]
+
+
+def spectrum_metadata(s: Spectrum) -> dict[str, Any]:
+    """The header fields of a StageResult taken from a Spectrum (for stages and plugins)."""
+    snr = s.snr or {}
+    return dict(
+        obsid=s.obsid, designation=s.designation, ra=s.ra, dec=s.dec, lmjd=s.lmjd,
+        planid=s.planid, spid=s.spid, fiberid=s.fiberid,
+        snr_g=snr.get("g"), snr_r=snr.get("r"), snr_i=snr.get("i"),
+        pipeline_class=s.pipeline_class, pipeline_subclass=s.pipeline_subclass,
+        data_release=s.data_release, layout=s.layout,
+    )
+
+
+def quality_flags(mask: np.ndarray, good_fraction: np.ndarray, snr_g: np.ndarray,
+                  pipeline_class: Sequence[str | None],
+                  max_prob: np.ndarray | None = None) -> np.ndarray:
+    """Quality bit flags of a prepared batch, vectorised.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        bool ``(N, NPIX)`` from :func:`lamost_ostar.preprocess.prepare`.
+    good_fraction : numpy.ndarray
+        ``(N,)`` fraction of good grid pixels.
+    snr_g : numpy.ndarray
+        ``(N,)`` g-band S/N, NaN where unknown.
+    pipeline_class : sequence of str or None
+        LAMOST pipeline CLASS per spectrum.
+    max_prob : numpy.ndarray, optional
+        ``(N,)`` highest class probability.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(N,)`` bit flags.
+    """
+    n = len(good_fraction)
+    flags = np.zeros(n, dtype=np.int64)
+    snr_g = np.asarray(snr_g, dtype=np.float64)
+    flags |= np.where(np.isfinite(snr_g) & (snr_g < LOW_SNR_G), FLAG_LOW_SNR, 0)
+    flags |= np.where(~np.isfinite(snr_g), FLAG_NO_SNR, 0)
+    flags |= np.where(np.asarray(good_fraction) < MIN_GOOD_FRACTION, FLAG_MASKED, 0)
+    if n and mask.shape[1]:
+        good = ~np.asarray(mask, dtype=bool)
+        any_good = good.any(axis=1)
+        lead = np.where(any_good, np.argmax(good, axis=1), mask.shape[1])
+        trail = np.where(any_good, np.argmax(good[:, ::-1], axis=1), mask.shape[1])
+        flags |= np.where((lead > EDGE_MAX_MISSING) | (trail > EDGE_MAX_MISSING), FLAG_EDGE, 0)
+    cls = np.array([(c or "").strip().upper() for c in pipeline_class], dtype=object)
+    not_star = np.array([c not in ("", "STAR") for c in cls], dtype=bool) if n else \
+        np.zeros(0, bool)
+    flags |= np.where(not_star, FLAG_NOT_STAR, 0)
+    if max_prob is not None:
+        flags |= np.where(np.asarray(max_prob) < MIN_CONFIDENCE, FLAG_LOW_CONFIDENCE, 0)
+    return flags
+
+
+# --------------------------------------------------------------------------
+# device handling
+# --------------------------------------------------------------------------
+def _backend_sees_gpu() -> bool:
+    """Whether the active Keras backend sees a GPU (backend-specific, isolated here)."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "jax":
+            import jax
+
+            return any(d.platform == "gpu" for d in jax.devices())
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - a broken GPU stack means "no GPU"
+        return False
+    return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Keras device name for ``device`` (``"auto"``, ``"cpu"`` or ``"gpu"``).
+
+    ``"auto"`` gives ``"gpu:0"`` when the Keras backend sees a GPU, else
+    ``"cpu:0"``; ``"gpu"`` raises :class:`RuntimeError` when none is visible.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return "cpu:0"
+    has_gpu = _backend_sees_gpu()
+    if device == "gpu" and not has_gpu:
+        import keras
+
+        raise RuntimeError(f"device 'gpu' asked for, but the Keras backend "
+                           f"{keras.backend.backend()!r} sees no GPU")
+    return "gpu:0" if has_gpu else "cpu:0"
+
+
+# --------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------
+class OStarStage:
+    """Classify LAMOST spectra with a registered model version.
+
+    The model is loaded once, in the constructor.  :meth:`process` reads the
+    files (fitsio), resamples and standardises them on the common grid
+    (vectorised over the batch) and runs batched inference on the chosen
+    device.
+
+    Parameters
+    ----------
+    model_version : str, optional
+        Model version in the registry; None = newest user version, else the
+        packaged default (see :func:`lamost_ostar.models.registry.load_model`).
+    models_dir : str or path-like, optional
+        Directory of user model versions.
+    device : {"auto", "cpu", "gpu"}
+        Inference device; ``"auto"`` uses a GPU when the Keras backend sees one.
+    batch_size : int
+        Spectra read, prepared and classified together (bounds memory).
+
+    Attributes
+    ----------
+    model_version : str
+        The resolved model version.
+    classes : tuple of str
+        Class labels of the model outputs.
+    device_name : str
+        Keras device used (``"cpu:0"`` or ``"gpu:0"``).
+    """
+
+    def __init__(self, model_version: str | None = None,
+                 models_dir: str | os.PathLike | None = None, device: str = "auto",
+                 batch_size: int = 256) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.device_name = resolve_device(device)
+        from lamost_ostar.models.registry import load_model
+
+        self.bundle = load_model(model_version, models_dir)
+        self.model_version: str = str(self.bundle.version)
+        self.classes: tuple[str, ...] = tuple(str(c) for c in self.bundle.classes)
+        try:
+            self._o_index: int | None = [c.upper() for c in self.classes].index("O")
+        except ValueError:
+            self._o_index = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_version={self.model_version!r}, "
+                f"device={self.device_name!r}, batch_size={self.batch_size})")
+
+    # -- public API
+    def process(self, items: Sequence[str | os.PathLike | Spectrum]) -> list[StageResult]:
+        """Classify a batch of files and/or spectra.
+
+        Parameters
+        ----------
+        items : sequence of str, path-like or Spectrum
+            Files are read with fitsio (:func:`lamost_ostar.io.read_spectra`).
+
+        Returns
+        -------
+        list of StageResult
+            One per item, in input order.  Unreadable files and spectra that
+            cannot be prepared or classified give ``ok=False`` results with a
+            reason; this method does not raise for a bad item.
+        """
+        items = list(items)
+        out: list[StageResult] = []
+        for start in range(0, len(items), self.batch_size):
+            out.extend(self._process_batch(items[start:start + self.batch_size]))
+        return out
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities for prepared input ``(N, NPIX)``."""
+        import keras
+
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[..., None]
+        with keras.device(self.device_name):
+            probs = self.bundle.predict_proba(x)
+        return np.asarray(keras.ops.convert_to_numpy(probs), dtype=np.float64)
+
+    # -- internals
+    def _process_batch(self, items: list[Any]) -> list[StageResult]:
+        n = len(items)
+        results: list[StageResult | None] = [None] * n
+        spectra: list[Spectrum] = []
+        slots: list[int] = []
+
+        path_idx = [i for i, it in enumerate(items) if not isinstance(it, Spectrum)]
+        if path_idx:
+            paths = [os.fspath(items[i]) for i in path_idx]
+            batch = read_spectra(paths)
+            queues: dict[str, deque[int]] = defaultdict(deque)
+            for i, p in zip(path_idx, paths):
+                queues[p].append(i)
+            for err in batch.errors:
+                q = queues.get(err.path)
+                if q:
+                    i = q.popleft()
+                    results[i] = StageResult.failure(err.path, err.reason, err.message,
+                                                     self.model_version)
+            for sp in batch.spectra:
+                q = queues.get(sp.path)
+                if q:
+                    i = q.popleft()
+                    spectra.append(sp)
+                    slots.append(i)
+        for i, it in enumerate(items):
+            if isinstance(it, Spectrum):
+                spectra.append(it)
+                slots.append(i)
+
+        if spectra:
+            for i, res in zip(slots, self._classify(spectra)):
+                results[i] = res
+        for i, res in enumerate(results):  # anything the reader did not report back
+            if res is None:
+                results[i] = StageResult.failure(os.fspath(getattr(items[i], "path", items[i])),
+                                                 "unreadable", "no result from the reader",
+                                                 self.model_version)
+        return results  # type: ignore[return-value]
+
+    def _classify(self, spectra: list[Spectrum]) -> list[StageResult]:
+        try:
+            prep = prepare(spectra)
+        except Exception as exc:  # noqa: BLE001 - isolate the spectrum that fails
+            if len(spectra) == 1:
+                return [StageResult.failure(spectra[0].path, "prepare_failed",
+                                            f"{type(exc).__name__}: {exc}",
+                                            self.model_version, spectra[0])]
+            return [r for s in spectra for r in self._classify([s])]
+        x = prep.x
+        finite = np.all(np.isfinite(x), axis=1)
+        usable = finite & (prep.good_fraction > 0) & np.any(x != 0, axis=1)
+        probs = np.full((len(spectra), len(self.classes)), np.nan)
+        if usable.any():
+            probs[usable] = self.predict_proba(x[usable])
+        probs_ok = usable & np.all(np.isfinite(probs), axis=1)
+        max_prob = np.where(probs_ok, np.nanmax(np.where(probs_ok[:, None], probs, 0.0), axis=1),
+                            np.nan)
+        snr_g = np.array([np.nan if (s.snr or {}).get("g") is None else s.snr["g"]
+                          for s in spectra], dtype=np.float64)
+        flags = quality_flags(prep.mask, prep.good_fraction, snr_g,
+                              [s.pipeline_class for s in spectra], max_prob)
+        best = np.argmax(np.where(probs_ok[:, None], probs, -1.0), axis=1)
+
+        out: list[StageResult] = []
+        for k, s in enumerate(spectra):
+            if not usable[k]:
+                reason = "non_finite" if not finite[k] else "no_usable_pixels"
+                out.append(StageResult.failure(s.path, reason,
+                                               "spectrum cannot be prepared for the model",
+                                               self.model_version, s))
+                continue
+            if not probs_ok[k]:
+                out.append(StageResult.failure(s.path, "non_finite_output",
+                                               "model returned non-finite probabilities",
+                                               self.model_version, s))
+                continue
+            row = probs[k]
+            out.append(StageResult(
+                path=s.path, ok=True, **spectrum_metadata(s),
+                probs={c: float(p) for c, p in zip(self.classes, row)},
+                p_o=None if self._o_index is None else float(row[self._o_index]),
+                predicted_class=self.classes[int(best[k])],
+                flags=int(flags[k]), model_version=self.model_version,
+            ))
+        return out
+
+
+# --------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------
+def available_stages() -> dict[str, str]:
+    """Registered stages: entry point name -> ``"module:attr"``."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_stage(name: str = "ostar", **kwargs: Any) -> Any:
+    """Build a stage registered in the ``lamost_ostar.stages`` entry point group.
+
+    Parameters
+    ----------
+    name : str
+        Entry point name (``"ostar"`` for :class:`OStarStage`), or a
+        ``"package.module:attribute"`` reference to a stage class not
+        registered (e.g. while developing a plugin).
+    **kwargs
+        Passed to the stage constructor.
+
+    Returns
+    -------
+    object
+        The stage instance.
+
+    Raises
+    ------
+    LookupError
+        No stage of that name is registered.
+    """
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        factory = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        return factory(**kwargs)
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        known = ", ".join(sorted(available_stages())) or "none"
+        raise LookupError(f"no stage named {name!r} in entry point group "
+                          f"{ENTRY_POINT_GROUP!r} (registered: {known})")
+    return matches[0].load()(**kwargs)
+
