@@ -231,3 +231,62 @@ def test_shared_real_medium_resolution(shared_data):
     for engine in ENGINES:
         with pytest.raises(MediumResolutionError, match="COADD_B/COADD_R"):
             read_spectrum(path, engine=engine)
+
+
+# ------------------------------------------------------------------ edge cases built on the fly
+def _image_variant(tmp_path: Path, name: str, edit) -> Path:
+    """Write a copy of the real DR7 fixture with ``edit(data)`` applied."""
+    import fitsio
+
+    data = fitsio.read(str(DATA / "io_image_dr7.fits"))
+    hdr = fitsio.read_header(str(DATA / "io_image_dr7.fits"))
+    data = edit(data.copy())
+    out = tmp_path / name
+    fitsio.write(str(out), data, header=hdr, clobber=True)
+    return out
+
+
+def _set(data, idx, value):
+    data[idx] = value
+    return data
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_edge_cases(tmp_path, engine):
+    # 1-D primary image: unknown layout
+    p = _image_variant(tmp_path, "oned.fits", lambda d: d[0])
+    with pytest.raises(LayoutError, match="2-D image"):
+        read_spectrum(p, engine)
+    # too few pixels
+    p = _image_variant(tmp_path, "short.fits", lambda d: d[:, :500])
+    with pytest.raises(LayoutError, match="short spectrum"):
+        read_spectrum(p, engine)
+    # NaN wavelengths in an image-layout file: refused, not mistaken for DR1
+    p = _image_variant(tmp_path, "nanwave.fits", lambda d: _set(d, (2, slice(10, 20)), np.nan))
+    with pytest.raises(NonFiniteError, match="wavelength"):
+        read_spectrum(p, engine)
+    # negative ivar clipped to 0
+    p = _image_variant(tmp_path, "negivar.fits", lambda d: _set(d, (1, slice(0, 50)), -1.0))
+    s = read_spectrum(p, engine)
+    assert np.all(s.ivar[:50] == 0) and np.all(s.ivar >= 0)
+    # wavelengths off the COEFF0/COEFF1 grid: stored values kept, coefficients None
+    p = _image_variant(tmp_path, "offgrid.fits", lambda d: _set(d, 2, d[2] * np.float32(1.001)))
+    s = read_spectrum(p, engine)
+    assert s.coeff0 is None and s.coeff1 is None and s.layout == "image"
+    np.testing.assert_allclose(s.wavelength, 1.001 * 10.0 ** (3.5682 + 1e-4 * np.arange(3909)),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_coadd_missing_column(tmp_path, engine):
+    import fitsio
+
+    src = DATA / "io_coadd_dr9.fits.gz"
+    hdr = fitsio.read_header(str(src), 0)
+    table = fitsio.read(str(src), "COADD", columns=["FLUX", "WAVELENGTH", "ANDMASK", "ORMASK"])
+    out = tmp_path / "noivar.fits"
+    with fitsio.FITS(str(out), "rw", clobber=True) as f:
+        f.write(None, header=hdr)
+        f.write(table, extname="COADD")
+    with pytest.raises(LayoutError, match="IVAR"):
+        read_spectrum(out, engine)
