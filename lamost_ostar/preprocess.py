@@ -151,26 +151,27 @@ def _fill_bad(values: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Replace bad pixels by linear interpolation between good neighbours.
 
     Pixels before the first (after the last) good pixel take the first
-    (last) good value; rows without any good pixel become zero.
+    (last) good value; rows without any good pixel become zero.  Only the bad
+    pixels are gathered, so the cost is dominated by two cumulative scans.
     """
     n_rows, width = values.shape
-    idx = np.broadcast_to(np.arange(width), values.shape)
-    prev = np.maximum.accumulate(np.where(good, idx, -1), axis=1)
-    nxt = np.minimum.accumulate(np.where(good, idx, width)[:, ::-1], axis=1)[:, ::-1]
+    filled = np.where(good, values, 0.0)
+    bad_r, bad_c = np.nonzero(~good)
+    if bad_r.size == 0:
+        return filled
+    idx = np.arange(width)
+    prev = np.maximum.accumulate(np.where(good, idx, -1), axis=1)[bad_r, bad_c]
+    nxt = np.minimum.accumulate(np.where(good, idx, width)[:, ::-1], axis=1)[:, ::-1][bad_r, bad_c]
     has_prev = prev >= 0
     has_next = nxt < width
-    left = np.where(has_prev, prev, nxt)
-    right = np.where(has_next, nxt, prev)
-    left = np.clip(left, 0, width - 1)
-    right = np.clip(right, 0, width - 1)
+    left = np.clip(np.where(has_prev, prev, nxt), 0, width - 1)
+    right = np.clip(np.where(has_next, nxt, prev), 0, width - 1)
     span = right - left
-    w = np.where(span > 0, (idx - left) / np.where(span > 0, span, 1), 0.0)
-    v_left = np.take_along_axis(values, left, axis=1)
-    v_right = np.take_along_axis(values, right, axis=1)
-    filled = (1.0 - w) * v_left + w * v_right
-    filled = np.where(good, values, filled)
-    any_good = good.any(axis=1)
-    return np.where(any_good[:, None], filled, 0.0)
+    w = np.where(span > 0, (bad_c - left) / np.where(span > 0, span, 1), 0.0)
+    value = (1.0 - w) * values[bad_r, left] + w * values[bad_r, right]
+    value = np.where(has_prev | has_next, value, 0.0)
+    filled[bad_r, bad_c] = value
+    return filled
 
 
 def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
@@ -242,28 +243,28 @@ def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
     good = inside & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
     if andmask is not None:
         good &= np.asarray(andmask) == 0
-    filled = _fill_bad(np.where(good, flux, 0.0), good)
-    safe_ivar = np.where(good, ivar, 1.0)
+    filled = _fill_bad(flux, good)
 
-    # linear interpolation at the fractional indices
+    # linear interpolation at the fractional indices (flat gathers)
     last = (lengths - 1)[:, None].astype(np.float64)
     outside = (pos < 0.0) | (pos > last) | ~np.isfinite(pos)
     posc = np.clip(np.nan_to_num(pos, nan=0.0), 0.0, last)
-    i0 = np.minimum(np.floor(posc).astype(np.int64), (lengths - 2)[:, None])
+    i0 = np.minimum(posc.astype(np.int64), (lengths - 2)[:, None])
     t = posc - i0
+    i0 += (np.arange(n_rows) * width)[:, None]
     i1 = i0 + 1
-    f0 = np.take_along_axis(filled, i0, axis=1)
-    f1 = np.take_along_axis(filled, i1, axis=1)
-    out_flux = (1.0 - t) * f0 + t * f1
+    flat_flux = filled.ravel()
+    out_flux = (1.0 - t) * flat_flux[i0] + t * flat_flux[i1]
 
-    g0 = np.take_along_axis(good, i0, axis=1)
-    g1 = np.take_along_axis(good, i1, axis=1)
+    flat_good = good.ravel()
+    g0 = flat_good[i0]
+    g1 = flat_good[i1]
     mask = (outside
             | (~g0 & ((1.0 - t) > _WEIGHT_TOL))
             | (~g1 & (t > _WEIGHT_TOL)))
-    v0 = 1.0 / np.take_along_axis(safe_ivar, i0, axis=1)
-    v1 = 1.0 / np.take_along_axis(safe_ivar, i1, axis=1)
-    var = (1.0 - t) ** 2 * np.where(g0, v0, 0.0) + t ** 2 * np.where(g1, v1, 0.0)
+    with np.errstate(divide="ignore"):
+        flat_var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0).ravel()
+    var = (1.0 - t) ** 2 * flat_var[i0] + t ** 2 * flat_var[i1]
     out_ivar = np.where(mask | (var <= 0), 0.0, 1.0 / np.where(var > 0, var, 1.0))
     return out_flux, out_ivar, mask
 
