@@ -1,0 +1,200 @@
+"""Tests for ``lamost-ostar query`` (lamost_ostar/cli/query.py) through click's CliRunner."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from astropy.table import Table
+from click.testing import CliRunner
+
+from lamost_ostar.catalogue import Catalogue
+from lamost_ostar.cli import main
+from lamost_ostar.cli.query import infer_format
+
+PG_URL = os.environ.get("LAMOST_OSTAR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _result(i: int, *, ok: bool = True, model_version: str = "v1", ra: float = 10.0, dec: float = 20.0,
+            p_o: float = 0.1, pred: str = "K") -> dict:
+    """A StageResult-shaped record (the catalogue reads attributes or mapping keys)."""
+    if not ok:
+        return {"path": f"/rel/bad-{i}.fits", "ok": False, "error_reason": "truncated",
+                "error_message": "file ends early", "model_version": model_version}
+    return {"path": f"/rel/spec-{i:04d}.fits.gz", "ok": True, "obsid": 5000 + i,
+            "designation": f"J{i:04d}", "ra": ra, "dec": dec, "snr_g": 5.0 + i, "snr_r": 6.0 + i,
+            "lmjd": 57001, "planid": "HD000000N000000B01", "spid": 3, "fiberid": i + 1,
+            "pipeline_class": "STAR", "pipeline_subclass": "O" if pred == "O" else "K5",
+            "data_release": "LAMOST DR7", "layout": "image",
+            "probs": {"O": p_o, "F": 0.0, "G": 0.0, "K": 1 - p_o}, "p_o": p_o,
+            "predicted_class": pred, "flags": 0, "model_version": model_version}
+
+
+def _fill(cat: Catalogue) -> int:
+    sid = cat.start_scan("v1", parameters={"paths": ["/rel"]}, host="testhost")
+    rows = [
+        _result(1, ra=83.8, dec=-5.4, p_o=0.97, pred="O"),     # Orion
+        _result(2, ra=83.9, dec=-5.5, p_o=0.62, pred="O"),     # Orion, 0.14 deg away
+        _result(3, ra=84.5, dec=-5.4, p_o=0.55, pred="O"),     # 0.7 deg away
+        _result(4, ra=200.0, dec=40.0, p_o=0.91, pred="O"),
+        _result(5, ra=201.0, dec=41.0, p_o=0.20, pred="K"),
+        _result(6, ra=10.0, dec=0.0, p_o=0.01, pred="K"),
+        _result(7, ok=False),
+    ]
+    cat.write(sid, rows)
+    cat.finish_scan(sid, {"files_seen": 7, "files_classified": 6, "files_failed": 1}, "finished")
+    return sid
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    path = tmp_path / "cat.sqlite"
+    with Catalogue(path) as cat:
+        _fill(cat)
+    return str(path)
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["query", *args])
+
+
+def _assert_one_line_error(res, fragment: str) -> None:
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and fragment in errors[0], res.output
+
+
+def test_default_terminal_table(db):
+    res = run("--db", db)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "p_o" in lines[0] and "path" in lines[0] and "obsid" in lines[0]
+    body = [ln for ln in lines[2:] if ln.strip() and not set(ln.strip()) <= {"-", " "}]
+    assert len(body) == 4                                    # p_o >= 0.5
+    assert "0.9700" in body[0] and "/rel/spec-0001.fits.gz" in body[0]   # sorted by p_o
+    assert "4 rows (candidates with p_o >= 0.5)" in res.stderr
+
+
+def test_filters_via_cli(db):
+    def csv_rows(*args):
+        res = run("--db", db, "--format", "csv", *args)
+        assert res.exit_code == 0, res.output
+        return list(csv.DictReader(io.StringIO(res.stdout)))
+
+    assert len(csv_rows()) == 4
+    assert len(csv_rows("--all")) == 6
+    assert len(csv_rows("--min-p-o", "0.9")) == 2
+    assert {r["predicted_class"] for r in csv_rows("--all", "--class", "k")} == {"K"}
+    assert len(csv_rows("--all", "--class", "O,K")) == 6
+    orion = csv_rows("--cone", "83.8", "-5.4", "0.5", "--sort", "dist")
+    assert [r["obsid"] for r in orion] == ["5001", "5002"] and float(orion[0]["dist"]) == 0.0
+    assert len(csv_rows("--cone", "83.8", "-5.4", "1")) == 3
+    assert [r["obsid"] for r in csv_rows("--all", "--snr-min", "8", "--snr-max", "10")] == \
+        ["5004", "5003", "5005"]  # p_o 0.91, 0.55, 0.20: sorted by p_o descending
+    assert [r["obsid"] for r in csv_rows("--all", "--sort", "obsid", "--limit", "2")] == ["5001", "5002"]
+    assert [r["obsid"] for r in csv_rows("--sort", "p_o", "--ascending", "--limit", "1")] == ["5003"]
+    assert len(csv_rows("--scan", "1")) == 4 and csv_rows("--scan", "2") == []
+    assert len(csv_rows("--model", "v1", "--all")) == 6 and csv_rows("--model", "v9") == []
+
+
+@pytest.mark.parametrize("name, fmt", [("out.csv", "ascii.csv"), ("out.fits", "fits"),
+                                       ("out.vot", "votable"), ("out.xml", "votable"),
+                                       ("out.ecsv", "ascii.ecsv")])
+def test_export_files_by_extension(db, tmp_path, name, fmt):
+    out = tmp_path / name
+    res = run("--db", db, "--all", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"wrote 6 rows to {out}" in res.stderr
+    t = Table.read(out, format=fmt)
+    assert len(t) == 6
+    for col in ("path", "obsid", "predicted_class", "p_o", "ra", "dec", "model_version"):
+        assert col in t.colnames
+    assert str(t["path"][0]) == "/rel/spec-0001.fits.gz" and t["p_o"][0] == pytest.approx(0.97)
+    # existing file: refuse unless --overwrite
+    again = run("--db", db, "-o", str(out))
+    _assert_one_line_error(again, "exists")
+    assert run("--db", db, "-o", str(out), "--overwrite").exit_code == 0
+    assert len(Table.read(out, format=fmt)) == 4
+
+
+def test_explicit_format_and_text_file(db, tmp_path):
+    out = tmp_path / "cands.anything"
+    res = run("--db", db, "-o", str(out), "--format", "votable")
+    assert res.exit_code == 0, res.output
+    assert len(Table.read(out, format="votable")) == 4
+    txt = tmp_path / "cands.txt"
+    assert run("--db", db, "-o", str(txt)).exit_code == 0
+    assert "/rel/spec-0001.fits.gz" in txt.read_text()
+    _assert_one_line_error(run("--db", db, "-o", str(tmp_path / "x.unknown")), "format")
+    _assert_one_line_error(run("--db", db, "--format", "fits"), "--output")
+
+
+def test_scans_and_errors_listing(db):
+    res = run("--db", db, "--scans")
+    assert res.exit_code == 0, res.output
+    assert "finished" in res.stdout and "testhost" in res.stdout and "files_classified" in res.stdout
+    res = run("--db", db, "--scans", "--format", "csv")
+    (row,) = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert (row["files_seen"], row["files_failed"], row["result_rows"], row["error_rows"]) == ("7", "1", "6", "1")
+    assert '"/rel"' in row["parameters"]
+    res = run("--db", db, "--errors")
+    assert res.exit_code == 0 and "truncated" in res.stdout and "/rel/bad-7.fits" in res.stdout
+
+
+def test_bad_arguments_one_line(db, tmp_path):
+    _assert_one_line_error(run("--db", str(tmp_path / "nope.sqlite")), "no catalogue file")
+    assert not (tmp_path / "nope.sqlite").exists()
+    _assert_one_line_error(run("--db", "mysql://u@h/x"), "unsupported database")
+    _assert_one_line_error(run("--db", "sqlite:///:memory:"), "file path")
+    _assert_one_line_error(run("--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"), "cannot open")
+    _assert_one_line_error(run("--db", db, "--cone", "10", "95", "1"), "Dec 95")
+    _assert_one_line_error(run("--db", db, "--cone", "10", "5", "-1"), "radius")
+    _assert_one_line_error(run("--db", db, "--cone", "10", "abc", "1"), "--cone")
+    _assert_one_line_error(run("--db", db, "--cone", "10", "5"), "--cone")
+    _assert_one_line_error(run("--db", db, "--min-p-o", "2"), "--min-p-o")
+    _assert_one_line_error(run("--db", db, "--sort", "colour"), "cannot sort")
+    _assert_one_line_error(run("--db", db, "--snr-min", "9", "--snr-max", "1"), "S/N range")
+    _assert_one_line_error(run("--db", db, "--limit", "-3"), "--limit")
+    res = CliRunner().invoke(main, ["query"], env={"LAMOST_OSTAR_DB": None})
+    _assert_one_line_error(res, "--db")
+    notcat = tmp_path / "plain.sqlite"
+    sa.create_engine(f"sqlite:///{notcat}").connect().close()
+    _assert_one_line_error(run("--db", str(notcat)), "no lamost_ostar catalogue")
+
+
+def test_db_from_environment(db):
+    res = CliRunner().invoke(main, ["query", "--all", "--format", "csv"], env={"LAMOST_OSTAR_DB": db})
+    assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 7
+
+
+def test_infer_format():
+    assert infer_format("a.CSV") == "csv" and infer_format("b.fits.gz") == "fits"
+    assert infer_format("c.vot") == "votable" and infer_format("d.parquet") is None
+
+
+def test_query_postgresql():
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        engine.connect().close()
+    except Exception as exc:
+        engine.dispose()
+        pytest.skip(f"no PostgreSQL server answers at {PG_URL} ({str(exc).splitlines()[0]})")
+    schema = f"lo_cli_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        with Catalogue(url) as cat:
+            _fill(cat)
+        res = run("--db", url, "--cone", "83.8", "-5.4", "0.5", "--format", "csv")
+        assert res.exit_code == 0, res.output
+        rows = list(csv.DictReader(io.StringIO(res.stdout)))
+        assert [r["obsid"] for r in rows] == ["5001", "5002"]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
