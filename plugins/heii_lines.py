@@ -12,9 +12,8 @@ the equivalent widths (EW, positive for absorption, in Angstrom) of
 on the common log-lambda grid of :mod:`lamost_ostar.preprocess`, with a linear
 pseudo-continuum through the median flux of two side bands, vectorised over the
 batch.  It needs no model, so it vets the CNN's O candidates independently:
-``heii_detected`` means an absolute EW(He II) above ``HEII_MIN_EW`` and
-``HEII_MIN_SIGMA`` standard deviations (absorption, or emission as in Of
-supergiants), and ``o_star_like`` adds a hot (blue) continuum, which removes
+``heii_detected`` means He II absorption with EW above ``HEII_MIN_EW`` and
+``HEII_MIN_SIGMA`` standard deviations (Of emission is not caught), and ``o_star_like`` adds a hot (blue) continuum, which removes
 M dwarfs whose TiO bands mimic He II absorption.
 
 It follows the stage protocol of :mod:`lamost_ostar.stage` (``process(items)``
@@ -51,8 +50,10 @@ LINES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, fl
     "heii_4686": ((4676.0, 4698.0), (4650.0, 4668.0), (4702.0, 4720.0)),
     "hbeta": ((4832.0, 4894.0), (4780.0, 4810.0), (4910.0, 4940.0)),
 }
-#: Minimum absolute EW of He II 4686 [A] for ``heii_detected`` (absorption, or emission
-#: as in Of supergiants such as HD 57060, O7Ia, whose EW is about -1.7 A).
+#: Minimum He II 4686 absorption EW [A] for ``heii_detected``.  Emission (Of
+#: supergiants such as HD 57060, O7Ia: EW about -1.7 A) is not counted: with the
+#: median pseudo-continuum, metal lines in the side bands of F-G stars give
+#: apparent "emission" of -0.3 to -0.8 A.
 HEII_MIN_EW = 0.3
 #: Minimum He II 4686 EW significance for ``heii_detected``.
 HEII_MIN_SIGMA = 3.0
@@ -249,7 +250,7 @@ class HeIILineStage:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 bands.append(np.nanmedian(np.where(good[:, idx], flux[:, idx], np.nan), axis=1))
         with np.errstate(all="ignore"):
-            detected = (np.abs(e2) > HEII_MIN_EW) & (np.abs(e2) > HEII_MIN_SIGMA * s2)
+            detected = (e2 > HEII_MIN_EW) & (e2 > HEII_MIN_SIGMA * s2)
             ratio = np.where(e1 > 0, e2 / e1, np.nan)
             blue_red = np.where(bands[1] > 0, bands[0] / bands[1], np.nan)
         hot = np.isfinite(blue_red) & (blue_red >= MIN_BLUE_RED_RATIO)
