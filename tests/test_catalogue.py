@@ -28,37 +28,7 @@ from lamost_ostar.catalogue import (
     cone_bounds,
     normalise_url,
 )
-try:
-    from lamost_ostar.stage import StageResult
-except ImportError:  # until lamost_ostar.stage lands: the DESIGN.md record, field for field
-    from dataclasses import dataclass as _dataclass
-
-    @_dataclass
-    class StageResult:  # type: ignore[no-redef]
-        path: str
-        ok: bool
-        error_reason: str | None = None
-        error_message: str | None = None
-        obsid: int | None = None
-        designation: str | None = None
-        ra: float | None = None
-        dec: float | None = None
-        lmjd: int | None = None
-        planid: str | None = None
-        spid: int | None = None
-        fiberid: int | None = None
-        snr_g: float | None = None
-        snr_r: float | None = None
-        snr_i: float | None = None
-        pipeline_class: str | None = None
-        pipeline_subclass: str | None = None
-        data_release: str | None = None
-        layout: str | None = None
-        probs: dict[str, float] | None = None
-        p_o: float | None = None
-        predicted_class: str | None = None
-        flags: int = 0
-        model_version: str | None = None
+from lamost_ostar.stage import StageResult
 
 PG_URL = os.environ.get("LAMOST_OSTAR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CLASSES = ("O", "B", "A", "F", "G", "K", "M")
