@@ -307,3 +307,240 @@ def load_lamost(
         [stars[i] for i in keep],
         ["lamost"] * len(keep),
     )
+
+
+# --------------------------------------------------------------------------
+# template library stars made LAMOST-like (through the mock simulator)
+# --------------------------------------------------------------------------
+def library_star_ids(lib) -> np.ndarray:
+    """Split unit ("star") of each template of a :class:`~lamost_ostar.templates.TemplateLibrary`.
+
+    Normally the template name.  For the O class, MILES stars whose red end
+    (beyond MILES' 7410 A) was filled from a Pickles O star are grouped with
+    that Pickles star (``HD057060+HD209975+o8iii``), so that no O spectrum in a
+    test split shares any pixel with an O star of another split.  For the other
+    classes the Pickles extension templates are not stars of the data set
+    (the mock simulator uses MILES stars only where a class has >= 5 of them).
+    """
+    names = np.asarray(lib.name).astype(str)
+    ids = names.astype(object)
+    is_o = np.asarray(lib.mk) == "O"
+    parent = {n: n for n in names[is_o]}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for n, ext in zip(names[is_o], np.asarray(lib.extension).astype(str)[is_o]):
+        if ext in parent:
+            ra, rb = find(n), find(ext)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[str, list[str]] = {}
+    for n in names[is_o]:
+        groups.setdefault(find(n), []).append(n)
+    for members in groups.values():
+        gid = "+".join(sorted(members))
+        ids[np.isin(names, members)] = gid
+    return ids.astype(str)
+
+
+def _prepare_simulated(sim) -> np.ndarray:
+    """Standardised (N, NPIX) spectra from a native-grid :class:`SimulatedSpectra`."""
+    from . import mock, preprocess
+
+    n = len(sim)
+    if n == 0:
+        return np.zeros((0, preprocess.NPIX), np.float32)
+    prep = preprocess.prepare_arrays(
+        sim.flux, sim.ivar, np.asarray(sim.npix), andmask=sim.andmask,
+        coeff0=np.full(n, mock.NATIVE_COEFF0), coeff1=np.full(n, mock.NATIVE_COEFF1),
+    )
+    return prep.x
+
+
+def library_realisations(
+    lib,
+    n_per_star: int | Sequence[int],
+    rng: np.random.Generator,
+    mock_config=None,
+) -> LabelledSpectra:
+    """Independent LAMOST-like realisations of every template of ``lib``, one star at a time.
+
+    Each realisation is the template itself (no interpolation with another
+    star) seen through the mock simulator of :mod:`lamost_ostar.mock`: radial
+    velocity, interstellar reddening (per-class E(B-V)), flux-calibration
+    distortion, S/N drawn from the real LAMOST SNRG distribution with noise
+    from the real instrument model (ivar consistent), bad pixels; then read onto
+    the common grid and standardised exactly like a real file.
+
+    Parameters
+    ----------
+    lib : TemplateLibrary
+        Templates to realise (e.g. ``load_templates().select("O")``).
+    n_per_star : int or sequence of int
+        Realisations per template.
+    rng : numpy.random.Generator
+        Source of randomness.
+    mock_config : MockConfig, optional
+        Physics knobs of the simulator.
+
+    Returns
+    -------
+    LabelledSpectra
+        ``source="library"``, star from :func:`library_star_ids`.
+    """
+    from . import mock
+
+    counts = np.broadcast_to(np.asarray(n_per_star, dtype=int), (len(lib),))
+    ids = library_star_ids(lib)
+    parts = []
+    for i in range(len(lib)):
+        if counts[i] <= 0:
+            continue
+        sub = lib._take(np.array([i]))
+        sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=[str(lib.mk[i])] * int(counts[i]),
+                                    templates=sub, config=mock_config)
+        x = _prepare_simulated(sim)
+        parts.append(LabelledSpectra(x, [str(lib.mk[i])] * len(x), [ids[i]] * len(x), ["library"] * len(x)))
+    if not parts:
+        from .preprocess import NPIX
+        return LabelledSpectra.empty(NPIX)
+    return LabelledSpectra.concat(parts)
+
+
+def mock_mixtures(
+    lib,
+    n_per_class: dict[str, int],
+    rng: np.random.Generator,
+    mock_config=None,
+) -> LabelledSpectra:
+    """Mock spectra interpolated between neighbouring templates of ``lib`` (the mock release's recipe).
+
+    Only templates of ``lib`` are used, so drawing from a split's templates
+    keeps the result inside that split.  The star of a mixture is the
+    dominant template's split unit (:func:`library_star_ids`).
+    """
+    from . import mock
+
+    mk = [c for c, k in n_per_class.items() for _ in range(int(k)) if np.any(lib.mk == c)]
+    if not mk:
+        from .preprocess import NPIX
+        return LabelledSpectra.empty(NPIX)
+    sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=mk, templates=lib, config=mock_config)
+    ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
+    star = [ids[t["template1"] if t["weight1"] >= 0.5 else t["template2"]] for t in sim.truth]
+    return LabelledSpectra(_prepare_simulated(sim), [t["mk"] for t in sim.truth], star, ["mock"] * len(mk))
+
+
+def split_library(lib, fractions: Sequence[float], rng: np.random.Generator,
+                  min_stars: int = 1) -> list:
+    """Split a template library by star (:func:`library_star_ids`), stratified by class."""
+    ids = library_star_ids(lib)
+    proxy = LabelledSpectra(np.zeros((len(lib), 1), np.float32), np.asarray(lib.mk).astype(str), ids,
+                            ["library"] * len(lib))
+    proxy_idx = np.arange(len(lib))
+    parts = split_by_star(proxy, fractions, rng, min_stars=min_stars)
+    out = []
+    for p in parts:
+        keep = np.isin(ids, np.unique(p.star))
+        out.append(lib._take(proxy_idx[keep]))
+    return out
+
+
+# --------------------------------------------------------------------------
+# the 7-class training / validation / test splits
+# --------------------------------------------------------------------------
+@dataclass
+class SplitPlan:
+    """How many spectra of each class each split should hold.
+
+    Attributes
+    ----------
+    fractions : tuple of float
+        Fractions of the *stars* in train / validation / test.
+    n_per_class : tuple of int
+        Target spectra per class in train / validation / test: the real
+        LAMOST spectra of the split's stars first, then LAMOST-like
+        realisations of the split's library stars (``pure_fraction`` of the
+        rest) and mock mixtures of neighbouring library stars of the split.
+    pure_fraction : float
+        Share of the library part drawn as single-star realisations (the rest
+        are mixtures).  Validation and test use single-star realisations only.
+    classes : tuple of str
+        Classes to build.
+    """
+
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    n_per_class: tuple[int, int, int] = (300, 80, 80)
+    pure_fraction: float = 0.5
+    classes: tuple[str, ...] = CLASSES_7
+
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
+
+
+def build_seven_class_splits(
+    plan: SplitPlan,
+    rng: np.random.Generator,
+    data_dir: str | Path | None = None,
+    lib=None,
+    lamost: LabelledSpectra | None = None,
+    mock_config=None,
+) -> dict[str, LabelledSpectra]:
+    """Train / validation / test splits of real and mock spectra, made by star.
+
+    Real LAMOST spectra (A, F, G, K, M; star = DESIG) and the template library
+    (O ... M; star = :func:`library_star_ids`) are each split by star with
+    ``plan.fractions``, stratified by class; every spectrum of a split is then
+    drawn from that split's stars only.  O stars: the six real O stars of
+    MILES and Pickles form four split units, so train/validation/test get
+    2/1/1 of them.
+
+    Returns
+    -------
+    dict
+        ``{"train": ..., "validation": ..., "test": ...}``; no star is in two.
+    """
+    from .templates import load_templates
+
+    lib = lib if lib is not None else load_templates()
+    lib = lib.select(list(plan.classes))
+    if lamost is None:
+        try:
+            lamost = load_lamost(data_dir, classes=plan.classes)
+        except FileNotFoundError:
+            lamost = None
+    real_parts = (split_by_star(lamost, plan.fractions, rng) if lamost is not None and len(lamost)
+                  else [None, None, None])
+    lib_parts = split_library(lib, plan.fractions, rng)
+    out: dict[str, LabelledSpectra] = {}
+    for k, name in enumerate(SPLIT_NAMES):
+        real = real_parts[k]
+        sublib = lib_parts[k]
+        target = plan.n_per_class[k]
+        pure_share = plan.pure_fraction if name == "train" else 1.0
+        pieces = [real] if real is not None else []
+        n_pure: dict[str, int] = {}
+        n_mix: dict[str, int] = {}
+        for c in plan.classes:
+            have = int((real.labels == c).sum()) if real is not None else 0
+            rest = max(0, target - have)
+            n_pure[c] = int(round(rest * pure_share))
+            n_mix[c] = rest - n_pure[c]
+        # single-star realisations: spread each class's count over its stars
+        per_star = np.zeros(len(sublib), dtype=int)
+        for c in plan.classes:
+            idx = np.flatnonzero(sublib.mk == c)
+            if idx.size == 0 or n_pure[c] == 0:
+                continue
+            order = rng.permutation(idx)
+            per_star[order] += n_pure[c] // idx.size
+            per_star[order[: n_pure[c] % idx.size]] += 1
+        pieces.append(library_realisations(sublib, per_star, rng, mock_config))
+        if any(n_mix.values()):
+            pieces.append(mock_mixtures(sublib, n_mix, rng, mock_config))
+        out[name] = LabelledSpectra.concat(pieces)
+    assert_disjoint_stars(*out.values())
+    return out
