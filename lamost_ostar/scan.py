@@ -336,10 +336,12 @@ class PartitionSummary:
     @classmethod
     def from_results(cls, n_files: int, n_skipped: int, results: Sequence[Any],
                      threshold: float, seconds: float = 0.0) -> "PartitionSummary":
-        """Summarise stage results (objects with ``ok``, ``error_reason``, ``p_o``)."""
+        """Summarise stage results (objects with ``ok``, ``error_reason``; ``p_o`` optional)."""
         ok = [r for r in results if r.ok]
-        reasons = Counter(r.error_reason or "unknown" for r in results if not r.ok)
-        cands = sum(1 for r in ok if r.p_o is not None and r.p_o >= threshold)
+        reasons = Counter(getattr(r, "error_reason", None) or "unknown"
+                          for r in results if not r.ok)
+        p_o = [getattr(r, "p_o", None) for r in ok]
+        cands = sum(1 for p in p_o if p is not None and p >= threshold)
         return cls(n_files=n_files, n_skipped=n_skipped, n_classified=len(ok),
                    n_errors=len(results) - len(ok), n_candidates=cands,
                    errors_by_reason=dict(reasons), seconds=seconds)

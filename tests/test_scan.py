@@ -1,0 +1,163 @@
+"""Tests for :mod:`lamost_ostar.scan` and ``lamost-ostar scan``.
+
+The scans run on a real ``LocalCluster`` (one worker process) into a real SQLite
+catalogue, on copies of the committed fixture files (good and bad).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lamost_ostar import scan as scanmod
+from lamost_ostar.cli import main
+
+DATA = Path(__file__).resolve().parent / "data"
+GOOD = ["io_image_dr7.fits", "io_image_dr6.fits.gz", "io_dr1_gzip.fits", "io_coadd_dr9.fits.gz",
+        "io_nan_few.fits.gz"]
+BAD = {"io_truncated.fits": "truncated", "io_not_fits.fits": "not_fits",
+       "io_medres.fits": "medium_resolution", "io_empty.fits": "empty"}
+
+
+# ---------------------------------------------------------------- path sources
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_walk_release_is_sorted_recursive_and_filtered(tmp_path):
+    for rel in ["b/2/spec-2.fits.gz", "b/10/spec-1.fits", "a/spec-0.FITS", "a/notes.txt",
+                ".hidden/spec-x.fits", "a/.spec-y.fits", "c.fits", "d/empty/"]:
+        if rel.endswith("/"):
+            (tmp_path / rel).mkdir(parents=True)
+        else:
+            _touch(tmp_path / rel)
+    got = [Path(p).relative_to(tmp_path).as_posix() for p in scanmod.walk_release(tmp_path)]
+    assert got == ["a/spec-0.FITS", "b/10/spec-1.fits", "b/2/spec-2.fits.gz", "c.fits"]
+    assert all(Path(p).is_absolute() for p in scanmod.walk_release(tmp_path))
+
+
+def test_iter_paths_file_lists_single_files_and_missing(tmp_path):
+    f1 = _touch(tmp_path / "x" / "one.fits")
+    single = _touch(tmp_path / "odd_name.dat")
+    lst = tmp_path / "x" / "list.txt"
+    lst.write_text("# comment\n\none.fits\n" + str(single) + "\n")
+    assert list(scanmod.iter_paths([f"@{lst}", single])) == [str(f1), str(single), str(single)]
+    with pytest.raises(FileNotFoundError):
+        list(scanmod.iter_paths([tmp_path / "nope"]))
+
+
+def test_walk_is_lazy(tmp_path):
+    for i in range(3):
+        _touch(tmp_path / f"d{i}" / "s.fits")
+    gen = scanmod.walk_release(tmp_path)
+    first = next(gen)
+    (tmp_path / "d2" / "s.fits").unlink()  # not listed yet: the walk has not reached d2
+    assert Path(first).parent.name == "d0"
+    assert [Path(p).parent.name for p in gen] == ["d1"]
+
+
+def test_iter_partitions():
+    parts = list(scanmod.iter_partitions(iter(range(7)), 3))
+    assert parts == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError):
+        list(scanmod.iter_partitions([], 0))
+
+
+def test_partition_summary_and_format():
+    from lamost_ostar.stage import StageResult
+
+    results = [StageResult("a", True, p_o=0.9), StageResult("b", True, p_o=0.1),
+               StageResult.failure("c", "corrupt", "bad")]
+    part = scanmod.PartitionSummary.from_results(5, 2, results, threshold=0.5)
+    assert (part.n_classified, part.n_errors, part.n_candidates) == (2, 1, 1)
+    total = scanmod.PartitionSummary()
+    total.add(part)
+    total.add(part)
+    assert total.errors_by_reason == {"corrupt": 2} and total.n_files == 10
+    summary = scanmod.ScanSummary(scan_id=1, model_version="v", threshold=0.5, totals=total,
+                                  elapsed_s=2.0)
+    text = summary.format()
+    assert "corrupt" in text and "O candidates" in text and len(text.splitlines()) < 20
+    assert summary.counts()["files_skipped"] == 4
+
+
+# ---------------------------------------------------------------- scans on a real cluster
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("release")
+    for i, name in enumerate(GOOD + list(BAD)):
+        dest = root / f"5600{i % 3}" / f"plan{i % 2}" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / name, dest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client():
+    c, cluster = scanmod.make_client(n_workers=1, threads_per_worker=1, memory_limit=None)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _catalogue(tmp_path):
+    from lamost_ostar.catalogue import Catalogue
+
+    return Catalogue(f"sqlite:///{tmp_path / 'cat.sqlite'}")
+
+
+def _rows(cat, table):
+    import sqlalchemy as sa
+
+    with cat.engine.connect() as conn:
+        return conn.execute(sa.text(f"select path, model_version from {table}")).all()
+
+
+def test_scan_resume_is_idempotent(tmp_path, release, client):
+    cat = _catalogue(tmp_path)
+    first = scanmod.run_scan([release], cat, client=client, stage="heii_lines",
+                             partition_size=3, batch_size=2, progress=False)
+    n = len(GOOD) + len(BAD)
+    assert first.totals.n_files == n and first.totals.n_skipped == 0
+    assert first.totals.n_errors == len(BAD)
+    assert first.totals.errors_by_reason == {r: 1 for r in BAD.values()}
+    assert first.model_version == "heii_lines-1"
+
+    # a second run skips everything; nothing is duplicated
+    second = scanmod.run_scan([release], cat, client=client, stage="heii_lines",
+                              partition_size=4, progress=False)
+    assert second.totals.n_skipped == n and second.totals.n_classified == 0
+    res, err = _rows(cat, "results"), _rows(cat, "errors")
+    assert len(res) == len(GOOD) and len(err) == len(BAD)
+    assert len(set(res) | set(err)) == n
+    scans = cat.scans()
+    assert list(scans["status"]) == ["finished", "finished"]
+    assert list(scans["files_seen"]) == [n, n] and list(scans["files_skipped"]) == [0, n]
+
+
+def test_scan_rejects_bad_arguments(tmp_path, release):
+    with pytest.raises(FileNotFoundError):
+        scanmod.run_scan([tmp_path / "missing"], None, progress=False)
+    with pytest.raises(ValueError):
+        scanmod.run_scan([release], None, partition_size=0, progress=False)
+
+
+def test_cli_scan_dry_run_and_errors(tmp_path, release):
+    runner = CliRunner()
+    out = runner.invoke(main, ["scan", str(release), "--dry-run", "--partition-size", "4"])
+    assert out.exit_code == 0, out.output
+    assert "9 files in 3 partitions" in out.output
+    for args in (["scan", str(tmp_path / "missing")],
+                 ["scan", str(release), "--device", "tpu"],
+                 ["scan", str(release), "--partition-size", "0"],
+                 ["scan", str(release), "--stage", "nope"],
+                 ["scan", str(release), "--db", "mysql+nodriver://x/y"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code != 0, args
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (args, res.output)
