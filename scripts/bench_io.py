@@ -9,7 +9,7 @@ DR1, 104 gzip + 11 plain DR2-DR9, 1 medium-resolution file that is refused); eac
 pass is timed, and the best of ``--repeat`` passes is reported (warm page cache),
 separately for the plain and the gzip-compressed files. Methods:
 
-``io fitsio`` / ``io astropy``
+``io fitsio`` / ``io native`` / ``io astropy``
     :func:`lamost_ostar.io.read_spectra` with each engine (full records, all checks).
 ``floor: read+gunzip``
     Only ``open().read()`` plus :mod:`zlib` decompression: the I/O + inflate floor.
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     methods = {
         "io fitsio (default)": _io("fitsio"),
+        "io native": _io("native"),
         "io astropy": _io("astropy"),
         "floor: read+gunzip": _floor,
         "fitsio bare": _fitsio_bare,

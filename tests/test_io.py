@@ -17,7 +17,7 @@ from lamost_ostar.io import (
 )
 
 DATA = Path(__file__).resolve().parent / "data"
-ENGINES = ("fitsio", "astropy")
+ENGINES = ("fitsio", "astropy", "native")
 
 GOOD = {
     # fixture: (layout, obsid, class, subclass, snr_g, ra, dec, data_release, npix)
@@ -81,9 +81,26 @@ def test_good_fixture(name, engine):
     assert 3690 < s.wavelength[0] < 3710 and s.n_nonfinite == 0
 
 
-@pytest.mark.parametrize("name", sorted(GOOD))
+@pytest.mark.parametrize("name", sorted(GOOD) + ["io_nan_few.fits.gz"])
 def test_engines_identical_on_fixtures(name):
-    _assert_same(read_spectrum(DATA / name, "fitsio"), read_spectrum(DATA / name, "astropy"))
+    ref = read_spectrum(DATA / name, "fitsio")
+    for engine in ENGINES[1:]:
+        _assert_same(ref, read_spectrum(DATA / name, engine))
+
+
+def test_native_falls_back_to_fitsio_for_scaled_image(tmp_path):
+    import fitsio
+
+    data = fitsio.read(str(DATA / "io_image_dr7.fits"))
+    hdr = fitsio.read_header(str(DATA / "io_image_dr7.fits"))
+    img = np.clip(data, 0, 60000).astype(np.uint16)   # written with BZERO = 32768
+    img[1] = 1
+    out = tmp_path / "uint16.fits"
+    fitsio.write(str(out), img, header=hdr, clobber=True)
+    assert fitsio.read_header(str(out))["BZERO"] == 32768
+    ref = read_spectrum(out, "fitsio")
+    _assert_same(ref, read_spectrum(out, "native"))
+    _assert_same(ref, read_spectrum(out, "astropy"))
 
 
 def test_dr1_flux_is_row0_not_normalised():
@@ -218,10 +235,12 @@ def test_shared_metadata_matches_manifest(shared_batches):
 
 def test_shared_engines_identical(shared_batches):
     _, batches = shared_batches
-    a, b = batches["fitsio"], batches["astropy"]
-    assert [s.path for s in a.spectra] == [s.path for s in b.spectra]
-    for sa, sb in zip(a.spectra, b.spectra):
-        _assert_same(sa, sb)
+    a = batches["fitsio"]
+    for engine in ENGINES[1:]:
+        b = batches[engine]
+        assert [s.path for s in a.spectra] == [s.path for s in b.spectra]
+        for sa, sb in zip(a.spectra, b.spectra):
+            _assert_same(sa, sb)
 
 
 def test_shared_real_medium_resolution(shared_data):
