@@ -26,6 +26,7 @@ __all__ = [
     "LOGLAM0",
     "DLOGLAM",
     "NPIX",
+    "CHUNK",
     "WAVE_MIN",
     "WAVE_MAX",
     "grid_loglam",
@@ -292,7 +293,14 @@ def _gather(spectra: Sequence["Spectrum"]) -> dict:
                 coeff0=c0, coeff1=c1, wavelength=wavelength)
 
 
-def resample(spectra: Sequence["Spectrum"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: Spectra resampled per vectorised block (keeps the working set in CPU cache;
+#: on the 2-core dev box blocks of 16-128 spectra ran 1.5-2x faster per
+#: spectrum than one block of 1024).
+CHUNK: int = 64
+
+
+def resample(spectra: Sequence["Spectrum"], *, chunk: int = CHUNK
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample a batch of :class:`lamost_ostar.io.Spectrum` onto the grid.
 
     Parameters
@@ -301,6 +309,9 @@ def resample(spectra: Sequence["Spectrum"]) -> tuple[np.ndarray, np.ndarray, np.
         Records with ``flux``, ``ivar``, ``wavelength``, ``andmask``,
         ``coeff0`` and ``coeff1``.  Log-linear spectra use the coefficients;
         spectra with ``coeff0``/``coeff1`` of None use their wavelength array.
+    chunk : int
+        Number of spectra processed per vectorised block (memory/cache only;
+        the result does not depend on it).
 
     Returns
     -------
@@ -308,9 +319,19 @@ def resample(spectra: Sequence["Spectrum"]) -> tuple[np.ndarray, np.ndarray, np.
         ``(N, NPIX)`` resampled flux (float64), inverse variance (float64, 0
         where masked) and bool mask (True = interpolated or outside coverage).
     """
-    if len(spectra) == 0:
+    n = len(spectra)
+    if n == 0:
         return resample_arrays(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0, int))
-    return resample_arrays(**_gather(spectra))
+    if n <= chunk:
+        return resample_arrays(**_gather(spectra))
+    flux = np.empty((n, NPIX))
+    ivar = np.empty((n, NPIX))
+    mask = np.empty((n, NPIX), dtype=bool)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        flux[start:stop], ivar[start:stop], mask[start:stop] = resample_arrays(
+            **_gather(spectra[start:stop]))
+    return flux, ivar, mask
 
 
 def standardise(flux: np.ndarray) -> np.ndarray:
@@ -343,13 +364,15 @@ def _finish(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> PreparedBat
                          ivar=ivar.astype(np.float32), norm=norm)
 
 
-def prepare(spectra: Sequence["Spectrum"]) -> PreparedBatch:
+def prepare(spectra: Sequence["Spectrum"], *, chunk: int = CHUNK) -> PreparedBatch:
     """Resample and standardise a batch of spectra (the model input).
 
     Parameters
     ----------
     spectra : sequence of Spectrum
         Records from :mod:`lamost_ostar.io`.
+    chunk : int
+        Spectra per vectorised block (see :func:`resample`).
 
     Returns
     -------
@@ -357,7 +380,7 @@ def prepare(spectra: Sequence["Spectrum"]) -> PreparedBatch:
         ``x`` (float32 ``N x NPIX``, unit L2 norm per row), ``mask``,
         ``good_fraction``, plus the resampled ``ivar`` and the ``norm``.
     """
-    return _finish(*resample(spectra))
+    return _finish(*resample(spectra, chunk=chunk))
 
 
 def prepare_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,

@@ -174,3 +174,11 @@ def test_real_shared_files(shared_data):
     # LAMOST starts at 10**3.5682 = 3700 A: the first grid pixels are outside coverage
     assert batch.mask[:, :10].all()
     assert np.median(batch.good_fraction) > 0.9
+
+
+def test_chunking_does_not_change_result():
+    specs = [make_spectrum(n=3800 + 7 * k, func=lambda x, k=k: 1.5 + np.cos(20 * x + k))
+             for k in range(10)]
+    a = P.prepare(specs, chunk=3)
+    b = P.prepare(specs, chunk=100)
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.mask, b.mask)
