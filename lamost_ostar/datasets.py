@@ -544,3 +544,94 @@ def build_seven_class_splits(
         out[name] = LabelledSpectra.concat(pieces)
     assert_disjoint_stars(*out.values())
     return out
+
+
+# --------------------------------------------------------------------------
+# a labelled release (for ``retrain``)
+# --------------------------------------------------------------------------
+def parse_mk(label: str) -> str | None:
+    """MK letter of a class label: ``"O"``, ``"O7V"``, ``"dM1"``, ``"gM0"`` ... (None if none)."""
+    s = str(label).strip()
+    for prefix in ("sd", "d", "g"):
+        if s.startswith(prefix) and len(s) > len(prefix) and s[len(prefix)] in CLASSES_7:
+            s = s[len(prefix):]
+            break
+    return s[0].upper() if s and s[0].upper() in CLASSES_7 else None
+
+
+@dataclass
+class LabelledRelease:
+    """Spectra of a release read through a labels CSV."""
+
+    data: LabelledSpectra
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or obsid, reason)
+
+
+def load_labelled_release(labels_csv: str | Path, release_dir: str | Path) -> LabelledRelease:
+    """Read the spectra named in a labels CSV from a release directory.
+
+    The CSV needs a class column (``mk``, ``class``, ``label`` or ``subclass``:
+    an MK letter or a type such as ``O7V``/``dM1``) and either a ``path``
+    column (relative to ``release_dir``, or absolute) or an ``obsid`` column
+    (the release's files are then read to find each OBSID).  The star of a
+    spectrum is the CSV's ``designation`` (or ``desig``/``star``) column, else
+    the file's DESIG, else its OBSID, else its path.  A mock release's
+    ``truth.csv`` is such a CSV.  Rows without a usable class, files that
+    cannot be read and broken files are skipped (listed in ``skipped``).
+    """
+    from . import io, preprocess
+
+    labels_csv, release_dir = Path(labels_csv), Path(release_dir)
+    with open(labels_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.lower(): c for c in (reader.fieldnames or [])}
+        rows = list(reader)
+    label_col = next((cols[c] for c in ("mk", "class", "label", "subclass") if c in cols), None)
+    if label_col is None:
+        raise ValueError(f"{labels_csv}: no class column (need one of mk, class, label, subclass)")
+    path_col = cols.get("path")
+    obsid_col = cols.get("obsid")
+    if path_col is None and obsid_col is None:
+        raise ValueError(f"{labels_csv}: need a 'path' or an 'obsid' column")
+    star_col = next((cols[c] for c in ("designation", "desig", "star") if c in cols), None)
+    skipped: list[tuple[str, str]] = []
+    wanted: list[tuple[str, str, str | None]] = []     # (key, mk, star)
+    for r in rows:
+        mk = parse_mk(r.get(label_col, ""))
+        key = (r.get(path_col) if path_col else None) or (r.get(obsid_col) if obsid_col else None) or ""
+        if not key:
+            skipped.append(("?", "no path or obsid"))
+            continue
+        if mk is None:
+            skipped.append((key, f"class {r.get(label_col)!r} is not O/B/A/F/G/K/M"))
+            continue
+        if "broken" in cols and r.get(cols["broken"]):
+            skipped.append((key, f"broken file ({r.get(cols['broken'])})"))
+            continue
+        wanted.append((key, mk, (r.get(star_col) or None) if star_col else None))
+    if path_col is not None:
+        paths = [str(p if (p := Path(k)).is_absolute() else release_dir / p) for k, _, _ in wanted]
+        batch = io.read_spectra(paths)
+        by_key = {s.path: s for s in batch.spectra}
+        keys = paths
+    else:
+        files = sorted(str(p) for p in release_dir.rglob("*.fits*"))
+        batch = io.read_spectra(files)
+        by_key = {str(s.obsid): s for s in batch.spectra if s.obsid is not None}
+        keys = [k for k, _, _ in wanted]
+    errors = {e.path: e.reason for e in batch.errors}
+    spectra, labels, stars, used = [], [], [], []
+    for key, (_, mk, star) in zip(keys, wanted):
+        s = by_key.get(key)
+        if s is None:
+            skipped.append((key, errors.get(key, "not found in the release")))
+            continue
+        spectra.append(s)
+        labels.append(mk)
+        stars.append(star or s.designation or (str(s.obsid) if s.obsid is not None else s.path))
+        used.append(s.path)
+    if not spectra:
+        return LabelledRelease(LabelledSpectra.empty(preprocess.NPIX), [], skipped)
+    x = preprocess.prepare(spectra).x
+    return LabelledRelease(LabelledSpectra(x, labels, stars, ["release"] * len(x)), used, skipped)

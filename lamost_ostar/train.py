@@ -1,0 +1,316 @@
+"""Training pipeline of the 7-class recogniser: augment, train, calibrate, evaluate, register.
+
+Used by ``scripts/train_default.py`` (the packaged default model) and by
+``lamost-ostar retrain`` (a new model version from a labelled release).
+
+The pipeline (:func:`train_and_register`):
+
+1. the caller gives three splits made *by star* (train / validation / test,
+   see :func:`lamost_ostar.datasets.split_by_star`);
+2. optionally an LCGAN is trained on the O spectra of the *training* split only
+   and its samples are added to the training split (:func:`augment_o`);
+3. the recogniser is trained on the training split (Adam 1e-4, early stopping
+   on the validation loss, patience 5 -- the paper's protocol);
+4. a temperature is fitted on the validation split's logits;
+5. the calibrated model is evaluated on the test split, which no step above
+   has seen;
+6. the model and its card are saved as a new version with the registry; an
+   existing version is never overwritten.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import CLASSES_7, LabelledSpectra, assert_disjoint_stars
+from .evaluate import classification_metrics
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    Attributes
+    ----------
+    classes : tuple of str
+        Output classes of the recogniser.
+    epochs : int
+        Maximum number of epochs (early stopping may end sooner).
+    batch_size : int
+        Mini-batch size.
+    patience : int
+        Early-stopping patience in epochs (paper: 5).
+    learning_rate : float
+        Adam learning rate (paper: 1e-4).
+    gan_iterations : int
+        LCGAN training iterations for the O augmentation; 0 disables it.
+    gan_samples : int
+        Number of generated O spectra added to the training split.
+    gan_batch_size : int
+        LCGAN mini-batch size.
+    seed : int
+        Seed of every random step.
+    """
+
+    classes: tuple[str, ...] = CLASSES_7
+    epochs: int = 30
+    batch_size: int = 32
+    patience: int = 5
+    learning_rate: float = 1e-4
+    gan_iterations: int = 0
+    gan_samples: int = 0
+    gan_batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` returns."""
+
+    model: object
+    temperature: float
+    history: dict
+    val_metrics: dict
+    test_metrics: dict
+    test_metrics_uncalibrated: dict
+    timings: dict
+    train_counts: dict
+    gan_used: bool
+
+
+# --------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------
+def augment_o(train: LabelledSpectra, config: TrainConfig, progress: bool = False) -> tuple[LabelledSpectra, dict]:
+    """Train an LCGAN on the O spectra of ``train`` and return its samples.
+
+    Returns the generated spectra (label ``O``, source ``lcgan``, one pseudo
+    star per sample) and timing information.  Only the training split's O
+    spectra are used, so nothing of the validation or test stars leaks in.
+    """
+    from .models import gan
+
+    o = train.only(["O"])
+    if len(o) == 0 or config.gan_iterations <= 0 or config.gan_samples <= 0:
+        return LabelledSpectra.empty(train.npix), {}
+    t0 = time.perf_counter()
+    trainer = gan.make_lcgan(npix=train.npix)
+    trainer.fit(o.x, iterations=config.gan_iterations, batch_size=config.gan_batch_size,
+                seed=config.seed, progress=progress)
+    t_fit = time.perf_counter() - t0
+    x = np.asarray(trainer.sample(config.gan_samples, seed=config.seed), dtype=np.float32)
+    x = x.reshape(len(x), -1)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    gen = LabelledSpectra(x, ["O"] * len(x), [f"lcgan:{i}" for i in range(len(x))], ["lcgan"] * len(x))
+    return gen, {"lcgan_fit_s": t_fit, "lcgan_iterations": config.gan_iterations,
+                 "lcgan_trained_on": int(len(o)), "lcgan_trained_on_stars": int(len(np.unique(o.star)))}
+
+
+def fit_recogniser(train: LabelledSpectra, val: LabelledSpectra, config: TrainConfig,
+                   verbose: int = 0) -> tuple[object, dict]:
+    """Build and train the recogniser on ``train`` with early stopping on ``val``."""
+    from .models import recogniser
+
+    return recogniser.train_recogniser(
+        train.x, train.y(config.classes), val.x, val.y(config.classes),
+        epochs=config.epochs, batch_size=config.batch_size, patience=config.patience,
+        learning_rate=config.learning_rate, n_classes=len(config.classes), verbose=verbose,
+    )
+
+
+def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``model`` for standardised spectra ``x`` (N, NPIX), float64."""
+    from .models import recogniser
+
+    return np.asarray(recogniser.predict_logits(model, x, batch_size=batch_size), dtype=np.float64)
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``z / temperature``."""
+    z = np.asarray(z, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature fitted on validation logits (``models.calibration``)."""
+    from .models import calibration
+
+    return float(calibration.fit_temperature(logits, y))
+
+
+def train_model(train: LabelledSpectra, val: LabelledSpectra, test: LabelledSpectra,
+                config: TrainConfig, verbose: int = 0, progress: bool = False) -> TrainResult:
+    """Augment (optional), train, calibrate on ``val`` and evaluate on ``test``.
+
+    ``train``, ``val`` and ``test`` must not share a star (checked).
+    """
+    import keras
+
+    assert_disjoint_stars(train, val, test)
+    keras.utils.set_random_seed(config.seed)
+    timings: dict = {}
+    gen, gan_info = augment_o(train, config, progress=progress)
+    timings.update(gan_info)
+    train_all = LabelledSpectra.concat([train, gen])
+    t0 = time.perf_counter()
+    model, history = fit_recogniser(train_all, val, config, verbose=verbose)
+    timings["recogniser_fit_s"] = time.perf_counter() - t0
+    n_epochs = len(history.get("loss", [])) or 1
+    timings["recogniser_epochs"] = n_epochs
+    timings["recogniser_s_per_epoch"] = timings["recogniser_fit_s"] / n_epochs
+    timings["recogniser_train_spectra"] = len(train_all)
+
+    classes = config.classes
+    val_logits = predict_logits(model, val.x)
+    temperature = fit_temperature(val_logits, val.y(classes)) if len(val) else 1.0
+    test_logits = predict_logits(model, test.x)
+    test_y = test.y(classes)
+    return TrainResult(
+        model=model,
+        temperature=temperature,
+        history=history,
+        val_metrics=classification_metrics(val.y(classes), softmax(val_logits, temperature), classes),
+        test_metrics=classification_metrics(test_y, softmax(test_logits, temperature), classes),
+        test_metrics_uncalibrated=classification_metrics(test_y, softmax(test_logits), classes),
+        timings=timings,
+        train_counts={"spectra": train_all.counts(), "stars": train.star_counts(),
+                      "generated_o": int(len(gen))},
+        gan_used=bool(len(gen)),
+    )
+
+
+def split_summary(name: str, data: LabelledSpectra) -> dict:
+    """A JSON-able description of one split (for the model card)."""
+    return {
+        "split": name,
+        "n_spectra": int(len(data)),
+        "spectra_per_class": data.counts(),
+        "stars_per_class": data.star_counts(),
+        "sources": {str(s): int((data.source == s).sum()) for s in np.unique(data.source)},
+    }
+
+
+def register(result: TrainResult, splits: dict[str, LabelledSpectra], config: TrainConfig,
+             models_dir: str | Path, description: str, extra: dict | None = None) -> str:
+    """Save ``result`` as a new model version in ``models_dir``; return the version."""
+    from .models import registry
+
+    training_data = {
+        "description": description,
+        "split": "by star (LAMOST DESIG; template name for library stars); no star in two splits",
+        "splits": [split_summary(k, v) for k, v in splits.items()],
+        "augmentation": ("LCGAN samples of the training split's O stars: "
+                         f"{result.train_counts.get('generated_o', 0)} spectra, "
+                         f"{config.gan_iterations} iterations") if result.gan_used
+        else "none (no LCGAN augmentation in this version)",
+    }
+    metrics = {
+        "test": result.test_metrics,
+        "test_uncalibrated": result.test_metrics_uncalibrated,
+        "validation": result.val_metrics,
+        "timings": result.timings,
+        "history": result.history,
+    }
+    if extra:
+        metrics.update(extra)
+    card = {
+        "classes": list(config.classes),
+        "temperature": result.temperature,
+        "training_data": training_data,
+        "metrics": metrics,
+        "train_config": dataclasses.asdict(config),
+        "calibration": "temperature scaling fitted on the validation split (NLL)",
+    }
+    return registry.save_model_version(result.model, models_dir, card)
+
+
+# --------------------------------------------------------------------------
+# drivers
+# --------------------------------------------------------------------------
+def train_default(models_dir: str | Path, config: TrainConfig, plan=None, data_dir: str | Path | None = None,
+                  verbose: int = 0, progress: bool = False) -> tuple[str, TrainResult]:
+    """Train the default 7-class model on real + mock spectra and register it.
+
+    Splits come from :func:`lamost_ostar.datasets.build_seven_class_splits`
+    (seeded with ``config.seed``).
+    """
+    from .datasets import SplitPlan, build_seven_class_splits
+
+    plan = plan or SplitPlan(classes=config.classes)
+    rng = np.random.default_rng(config.seed)
+    t0 = time.perf_counter()
+    splits = build_seven_class_splits(plan, rng, data_dir=data_dir)
+    t_data = time.perf_counter() - t0
+    result = train_model(splits["train"], splits["validation"], splits["test"], config,
+                         verbose=verbose, progress=progress)
+    result.timings["build_data_s"] = t_data
+    description = (
+        "Real LAMOST A/F/G/K/M spectra (shared DR1/DR7 files, star = DESIG) + LAMOST-like "
+        "realisations of the real MILES/Pickles templates (mock simulator: RV, reddening, "
+        "calibration distortion, noise from real LAMOST S/N and instrument model) + mock "
+        "mixtures of neighbouring templates of the same split; O: the six real O stars "
+        "(MILES HD057060, HD057061, HD209975; Pickles o5v, o8iii, o9v) in four split units"
+    )
+    version = register(result, splits, config, models_dir, description,
+                       extra={"split_plan": dataclasses.asdict(plan)})
+    return version, result
+
+
+def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | Path, *,
+            gan_iterations: int = 2000, gan_samples: int | None = None, epochs: int = 30,
+            batch_size: int = 32, seed: int = 0, test_fraction: float = 0.15,
+            val_fraction: float = 0.15, progress: bool = False) -> dict:
+    """Retrain the 7-class recogniser on a labelled release and register a new version.
+
+    The labelled spectra (see :func:`lamost_ostar.datasets.load_labelled_release`)
+    are split by star into train / validation / test; the LCGAN is trained on
+    the O spectra of the training split and its samples balance the O class;
+    the recogniser is trained, calibrated on validation and evaluated on test.
+
+    Returns
+    -------
+    dict
+        ``version``, ``models_dir``, ``description``, ``metrics`` (test,
+        calibrated), ``temperature``, ``skipped`` (count of unusable rows).
+    """
+    from .datasets import load_labelled_release, split_by_star
+
+    if test_fraction + val_fraction >= 0.9:
+        raise ValueError("test + validation fractions must leave at least 10 % for training")
+    rel = load_labelled_release(labels_csv, release_dir)
+    data = rel.data
+    if len(data) == 0:
+        reasons = ", ".join(sorted({r for _, r in rel.skipped})[:3])
+        raise ValueError(f"no usable labelled spectra in {release_dir} ({reasons or 'empty labels'})")
+    if len(np.unique(data.labels)) < 2:
+        raise ValueError("the labelled spectra hold fewer than two classes")
+    rng = np.random.default_rng(seed)
+    train, val, test = split_by_star(data, [1 - val_fraction - test_fraction, val_fraction, test_fraction],
+                                     rng)
+    if len(val) == 0 or len(test) == 0:
+        raise ValueError("too few stars for a train/validation/test split by star "
+                         f"({len(np.unique(data.star))} stars)")
+    counts = train.counts()
+    n_o = counts.get("O", 0)
+    if gan_samples is None:
+        gan_samples = max(0, max(counts.values()) - n_o) if n_o else 0
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed,
+                         gan_iterations=gan_iterations if n_o else 0, gan_samples=gan_samples)
+    result = train_model(train, val, test, config, progress=progress)
+    description = (f"labelled release {Path(release_dir).resolve()} via {Path(labels_csv).resolve()}: "
+                   f"{len(data)} spectra of {len(np.unique(data.star))} stars used, "
+                   f"{len(rel.skipped)} rows skipped")
+    version = register(result, {"train": train, "validation": val, "test": test}, config,
+                       models_dir, description,
+                       extra={"skipped_rows": len(rel.skipped)})
+    return {"version": version, "models_dir": str(models_dir), "description": description,
+            "metrics": result.test_metrics, "temperature": result.temperature,
+            "skipped": len(rel.skipped), "gan_used": result.gan_used}
