@@ -23,7 +23,8 @@ Steps (see :mod:`lamost_ostar.templates` for the result):
    power law ``a * lambda**b`` (slope fitted to the MILES/Pickles ratio over
    5000-7300 A, |b| <= 3; scale matched at 7000-7290 A) and cross-faded over
    the last 60 A of MILES.
-4. Every spectrum is normalised to median 1 and stored as float16 byte planes
+4. Every spectrum is normalised to median 1 (the few slightly negative noisy
+   pixels at the blue end of cool stars are clipped to 0) and stored as float16 byte planes
    (relative precision 4.9e-4, far below any mock noise; 4.4 MB instead of
    14 MB), loaded back as float32; ``--float32`` stores float32 instead.
 """
@@ -276,6 +277,13 @@ def build(libraries: Path, resolution: float = 1800.0) -> dict:
 
     flux = np.vstack([miles_ext, pickles_grid])
     flux = flux / np.median(flux, axis=1, keepdims=True)
+    # a few noisy blue-end pixels of cool stars (e.g. MILES HD006497, Pickles
+    # m9iii/m10iii) go slightly negative; a template flux cannot
+    n_neg = int(np.sum(flux < 0))
+    if n_neg:
+        print(f"  clipped {n_neg} negative pixels in "
+              f"{int(np.sum((flux < 0).any(axis=1)))} templates to 0", file=sys.stderr)
+    flux = np.maximum(flux, 0.0)
     meta = mi["meta"] + pk["meta"]
     n_m, n_p = len(mi["meta"]), len(pk["meta"])
     orig_min = np.concatenate([np.full(n_m, wave[0]), np.full(n_p, pk_vac[0])])

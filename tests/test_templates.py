@@ -45,7 +45,7 @@ def test_shapes_and_values(lib):
     t = len(lib)
     assert lib.flux.shape == (t, NPIX) and lib.flux.dtype == np.float32
     assert np.array_equal(lib.wave, grid_wavelength())
-    assert np.all(np.isfinite(lib.flux))
+    assert np.all(np.isfinite(lib.flux)) and lib.flux.min() >= 0.0
     assert np.allclose(np.median(lib.flux, axis=1), 1.0, atol=2e-3)
     for name in ("mk", "spt", "subtype", "lumclass", "teff", "logg", "feh", "name",
                  "source", "orig_min", "orig_max", "extension"):
