@@ -287,15 +287,26 @@ class ScanWorkerPlugin(_WorkerPlugin):
     def teardown(self, worker: Any) -> None:  # noqa: D102
         self._stage = None
 
-    def get_stage(self) -> Any:
-        """The worker's stage, built on first use (thread-safe)."""
+    def get_stage(self, model_version: str | None = None) -> Any:
+        """The worker's stage, built on first use (thread-safe).
+
+        With ``model_version``, a stage of another version is replaced by one
+        of that version (the scan pins the version resolved by the first stage
+        built, so the model is normally loaded once per worker).
+        """
         if self._lock is None:
             self._lock = threading.Lock()
         with self._lock:
-            if self._stage is None:
+            stage = self._stage
+            if stage is None or (model_version is not None
+                                 and getattr(stage, "model_version", None) != model_version):
                 from lamost_ostar.stage import load_stage
 
-                self._stage = load_stage(self.stage_name, **self.stage_kwargs)
+                kwargs = dict(self.stage_kwargs)
+                if model_version is not None:
+                    kwargs["model_version"] = model_version
+                self._stage = None
+                self._stage = load_stage(self.stage_name, **kwargs)
             return self._stage
 
 
@@ -381,7 +392,7 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
     """
     t0 = time.perf_counter()
     plugin = _worker_plugin(plugin_name)
-    stage = plugin.get_stage()
+    stage = plugin.get_stage(model_version)
     sink = plugin.sink
     done = sink.done_paths(paths, model_version) if model_version is not None else set()
     todo = [p for p in paths if p not in done]
@@ -600,14 +611,9 @@ def run_scan(
         plugin = ScanWorkerPlugin(stage, stage_kwargs, sink)
         client.register_plugin(plugin, name=plugin.name)
 
-        # Resolve the model version once (loads the stage on one worker) and pin it.
+        # Resolve the model version once (builds the stage on one worker) and pin it.
         info = client.submit(stage_info, plugin.name, pure=False).result()
         resolved = info["model_version"]
-        if resolved is not None and model_version is None:
-            plugin_kwargs = dict(stage_kwargs, model_version=resolved)
-            client.unregister_worker_plugin(plugin.name)
-            plugin = ScanWorkerPlugin(stage, plugin_kwargs, sink, name=plugin.name + "p")
-            client.register_plugin(plugin, name=plugin.name)
 
         parameters = {
             "sources": sources, "stage": stage, "device": device,

@@ -39,6 +39,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -342,6 +343,11 @@ class OStarStage:
         from lamost_ostar.models.registry import load_model
 
         self.bundle = load_model(model_version, models_dir)
+        try:
+            params = inspect.signature(self.bundle.predict_proba).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            params = {}
+        self._pass_batch_size = "batch_size" in params
         self.model_version: str = str(self.bundle.version)
         self.classes: tuple[str, ...] = tuple(str(c) for c in self.bundle.classes)
         try:
@@ -383,8 +389,13 @@ class OStarStage:
         if x.ndim == 2:
             x = x[..., None]
         with keras.device(self.device_name):
-            probs = self.bundle.predict_proba(x)
-        return np.asarray(keras.ops.convert_to_numpy(probs), dtype=np.float64)
+            if self._pass_batch_size:
+                probs = self.bundle.predict_proba(x, batch_size=self.batch_size)
+            else:
+                probs = self.bundle.predict_proba(x)
+        if not isinstance(probs, np.ndarray):
+            probs = keras.ops.convert_to_numpy(probs)
+        return np.asarray(probs, dtype=np.float64)
 
     # -- internals
     def _process_batch(self, items: list[Any]) -> list[StageResult]:

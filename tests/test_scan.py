@@ -161,3 +161,24 @@ def test_cli_scan_dry_run_and_errors(tmp_path, release):
         assert res.exit_code != 0, args
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error:"), (args, res.output)
+
+
+def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
+    from test_stage import save_tiny_model
+
+    models = tmp_path / "models"
+    version = save_tiny_model(models)
+    cat = _catalogue(tmp_path)
+    first = scanmod.run_scan([release], cat, client=client, models_dir=models,
+                             device="cpu", partition_size=4, batch_size=3, progress=False)
+    n = len(GOOD) + len(BAD)
+    assert first.model_version == version
+    assert (first.totals.n_classified, first.totals.n_errors) == (len(GOOD), len(BAD))
+    again = scanmod.run_scan([release], cat, client=client, model_version=version,
+                             models_dir=models, device="cpu", progress=False)
+    assert again.totals.n_skipped == n
+    res, err = _rows(cat, "results"), _rows(cat, "errors")
+    assert len(res) == len(GOOD) and len(err) == len(BAD)
+    assert {mv for _, mv in res + err} == {version}
+    scans = cat.scans()
+    assert list(scans["model_version"]) == [version, version]

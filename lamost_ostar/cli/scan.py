@@ -110,6 +110,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
         if stage_name not in available_stages():
             known = ", ".join(sorted(available_stages())) or "none"
             raise click.ClickException(f"no stage named {stage_name!r} (registered: {known})")
+    if models_dir is None:  # the registry expects the CLI to pass the user directory
+        models_dir = os.path.join(os.path.expanduser("~"), ".lamost_ostar", "models")
     sink = _open_catalogue(db)
     if progress is None:
         progress = sys.stderr.isatty()

@@ -1,0 +1,157 @@
+"""Tests for :mod:`lamost_ostar.stage` (the plugin API) on real fixture files.
+
+The model is a tiny untrained Keras model of the right shape, saved through the
+registry into a temporary models directory: the tests check the plumbing
+(order, errors, probabilities, flags, devices, entry points), not the science.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamost_ostar.io import read_spectrum
+from lamost_ostar.preprocess import NPIX
+from lamost_ostar.stage import (
+    FLAG_EDGE, FLAG_LOW_CONFIDENCE, FLAG_LOW_SNR, FLAG_MASKED, FLAG_NO_SNR, FLAG_NOT_STAR,
+    OStarStage, Stage, StageResult, available_stages, decode_flags, load_stage,
+    quality_flags, resolve_device,
+)
+
+DATA = Path(__file__).resolve().parent / "data"
+CLASSES = ("O", "B", "A", "F", "G", "K", "M")
+GOOD = ["io_image_dr7.fits", "io_image_dr6.fits.gz", "io_dr1_gzip.fits", "io_coadd_dr9.fits.gz"]
+BAD = {"io_truncated.fits": "truncated", "io_not_fits.fits": "not_fits",
+       "io_medres.fits": "medium_resolution", "io_zero_ivar.fits.gz": "no_usable_pixels"}
+
+
+def save_tiny_model(models_dir: Path, seed: int = 0) -> str:
+    """A tiny (NPIX, 1) -> 7 logits Keras model saved as a registry version."""
+    import keras
+
+    from lamost_ostar.models.registry import save_model_version
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((NPIX, 1))
+    h = keras.layers.Conv1D(4, 32, strides=16, activation="relu")(inp)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    out = keras.layers.Dense(len(CLASSES))(h)
+    model = keras.Model(inp, out)
+    return save_model_version(model, models_dir, {
+        "classes": CLASSES, "temperature": 1.5, "prefix": "tiny",
+        "training_data": "untrained test model (random weights)"})
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_model(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage(models_dir) -> OStarStage:
+    return OStarStage(models_dir=models_dir, device="cpu", batch_size=256)
+
+
+def test_stage_result_contract_fields():
+    names = [f.name for f in fields(StageResult)]
+    assert names == ["path", "ok", "error_reason", "error_message", "obsid", "designation",
+                     "ra", "dec", "lmjd", "planid", "spid", "fiberid", "snr_g", "snr_r",
+                     "snr_i", "pipeline_class", "pipeline_subclass", "data_release", "layout",
+                     "probs", "p_o", "predicted_class", "flags", "model_version"]
+
+
+def test_process_files_in_input_order_with_errors(stage):
+    names = [GOOD[0], "io_truncated.fits", GOOD[1], "io_not_fits.fits", GOOD[2],
+             "io_medres.fits", GOOD[3], "io_zero_ivar.fits.gz", GOOD[0]]
+    res = stage.process([str(DATA / n) for n in names])
+    assert [Path(r.path).name for r in res] == names
+    for name, r in zip(names, res):
+        assert r.model_version == stage.model_version
+        if name in BAD:
+            assert not r.ok and r.error_reason == BAD[name] and r.error_message
+            assert r.probs is None and r.p_o is None and r.predicted_class is None
+        else:
+            assert r.ok and r.error_reason is None
+            assert list(r.probs) == list(CLASSES)
+            assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5)
+            assert r.p_o == r.probs["O"]
+            assert r.predicted_class == max(r.probs, key=r.probs.get)
+    dr7 = res[0]
+    assert (dr7.obsid, dr7.pipeline_subclass, dr7.layout) == (677503031, "G3", "image")
+    assert dr7.snr_g == pytest.approx(153.72) and dr7.data_release == "LAMOST DR7"
+    assert res[-1].probs == pytest.approx(dr7.probs)  # a repeated path gets its own result
+
+
+def test_spectrum_records_and_batch_size_give_the_same_probabilities(stage, models_dir):
+    paths = [str(DATA / n) for n in GOOD]
+    from_paths = stage.process(paths)
+    from_records = stage.process([read_spectrum(p) for p in paths])
+    small = OStarStage(model_version=stage.model_version, models_dir=models_dir,
+                       device="cpu", batch_size=1).process(paths)
+    for a, b, c in zip(from_paths, from_records, small):
+        assert a.path == b.path == c.path
+        np.testing.assert_allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-6)
+        np.testing.assert_allclose(list(a.probs.values()), list(c.probs.values()), atol=1e-5)
+    assert stage.process([]) == []
+
+
+def test_real_lamost_spectra(stage, shared_data):
+    files = sorted((shared_data / "lamost").glob("*/*.fits*"))[::10]
+    if not files:
+        pytest.skip("no LAMOST files in shared data")
+    res = stage.process(files)
+    assert len(res) == len(files)
+    ok = [r for r in res if r.ok]
+    assert len(ok) >= len(files) - 1
+    assert all(np.isfinite(r.p_o) and 0 <= r.p_o <= 1 for r in ok)
+    # GALAXY/QSO/Unknown pipeline classes are flagged, stars are not
+    for r in ok:
+        assert bool(r.flags & FLAG_NOT_STAR) == (r.pipeline_class not in ("STAR", None))
+
+
+def test_quality_flags_vectorised():
+    mask = np.zeros((5, NPIX), bool)
+    mask[2, : int(0.3 * NPIX)] = True          # 30 % masked, blue end missing
+    mask[3, -150:] = True                      # red end missing
+    flags = quality_flags(mask, 1 - mask.mean(axis=1), np.array([50, 5, 50, np.nan, 50]),
+                          ["STAR", "STAR", "STAR", None, "GALAXY"],
+                          max_prob=np.array([0.9, 0.9, 0.9, 0.9, 0.3]))
+    assert flags[0] == 0
+    assert flags[1] == FLAG_LOW_SNR
+    assert flags[2] == FLAG_MASKED | FLAG_EDGE
+    assert flags[3] == FLAG_NO_SNR | FLAG_EDGE
+    assert flags[4] == FLAG_NOT_STAR | FLAG_LOW_CONFIDENCE
+    assert decode_flags(int(flags[2])) == ["masked", "edge"]
+
+
+def test_devices():
+    assert resolve_device("cpu") == "cpu:0"
+    assert resolve_device("auto") in ("cpu:0", "gpu:0")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    if resolve_device("auto") == "cpu:0":
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            resolve_device("gpu")
+
+
+def test_entry_points(models_dir, stage):
+    assert available_stages()["ostar"] == "lamost_ostar.stage:OStarStage"
+    loaded = load_stage("ostar", models_dir=models_dir, device="cpu", batch_size=8)
+    assert isinstance(loaded, OStarStage) and isinstance(loaded, Stage)
+    assert loaded.model_version == stage.model_version
+    direct = load_stage("lamost_ostar.stage:OStarStage", models_dir=models_dir, device="cpu")
+    assert direct.model_version == stage.model_version
+    with pytest.raises(LookupError, match="no stage named 'nope'"):
+        load_stage("nope")
+
+
+def test_unknown_model_version(models_dir):
+    from lamost_ostar.models.registry import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        OStarStage(model_version="does-not-exist", models_dir=models_dir)
