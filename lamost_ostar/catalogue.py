@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from astropy.table import MaskedColumn, Table
+from astropy.table import MaskedColumn, Table, vstack
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
@@ -805,6 +805,7 @@ class Catalogue:
         sort : str or None
             Column to sort by (any output column, or ``dist`` with a cone);
             descending by default for ``p_*`` and ``snr_*``, ascending otherwise.
+            Ties and ``sort=None`` keep insertion order; NULLs sort last.
         descending : bool, optional
             Override the sort direction.
         limit : int, optional
@@ -816,6 +817,30 @@ class Catalogue:
         -------
         astropy.table.Table
             Columns :data:`RESULT_COLUMNS` (plus ``dist`` for a cone search).
+
+        See Also
+        --------
+        iter_query : the same selection in chunks of bounded size.
+        """
+        parts = list(self.iter_query(
+            min_p_o=min_p_o, predicted_class=predicted_class, cone=cone, snr_min=snr_min,
+            snr_max=snr_max, snr_band=snr_band, scan_id=scan_id, model_version=model_version,
+            sort=sort, descending=descending, limit=limit, all_rows=all_rows))
+        return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+
+    def iter_query(self, *, min_p_o: float | None = None,
+                   predicted_class: str | Sequence[str] | None = None,
+                   cone: tuple[float, float, float] | None = None, snr_min: float | None = None,
+                   snr_max: float | None = None, snr_band: str = "g", scan_id: int | None = None,
+                   model_version: str | None = None, sort: str | None = "p_o",
+                   descending: bool | None = None, limit: int | None = None,
+                   all_rows: bool = False, chunk_rows: int = 50_000) -> Iterator[Table]:
+        """:meth:`query` as a stream of Tables of at most ``chunk_rows`` rows.
+
+        Memory stays bounded whatever the catalogue size (the rows are fetched
+        with a server-side cursor where the database has one), except for
+        ``sort="dist"``, which needs the whole cone.  Yields at least one
+        (possibly empty) Table; all chunks have the same columns.
         """
         t = _RESULTS
         conds = []
@@ -844,11 +869,12 @@ class Catalogue:
             conds.append(t.c.scan_id == int(scan_id))
         if model_version is not None:
             conds.append(t.c.model_version == str(model_version))
+        centre = None
         if cone is not None:
             if len(cone) != 3:
                 raise CatalogueError("cone needs three numbers: RA DEC RADIUS (degrees)")
-            c_ra, c_dec, c_rad = _check_cone(*cone)
-            dec_min, dec_max, ra_ranges = cone_bounds(c_ra, c_dec, c_rad)
+            centre = _check_cone(*cone)
+            dec_min, dec_max, ra_ranges = cone_bounds(*centre)
             conds.append(t.c.dec.between(dec_min, dec_max))
             if ra_ranges is not None:
                 conds.append(sa.or_(*[t.c.ra.between(lo, hi) for lo, hi in ra_ranges]))
@@ -856,6 +882,7 @@ class Catalogue:
             limit = int(limit)
             if limit < 0:
                 raise CatalogueError("limit must be >= 0")
+        chunk_rows = max(1, int(chunk_rows))
 
         sortable = set(RESULT_COLUMNS) | ({"dist"} if cone is not None else set())
         if sort is not None and sort not in sortable:
@@ -871,29 +898,45 @@ class Catalogue:
         q = q.order_by(t.c.id)
         if limit is not None and cone is None:
             q = q.limit(limit)
-        with self.engine.connect() as conn:
-            rows = conn.execute(q).all()
+        meta = {"ORIGIN": "lamost_ostar catalogue"}
+        if min_p_o is not None:
+            meta["MIN_P_O"] = float(min_p_o)
 
-        data = {c: [r[i] for r in rows] for i, c in enumerate(RESULT_COLUMNS)}
-        table = Table([_column(c, data[c], _RESULT_KINDS[c]) for c in RESULT_COLUMNS])
-        if cone is not None:
-            ra_a = np.array([np.nan if v is None else v for v in data["ra"]], dtype=np.float64)
-            dec_a = np.array([np.nan if v is None else v for v in data["dec"]], dtype=np.float64)
-            dist = angular_distance(c_ra, c_dec, ra_a, dec_a)
-            keep = np.isfinite(dist) & (dist <= c_rad)
-            table = table[keep]
-            table["dist"] = dist[keep]
-            table["dist"].unit = "deg"
-            table["dist"].description = _DESCRIPTIONS["dist"]
-            if sort == "dist":
-                order = np.argsort(table["dist"], kind="stable")
-                table = table[order[::-1] if descending else order]
+        if sort == "dist":  # the exact distance is known only after the fetch: sort in numpy
+            parts = list(self._fetch(q, centre, chunk_rows, meta))
+            table = parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+            order = np.argsort(np.asarray(table["dist"]), kind="stable")
+            table = table[order[::-1] if descending else order]
             if limit is not None:
                 table = table[:limit]
-        table.meta["ORIGIN"] = "lamost_ostar catalogue"
-        if min_p_o is not None:
-            table.meta["MIN_P_O"] = float(min_p_o)
-        return table
+            for start in range(0, max(len(table), 1), chunk_rows):
+                yield table[start:start + chunk_rows]
+            return
+
+        remaining = limit
+        yielded = False
+        for part in self._fetch(q, centre, chunk_rows, meta):
+            if remaining is not None:
+                part = part[:remaining]
+                remaining -= len(part)
+            if len(part) or not yielded:
+                yield part
+                yielded = True
+            if remaining == 0:
+                break
+
+    def _fetch(self, q, centre, chunk_rows: int, meta: dict) -> Iterator[Table]:
+        """Run ``q`` and yield Tables of at most ``chunk_rows`` rows (>= 1 Table, cone cut applied)."""
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(q)
+            empty = True
+            for rows in result.partitions(chunk_rows):
+                table = _rows_table(rows, centre, meta)
+                if len(table) or empty:
+                    empty = False
+                    yield table
+            if empty:
+                yield _rows_table([], centre, meta)
 
     def candidates(self, min_p_o: float = DEFAULT_P_O_THRESHOLD, **kwargs: Any) -> Table:
         """O-star candidates: :meth:`query` with ``min_p_o`` (default 0.5)."""
@@ -912,6 +955,23 @@ _RESULT_KINDS: dict[str, type] = {
     **{c: int for c in ("obsid", "lmjd", "spid", "fiberid", "flags", "scan_id", "id")},
 }
 _UNITS = {"ra": "deg", "dec": "deg"}
+
+
+def _rows_table(rows: Sequence, centre: tuple[float, float, float] | None, meta: dict) -> Table:
+    """Result rows -> Table; with a cone centre, keep rows within the radius and add ``dist``."""
+    data = {c: [r[i] for r in rows] for i, c in enumerate(RESULT_COLUMNS)}
+    table = Table([_column(c, data[c], _RESULT_KINDS[c]) for c in RESULT_COLUMNS], meta=dict(meta))
+    if centre is not None:
+        c_ra, c_dec, c_rad = centre
+        ra = np.array([np.nan if v is None else v for v in data["ra"]], dtype=np.float64)
+        dec = np.array([np.nan if v is None else v for v in data["dec"]], dtype=np.float64)
+        dist = angular_distance(c_ra, c_dec, ra, dec)
+        keep = np.isfinite(dist) & (dist <= c_rad)
+        table = table[keep]
+        table["dist"] = dist[keep]
+        table["dist"].unit = "deg"
+        table["dist"].description = _DESCRIPTIONS["dist"]
+    return table
 
 
 def _result_row(item: Any, path: str, mv: str, scan_id: int | None, now: datetime) -> dict:

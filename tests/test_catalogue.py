@@ -444,3 +444,16 @@ def test_export_round_trip(filled, tmp_path):
         empty.write(tmp_path / name, format=fmt)
         assert len(Table.read(tmp_path / name, format=fmt)) == 0
     assert len(t4) == 5
+
+
+def test_iter_query_chunks_match_query(filled):
+    cat, _, _ = filled
+    for kwargs in ({"all_rows": True}, {"all_rows": True, "sort": "obsid", "limit": 23},
+                   {"min_p_o": 0.3, "sort": "p_o"}, {"all_rows": True, "cone": (180.0, 0.0, 100.0)},
+                   {"all_rows": True, "cone": (180.0, 0.0, 100.0), "sort": "dist", "limit": 9},
+                   {"min_p_o": 1.0}):
+        whole = cat.query(**kwargs)
+        parts = list(cat.iter_query(chunk_rows=7, **kwargs))
+        assert len(parts) >= 1 and all(len(p) <= 7 for p in parts)
+        assert [x for p in parts for x in p["id"]] == list(whole["id"]), kwargs
+        assert all(p.colnames == whole.colnames for p in parts)

@@ -198,3 +198,17 @@ def test_query_postgresql():
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+
+
+def test_streamed_csv_in_chunks_reads_back(db, tmp_path):
+    from lamost_ostar.cli.query import _stream_csv
+
+    cat = Catalogue(db, create=False)
+    out = tmp_path / "stream.csv"
+    n = _stream_csv(cat.iter_query(all_rows=True, sort="obsid", chunk_rows=4), str(out), False)
+    whole = cat.query(all_rows=True, sort="obsid")
+    back = Table.read(out, format="ascii.csv")
+    assert n == len(back) == len(whole) == 6
+    assert list(back["obsid"]) == list(whole["obsid"]) and back.colnames == whole.colnames
+    assert out.read_text().count("path,obsid") == 1
+    cat.close()

@@ -52,6 +52,32 @@ def _terminal_text(table, columns) -> str:
     return "\n".join(shown.pformat(max_lines=-1, max_width=-1))
 
 
+def _stream_csv(chunks, output: str | None, overwrite: bool) -> int:
+    """Write Tables as one CSV (header once) to ``output`` or stdout; return the row count."""
+    if output is not None and Path(output).exists() and not overwrite:
+        raise click.ClickException(f"{output} exists (use --overwrite to replace it)")
+    n = 0
+    sink = open(output, "w", newline="") if output is not None else None
+    try:
+        for k, table in enumerate(chunks):
+            buf = io.StringIO()
+            table.write(buf, format="ascii.csv")
+            text = buf.getvalue()
+            if k:  # header only once
+                text = text.split("\n", 1)[1] if "\n" in text else ""
+            if text and not text.endswith("\n"):
+                text += "\n"
+            if sink is not None:
+                sink.write(text)
+            else:
+                click.echo(text, nl=False)
+            n += len(table)
+    finally:
+        if sink is not None:
+            sink.close()
+    return n
+
+
 def _emit(table, fmt: str, output: str | None, overwrite: bool, terminal_columns) -> None:
     if output is None:
         if fmt == "table":
@@ -134,6 +160,7 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
                                      param_hint="'--cone'")
     class_list = [c.strip().upper() for item in classes for c in item.split(",") if c.strip()]
 
+    n_rows = None
     try:
         cat = Catalogue(db, create=False)
         if list_scans:
@@ -142,13 +169,19 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
             table = cat.errors(scan_id=scan_id, model_version=model_version, limit=limit)
             cols = table.colnames
         else:
-            table = cat.query(min_p_o=min_p_o, predicted_class=class_list or None, cone=cone,
-                              snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
-                              scan_id=scan_id, model_version=model_version, sort=sort,
-                              descending=None if ascending is None else not ascending,
-                              limit=limit, all_rows=all_rows)
+            selection = dict(min_p_o=min_p_o, predicted_class=class_list or None, cone=cone,
+                             snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
+                             scan_id=scan_id, model_version=model_version, sort=sort,
+                             descending=None if ascending is None else not ascending,
+                             limit=limit, all_rows=all_rows)
             cols = _TERMINAL_COLUMNS
-        _emit(table, fmt, output, overwrite, cols)
+            if fmt == "csv":  # streamed: memory stays bounded for any catalogue size
+                n_rows = _stream_csv(cat.iter_query(**selection), output, overwrite)
+            else:
+                table = cat.query(**selection)
+        if n_rows is None:
+            n_rows = len(table)
+            _emit(table, fmt, output, overwrite, cols)
     except CatalogueError as exc:
         raise click.ClickException(str(exc)) from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
@@ -162,8 +195,8 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
             cat.close()
     if output is not None:
         what = "scans" if list_scans else ("errors" if list_errors else "rows")
-        click.echo(f"wrote {len(table)} {what} to {output} ({fmt})", err=True)
+        click.echo(f"wrote {n_rows} {what} to {output} ({fmt})", err=True)
     elif fmt == "table" and not (list_scans or list_errors):
         scope = "all results" if all_rows and min_p_o is None else \
             f"candidates with p_o >= {min_p_o if min_p_o is not None else 0.5:g}"
-        click.echo(f"{len(table)} rows ({scope})", err=True)
+        click.echo(f"{n_rows} rows ({scope})", err=True)
