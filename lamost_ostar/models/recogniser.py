@@ -1,0 +1,233 @@
+"""The O-star recogniser: a small residual + channel-attention 1-D CNN (after RAC-Net).
+
+Architecture (:func:`build_recogniser`)
+---------------------------------------
+input ``(batch, npix, 1)`` standardised flux (eq. 1)
+-> ``Rescaling(sqrt(npix))`` (unit-RMS pixels, so the contract's input scale and
+   the usual initialisations agree)
+-> stem: Conv1D(width, 7, stride 2) + BatchNorm + ReLU + MaxPool(2)  (length / 4:
+   the early down-sampling keeps an epoch of a few thousand spectra cheap on CPU)
+-> ``depth`` residual-attention blocks, block ``i`` with ``width * 2**i`` channels:
+   branch = Conv1D(k, stride 2) + BN + ReLU -> :class:`ChannelAttention1D` (the
+   paper's Figure 6: conv -> c channels -> global max & average pool -> concatenate
+   -> dense -> repeat over length -> multiply) -> BN; shortcut = 1x1 Conv1D
+   stride 2 + BN; output ReLU(branch + shortcut)
+-> GlobalAveragePooling1D -> Dropout -> Dense(n_classes): **logits**.
+
+Training (:func:`train_recogniser`): Adam, learning rate 1e-4, sparse categorical
+cross-entropy on logits, early stopping when the validation (the paper's "test")
+loss has not dropped for ``patience`` = 5 epochs, best weights restored.
+
+Class orders are :data:`CLASSES_7` (scanner model) and :data:`CLASSES_4` (the
+paper's O/F/G/K); labels are integer indices into them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from .layers import ChannelAttention1D
+
+try:  # the shared constant lives in preprocess (DESIGN.md)
+    from ..preprocess import NPIX
+except ImportError:  # pragma: no cover - preprocess not importable yet
+    NPIX = 3921
+
+__all__ = [
+    "CLASSES_7",
+    "CLASSES_4",
+    "build_recogniser",
+    "train_recogniser",
+    "predict_logits",
+    "as_model_input",
+]
+
+#: the 7-class scanner model's class order
+CLASSES_7: tuple[str, ...] = ("O", "B", "A", "F", "G", "K", "M")
+#: the paper's 4-class order
+CLASSES_4: tuple[str, ...] = ("O", "F", "G", "K")
+
+
+def as_model_input(x: np.ndarray, npix: int | None = None) -> np.ndarray:
+    """``(N, npix)`` or ``(N, npix, 1)`` -> float32 ``(N, npix, 1)``, checked."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] != 1:
+        raise ValueError(f"expected (N, npix) or (N, npix, 1) spectra, got shape {x.shape}")
+    if npix is not None and x.shape[1] != npix:
+        raise ValueError(f"expected spectra of {npix} pixels, got {x.shape[1]}")
+    return x
+
+
+def _residual_attention_block(h: Any, filters: int, kernel_size: int, stride: int,
+                              name: str, bn_momentum: float) -> Any:
+    branch = keras.layers.Conv1D(filters, kernel_size, strides=stride, padding="same",
+                                 use_bias=False, name=f"{name}_conv")(h)
+    branch = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn1")(branch)
+    branch = keras.layers.ReLU()(branch)
+    branch = ChannelAttention1D(filters, kernel_size, name=f"{name}_attention")(branch)
+    branch = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn2")(branch)
+    shortcut = h
+    if stride != 1 or h.shape[-1] != filters:
+        shortcut = keras.layers.Conv1D(filters, 1, strides=stride, padding="same",
+                                       use_bias=False, name=f"{name}_proj")(h)
+        shortcut = keras.layers.BatchNormalization(momentum=bn_momentum,
+                                                       name=f"{name}_bn_proj")(shortcut)
+    return keras.layers.ReLU()(keras.layers.Add()([branch, shortcut]))
+
+
+def build_recogniser(
+    n_classes: int = len(CLASSES_7),
+    npix: int = NPIX,
+    width: int = 16,
+    depth: int = 3,
+    kernel_size: int = 5,
+    dropout: float = 0.3,
+    bn_momentum: float = 0.9,
+    name: str = "recogniser",
+) -> keras.Model:
+    """Build the residual + attention recogniser (not compiled).
+
+    Parameters
+    ----------
+    n_classes : int
+        Number of output logits (7 for :data:`CLASSES_7`, 4 for :data:`CLASSES_4`).
+    npix : int
+        Input length.
+    width : int
+        Channels of the stem; block ``i`` has ``width * 2**i``.
+    depth : int
+        Number of residual-attention blocks (each halves the length).
+    kernel_size : int
+        Kernel length in the blocks.
+    dropout : float
+        Dropout before the classification layer.
+    bn_momentum : float
+        BatchNormalization momentum; 0.9 (not Keras' 0.99) so the inference
+        statistics settle within the few hundred steps a small training set gives.
+    name : str
+        Model name.
+
+    Returns
+    -------
+    keras.Model
+        ``(batch, npix, 1) -> (batch, n_classes)`` logits.
+    """
+    if n_classes < 2:
+        raise ValueError("n_classes must be >= 2")
+    inp = keras.Input((npix, 1), name="flux")
+    h = keras.layers.Rescaling(math.sqrt(npix), name="unit_rms")(inp)
+    h = keras.layers.Conv1D(width, 7, strides=2, padding="same", use_bias=False,
+                            name="stem_conv")(h)
+    h = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.MaxPooling1D(2, padding="same", name="stem_pool")(h)
+    for i in range(depth):
+        h = _residual_attention_block(h, width * 2**i, kernel_size, 2, name=f"block{i}",
+                                      bn_momentum=bn_momentum)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    h = keras.layers.Dropout(dropout)(h)
+    out = keras.layers.Dense(n_classes, name="logits")(h)
+    return keras.Model(inp, out, name=name)
+
+
+def train_recogniser(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int = 100,
+    batch_size: int = 64,
+    patience: int = 5,
+    learning_rate: float = 1e-4,
+    n_classes: int | None = None,
+    model: keras.Model | None = None,
+    class_weight: dict[int, float] | None = None,
+    build_kwargs: dict[str, Any] | None = None,
+    verbose: int = 0,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train a recogniser with Adam and early stopping on the validation loss.
+
+    Parameters
+    ----------
+    x_train, x_val : ndarray, (N, npix) or (N, npix, 1)
+        Standardised spectra.
+    y_train, y_val : ndarray of int
+        Class indices (into :data:`CLASSES_7` or :data:`CLASSES_4`).
+    epochs : int
+        Maximum number of epochs.
+    batch_size : int
+        Mini-batch size.
+    patience : int
+        Stop when ``val_loss`` has not improved for this many epochs (paper: 5);
+        the weights of the best epoch are restored.
+    learning_rate : float
+        Adam learning rate (paper: 1e-4).
+    n_classes : int, optional
+        Defaults to ``max(label) + 1`` over both sets.
+    model : keras.Model, optional
+        A model to (continue to) train; built with :func:`build_recogniser`
+        (``npix`` from the data, plus ``build_kwargs``) when absent.
+    class_weight : dict, optional
+        Passed to :meth:`keras.Model.fit`.
+    build_kwargs : dict, optional
+        Extra arguments for :func:`build_recogniser`.
+    verbose : int
+        Keras verbosity.
+
+    Returns
+    -------
+    model : keras.Model
+        The trained model (outputs logits), best validation epoch's weights.
+    history : dict
+        Per-epoch ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` (and
+        ``best_epoch``, 0-based, as a one-element list).
+    """
+    x_train = as_model_input(x_train)
+    x_val = as_model_input(x_val, x_train.shape[1])
+    y_train = np.asarray(y_train, dtype=np.int64).ravel()
+    y_val = np.asarray(y_val, dtype=np.int64).ravel()
+    if len(x_train) != len(y_train) or len(x_val) != len(y_val):
+        raise ValueError("x and y lengths differ")
+    if len(x_val) == 0:
+        raise ValueError("validation set is empty (early stopping needs it)")
+    if n_classes is None:
+        n_classes = int(max(y_train.max(), y_val.max())) + 1
+    if model is None:
+        model = build_recogniser(n_classes, npix=x_train.shape[1], **(build_kwargs or {}))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                         restore_best_weights=True)
+    hist = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs,
+                     batch_size=batch_size, callbacks=[stop], class_weight=class_weight,
+                     shuffle=True, verbose=verbose)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    history["best_epoch"] = [int(np.argmin(history["val_loss"]))]
+    return model, history
+
+
+def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits ``(N, n_classes)`` float32 for standardised spectra ``(N, npix[, 1])``."""
+    x = as_model_input(x, int(model.input_shape[1]))
+    if len(x) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def classes_for(n_classes: int) -> Sequence[str]:
+    """The class tuple for a model with ``n_classes`` outputs (7 or 4)."""
+    if n_classes == len(CLASSES_7):
+        return CLASSES_7
+    if n_classes == len(CLASSES_4):
+        return CLASSES_4
+    raise ValueError(f"no standard class list with {n_classes} classes")

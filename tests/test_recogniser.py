@@ -1,0 +1,71 @@
+"""Tests for :mod:`lamost_ostar.models.recogniser` (tiny spectra)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from lamost_ostar.models import recogniser as R  # noqa: E402
+from lamost_ostar.models.layers import ChannelAttention1D  # noqa: E402
+
+NPIX = 256
+
+
+def synthetic(n, n_classes=3, npix=NPIX, seed=0):
+    """Class k: one absorption line at its own wavelength, on a random slope, noisy."""
+    rng = np.random.default_rng(seed)
+    w = np.linspace(0, 1, npix)
+    y = rng.integers(0, n_classes, n)
+    centres = np.linspace(0.2, 0.8, n_classes)[y]
+    slope = rng.uniform(-0.5, 0.5, (n, 1))
+    x = 1 + slope * w - 0.6 * np.exp(-0.5 * ((w - centres[:, None]) / 0.02) ** 2)
+    x += 0.05 * rng.standard_normal((n, npix))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype("float32"), y
+
+
+def test_classes_contract():
+    assert R.CLASSES_7 == ("O", "B", "A", "F", "G", "K", "M")
+    assert R.CLASSES_4 == ("O", "F", "G", "K")
+    assert R.classes_for(7) == R.CLASSES_7 and R.classes_for(4) == R.CLASSES_4
+
+
+@pytest.mark.parametrize("n_classes", [7, 4])
+def test_build_shapes(n_classes):
+    model = R.build_recogniser(n_classes, npix=NPIX, width=8, depth=2)
+    assert model.input_shape == (None, NPIX, 1)
+    assert model.output_shape == (None, n_classes)
+    assert sum(isinstance(layer, ChannelAttention1D) for layer in model.layers) == 2
+    assert any(isinstance(layer, keras.layers.Add) for layer in model.layers)
+    logits = R.predict_logits(model, synthetic(5)[0])
+    assert logits.shape == (5, n_classes) and logits.dtype == np.float32
+
+
+def test_full_size_model_is_small():
+    assert R.build_recogniser(7).count_params() < 200_000
+
+
+def test_training_reduces_loss_and_early_stops():
+    keras.utils.set_random_seed(0)
+    x, y = synthetic(240)
+    xv, yv = synthetic(60, seed=1)
+    model, hist = R.train_recogniser(x, y, xv, yv, epochs=8, batch_size=32,
+                                     learning_rate=3e-3, build_kwargs={"width": 8, "depth": 2})
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["val_accuracy"][hist["best_epoch"][0]] > 0.6
+    assert model.output_shape == (None, 3)
+    # patience: stops once val_loss has not improved for `patience` epochs
+    model.trainable = False                      # frozen -> constant val_loss
+    model2, hist2 = R.train_recogniser(x, y, xv, yv, epochs=50, batch_size=32, patience=1,
+                                       learning_rate=0.0, model=model)
+    assert len(hist2["loss"]) == 2
+
+
+def test_bad_shapes():
+    model = R.build_recogniser(4, npix=NPIX, width=8, depth=1)
+    with pytest.raises(ValueError):
+        R.predict_logits(model, np.zeros((2, NPIX + 1), "float32"))
+    with pytest.raises(ValueError):
+        R.as_model_input(np.zeros((2, NPIX, 2), "float32"))
+    assert R.predict_logits(model, np.zeros((0, NPIX), "float32")).shape == (0, 4)
