@@ -673,6 +673,9 @@ def _looks_like_wavelength(row: np.ndarray) -> bool:
     NaN wavelengths is still recognised, and then refused by the wavelength check)
     as long as at least half of the row is finite.
     """
+    first, last = float(row[0]), float(row[-1])
+    if np.isfinite(first) and np.isfinite(last) and not 2500.0 < first < last < 12000.0:
+        return False  # quick rejection (e.g. DR1's continuum-normalised row)
     good = row[np.isfinite(row)]
     if good.size < 2 or good.size < row.size // 2:
         return False
