@@ -35,8 +35,8 @@ Three engines give identical :class:`Spectrum` records (tested on all real files
     The file is read once, gunzipped with :mod:`zlib` if needed and opened from
     memory with :mod:`astropy.io.fits` (slowest; a reference implementation).
 
-Quality rules (applied identically by both engines)
----------------------------------------------------
+Quality rules (applied identically by all engines)
+--------------------------------------------------
 * Negative inverse variances are set to 0.
 * Non-finite pixels: a pixel whose flux or ivar is NaN/inf is masked (flux 0,
   ivar 0) and counted in :attr:`Spectrum.n_nonfinite`. If more than
@@ -443,6 +443,12 @@ def _read_bytes(path: str) -> bytes:
     return data
 
 
+def _sounds_truncated(message: str) -> bool:
+    """Whether a library's error message says the file ends early."""
+    low = message.lower()
+    return any(k in low for k in ("end of file", "past end", "truncat", "end card"))
+
+
 def _diagnose(path: str, exc: BaseException) -> ReadError:
     """Turn a low-level library failure into the most specific :class:`ReadError`.
 
@@ -458,8 +464,7 @@ def _diagnose(path: str, exc: BaseException) -> ReadError:
     if len(raw) % 2880:
         return CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
                                 f"multiple of 2880): {msg}", "truncated")
-    low = msg.lower()
-    if "end of file" in low or "past end" in low or "truncat" in low:
+    if _sounds_truncated(msg):
         return CorruptFileError(path, f"truncated FITS file: {msg}", "truncated")
     return CorruptFileError(path, f"corrupt FITS file: {msg}", "corrupt")
 
@@ -839,6 +844,9 @@ def _read_astropy(path: str, max_nonfinite_fraction: float) -> Spectrum:
         if len(raw) % 2880:
             raise CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
                                    f"multiple of 2880): {_one_line(exc)}",
+                                   "truncated") from None
+        if _sounds_truncated(str(exc)):
+            raise CorruptFileError(path, f"truncated FITS file: {_one_line(exc)}",
                                    "truncated") from None
         raise CorruptFileError(path, f"corrupt FITS file: {_one_line(exc)}") from None
 

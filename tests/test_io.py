@@ -272,6 +272,13 @@ def _set(data, idx, value):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_edge_cases(tmp_path, engine):
+    # truncated inside the header, and exactly at a header-block boundary
+    for nbytes in (1000, 2880):
+        p = tmp_path / f"head{nbytes}.fits"
+        p.write_bytes((DATA / "io_image_dr7.fits").read_bytes()[:nbytes])
+        with pytest.raises(CorruptFileError) as exc:
+            read_spectrum(p, engine)
+        assert exc.value.reason == "truncated", exc.value
     # 1-D primary image: unknown layout
     p = _image_variant(tmp_path, "oned.fits", lambda d: d[0])
     with pytest.raises(LayoutError, match="2-D image"):
