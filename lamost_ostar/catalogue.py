@@ -834,7 +834,7 @@ class Catalogue:
                    snr_max: float | None = None, snr_band: str = "g", scan_id: int | None = None,
                    model_version: str | None = None, sort: str | None = "p_o",
                    descending: bool | None = None, limit: int | None = None,
-                   all_rows: bool = False, chunk_rows: int = 50_000) -> Iterator[Table]:
+                   all_rows: bool = False, chunk_rows: int = 10_000) -> Iterator[Table]:
         """:meth:`query` as a stream of Tables of at most ``chunk_rows`` rows.
 
         Memory stays bounded whatever the catalogue size (the rows are fetched
