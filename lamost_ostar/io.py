@@ -94,6 +94,7 @@ __all__ = [
     "N_ROWS",
     "MIN_PIXELS",
     "MAX_NONFINITE_FRACTION",
+    "MAX_FILE_BYTES",
 ]
 
 #: Engines accepted by :func:`read_spectrum` / :func:`read_spectra`.
@@ -113,6 +114,9 @@ N_ROWS = 5
 MIN_PIXELS = 1000
 #: Default largest fraction of non-finite pixels that is masked rather than refused.
 MAX_NONFINITE_FRACTION = 0.5
+#: Largest file (or decompressed gzip content) accepted by the in-memory engines;
+#: LAMOST LRS files are ~0.1 MB, MRS files ~1-2 MB.
+MAX_FILE_BYTES = 256 * 2**20
 #: Relative tolerance for "stored wavelengths equal the COEFF0/COEFF1 grid".
 _WAVE_RTOL = 1e-6
 
@@ -404,23 +408,42 @@ def _as_str(v: Any) -> str | None:
 
 
 def _gunzip(data: bytes, path: str) -> bytes:
-    """Decompress a (possibly multi-member) gzip stream, with typed errors."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data)
-        out += d.flush()
-    except zlib.error as exc:
-        raise CorruptFileError(path, f"corrupt gzip stream ({exc})", "corrupt") from None
-    if not d.eof:
-        raise CorruptFileError(path, f"truncated gzip stream (ends after {len(data)} "
-                               f"compressed bytes, {len(out)} decompressed)", "truncated")
-    return out
+    """Decompress a (possibly multi-member) gzip stream, with typed errors.
+
+    Bytes after the last member that do not start a new member are ignored.
+    """
+    parts = []
+    budget = MAX_FILE_BYTES
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = d.decompress(data, budget)
+        except zlib.error as exc:
+            raise CorruptFileError(path, f"corrupt gzip stream ({exc})",
+                                   "corrupt") from None
+        if d.unconsumed_tail:
+            raise LayoutError(path, f"gzip content larger than {MAX_FILE_BYTES} bytes; "
+                              "not a LAMOST spectrum")
+        parts.append(out)
+        if not d.eof:
+            got = sum(len(p) for p in parts)
+            raise CorruptFileError(path, f"truncated gzip stream (ends after "
+                                   f"{len(data)} compressed bytes, {got} decompressed)",
+                                   "truncated")
+        budget -= len(out)
+        data = d.unused_data
+        if data[:2] != _GZIP_MAGIC:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _read_bytes(path: str) -> bytes:
     """The file's FITS bytes (gunzipped if gzip), with typed errors for bad files."""
     try:
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise LayoutError(path, f"file of {size} bytes is too large for a LAMOST "
+                                  f"spectrum (> {MAX_FILE_BYTES})")
             data = fh.read()
     except IsADirectoryError:
         raise NotFitsError(path, "is a directory, not a FITS file") from None
@@ -449,17 +472,10 @@ def _sounds_truncated(message: str) -> bool:
     return any(k in low for k in ("end of file", "past end", "truncat", "end card"))
 
 
-def _diagnose(path: str, exc: BaseException) -> ReadError:
-    """Turn a low-level library failure into the most specific :class:`ReadError`.
-
-    Only called on the error path: re-reads the file to tell empty, non-FITS,
-    truncated and corrupt files apart.
-    """
-    try:
-        raw = _read_bytes(path)
-    except ReadError as err:
-        return err
-    msg = _one_line(str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+def _diagnose(path: str, raw: bytes, exc: BaseException) -> ReadError:
+    """Turn a low-level library failure on a FITS byte string into a typed error."""
+    text = str(exc).strip()
+    msg = _one_line(text.splitlines()[0] if text else repr(exc))
     # a plain FITS file whose declared data run past its end is truncated
     if len(raw) % 2880:
         return CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
@@ -812,7 +828,7 @@ def _read_fitsio(path: str, max_nonfinite_fraction: float) -> Spectrum:
     try:
         fits = fitsio.FITS(path)
     except OSError as exc:
-        raise _diagnose(path, exc) from None
+        return _after_fitsio_failure(path, exc, max_nonfinite_fraction)
     try:
         try:
             src = _FitsioSource(fits, path)
@@ -820,9 +836,27 @@ def _read_fitsio(path: str, max_nonfinite_fraction: float) -> Spectrum:
         except ReadError:
             raise
         except OSError as exc:  # cfitsio errors while reading data
-            raise _diagnose(path, exc) from None
+            failure = exc
     finally:
         fits.close()
+    return _after_fitsio_failure(path, failure, max_nonfinite_fraction)
+
+
+def _after_fitsio_failure(path: str, exc: BaseException,
+                          max_nonfinite_fraction: float) -> Spectrum:
+    """Error path of the fitsio engine.
+
+    Re-reads the file to tell empty, non-FITS, bad-gzip and truncated files apart,
+    and retries with the in-memory decoder, which also reads what cfitsio cannot
+    (e.g. multi-member gzip files), so that all engines accept the same files.
+    """
+    raw = _read_bytes(path)
+    try:
+        return _build(path, _NativeSource(raw, path), max_nonfinite_fraction)
+    except ReadError:
+        raise
+    except (_Unsupported, ValueError, TypeError, IndexError, KeyError):
+        raise _diagnose(path, raw, exc) from None
 
 
 def _read_astropy(path: str, max_nonfinite_fraction: float) -> Spectrum:

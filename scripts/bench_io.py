@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT,
                     help="folder holding manifest.csv (default: ../shared/data/lamost)")
     ap.add_argument("--repeat", type=int, default=5, help="passes per method (best kept)")
+    ap.add_argument("--extra", type=Path, default=None,
+                    help="also time every *.fits* file under this folder (e.g. a mock "
+                         "release from `lamost-ostar mock`), as one more column")
     args = ap.parse_args(argv)
 
     with open(args.root / "manifest.csv", newline="") as fh:
@@ -140,9 +143,17 @@ def main(argv: list[str] | None = None) -> None:
           f"best of {args.repeat} passes, warm cache")
     print(f"gz-all: the {len(gz)} gzip files + gzip copies (level 6) of the {len(plain)} "
           f"plain ones = {len(gz_all)} files")
-    print(f"{'method':30s} {'all':>8s} {'plain':>8s} {'gzip':>8s} {'gz-all':>8s}   ms/file")
+    sets = [paths, plain, gz, gz_all]
+    head = f"{'method':30s} {'all':>8s} {'plain':>8s} {'gzip':>8s} {'gz-all':>8s}"
+    if args.extra is not None:
+        extra = sorted(str(p) for p in args.extra.rglob("*.fits*"))
+        _floor(extra)
+        print(f"extra: {len(extra)} files under {args.extra}")
+        sets.append(extra)
+        head += f" {'extra':>8s}"
+    print(head + "   ms/file")
     for name, func in methods.items():
-        row = [_best_ms_per_file(func, s, args.repeat) for s in (paths, plain, gz, gz_all)]
+        row = [_best_ms_per_file(func, s, args.repeat) for s in sets]
         print(f"{name:30s} " + " ".join(f"{v:8.3f}" for v in row))
     tmp.cleanup()
 

@@ -316,3 +316,17 @@ def test_coadd_missing_column(tmp_path, engine):
         f.write(table, extname="COADD")
     with pytest.raises(LayoutError, match="IVAR"):
         read_spectrum(out, engine)
+
+
+def test_multimember_gzip_reads_in_every_engine(tmp_path):
+    """cfitsio cannot read multi-member gzip; the fitsio engine falls back to memory."""
+    import gzip
+
+    raw = (DATA / "io_image_dr7.fits").read_bytes()
+    out = tmp_path / "two_members.fits.gz"
+    out.write_bytes(gzip.compress(raw[:50000]) + gzip.compress(raw[50000:]))
+    ref = read_spectrum(DATA / "io_image_dr7.fits", "native")
+    for engine in ENGINES:
+        s = read_spectrum(out, engine)
+        np.testing.assert_array_equal(s.flux, ref.flux)
+        assert s.obsid == ref.obsid
