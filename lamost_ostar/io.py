@@ -24,7 +24,9 @@ Three engines give identical :class:`Spectrum` records (tested on all real files
 ``"fitsio"`` (default)
     cfitsio opens (and gunzips) the file and reads the data; the ~20 header keywords
     needed are parsed from the raw header cards, which is several times faster than
-    building fitsio's full header object.
+    building fitsio's full header object. When cfitsio fails, the file is re-read
+    once to classify the error, and decoded from memory if it is in fact readable
+    (cfitsio cannot read multi-member gzip files, for example).
 ``"native"`` (fastest, see ``scripts/bench_io.py``)
     The file is read once, gunzipped with :mod:`zlib` (about 3x faster than cfitsio's
     own gzip reader) and decoded with numpy views over the bytes. It handles what
@@ -49,6 +51,19 @@ Quality rules (applied identically by all engines)
   (relative 1e-6, i.e. float32 rounding) the exact float64 log-linear grid is
   returned and ``coeff0``/``coeff1`` are set; otherwise the stored values are
   returned (as float64) and ``coeff0``/``coeff1`` are None.
+
+Additions to the design contract (``docs/DESIGN.md``)
+----------------------------------------------------
+* ``Spectrum.n_nonfinite`` (int, default 0) and the ``Spectrum.npix`` property;
+  every metadata field of :class:`Spectrum` has a default (None / empty dict), so
+  only the arrays, ``path`` and ``layout`` are required to build one.
+* ``engine="native"``; keyword ``max_nonfinite_fraction`` of both read functions.
+* Module constants :data:`ENGINES`, :data:`LAYOUTS`, :data:`REASONS`,
+  :data:`IMAGE_ROWS`, :data:`COADD_COLUMNS`, :data:`COEFF0`, :data:`COEFF1`,
+  :data:`N_ROWS`, :data:`MIN_PIXELS`, :data:`MAX_NONFINITE_FRACTION`,
+  :data:`MAX_FILE_BYTES` (files larger than this raise :class:`LayoutError`).
+* A missing file or an unreadable path raises the base :class:`ReadError` with
+  reason ``"unreadable"``.
 
 Examples
 --------
