@@ -395,9 +395,9 @@ def class_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
 
 # E(B-V) distributions per class: (kind, p1, p2); gamma(shape, scale) or
 # exponential(mean).  O and B stars are young disc stars, often heavily reddened.
-_EBV = {"O": ("gamma", 2.0, 0.5), "B": ("gamma", 1.5, 0.35), "A": ("exp", 0.15, 0),
-        "F": ("exp", 0.08, 0), "G": ("exp", 0.08, 0), "K": ("exp", 0.10, 0),
-        "M": ("exp", 0.05, 0)}
+_EBV = {"O": ("gamma", 2.0, 0.5), "B": ("gamma", 1.5, 0.35), "A": ("exp", 0.12, 0),
+        "F": ("exp", 0.05, 0), "G": ("exp", 0.05, 0), "K": ("exp", 0.05, 0),
+        "M": ("exp", 0.04, 0)}
 # radial velocity (mean, sigma) [km/s]
 _RV = {"O": (0.0, 25.0), "B": (0.0, 25.0), "A": (-5.0, 30.0), "F": (-10.0, 40.0),
        "G": (-10.0, 45.0), "K": (-10.0, 50.0), "M": (-10.0, 45.0)}
@@ -524,8 +524,37 @@ class SimulatedSpectra:
         return int(self.flux.shape[0])
 
 
+#: Counts of pipeline SUBCLASS digits per MK letter among the real stars of the
+#: shared manifest (``../shared/data/lamost/manifest.csv``, DR1 + DR7; M includes
+#: dM/gM).  Templates are drawn so that the subtype mix of a class follows these
+#: (Gaussian-smoothed, sigma 0.7 subtypes); O and B (none in the data) are uniform.
+_LAMOST_SUBTYPE_COUNTS: dict[str, dict[int, float]] = {
+    "A": {0: 1, 1: 2, 2: 6, 3: 3, 4: 9, 5: 6, 6: 5, 7: 8, 9: 4},
+    "F": {0: 4, 2: 3, 5: 29, 6: 1, 7: 2, 9: 19},
+    "G": {0: 9, 2: 11, 3: 8, 4: 2, 5: 30, 6: 2, 7: 3, 8: 6, 9: 3},
+    "K": {0: 3, 1: 10, 2: 1, 3: 13, 5: 27, 7: 20},
+    "M": {0: 16, 1: 9, 2: 4, 3: 1, 4: 2},
+}
+#: Fraction of dwarfs/subgiants (luminosity class IV-V, or logg >= 3.5) per class.
+_DWARF_FRACTION: dict[str, float] = {"O": 0.5, "B": 0.6, "A": 0.6, "F": 0.9, "G": 0.85,
+                                     "K": 0.7, "M": 0.9}
+
+
+def _is_dwarf(lumclass: np.ndarray, logg: np.ndarray) -> np.ndarray:
+    lum = np.asarray(lumclass).astype(str)
+    known = lum != ""
+    dwarf = np.isin(lum, ["IV", "V", "VI", "IV-V"])
+    return np.where(known, dwarf, np.nan_to_num(np.asarray(logg, dtype=float), nan=4.0) >= 3.5)
+
+
 class _TemplatePicker:
-    """Per-class template indices in neighbour order (subtype, then Teff)."""
+    """Per-class template indices in neighbour order (subtype, then Teff).
+
+    The first template of a pair is drawn with weights that make the class's
+    subtype and dwarf/giant mix follow :data:`_LAMOST_SUBTYPE_COUNTS` and
+    :data:`_DWARF_FRACTION` (not the library's own density); the second is a
+    neighbour (1-2 places away in subtype/Teff order, same source library).
+    """
 
     def __init__(self, lib, source: str):
         self.lib = lib
@@ -537,6 +566,7 @@ class _TemplatePicker:
         self.flux = (flux / med[:, None]).astype(np.float32)
         self.order: dict[str, np.ndarray] = {}
         self.group: dict[str, np.ndarray] = {}
+        self.weight: dict[str, np.ndarray] = {}
         for k in CLASSES:
             idx = np.flatnonzero(lib.mk == k)
             if source == "auto":
@@ -551,9 +581,27 @@ class _TemplatePicker:
             teff = np.nan_to_num(lib.teff[idx].astype(np.float64), nan=0.0)
             # group by source so that neighbours share resolution
             src = (lib.source[idx] == "pickles").astype(int)
-            srt = np.lexsort((-teff, sub, src))
+            dw = _is_dwarf(lib.lumclass[idx], lib.logg[idx])
+            # neighbours share source library and dwarf/giant group
+            srt = np.lexsort((-teff, sub, dw, src))
             self.order[k] = idx[srt]
-            self.group[k] = src[srt]
+            self.group[k] = (src * 2 + dw.astype(int))[srt]
+            # draw weights: subtype prior x dwarf/giant prior / cell occupancy
+            digit = np.clip(np.floor(sub[srt]), 0, 9).astype(int)
+            dwarf = dw[srt]
+            counts = _LAMOST_SUBTYPE_COUNTS.get(k)
+            if counts is None:
+                pd = np.ones(10)
+            else:
+                d = np.arange(10)[:, None]
+                ks = np.array(list(counts))[None, :]
+                pd = (np.exp(-0.5 * ((d - ks) / 0.7) ** 2) * np.array(list(counts.values()))).sum(1)
+            fd = _DWARF_FRACTION[k]
+            pl = np.where(dwarf, fd, 1.0 - fd)
+            cell = digit * 2 + dwarf.astype(int)
+            occ = np.bincount(cell, minlength=20)[cell]
+            wts = pd[digit] * pl / occ
+            self.weight[k] = wts / wts.sum()
 
     def pick(self, mk: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = mk.size
@@ -567,7 +615,7 @@ class _TemplatePicker:
                 raise ValueError(f"template library has no {k} templates")
             o = self.order[k]
             grp = self.group[k]
-            r = rng.integers(0, o.size, rows.size)
+            r = rng.choice(o.size, rows.size, p=self.weight[k])
             step = rng.choice(np.array([-2, -1, 1, 2]), rows.size)
             # neighbour in the same source (same resolution); reflect at the edges
             r2 = r + step
@@ -631,6 +679,18 @@ def _draw_ebv(mk: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(ebv, 4.0)
 
 
+def _row_nanmedian(x: np.ndarray) -> np.ndarray:
+    """Median of each row ignoring NaN (vectorised; NaN for an all-NaN row)."""
+    xs = np.sort(x, axis=1)                       # NaN sort to the end
+    cnt = np.sum(~np.isnan(x), axis=1)
+    lo = np.maximum((cnt - 1) // 2, 0)
+    hi = np.maximum(cnt // 2, 0)
+    hi = np.minimum(hi, x.shape[1] - 1)
+    r = np.arange(x.shape[0])
+    med = 0.5 * (xs[r, lo] + xs[r, hi])
+    return np.where(cnt > 0, med, np.nan)
+
+
 def _band_medians(flux: np.ndarray, ivar: np.ndarray, npix: np.ndarray) -> dict[str, np.ndarray]:
     """Per-band median flux*sqrt(ivar) over usable pixels (vectorised)."""
     wave = 10.0 ** _native_loglam(flux.shape[1])
@@ -641,11 +701,7 @@ def _band_medians(flux: np.ndarray, ivar: np.ndarray, npix: np.ndarray) -> dict[
     for b, (lo, hi) in BANDS.items():
         sel = (wave >= lo) & (wave < hi)
         x = np.where(valid[:, sel], sn[:, sel], np.nan)
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(x, axis=1)
+        med = _row_nanmedian(x)
         out[b] = np.where(np.isfinite(med), med, -9999.0)
     return out
 

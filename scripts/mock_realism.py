@@ -108,13 +108,19 @@ def _measures(wave, flux, ivar, snrg):
     return out
 
 
-def _load_real(mk: str):
-    """Real DR2-DR8 image-layout star spectra of class ``mk`` (pipeline letter)."""
+def _load_real(mk: str, which: str = "dr2-8"):
+    """Real image-layout star spectra of class ``mk`` (pipeline letter).
+
+    ``which``: ``"dr2-8"`` (pipeline v2.7+, what the noise model was measured on
+    and what the default DR7 layout mimics) or ``"all"`` (also DR1, v2.6.4).
+    """
     from lamost_ostar.io import read_spectrum
 
     out = []
     for r in _manifest():
         if r["mk"] != mk or r["cls"] != "STAR" or not r["format"].startswith("LRS primary"):
+            continue
+        if which == "dr2-8" and r["verspipe"] < "v2.7":
             continue
         try:
             s = read_spectrum(LAMOST / r["file"])
@@ -139,12 +145,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     fig_sh, axes_sh = plt.subplots(3, 2, figsize=(14, 10), sharex=True)
     grid = None
     for ci, mk in enumerate(("F", "G", "K")):
-        real = _load_real(mk)
+        real = _load_real(mk, args.real)
         real_snr = np.array([x[1] for x in real])
         # mock with S/N matched to the real set: each mock draws a real S/N window
-        sims = []
-        for j in range(args.n_mock):
-            pass
         target = real_snr[rng.integers(0, real_snr.size, args.n_mock)]
         # bucket the targets to use the snr_range option (vectorised batches)
         edges = np.quantile(real_snr, np.linspace(0, 1, 6))
@@ -214,11 +217,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         s_real, sn_real, fname = real[ir]
         im = int(np.argmin(np.abs(np.array(m_snrg) - s_real.snr.get("g", sn_real))))
         ax = axes_ex[ci]
-        ok = s_real.ivar > 0
+        ok = (s_real.ivar > 0) & (s_real.flux != 0)
         ax.plot(s_real.wavelength[ok], s_real.flux[ok] / np.median(s_real.flux[ok]), "k", lw=0.5,
                 label=f"real {s_real.pipeline_subclass} SNRG={s_real.snr.get('g', sn_real):.1f} "
                       f"({Path(fname).name})")
-        okm = mivar[im] > 0
+        okm = (mivar[im] > 0) & (mflux[im] != 0)
         ax.plot(grid[okm], mflux[im][okm] / np.median(mflux[im][okm]) + 1.0, "r", lw=0.5,
                 label=f"mock {truth_l[im]['subclass']} SNRG={m_snrg[im]:.1f} "
                       f"E(B-V)={truth_l[im]['ebv']:.2f} ({truth_l[im]['template1']})")
@@ -241,7 +244,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append(f"| {mk} | {k} | {rq[1]:.3g} [{rq[0]:.3g}, {rq[2]:.3g}] | "
                      f"{mq[1]:.3g} [{mq[0]:.3g}, {mq[2]:.3g}] |")
     counts = {mk: (nr, nm) for mk, _, _, _, nr, nm in table_rows}
-    head = ("Real: shared LAMOST files (DR1-DR8 image layouts) with pipeline class F/G/K; "
+    which = {"dr2-8": "DR2-DR8 (pipeline v2.7+)", "all": "DR1-DR8"}[args.real]
+    head = (f"Real: shared LAMOST files ({which} image layouts) with pipeline class F/G/K; "
             "mock: `simulate_spectra` of the same class, S/N drawn to match the real SNRG "
             f"distribution of that class (seed {args.seed}). Counts real/mock: "
             + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in counts.items()) + ".\n"
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=str(REPO / "reports" / "mock_realism"))
     c.add_argument("--n-mock", type=int, default=300)
     c.add_argument("--seed", type=int, default=7)
+    c.add_argument("--real", choices=["dr2-8", "all"], default="dr2-8",
+                   help="which real files to compare with (default: DR2-DR8, the noise "
+                        "model's source; 'all' adds the DR1 files)")
     args = p.parse_args(argv)
     if not LAMOST.is_dir():
         print(f"shared LAMOST data not found at {LAMOST}", file=sys.stderr)

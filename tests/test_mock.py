@@ -118,7 +118,7 @@ def test_reproducible_in_memory(lib):
     a = simulate_spectra(10, "survey", 42, templates=lib)
     b = simulate_spectra(10, "survey", 42, templates=lib)
     c = simulate_spectra(10, "survey", 43, templates=lib)
-    assert np.array_equal(a.flux, b.flux) and a.truth == b.truth
+    assert np.array_equal(a.flux, b.flux) and repr(a.truth) == repr(b.truth)
     assert not np.array_equal(a.flux, c.flux)
 
 
@@ -161,7 +161,7 @@ def test_release_reads_back_with_io(release):
         assert s.snr["g"] == pytest.approx(float(r["snr_g"]))
         lo, hi = BANDS["g"]
         m = (s.wavelength >= lo) & (s.wavelength < hi) & (s.ivar > 0) & (s.flux != 0)
-        assert np.median(s.flux[m] * np.sqrt(s.ivar[m])) == pytest.approx(s.snr["g"], rel=1e-3)
+        assert np.median(s.flux[m] * np.sqrt(s.ivar[m])) == pytest.approx(s.snr["g"], abs=0.006)
 
 
 @pytest.mark.parametrize("layout", ["coadd", "dr1"])
