@@ -28,17 +28,28 @@ a row, and writing the same batch twice changes nothing.  The first row written
 for a ``(path, model_version)`` wins.
 
 Results take precedence over errors: when a file that has an error row is later
-classified (e.g. a rescan with ``retry_errors``), the same transaction deletes
-its error row, and an error is never kept for a file that already has a result.
-So for one model version ``#results + #errors == #distinct files written``.
+classified (a resume that retries errors, i.e. ``done_paths(...,
+include_errors=False)``), the same transaction deletes its error row, and an
+error is never kept for a file that already has a result, so for one model
+version ``#results + #errors == #distinct files written``.  (On PostgreSQL, two
+transactions that write a result and an error for the *same* file at the *same*
+moment can both commit; only two overlapping scans that disagree on one file can
+do that.)
+
+Concurrency: SQLite runs in WAL mode with a busy timeout and every write
+transaction starts with ``BEGIN IMMEDIATE``, so writers from many processes
+queue instead of failing (keep the file on a local disk: WAL needs shared
+memory).  PostgreSQL writers insert in sorted key order (no lock-order
+deadlocks) and transient lock errors are retried.  A PostgreSQL schema other
+than ``public`` is chosen in the URL: ``...?options=-csearch_path%3Dmyschema``.
 
 Example
 -------
 >>> cat = Catalogue("candidates.sqlite")                       # doctest: +SKIP
->>> scan_id = cat.start_scan(model_version="v1", parameters={"paths": ["/data"]})
+>>> scan_id = cat.start_scan(model_version="v1", parameters={"paths": ["/data"]})  # doctest: +SKIP
 >>> cat.write(scan_id, stage_results)                          # doctest: +SKIP
->>> cat.finish_scan(scan_id, {"files_seen": 10, ...}, status="finished")
->>> cat.query(min_p_o=0.9, cone=(83.8, -5.4, 2.0))             # astropy Table
+>>> cat.finish_scan(scan_id, {"files_seen": 10}, status="finished")  # doctest: +SKIP
+>>> cat.query(min_p_o=0.9, cone=(83.8, -5.4, 2.0))             # doctest: +SKIP
 """
 from __future__ import annotations
 

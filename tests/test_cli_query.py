@@ -157,6 +157,8 @@ def test_bad_arguments_one_line(db, tmp_path):
     _assert_one_line_error(run("--db", db, "--cone", "10", "5"), "--cone")
     _assert_one_line_error(run("--db", db, "--min-p-o", "2"), "--min-p-o")
     _assert_one_line_error(run("--db", db, "--sort", "colour"), "cannot sort")
+    _assert_one_line_error(run("--db", db, "--sort", "colour", "-o", str(tmp_path / "s.csv")), "cannot sort")
+    assert not (tmp_path / "s.csv").exists()
     _assert_one_line_error(run("--db", db, "--snr-min", "9", "--snr-max", "1"), "S/N range")
     _assert_one_line_error(run("--db", db, "--limit", "-3"), "--limit")
     res = CliRunner().invoke(main, ["query"], env={"LAMOST_OSTAR_DB": None})

@@ -12,6 +12,7 @@ Examples
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import click
@@ -56,10 +57,12 @@ def _stream_csv(chunks, output: str | None, overwrite: bool) -> int:
     """Write Tables as one CSV (header once) to ``output`` or stdout; return the row count."""
     if output is not None and Path(output).exists() and not overwrite:
         raise click.ClickException(f"{output} exists (use --overwrite to replace it)")
+    chunks = iter(chunks)
+    first = next(chunks)  # bad selections raise here, before any file is created
     n = 0
     sink = open(output, "w", newline="") if output is not None else None
     try:
-        for k, table in enumerate(chunks):
+        for k, table in enumerate(itertools.chain([first], chunks)):
             buf = io.StringIO()
             table.write(buf, format="ascii.csv")
             text = buf.getvalue()
@@ -161,6 +164,7 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
     class_list = [c.strip().upper() for item in classes for c in item.split(",") if c.strip()]
 
     n_rows = None
+    cat = None
     try:
         cat = Catalogue(db, create=False)
         if list_scans:
@@ -191,7 +195,7 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
-        if "cat" in locals():
+        if cat is not None:
             cat.close()
     if output is not None:
         what = "scans" if list_scans else ("errors" if list_errors else "rows")
