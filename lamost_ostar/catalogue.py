@@ -517,6 +517,13 @@ class Catalogue:
             if self.dialect == "postgresql":
                 # serialise concurrent first-use DDL from many workers
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                if conn.execute(sa.text("SELECT current_schema()")).scalar() is None:
+                    # the URL's search_path names a schema that does not exist yet
+                    first = conn.execute(sa.text("SHOW search_path")).scalar().split(",")[0]
+                    first = first.strip().strip('"')
+                    if not first or first == "$user":
+                        raise CatalogueError("no schema to create the catalogue in (check search_path)")
+                    conn.execute(sa.schema.CreateSchema(first, if_not_exists=True))
             metadata.create_all(conn, checkfirst=True)
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="OR REPLACE", ifne=""))

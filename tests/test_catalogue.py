@@ -415,6 +415,27 @@ def test_cone_search_matches_brute_force(tmp_path):
         cat.query(cone=(0, 0))
 
 
+def test_postgresql_schema_created_from_search_path():
+    admin, reason = _pg_admin_engine()
+    if admin is None:
+        pytest.skip(reason)
+    schema = f"lo_new_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    try:
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        with pytest.raises(CatalogueError, match="no lamost_ostar catalogue"):
+            Catalogue(url, create=False).engine           # read-only: nothing is created
+        cat = Catalogue(url)
+        cat.write(cat.start_scan("v1"), [make_result(1)])
+        cat.close()
+        with admin.connect() as conn:
+            n = conn.execute(sa.text(f'select count(*) from "{schema}".results')).scalar_one()
+        assert n == 1
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
 def test_cone_search_postgresql(pg_url):
     cat = Catalogue(pg_url)
     sid = cat.start_scan("v1")
