@@ -635,3 +635,23 @@ def load_labelled_release(labels_csv: str | Path, release_dir: str | Path) -> La
         return LabelledRelease(LabelledSpectra.empty(preprocess.NPIX), [], skipped)
     x = preprocess.prepare(spectra).x
     return LabelledRelease(LabelledSpectra(x, labels, stars, ["release"] * len(x)), used, skipped)
+
+
+def replay_split_library(plan: SplitPlan, seed: int, data_dir: str | Path | None = None, lib=None) -> list:
+    """The template-library split that :func:`build_seven_class_splits` made with ``default_rng(seed)``.
+
+    Replays the same random draws (the LAMOST split first, then the library
+    split), so a model's held-out (test) stars can be recovered from its card's
+    ``split_plan`` and seed.
+    """
+    from .templates import load_templates
+
+    lib = (lib if lib is not None else load_templates()).select(list(plan.classes))
+    rng = np.random.default_rng(seed)
+    try:
+        lamost = load_lamost(data_dir, classes=plan.classes)
+    except FileNotFoundError:
+        lamost = None
+    if lamost is not None and len(lamost):
+        split_by_star(lamost, plan.fractions, rng)
+    return split_library(lib, plan.fractions, rng)
