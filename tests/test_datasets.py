@@ -1,0 +1,150 @@
+"""Tests for lamost_ostar.datasets: splits by star, library realisations, labelled releases."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from lamost_ostar import datasets as ds
+from lamost_ostar.preprocess import NPIX
+
+
+def _toy(n_stars_per_class=(("O", 4), ("F", 10), ("G", 7)), per_star=3, npix=8):
+    labels, stars = [], []
+    for c, k in n_stars_per_class:
+        for s in range(k):
+            labels += [c] * per_star
+            stars += [f"{c}{s}"] * per_star
+    x = np.random.default_rng(0).random((len(labels), npix)).astype(np.float32)
+    return ds.LabelledSpectra(x, labels, stars, ["toy"] * len(labels))
+
+
+def test_split_by_star_disjoint_and_stratified():
+    data = _toy()
+    parts = ds.split_by_star(data, [0.7, 0.15, 0.15], np.random.default_rng(1))
+    ds.assert_disjoint_stars(*parts)
+    assert sum(len(p) for p in parts) == len(data)
+    for p in parts:  # every split gets at least one star of each class (when there are enough)
+        assert set(p.labels) == {"O", "F", "G"}
+    # all realisations of a star travel together
+    for p in parts:
+        for s in np.unique(p.star):
+            assert (p.star == s).sum() == 3
+
+
+def test_split_by_star_few_stars_serves_train_first():
+    data = _toy((("O", 1), ("F", 2)))
+    tr, va, te = ds.split_by_star(data, [0.7, 0.15, 0.15], np.random.default_rng(0))
+    assert set(tr.labels) == {"O", "F"}
+    assert "O" not in va.labels and "O" not in te.labels
+    ds.assert_disjoint_stars(tr, va, te)
+
+
+def test_assert_disjoint_detects_shared_star():
+    data = _toy()
+    with pytest.raises(AssertionError, match="is in split"):
+        ds.assert_disjoint_stars(data.subset([0]), data.subset([1]))
+
+
+def test_resample_count_and_per_class():
+    data = _toy()
+    rng = np.random.default_rng(0)
+    up = ds.resample_count(data.only(["O"]), 30, rng)
+    assert len(up) == 30 and set(up.labels) == {"O"}
+    down = ds.resample_count(data, 5, rng)
+    assert len(down) == 5
+    pc = ds.per_class(data, 4, ["F", "G"], rng)
+    assert pc.counts() == {"F": 4, "G": 4}
+
+
+def test_labels_to_indices_and_errors():
+    data = _toy()
+    assert set(data.y(ds.CLASSES_7)) == {0, 3, 4}
+    with pytest.raises(ValueError, match="not one of"):
+        data.y(("F", "G"))
+
+
+@pytest.mark.parametrize("label,mk", [("O", "O"), ("O7V", "O"), ("dM1", "M"), ("gM0", "M"),
+                                       ("sdM2", "M"), ("b", "B"), ("", None), ("QSO", None)])
+def test_parse_mk(label, mk):
+    assert ds.parse_mk(label) == mk
+
+
+def test_library_o_stars_grouped_and_realised():
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates().select("O")
+    ids = ds.library_star_ids(lib)
+    assert sorted(set(ids)) == ["HD057060+HD209975+o8iii", "HD057061", "o5v", "o9v"]
+    real = ds.library_realisations(lib, 2, np.random.default_rng(0))
+    assert real.x.shape == (12, NPIX)
+    assert np.isfinite(real.x).all()
+    np.testing.assert_allclose(np.linalg.norm(real.x, axis=1), 1, rtol=1e-4)
+    # two realisations of one star differ (noise, RV, reddening)
+    assert not np.allclose(real.x[0], real.x[1])
+
+
+def test_split_library_and_mixtures_stay_in_split():
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates().select(["O", "B"])
+    parts = ds.split_library(lib, [0.5, 0.25, 0.25], np.random.default_rng(3))
+    id_sets = [set(ds.library_star_ids(p)) for p in parts]
+    assert not (id_sets[0] & id_sets[1]) and not (id_sets[0] & id_sets[2]) and not (id_sets[1] & id_sets[2])
+    mix = ds.mock_mixtures(parts[0], {"O": 4, "B": 4}, np.random.default_rng(0))
+    assert mix.counts() == {"O": 4, "B": 4}
+    assert set(mix.star) <= id_sets[0]
+
+
+def test_seven_class_splits_disjoint_without_lamost():
+    plan = ds.SplitPlan(n_per_class=(3, 2, 2))
+    splits = ds.build_seven_class_splits(plan, np.random.default_rng(0), lamost=ds.LabelledSpectra.empty(NPIX))
+    ds.assert_disjoint_stars(*splits.values())
+    for name, part in splits.items():
+        assert set(part.labels) == set(ds.CLASSES_7), name
+    # the replay recovers the same held-out library stars
+    test_lib = ds.replay_split_library(plan, 0, data_dir="/nonexistent")[2]
+    assert set(ds.library_star_ids(test_lib)) >= set(splits["test"].star)
+
+
+def test_load_lamost_real(shared_data):
+    data = ds.load_lamost(shared_data)
+    assert len(data) > 250 and set(data.labels) == {"A", "F", "G", "K", "M"}
+    assert len(np.unique(data.star)) == len(data)  # one spectrum per DESIG in the shared set
+    tr, va, te = ds.split_by_star(data, [0.7, 0.15, 0.15], np.random.default_rng(0))
+    ds.assert_disjoint_stars(tr, va, te)
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    from lamost_ostar import mock
+
+    out = tmp_path_factory.mktemp("release")
+    mock.write_release(out, mock.MockConfig(n=14, preset="balanced", seed=5))
+    return out
+
+
+def test_load_labelled_release_by_path_and_obsid(tiny_release, tmp_path):
+    rel = ds.load_labelled_release(tiny_release / "truth.csv", tiny_release)
+    assert len(rel.data) == 14 and rel.data.x.shape[1] == NPIX
+    assert set(rel.data.labels) == set(ds.CLASSES_7)
+    rows = list(csv.DictReader(open(tiny_release / "truth.csv")))
+    lab = tmp_path / "labels.csv"
+    with open(lab, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["obsid", "class"])
+        for r in rows[:5]:
+            w.writerow([r["obsid"], r["subclass"]])
+        w.writerow(["123", "QSO"])
+    rel2 = ds.load_labelled_release(lab, tiny_release)
+    assert len(rel2.data) == 5
+    assert list(rel2.data.labels) == [r["mk"] for r in rows[:5]]
+    assert len(rel2.skipped) == 1
+
+
+def test_load_labelled_release_bad_csv(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,foo\nx.fits,1\n")
+    with pytest.raises(ValueError, match="no class column"):
+        ds.load_labelled_release(bad, tmp_path)
