@@ -53,6 +53,7 @@ import functools
 import gzip
 import math
 import os
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -286,7 +287,9 @@ def derive_instrument(paths: Iterable[str | os.PathLike],
             a[k], b[k] = coef
         faint = (b > 0) & (snr < 40)
         r = (V[faint] - a[faint, None] * F[faint] / t) / b[faint, None]
-        s_new = np.nanmedian(r, axis=0)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns
+            s_new = np.nanmedian(r, axis=0)
         s_new = np.where(np.isfinite(s_new), s_new, floor)
         s = np.maximum(median_filter(s_new, 3), floor)
         s /= np.median(s[gb])
@@ -880,9 +883,17 @@ def simulate_spectra(n: int, fractions: str | Mapping[str, float] = "balanced",
 
     Examples
     --------
-    >>> sim = simulate_spectra(100, "balanced", 1)           # doctest: +SKIP
-    >>> from lamost_ostar.preprocess import standardise      # doctest: +SKIP
-    >>> x = standardise(sim.flux)                           # doctest: +SKIP
+    Model inputs prepared exactly like real files (native grid -> the same
+    resampling, masking and eq. 1 standardisation as :func:`lamost_ostar.preprocess.prepare`):
+
+    >>> import numpy as np
+    >>> from lamost_ostar.preprocess import prepare_arrays
+    >>> sim = simulate_spectra(100, "balanced", np.random.default_rng(1), grid="native")
+    >>> n = len(sim)
+    >>> batch = prepare_arrays(sim.flux, sim.ivar, sim.npix, andmask=sim.andmask,
+    ...                        coeff0=np.full(n, NATIVE_COEFF0), coeff1=np.full(n, NATIVE_COEFF1))
+    >>> batch.x.shape, [t["mk"] for t in sim.truth][:3]    # doctest: +SKIP
+    ((100, 3921), ['G', 'O', 'K'])
     """
     if grid not in ("common", "native"):
         raise ValueError(f"grid must be 'common' or 'native', got {grid!r}")
@@ -1322,7 +1333,6 @@ def _continuum(flux: np.ndarray, ivar: np.ndarray, npix: np.ndarray) -> np.ndarr
     n, P = flux.shape
     nb = P // 50
     x = np.where((ivar[:, :nb * 50] > 0) & (flux[:, :nb * 50] != 0), flux[:, :nb * 50], np.nan)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         q = np.nanpercentile(x.reshape(n, nb, 50), 90, axis=2)

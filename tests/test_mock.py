@@ -87,6 +87,16 @@ def test_simulate_spectra_common_and_native(lib):
         assert t["subclass"].lstrip("dg").startswith(t["mk"])
 
 
+def test_native_spectra_go_through_preprocess(lib):
+    from lamost_ostar.preprocess import prepare_arrays
+    sim = simulate_spectra(8, "balanced", np.random.default_rng(1), grid="native", templates=lib)
+    n = len(sim)
+    batch = prepare_arrays(sim.flux, sim.ivar, sim.npix, andmask=sim.andmask,
+                           coeff0=np.full(n, mock.NATIVE_COEFF0), coeff1=np.full(n, mock.NATIVE_COEFF1))
+    assert batch.x.shape == (8, NPIX) and np.isfinite(batch.x).all()
+    assert np.allclose(np.linalg.norm(batch.x, axis=1), 1.0, atol=1e-4)
+
+
 def test_noise_is_consistent_with_ivar(lib):
     # at low S/N the pixel-to-pixel differences are noise: |df| / sqrt(s1^2+s2^2) ~ |N(0,1)|
     sim = simulate_spectra(40, "F=1,G=1,K=1", np.random.default_rng(2), templates=lib, grid="native",
