@@ -823,7 +823,8 @@ class Catalogue:
         sort : str or None
             Column to sort by (any output column, or ``dist`` with a cone);
             descending by default for ``p_*`` and ``snr_*``, ascending otherwise.
-            Ties and ``sort=None`` keep insertion order; NULLs sort last.
+            NULLs sort last; ties are ordered by row id in the same direction
+            (``sort=None``: insertion order).
         descending : bool, optional
             Override the sort direction.
         limit : int, optional
@@ -911,9 +912,12 @@ class Catalogue:
         q = sa.select(*[t.c[c] for c in RESULT_COLUMNS]).where(*conds)
         if sort is not None and sort != "dist":
             col = t.c[sort]
-            # NULLs last in both directions, identical on SQLite and PostgreSQL
-            q = q.order_by(col.is_(None), col.desc() if descending else col.asc())
-        q = q.order_by(t.c.id)
+            # NULLs last in both directions; ties by id in the same direction, so an
+            # index on the sort column delivers the order without a full sort
+            q = q.order_by((col.desc() if descending else col.asc()).nulls_last(),
+                           t.c.id.desc() if descending else t.c.id.asc())
+        else:
+            q = q.order_by(t.c.id)
         if limit is not None and cone is None:
             q = q.limit(limit)
         meta = {"ORIGIN": "lamost_ostar catalogue"}
