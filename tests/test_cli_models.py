@@ -1,0 +1,90 @@
+"""Tests for ``lamost-ostar models list|show``, ``retrain`` and ``evaluate`` (CLI layer)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lamost_ostar.cli import main
+from lamost_ostar.preprocess import NPIX
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _assert_one_line_error(res, fragment: str) -> None:
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and fragment in errors[0], res.output
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    import keras
+
+    from lamost_ostar.models import registry
+
+    root = tmp_path_factory.mktemp("models")
+    inp = keras.Input((NPIX, 1))
+    out = keras.layers.Dense(7)(keras.layers.GlobalAveragePooling1D()(inp))
+    model = keras.Model(inp, out)
+    card = {"classes": list("OBAFGKM"), "temperature": 1.5,
+            "metrics": {"test": {"accuracy": 0.5, "o_recall": 0.25, "o_precision": 0.75}},
+            "training_data": {"augmentation": "none"}}
+    v1 = registry.save_model_version(model, root, card)
+    v2 = registry.save_model_version(model, root, dict(card, temperature=2.0))
+    (root / "incomplete").mkdir()  # a save in progress: ignored
+    return root, [v1, v2]
+
+
+def test_models_list_shows_every_version(models_dir):
+    root, versions = models_dir
+    res = run("models", "list", "--models-dir", str(root))
+    assert res.exit_code == 0, res.output
+    for v in versions:
+        assert v in res.output
+    assert "incomplete" not in res.output
+    assert "user" in res.output
+    assert "0.750" in res.output  # O precision column
+    res = run("models", "list", "--models-dir", str(root), "--json")
+    cards = json.loads(res.output)
+    assert {c["version"] for c in cards if c["origin"] == "user"} == set(versions)
+
+
+def test_models_show(models_dir):
+    root, versions = models_dir
+    res = run("models", "show", versions[0], "--models-dir", str(root))
+    assert res.exit_code == 0, res.output
+    card = json.loads(res.output)
+    assert card["version"] == versions[0] and card["temperature"] == 1.5
+    res = run("models", "show", "--models-dir", str(root))  # default: newest user version
+    assert json.loads(res.output)["version"] == versions[1]
+
+
+def test_models_show_unknown_version(models_dir):
+    root, _ = models_dir
+    _assert_one_line_error(run("models", "show", "nope", "--models-dir", str(root)), "no model version")
+
+
+def test_retrain_bad_arguments(tmp_path):
+    _assert_one_line_error(run("retrain", "--release", str(tmp_path)), "--labels")
+    _assert_one_line_error(run("retrain", "--labels", str(tmp_path / "x.csv"), "--release", str(tmp_path)),
+                           "x.csv")
+    lab = tmp_path / "l.csv"
+    lab.write_text("path,foo\na.fits,1\n")
+    _assert_one_line_error(run("retrain", "--labels", str(lab), "--release", str(tmp_path),
+                               "--models-dir", str(tmp_path / "m")), "no class column")
+    lab.write_text("path,mk\na.fits,O\n")
+    _assert_one_line_error(run("retrain", "--labels", str(lab), "--release", str(tmp_path),
+                               "--models-dir", str(tmp_path / "m"), "--epochs", "0"), "--epochs")
+    _assert_one_line_error(run("retrain", "--labels", str(lab), "--release", str(tmp_path),
+                               "--models-dir", str(tmp_path / "m"), "--quiet"), "no usable labelled spectra")
+
+
+def test_evaluate_bad_arguments(tmp_path):
+    _assert_one_line_error(run("evaluate", "--profile", "huge"), "--profile")
+    _assert_one_line_error(run("evaluate", "--runs", "0"), "--runs")
+    _assert_one_line_error(run("evaluate", "--data-dir", str(tmp_path / "none")), "--data-dir")

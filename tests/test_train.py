@@ -1,0 +1,83 @@
+"""Tests for lamost_ostar.train: the train/calibrate/register pipeline and retrain."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lamost_ostar import datasets as ds
+from lamost_ostar import train
+from lamost_ostar.preprocess import NPIX
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from lamost_ostar import mock
+
+    out = tmp_path_factory.mktemp("release")
+    # 4 stars per class: enough for a train/validation/test split by star
+    mock.write_release(out, mock.MockConfig(n=28, preset="balanced", seed=11))
+    return out
+
+
+def _tiny_existing_version(root):
+    import keras
+
+    from lamost_ostar.models import registry
+
+    inp = keras.Input((NPIX, 1))
+    out = keras.layers.Dense(7)(keras.layers.GlobalAveragePooling1D()(inp))
+    return registry.save_model_version(keras.Model(inp, out), root, {"classes": list(ds.CLASSES_7)})
+
+
+def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
+    from lamost_ostar.models import registry
+
+    models = tmp_path / "models"
+    old = _tiny_existing_version(models)
+    old_card = (models / old / "card.json").read_text()
+    old_sha = registry.sha256_file(models / old / "model.keras")
+
+    res = train.retrain(release / "truth.csv", release, models, gan_iterations=1, epochs=1,
+                        batch_size=8, seed=0)
+    assert res["version"] != old
+    versions = [c["version"] for c in registry.list_versions(models)]
+    assert versions == [old, res["version"]]
+    # the old version is untouched
+    assert (models / old / "card.json").read_text() == old_card
+    assert registry.sha256_file(models / old / "model.keras") == old_sha
+    card = json.loads((models / res["version"] / "card.json").read_text())
+    assert card["classes"] == list(ds.CLASSES_7)
+    assert card["temperature"] > 0
+    assert "LCGAN" in card["training_data"]["augmentation"]
+    splits = {s["split"]: s for s in card["training_data"]["splits"]}
+    assert set(splits) == {"train", "validation", "test"}
+    assert card["metrics"]["test"]["n"] == splits["test"]["n_spectra"] > 0
+    # the new version loads and predicts calibrated probabilities
+    bundle = registry.load_model(res["version"], models)
+    p = bundle.predict_proba(np.random.default_rng(0).random((2, NPIX)).astype(np.float32))
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_retrain_rejects_unusable_labels(release, tmp_path):
+    lab = tmp_path / "labels.csv"
+    lab.write_text("path,mk\nnope.fits.gz,O\n")
+    with pytest.raises(ValueError, match="no usable labelled spectra"):
+        train.retrain(lab, release, tmp_path / "m", gan_iterations=0, epochs=1)
+
+
+def test_train_model_refuses_shared_star():
+    x = np.random.default_rng(0).random((4, 16)).astype(np.float32)
+    a = ds.LabelledSpectra(x[:2], ["O", "B"], ["s1", "s2"], ["t", "t"])
+    b = ds.LabelledSpectra(x[2:], ["O", "B"], ["s1", "s3"], ["t", "t"])
+    with pytest.raises(AssertionError, match="s1"):
+        train.train_model(a, b, b, train.TrainConfig(epochs=1))
+
+
+def test_softmax_temperature():
+    z = np.array([[2.0, 0.0], [0.0, 0.0]])
+    p1 = train.softmax(z)
+    p2 = train.softmax(z, 2.0)
+    np.testing.assert_allclose(p1.sum(1), 1)
+    assert p2[0, 0] < p1[0, 0]
