@@ -415,6 +415,7 @@ class ScanSummary:
     threshold: float
     totals: PartitionSummary
     elapsed_s: float
+    startup_s: float = 0.0
     n_failed_partitions: int = 0
     n_unwritten_files: int = 0
     device: str | None = None
@@ -433,6 +434,14 @@ class ScanSummary:
         n = self.totals.n_classified + self.totals.n_errors
         return n / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    @property
+    def steady_rate(self) -> float:
+        """Files read and classified or failed per second after start-up
+        (cluster start, first model load)."""
+        n = self.totals.n_classified + self.totals.n_errors
+        dt = self.elapsed_s - self.startup_s
+        return n / dt if dt > 0 else 0.0
+
     def counts(self) -> dict[str, Any]:
         """Counts and summary for the provenance row (``sink.finish_scan``)."""
         return {**_scan_counts(self.totals), "n_candidates": self.totals.n_candidates,
@@ -440,6 +449,7 @@ class ScanSummary:
                 "errors_by_reason": dict(self.totals.errors_by_reason),
                 "elapsed_s": round(self.elapsed_s, 3),
                 "spectra_per_s": round(self.processed_rate, 3),
+                "startup_s": round(self.startup_s, 3),
                 "failed_partitions": self.n_failed_partitions,
                 "unwritten_files": self.n_unwritten_files}
 
@@ -459,9 +469,11 @@ class ScanSummary:
             lines.append(f"    {reason:<18}{n:>10,d}")
         lines += [
             f"  O candidates        {t.n_candidates:>10,d}   (p(O) >= {self.threshold:g})",
-            f"  elapsed             {self.elapsed_s:>10.1f} s",
+            f"  elapsed             {self.elapsed_s:>10.1f} s   "
+            f"(start-up: cluster + model load {self.startup_s:.1f} s)",
             f"  rate                {self.processed_rate:>10.1f} spectra/s read+classified"
-            f"  ({self.rate:.1f} files/s incl. skipped)",
+            f"  ({self.steady_rate:.1f}/s after start-up; "
+            f"{self.rate:.1f} files/s incl. skipped)",
         ]
         if self.n_failed_partitions:
             lines.append(f"  FAILED partitions   {self.n_failed_partitions:>10,d}   "
@@ -476,13 +488,43 @@ def _scan_counts(t: PartitionSummary) -> dict[str, int]:
             "files_skipped": t.n_skipped}
 
 
+class _WorkerStderrToFile(_WorkerPlugin):
+    """Send a local worker's C-level stderr (TensorFlow/absl start-up chatter) to a file.
+
+    Only used for local clusters that the scan starts itself, so the progress
+    bar stays readable; the file keeps everything for debugging.
+    """
+
+    name = "lamost_ostar-worker-stderr"
+    idempotent = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def setup(self, worker: Any) -> None:  # noqa: D102
+        import sys
+
+        sys.stderr.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 def make_client(scheduler: str | None = None, n_workers: int | None = None,
-                threads_per_worker: int = 1, memory_limit: str | float | None = "auto"):
+                threads_per_worker: int = 1, memory_limit: str | float | None = "auto",
+                worker_log: str | None = None):
     """A Dask client: on ``scheduler`` if given, else on a new local cluster.
 
     The local cluster uses processes (the GIL does not serialise reading and
     inference), ``n_workers`` defaults to ``os.cpu_count() // threads_per_worker``,
-    and has no dashboard (no port clash on shared machines).
+    has no dashboard (no port clash on shared machines), and gives each worker
+    ``cpu_count / n_workers`` TensorFlow intra-op threads (no over-subscription).
+
+    Parameters
+    ----------
+    worker_log : str, optional
+        File that receives the local workers' stderr (TensorFlow start-up
+        messages, worker errors) instead of the terminal.
 
     Returns
     -------
@@ -495,18 +537,24 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
         return Client(scheduler, timeout="30s"), None
     if threads_per_worker < 1:
         raise ValueError("threads_per_worker must be >= 1")
+    cores = os.cpu_count() or 1
     if n_workers is None:
-        n_workers = max(1, (os.cpu_count() or 1) // threads_per_worker)
+        n_workers = max(1, cores // threads_per_worker)
     if n_workers < 1:
         raise ValueError("n_workers must be >= 1")
     import logging
 
+    threads = str(max(1, cores // n_workers))
     cluster = LocalCluster(
         n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
         dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
-        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"},
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore",
+             "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
     )
-    return Client(cluster), cluster
+    client = Client(cluster)
+    if worker_log:
+        client.register_plugin(_WorkerStderrToFile(os.path.abspath(worker_log)))
+    return client, cluster
 
 
 def _failure_results(paths: Sequence[str], reason: str, message: str,
@@ -536,6 +584,7 @@ def run_scan(
     count_total: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     update_every_s: float = 10.0,
+    worker_log: str | None = None,
 ) -> ScanSummary:
     """Scan files with a stage on Dask and store every result through ``sink``.
 
@@ -567,6 +616,8 @@ def run_scan(
         Count the files in a background thread for the progress total.
     extra_provenance : dict, optional
         Added to the parameters recorded in the scan row.
+    worker_log : str, optional
+        For a local cluster started here: file receiving the workers' stderr.
     update_every_s : float
         How often the scan row's counts are updated during the scan (when the
         sink has ``update_scan``).
@@ -595,7 +646,8 @@ def run_scan(
     own_client = client is None
     cluster = None
     if own_client:
-        client, cluster = make_client(scheduler, n_workers, threads_per_worker)
+        client, cluster = make_client(scheduler, n_workers, threads_per_worker,
+                                      worker_log=worker_log)
     plugin = None
     counter = None
     pbar = None
@@ -651,6 +703,7 @@ def run_scan(
             pending[fut] = paths
             ac.add(fut)
 
+        t_work = time.perf_counter()
         for paths in itertools.islice(partitions, max_in_flight):
             submit(paths)
         interrupted = False
@@ -685,7 +738,8 @@ def run_scan(
             client.cancel(list(pending))
         summary = ScanSummary(
             scan_id=scan_id, model_version=resolved, threshold=threshold, totals=totals,
-            elapsed_s=time.perf_counter() - t_start, n_failed_partitions=n_failed,
+            elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
+            n_failed_partitions=n_failed,
             n_unwritten_files=n_unwritten,
             device=info.get("device"), keras_backend=info.get("keras_backend"),
             n_workers=n_workers_seen, interrupted=interrupted,

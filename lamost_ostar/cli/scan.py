@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from typing import Any
 
 import click
@@ -115,6 +116,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
     sink = _open_catalogue(db)
     if progress is None:
         progress = sys.stderr.isatty()
+    worker_log = os.path.join(tempfile.gettempdir(), f"lamost_ostar-scan-workers-{os.getpid()}.log")
     try:
         summary = scanmod.run_scan(
             paths, sink, scheduler=scheduler, n_workers=n_workers,
@@ -122,6 +124,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
             model_version=model_version, models_dir=models_dir, device=device,
             batch_size=batch_size, partition_size=partition_size, threshold=threshold,
             max_in_flight=max_in_flight, progress=progress,
+            worker_log=None if scheduler else worker_log,
         )
     except click.ClickException:
         raise
@@ -130,6 +133,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         raise click.ClickException(_one_line(exc)) from None
     click.echo(summary.format())
+    if not scheduler and os.path.exists(worker_log):
+        click.echo(f"  worker log          {worker_log}")
     if summary.n_failed_partitions:
         sys.exit(1)
 
