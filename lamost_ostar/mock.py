@@ -717,9 +717,11 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     loglam = _native_loglam()
     wave = 10.0 ** loglam
     i1, i2, w = picker.pick(mk, rng)
-    rv = np.array([0.0]) if n == 0 else None
-    mu = np.array([_RV[k][0] for k in mk]) if n else np.zeros(0)
-    sd = np.array([_RV[k][1] for k in mk]) if n else np.zeros(0)
+    ci = np.zeros(n, dtype=np.int64)
+    for j, k in enumerate(CLASSES):
+        ci[mk == k] = j
+    mu = np.array([_RV[k][0] for k in CLASSES])[ci]
+    sd = np.array([_RV[k][1] for k in CLASSES])[ci]
     rv = (mu + sd * rng.standard_normal(n)) * cfg.rv_scale
     rv = np.clip(rv, -450.0, 450.0)
     ebv = _draw_ebv(mk, rng) * cfg.ebv_scale

@@ -112,11 +112,17 @@ def _bench_release(n: int, workers: int, out: Path, layout: str) -> float:
 
     if out.exists():
         shutil.rmtree(out)
+    t0 = os.times()
     s = write_release(out, MockConfig(n=n, seed=1, preset="survey", broken_rate=0.01,
                                       layout=layout), workers=workers)
-    print(f"write_release n={n} layout={layout} workers={workers}: {s.seconds:.1f} s, "
+    t1 = os.times()
+    cpu = (t1.user - t0.user) + (t1.system - t0.system) + (t1.children_user - t0.children_user) \
+        + (t1.children_system - t0.children_system)
+    print(f"write_release n={n} layout={layout} workers={workers}: wall {s.seconds:.1f} s, "
           f"{s.files_per_second:.0f} files/s, {s.bytes_written / n / 1e3:.1f} kB/file "
-          f"-> 100,000 files in {100000 / s.files_per_second / 60:.1f} min")
+          f"-> 100,000 files in {100000 / s.files_per_second / 60:.1f} min (wall); "
+          f"CPU {1e3 * cpu / n:.2f} ms/file (user+sys, incl. workers) -> "
+          f"{workers / (cpu / n):.0f} files/s if {workers} core(s) were free")
     return s.files_per_second
 
 
@@ -128,7 +134,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--skip-parts", action="store_true")
     args = p.parse_args()
-    print(f"CPU cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} "
+          "(other jobs share the cores: wall-clock rates depend on it)")
     if not args.skip_parts:
         _bench_parts(min(args.n, 1000))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_mock_rel_"))
