@@ -308,6 +308,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
         rng = np.random.default_rng([cfg.seed, r])
         run = make_run_data(cfg, r, rng, o_all, fgk_lamost, lib)
         rec: dict = {"run": r, "held_out_o": run.held_out_o, "ds1": run.ds1.describe(),
+                     "ds1_stars": sorted(set(run.ds1.star)), "ds2_stars": sorted(set(run.ds2.star)),
                      "ds2": run.ds2.describe(), "fgk_train": run.fgk_train.describe(),
                      "fgk_test": run.fgk_test.describe(), "checkpoints": {}}
         keras.utils.set_random_seed(cfg.seed * 1000 + r)
