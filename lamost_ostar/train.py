@@ -195,6 +195,7 @@ def split_summary(name: str, data: LabelledSpectra) -> dict:
         "spectra_per_class": data.counts(),
         "stars_per_class": data.star_counts(),
         "sources": {str(s): int((data.source == s).sum()) for s in np.unique(data.source)},
+        "o_stars": sorted(str(s) for s in np.unique(data.star[(data.labels == "O") & (data.source != "lcgan")])),
     }
 
 
@@ -301,7 +302,8 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     counts = train.counts()
     n_o = counts.get("O", 0)
     if gan_samples is None:
-        gan_samples = max(0, max(counts.values()) - n_o) if n_o else 0
+        # balance the O class, and at least as many generated O spectra as real ones
+        gan_samples = max(max(counts.values()) - n_o, n_o) if n_o else 0
     config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed,
                          gan_iterations=gan_iterations if n_o else 0, gan_samples=gan_samples)
     result = train_model(train, val, test, config, progress=progress)

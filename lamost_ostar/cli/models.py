@@ -128,7 +128,8 @@ def show_cmd(version: str | None, models_dir: Path | None) -> None:
 @click.option("--gan-iterations", type=click.IntRange(min=0), default=2000, show_default=True,
               help="LCGAN iterations for the O augmentation (0: no augmentation).")
 @click.option("--gan-samples", type=click.IntRange(min=0), default=None,
-              help="Generated O spectra added to the training split (default: as many as the largest class).")
+              help="Generated O spectra added to the training split (default: enough to balance the O class, "
+                   "and at least as many as its real O spectra).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Maximum recogniser epochs (early stopping, patience 5).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
