@@ -322,13 +322,14 @@ def _worker_plugin(plugin_name: str) -> ScanWorkerPlugin:
 
 def stage_info(plugin_name: str) -> dict[str, Any]:
     """Worker task: build the stage and report its model version and device."""
-    import keras
+    import sys
 
     stage = _worker_plugin(plugin_name).get_stage()
+    keras = sys.modules.get("keras")  # only if the stage uses Keras
     return {
         "model_version": getattr(stage, "model_version", None),
         "device": getattr(stage, "device_name", None),
-        "keras_backend": keras.backend.backend(),
+        "keras_backend": keras.backend.backend() if keras is not None else None,
     }
 
 
@@ -585,6 +586,7 @@ def run_scan(
     extra_provenance: dict[str, Any] | None = None,
     update_every_s: float = 10.0,
     worker_log: str | None = None,
+    memory_limit: str | float | None = "auto",
 ) -> ScanSummary:
     """Scan files with a stage on Dask and store every result through ``sink``.
 
@@ -618,6 +620,8 @@ def run_scan(
         Added to the parameters recorded in the scan row.
     worker_log : str, optional
         For a local cluster started here: file receiving the workers' stderr.
+    memory_limit : str, float or None
+        Per-worker memory limit of a local cluster started here.
     update_every_s : float
         How often the scan row's counts are updated during the scan (when the
         sink has ``update_scan``).
@@ -647,7 +651,7 @@ def run_scan(
     cluster = None
     if own_client:
         client, cluster = make_client(scheduler, n_workers, threads_per_worker,
-                                      worker_log=worker_log)
+                                      memory_limit=memory_limit, worker_log=worker_log)
     plugin = None
     counter = None
     pbar = None

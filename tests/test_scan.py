@@ -182,3 +182,39 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert {mv for _, mv in res + err} == {version}
     scans = cat.scans()
     assert list(scans["model_version"]) == [version, version]
+
+
+class CrashStage:
+    """A stage whose process dies on files named ``*crash*`` (like a segfault in C)."""
+
+    model_version = "crash-1"
+
+    def __init__(self, **kwargs):
+        pass
+
+    def process(self, items):
+        import os
+
+        from lamost_ostar.stage import StageResult
+
+        if any("crash" in str(p) for p in items):
+            os._exit(1)
+        return [StageResult(str(p), True, p_o=0.0) for p in items]
+
+
+def test_a_file_that_kills_workers_is_isolated(tmp_path):
+    import dask
+
+    for i in range(6):
+        _touch(tmp_path / "rel" / f"s{i}.fits")
+    _touch(tmp_path / "rel" / "s3_crash.fits")
+    cat = _catalogue(tmp_path)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        summary = scanmod.run_scan([tmp_path / "rel"], cat, n_workers=1, memory_limit=None,
+                                   stage="test_scan:CrashStage", partition_size=4,
+                                   progress=False)
+    assert summary.totals.n_files == 7 and summary.n_failed_partitions == 0
+    assert summary.totals.errors_by_reason == {"worker_crash": 1}
+    err = _rows(cat, "errors")
+    assert [Path(p).name for p, _ in err] == ["s3_crash.fits"]
+    assert len(_rows(cat, "results")) == 6
