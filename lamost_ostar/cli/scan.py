@@ -135,6 +135,9 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
     click.echo(summary.format())
     if not scheduler and os.path.exists(worker_log):
         click.echo(f"  worker log          {worker_log}")
+    if summary.interrupted:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
     if summary.n_failed_partitions:
         sys.exit(1)
 
