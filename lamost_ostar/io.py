@@ -514,6 +514,8 @@ class _Source(Protocol):
 
 
 class _FitsioSource:
+    """File opened with fitsio; header keywords parsed from the raw header cards."""
+
     def __init__(self, fits: Any, path: str):
         self._f = fits
         self.hdu_names = [h.get_extname().strip().upper() for h in fits]
@@ -523,8 +525,7 @@ class _FitsioSource:
         hdu = self._f[0]
         if hdu.get_exttype() != "IMAGE_HDU":
             return ()
-        info = {"dims": hdu.get_dims()}
-        return tuple(int(d) for d in info.get("dims", ()))
+        return tuple(int(d) for d in hdu.get_dims())
 
     def read_primary(self) -> np.ndarray:
         return self._f[0].read()
@@ -546,6 +547,8 @@ class _FitsioSource:
 
 
 class _AstropySource:
+    """File bytes opened with astropy.io.fits; header values from astropy's Header."""
+
     def __init__(self, hdul: Any, nbytes: int, path: str):
         self._h = hdul
         self._n = nbytes
