@@ -459,7 +459,7 @@ class ScanSummary:
         t = self.totals
         lines = [
             f"scan {self.scan_id}: model {self.model_version} "
-            f"({self.keras_backend or '?'} on {self.device or '?'}, {self.n_workers} workers)"
+            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {self.n_workers} workers)"
             + ("  [INTERRUPTED]" if self.interrupted else ""),
             f"  files seen          {t.n_files:>10,d}",
             f"  skipped (done)      {t.n_skipped:>10,d}",
