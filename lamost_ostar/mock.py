@@ -50,14 +50,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import functools
-import gzip
 import math
 import os
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
