@@ -720,6 +720,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
                  f"measured over {cfg.gan_iterations} iterations) -> 2,000 iterations: {2000 * spi / 60:.1f} min "
                  "(extrapolated)" if np.isfinite(spi) else f"- {kind.upper()}: -")
     L.append(f"- total evaluation wall time: {results['timings'].get('total_seconds', float('nan')) / 60:.1f} min")
+    L += model_card_section(results)
     sv = results.get("survey") or {}
     L += ["", "## The 7-class model on survey-like data", ""]
     if "error" in sv:
@@ -753,3 +754,82 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
                   f"{_pct(rr['o_precision'])}, recall {_pct(rr['o_recall'])}. Caveat: {rr['caveat']}."]
     L.append("")
     return "\n".join(L)
+
+
+def _card_for(version: str | None) -> dict | None:
+    """The card of ``version`` among the packaged models (JSON only, no Keras load)."""
+    root = Path(__file__).resolve().parent / "data" / "models"
+    cards = []
+    for d in sorted(root.glob("*/card.json")):
+        try:
+            cards.append(json.loads(d.read_text()))
+        except (OSError, ValueError):
+            continue
+    for c in cards:
+        if version is None or c.get("version") == version:
+            return c
+    return None
+
+
+def _replayed_o_units(card: dict) -> dict[str, list[str]]:
+    """O split units of each split, replayed from the card's split plan and seed (older cards)."""
+    from .datasets import SPLIT_NAMES, SplitPlan, library_star_ids, replay_split_library
+
+    plan_d = (card.get("metrics") or {}).get("split_plan")
+    seed = (card.get("train_config") or {}).get("seed")
+    if plan_d is None or seed is None:
+        return {}
+    try:
+        plan = SplitPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan_d.items()})
+        parts = replay_split_library(plan, int(seed))
+    except Exception:  # noqa: BLE001 - informative only
+        return {}
+    return {n: sorted(set(library_star_ids(p.select("O")))) for n, p in zip(SPLIT_NAMES, parts)}
+
+
+def model_card_section(results: dict) -> list[str]:
+    """Markdown lines describing the 7-class model evaluated (from its card)."""
+    sv = results.get("survey") or {}
+    card = _card_for(sv.get("model_version")) if sv.get("model_version") else None
+    if card is None:
+        return []
+    m = card.get("metrics", {})
+    t = m.get("test", {})
+    tim = m.get("timings", {})
+    td = card.get("training_data", {})
+    L = ["", f"## The shipped 7-class model `{card['version']}` (from its card)", "",
+         f"Keras backend {card.get('keras_backend')} {card.get('keras_version')}; {card.get('n_params')} "
+         f"parameters; temperature T = {card.get('temperature', 1):.3f} (fitted on the validation split); "
+         f"augmentation: {td.get('augmentation')}. Reproduce: `nice -n 10 python scripts/train_default.py`.", "",
+         "| split | spectra | stars per class | O star units | sources |", "|---|---|---|---|---|"]
+    o_units = _replayed_o_units(card)
+    for sp in td.get("splits", []):
+        if not sp.get("o_stars") and o_units:
+            sp = dict(sp, o_stars=o_units.get(sp["split"], []))
+        L.append(f"| {sp['split']} | {sp['n_spectra']} | {sp['stars_per_class']} | "
+                 f"{', '.join(sp.get('o_stars', [])) or '(see datasets.replay_split_library)'} | {sp['sources']} |")
+    if t:
+        L += ["", f"Held-out test split (stars never seen in training or calibration, {t['n']} spectra): "
+              f"accuracy {_pct(t['accuracy'])}, O recall {_pct(t.get('o_recall'))}, O precision "
+              f"{_pct(t.get('o_precision'))} (at the test split's balanced fractions), ECE {t.get('ece', float('nan')):.3f} "
+              f"(uncalibrated: {m.get('test_uncalibrated', {}).get('ece', float('nan')):.3f}).", "",
+              "Recall per class: " + ", ".join(f"{k} {_pct(v)}" for k, v in t.get("recall", {}).items()) + ".",
+              "Confusion (rows true, columns predicted, order " + "".join(t.get("classes", [])) + "): "
+              + str(t.get("confusion"))]
+    if tim:
+        L += ["", f"CPU timings of this training (2 shared cores): LCGAN {tim.get('lcgan_iterations')} iterations "
+              f"(batch 16) on {tim.get('lcgan_trained_on')} O spectra: {tim.get('lcgan_fit_s', float('nan')):.0f} s "
+              f"({tim.get('lcgan_fit_s', float('nan')) / max(1, tim.get('lcgan_iterations') or 1):.3f} s/iteration); "
+              f"recogniser: {tim.get('recogniser_s_per_epoch', float('nan')):.1f} s/epoch on "
+              f"{tim.get('recogniser_train_spectra')} spectra (batch 32), {tim.get('recogniser_epochs')} epochs."]
+    return L
+
+
+def render_from_results(out_dir: str | Path) -> Path:
+    """Rewrite ``out_dir/report.md`` from its ``results.json`` (figures are kept)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    cfg = EvalConfig(**results["config"])
+    path = out / "report.md"
+    path.write_text(render_report(results, cfg))
+    return path

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lamost_ostar.evaluate import EvalConfig, run_evaluation
+from lamost_ostar.evaluate import EvalConfig, render_from_results, run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-version", default=None)
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--survey-release", type=Path, default=None)
+    ap.add_argument("--rerender", action="store_true",
+                    help="only rewrite report.md from the results.json already in --out")
     args = ap.parse_args(argv)
+    if args.rerender:
+        print(f"report: {render_from_results(args.out)}")
+        return
     cfg = EvalConfig.from_profile(args.profile, seed=args.seed)
     for key in ("runs", "gan_iterations", "checkpoint_every", "n_large", "epochs", "survey_n"):
         if getattr(args, key) is not None:
