@@ -42,6 +42,9 @@ Gradients are kept apart with ``keras.ops.stop_gradient``:
 * ``g_loss`` sees the discriminator through ``stateless_call`` with
   ``stop_gradient``-ed weights -> no gradient to D.
 
+Both discriminator passes use one snapshot of D's weights (``ops.copy``), so the
+frozen pass can never see weights the optimizer has already updated.
+
 So D's gradient is exactly ``grad d_loss`` and G's exactly ``grad g_loss``, both
 taken at the same parameters and applied in one optimizer step (simultaneous
 rather than alternating updates; the TTUR analysis of Heusel et al. 2017 is for
@@ -276,12 +279,23 @@ class GANModel(keras.Model):
     def call(self, inputs: Any, training: bool = False) -> dict:
         real, z = inputs
         fake = self.generator(z, training=training)
-        d_real = self.discriminator(real, training=training)
-        d_fake = self.discriminator(ops.stop_gradient(fake), training=training)
-        frozen = [ops.stop_gradient(v.value) for v in self.discriminator.trainable_variables]
-        fixed = [v.value for v in self.discriminator.non_trainable_variables]
-        d_gen, _ = self.discriminator.stateless_call(frozen, fixed, fake, training=training)
-        return {"d_real": d_real, "d_fake": d_fake, "d_gen": d_gen}
+        disc = self.discriminator
+        # Read every discriminator variable ONCE (``ops.copy`` makes a real
+        # read; ``convert_to_tensor`` of a TF variable returns the variable and
+        # defers the read) and use that snapshot for both paths.  With lazily
+        # read weights TensorFlow's graph sometimes ran the frozen path after
+        # the optimizer had already updated D (G's gradient then used the new
+        # D; caught by tests/test_gan.py::test_gradients_are_kept_apart).
+        weights = [ops.copy(v) for v in disc.trainable_variables]
+        state = [ops.copy(v) for v in disc.non_trainable_variables]
+        both = ops.concatenate([real, ops.stop_gradient(fake)], axis=0)
+        d_both, state = disc.stateless_call(weights, state, both, training=training)
+        frozen = [ops.stop_gradient(w) for w in weights]
+        d_gen, state = disc.stateless_call(frozen, state, fake, training=training)
+        for variable, value in zip(disc.non_trainable_variables, state):
+            variable.assign(value)  # e.g. the dropout seed state
+        n = ops.shape(real)[0]
+        return {"d_real": d_both[:n], "d_fake": d_both[n:], "d_gen": d_gen}
 
     def _gan_losses(self, y_pred: dict) -> tuple[Any, Any]:
         d_loss = _bce_logits(1.0 - self.alpha, y_pred["d_real"]) + _bce_logits(
