@@ -346,8 +346,9 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
             rec[f"{kind}_train_seconds"] = total - evals
             rec[f"{kind}_seconds_per_iteration"] = (total - evals) / cfg.gan_iterations
         if r == 0:
-            example["real"] = run.ds1.x[:3]
-            example["real_star"] = list(run.ds1.star[:3])
+            first = [int(np.flatnonzero(run.ds1.star == st)[0]) for st in sorted(set(run.ds1.star))][:3]
+            example["real"] = run.ds1.x[first]
+            example["real_star"] = [str(run.ds1.star[i]) for i in first]
         results["runs"].append(rec)
     results["timings"]["total_seconds"] = time.perf_counter() - t_start
     survey = None
@@ -362,6 +363,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
         survey = {"error": "disabled in this configuration"}
     results["survey"] = survey
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    np.savez_compressed(out / "examples.npz", **{k: np.asarray(v) for k, v in example.items()})
     write_figures(results, example, out)
     path = out / "report.md"
     path.write_text(render_report(results, cfg))
@@ -545,25 +547,29 @@ def write_figures(results: dict, example: dict, out: Path) -> list[str]:
     files = []
     wave = grid_wavelength()
     if "real" in example:
-        fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
-        for ax, (key, title) in zip(axes, (("real", "real O (LAMOST-like realisations, DS1)"),
-                                           ("lcgan", "LCGAN samples"), ("sgan", "SGAN samples"))):
-            for i, y in enumerate(example.get(key, [])[:3]):
-                ax.plot(wave, np.asarray(y) + 0.02 * i, lw=0.6)
-            ax.set_title(title, fontsize=9)
-            for name, w in HE_LINES.items():
-                ax.axvline(w, color="k", ls=":", lw=0.7)
-                ax.text(w, ax.get_ylim()[1], name, rotation=90, fontsize=6, va="top")
-            ax.set_ylabel("x / ||x||2 (+offset)", fontsize=7)
-        axes[-1].set_xlabel("vacuum wavelength [A]")
-        fig.tight_layout()
-        fig.savefig(out / "real_vs_generated.png", dpi=90)
-        # zoom on the helium lines
-        for ax in axes:
-            ax.set_xlim(4380, 4760)
-        fig.savefig(out / "real_vs_generated_helium.png", dpi=90)
-        plt.close(fig)
-        files += ["real_vs_generated.png", "real_vs_generated_helium.png"]
+        panels = (("real", "real O stars (LAMOST-like realisations, DS1): " + ", ".join(example.get("real_star", []))),
+                  ("lcgan", "LCGAN samples (last checkpoint, run 0)"), ("sgan", "SGAN samples (last checkpoint, run 0)"))
+        for fname, window in (("real_vs_generated.png", None), ("real_vs_generated_helium.png", (4400.0, 4760.0))):
+            fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+            sel = np.ones(wave.size, bool) if window is None else (wave >= window[0]) & (wave <= window[1])
+            for ax, (key, title) in zip(axes, panels):
+                ys = [np.asarray(y)[sel] for y in example.get(key, [])[:3]]
+                off = 0.0
+                for y in ys:
+                    ax.plot(wave[sel], y / max(np.median(np.abs(y)), 1e-12) + off, lw=0.6)
+                    off += 1.0
+                ax.set_title(title, fontsize=8)
+                top = ax.get_ylim()[1]
+                for name, w in HE_LINES.items():
+                    if window is None or window[0] <= w <= window[1]:
+                        ax.axvline(w, color="k", ls=":", lw=0.7)
+                        ax.text(w, top, name, rotation=90, fontsize=6, va="top", ha="right")
+                ax.set_ylabel("flux / median (+1 offset)", fontsize=7)
+            axes[-1].set_xlabel("vacuum wavelength [A]")
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=90)
+            plt.close(fig)
+            files.append(fname)
     summ = summarise(results)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style in (("lcgan", "o-"), ("sgan", "s--")):
@@ -830,6 +836,10 @@ def render_from_results(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     results = json.loads((out / "results.json").read_text())
     cfg = EvalConfig(**results["config"])
+    ex = out / "examples.npz"
+    if ex.exists():
+        with np.load(ex) as z:
+            write_figures(results, {k: (list(z[k]) if k == "real_star" else z[k]) for k in z.files}, out)
     path = out / "report.md"
     path.write_text(render_report(results, cfg))
     return path
