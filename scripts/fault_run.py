@@ -2,8 +2,11 @@
 """Fault run: kill a scan twice at random moments, resume, check the catalogue.
 
 1. ``lamost-ostar scan RELEASE --db DB`` is started as a subprocess (its own
-   process group) and, after a random delay, the scan process is sent SIGKILL
-   (the scan process only, as a crash or ``kill -9`` would).  This happens
+   process group) and, at a random moment, the scan process is sent SIGKILL
+   (the scan process only, as a crash or ``kill -9`` would).  The moment is
+   drawn as a random number of catalogue rows (uniform between 10 % and 90 % of
+   the files not yet done), so every kill lands mid-scan, at any point of a
+   partition's life (reading, inference, or inside a write).  This happens
    ``--kills`` times; after each kill the script waits until the orphaned Dask
    worker processes have exited by themselves (they watch their parent), and
    records how many there were.
@@ -40,12 +43,34 @@ def _children_alive(pids: list[int]) -> list[int]:
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def run_and_kill(cmd: list[str], delay: float, log) -> dict:
+def _rows_written(db: str) -> int:
+    import sqlalchemy as sa
+
+    from lamost_ostar.catalogue import Catalogue
+
+    try:
+        cat = Catalogue(db)
+        with cat.engine.connect() as c:
+            n = sum(c.execute(sa.text(f"select count(*) from {t}")).scalar_one()
+                    for t in ("results", "errors"))
+        cat.close()
+        return int(n)
+    except Exception:  # noqa: BLE001 - not created yet / locked: try again
+        return -1
+
+
+def run_and_kill(cmd: list[str], db: str, kill_at_rows: int, log, timeout: float = 1800) -> dict:
+    """Start the scan and SIGKILL it once ``kill_at_rows`` rows are in the catalogue."""
     import psutil
 
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-    time.sleep(delay)
+    rows = 0
+    while proc.poll() is None and time.monotonic() - t0 < timeout:
+        rows = _rows_written(db)
+        if rows >= kill_at_rows:
+            break
+        time.sleep(0.2)
     if proc.poll() is not None:
         return {"killed": False, "rc": proc.returncode, "after_s": time.monotonic() - t0}
     kids = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
@@ -56,7 +81,8 @@ def run_and_kill(cmd: list[str], delay: float, log) -> dict:
     while alive and time.monotonic() - t_kill < 120:
         time.sleep(0.5)
         alive = _children_alive(kids)
-    return {"killed": True, "after_s": t_kill - t0, "worker_processes": len(kids),
+    return {"killed": True, "after_s": round(t_kill - t0, 1), "rows_seen_before_kill": rows,
+            "rows_after_kill": _rows_written(db), "worker_processes": len(kids),
             "orphans_exited_after_s": round(time.monotonic() - t_kill, 1),
             "orphans_left": alive}
 
@@ -129,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-dir", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--kills", type=int, default=2)
-    ap.add_argument("--min-delay", type=float, default=20.0)
-    ap.add_argument("--max-delay", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--partition-size", type=int, default=64)
     ap.add_argument("--log", default="fault_run.log")
@@ -149,11 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--model", args.model]
     report: dict = {"release": args.release, "db": args.db, "command": cmd, "kills": []}
     with open(args.log, "ab") as log:
+        from lamost_ostar.scan import count_paths
+
+        n_files = count_paths([args.release])
         for i in range(args.kills):
-            delay = rng.uniform(args.min_delay, args.max_delay)
-            r = run_and_kill(cmd, delay, log)
+            done = max(0, _rows_written(args.db))
+            target = done + int(rng.uniform(0.1, 0.9) * (n_files - done))
+            r = run_and_kill(cmd, args.db, target, log)
+            r["kill_target_rows"] = target
             report["kills"].append(r)
-            print(f"run {i + 1}: SIGKILL after {r['after_s']:.1f} s" if r["killed"]
+            print(f"run {i + 1}: SIGKILL after {r['after_s']:.1f} s at "
+                  f"{r['rows_seen_before_kill']} rows (target {target})" if r["killed"]
                   else f"run {i + 1}: finished before the kill ({r['after_s']:.1f} s)")
             print(f"  rows so far: {json.dumps(check(args.db, args.release)['scans'][-1:])}")
         t0 = time.monotonic()
