@@ -6,9 +6,14 @@ one-layer model.  "forward" = ``predict_on_batch`` (compiled graph),
 "fwd+bwd" = ``train_on_batch`` with SGD and an MSE loss (forward, backward and
 the weight update).  Median of ``--repeats`` timed calls after two warm-ups.
 
+With ``--models`` it also times, on random standardised spectra of the full
+length (npix = 3921): one LCGAN and one SGAN training iteration (batch
+``--gan-batch``), and one recogniser epoch over ``--n-spectra`` spectra (batch
+64, 7 classes), and prints the parameter counts.
+
 Usage::
 
-    nice -n 10 python scripts/bench_layers.py [--batch 32] [--repeats 20]
+    nice -n 10 python scripts/bench_layers.py [--batch 32] [--repeats 20] [--models]
 """
 from __future__ import annotations
 
@@ -53,10 +58,66 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
+def bench_models(args: argparse.Namespace) -> None:
+    """Time GAN iterations and a recogniser epoch at full size."""
+    from lamost_ostar.models import gan as G
+    from lamost_ostar.models.recogniser import build_recogniser, train_recogniser
+
+    npix = G.NPIX
+    rng = np.random.default_rng(0)
+
+    def spectra(n):
+        x = 1 + 0.1 * rng.standard_normal((n, npix)).astype("float32")
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    print(f"\nfull-size models, npix {npix}")
+    real = spectra(150)
+    for make in (G.make_lcgan, G.make_sgan):
+        keras.utils.set_random_seed(0)
+        gan = make(npix)
+        gan.fit(real, 3, args.gan_batch, progress=False)          # build + trace
+        t0 = time.perf_counter()
+        gan.fit(real, args.gan_iterations, args.gan_batch, progress=False)
+        dt = (time.perf_counter() - t0) / args.gan_iterations
+        print(f"{gan.kind}: generator {gan.generator.count_params():,} params, "
+              f"discriminator {gan.discriminator.count_params():,} params; "
+              f"{dt * 1e3:.0f} ms/iteration (batch {args.gan_batch}, "
+              f"{args.gan_iterations} iterations) -> 2,000 iterations ~ {2000 * dt / 60:.1f} min")
+    for n_classes in (7, 4):
+        print(f"recogniser ({n_classes} classes): "
+              f"{build_recogniser(n_classes, npix).count_params():,} params")
+    x, y = spectra(args.n_spectra), rng.integers(0, 7, args.n_spectra)
+    xv, yv = spectra(256), rng.integers(0, 7, 256)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.last = time.perf_counter() - self.t0
+
+    keras.utils.set_random_seed(0)
+    timer = EpochTimer()
+    model, _ = train_recogniser(x, y, xv, yv, epochs=2, batch_size=64, n_classes=7,
+                                patience=10, callbacks=[timer])
+    dt = timer.last  # the second epoch: no tracing
+    print(f"recogniser epoch: {dt:.1f} s for {args.n_spectra} spectra (+256 validation), "
+          f"batch 64 -> {args.n_spectra / dt:.0f} spectra/s")
+    t0 = time.perf_counter()
+    model.predict(x, batch_size=256, verbose=0)
+    dt = time.perf_counter() - t0
+    print(f"recogniser inference: {args.n_spectra / dt:.0f} spectra/s (batch 256)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--models", action="store_true",
+                        help="also time full-size GAN iterations and a recogniser epoch")
+    parser.add_argument("--gan-batch", type=int, default=32)
+    parser.add_argument("--gan-iterations", type=int, default=20)
+    parser.add_argument("--n-spectra", type=int, default=4000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, batch {args.batch}")
@@ -79,6 +140,8 @@ def main() -> None:
         (lp, lf, lb), (cp, cf, cb) = row["lc"], row["conv"]
         print(f"{length:>6} {cin:>4} {f:>3} {k:>2} {s:>2} {pad:>5} | {lp:>9} {cp:>11} | "
               f"{lf:>9.2f} {cf:>11.2f} {lf / cf:>6.2f} | {lb:>9.2f} {cb:>11.2f} {lb / cb:>6.2f}")
+    if args.models:
+        bench_models(args)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ def train_recogniser(
     model: keras.Model | None = None,
     class_weight: dict[int, float] | None = None,
     build_kwargs: dict[str, Any] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 0,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train a recogniser with Adam and early stopping on the validation loss.
@@ -178,6 +179,8 @@ def train_recogniser(
         Passed to :meth:`keras.Model.fit`.
     build_kwargs : dict, optional
         Extra arguments for :func:`build_recogniser`.
+    callbacks : sequence of keras.callbacks.Callback
+        Extra callbacks (progress, timing, ...), after the early stopping.
     verbose : int
         Keras verbosity.
 
@@ -209,7 +212,7 @@ def train_recogniser(
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                          restore_best_weights=True)
     hist = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs,
-                     batch_size=batch_size, callbacks=[stop], class_weight=class_weight,
+                     batch_size=batch_size, callbacks=[stop, *callbacks], class_weight=class_weight,
                      shuffle=True, verbose=verbose)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     history["best_epoch"] = [int(np.argmin(history["val_loss"]))]
