@@ -69,3 +69,11 @@ def test_bad_shapes():
     with pytest.raises(ValueError):
         R.as_model_input(np.zeros((2, NPIX, 2), "float32"))
     assert R.predict_logits(model, np.zeros((0, NPIX), "float32")).shape == (0, 4)
+
+
+def test_npix_matches_preprocess():
+    preprocess = pytest.importorskip("lamost_ostar.preprocess")
+    from lamost_ostar.models import gan
+
+    assert R.NPIX == gan.NPIX == preprocess.NPIX
+    assert R.build_recogniser(7).input_shape == (None, preprocess.NPIX, 1)
