@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 import os
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -343,6 +344,10 @@ class OStarStage:
         from lamost_ostar.models.registry import load_model
 
         self.bundle = load_model(model_version, models_dir)
+        # one inference at a time per stage: several worker threads may share the
+        # stage (reading/preparing overlap with inference; Keras' predict is not
+        # guaranteed thread-safe)
+        self._predict_lock = threading.Lock()
         try:
             params = inspect.signature(self.bundle.predict_proba).parameters
         except (TypeError, ValueError):  # pragma: no cover
@@ -388,7 +393,7 @@ class OStarStage:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 2:
             x = x[..., None]
-        with keras.device(self.device_name):
+        with self._predict_lock, keras.device(self.device_name):
             if self._pass_batch_size:
                 probs = self.bundle.predict_proba(x, batch_size=self.batch_size)
             else:
