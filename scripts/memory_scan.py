@@ -66,20 +66,21 @@ def measure(release: str, extra: list[str], interval: float, log_path: str) -> d
         cat.close()
     if proc.returncode != 0:
         raise SystemExit(f"scan failed (exit {proc.returncode}); see {log_path}")
-    total = [s[2] for s in samples]
+    # samples: (t, summed RSS, scan process RSS, largest descendant RSS, n processes)
+    total = [s[1] for s in samples]
     mib = 1 / 2**20
     quart = {}
     for q in (25, 50, 75, 100):
         t_q = wall * q / 100
-        window = [s[2] for s in samples if t_q - wall * 0.25 < s[1] <= t_q] or [0]
+        window = [s[1] for s in samples if t_q - wall * 0.25 < s[0] <= t_q] or [0]
         quart[f"{q}%"] = round(max(window) * mib, 1)
     return {
         "release": release, "command": cmd[3:], "wall_s": round(wall, 1),
         "rows": counts, "samples": len(samples),
         "peak_total_rss_mib": round(max(total, default=0) * mib, 1),
-        "peak_scan_process_rss_mib": round(max((s[3] for s in samples), default=0) * mib, 1),
-        "peak_largest_worker_rss_mib": round(max((s[4] for s in samples), default=0) * mib, 1),
-        "max_processes": max((s[5] for s in samples), default=0),
+        "peak_scan_process_rss_mib": round(max((s[2] for s in samples), default=0) * mib, 1),
+        "peak_largest_worker_rss_mib": round(max((s[3] for s in samples), default=0) * mib, 1),
+        "max_processes": max((s[4] for s in samples), default=0),
         "total_rss_mib_by_quarter_of_run": quart,
     }
 
