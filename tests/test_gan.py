@@ -113,6 +113,9 @@ def test_training_learns_and_checkpoints(make, tmp_path):
     after = np.median(gan.sample(32, seed=3) @ template)
     assert after > max(before, 0.4)                               # G moves towards the data
     assert [c[0] for c in calls] == [75, 150]
+    assert gan.statistics_set                                     # mean spectrum in the scalers
+    offset = keras.ops.convert_to_numpy(gan.generator.get_layer("denormalise").offset)[:, 0]
+    assert np.corrcoef(offset, template)[0, 1] > 0.99
     assert sorted(hist.checkpoints) == [75, 150]
     loaded = G.load_generator(hist.checkpoints[150])
     np.testing.assert_allclose(G.sample_generator(loaded, 4, seed=9), gan.sample(4, seed=9),

@@ -9,6 +9,7 @@ keras = pytest.importorskip("keras")
 from lamost_ostar.models.layers import (  # noqa: E402
     ChannelAttention1D,
     LocallyConnected1D,
+    SpectrumScaler,
     lc_output_length,
 )
 
@@ -114,3 +115,25 @@ def test_gradients_flow():
     for _ in range(10):
         last = model.train_on_batch(x, y)
     assert last < first
+
+
+def test_spectrum_scaler_roundtrip_and_saving(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 10, 1)).astype("float32")
+    mean, scale = rng.normal(size=(10, 1)), 0.5
+    inp = keras.Input((10, 1))
+    fwd, inv = SpectrumScaler(), SpectrumScaler(inverse=True)
+    model = keras.Model(inp, inv(fwd(inp)))
+    np.testing.assert_allclose(model.predict(x, verbose=0), x, atol=1e-6)   # identity at first
+    fwd.set_statistics(mean, scale)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fwd(x)), (x - mean) / scale, rtol=1e-5,
+                               atol=1e-6)
+    inv.set_statistics(mean, scale)
+    np.testing.assert_allclose(model.predict(x, verbose=0), x, rtol=1e-5, atol=1e-5)
+    model.save(tmp_path / "s.keras")
+    loaded = keras.saving.load_model(tmp_path / "s.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded.layers[1].offset), mean[:, :],
+                               rtol=1e-6)
+    assert not fwd.trainable_weights
+    with pytest.raises(ValueError):
+        fwd.set_statistics(mean, 0.0)

@@ -6,7 +6,8 @@ LCGAN generator (:func:`build_lcgan_generator`), paper Fig. 3-4:
     z ~ N(0, 1), 1 x 900  ->  Dense projection to ``L0 = ceil(npix / 4)`` positions
     -> (L0, 1) -> LocallyConnected1D(16, k=3, same) + LeakyReLU(0.2)
     -> [UpSampling1D(2) -> LocallyConnected1D(8, k=3, same) + LeakyReLU] x 2
-    -> LocallyConnected1D(1, k=3, same) (linear) -> crop to ``npix``.
+    -> LocallyConnected1D(1, k=3, same) (linear) -> crop to ``npix``
+    -> SpectrumScaler (fixed de-normalisation, see "Data scale").
     The Dense projection is ours: integer up-sampling of 900 cannot reach an
     arbitrary ``npix`` (900 x 4 = 3600 < 3921), so the noise is first mapped to
     ``npix / 4`` positions.  Few filters and k = 3 keep the unshared weights in
@@ -17,6 +18,7 @@ SGAN baseline generator (:func:`build_sgan_generator`), after Zheng et al. (2020
     standard DCGAN-style 1-D generator.  We do not have Zheng et al.'s exact
     layer list; this is the "standard convolutional 1-D GAN" of the issue.
 Discriminator (:func:`build_discriminator`, shared by both):
+    SpectrumScaler (fixed normalisation) ->
     4 x [Conv1D(k=5..7, stride 2) + LeakyReLU(0.2) + Dropout(0.3)] -> Flatten -> Dense(1)
     (a logit).  Dropout is the paper's source of randomness in training.
 
@@ -56,8 +58,16 @@ Data scale
 ----------
 Inputs are the pipeline's standardised spectra ``x / ||x||_2`` (eq. 1), whose
 pixels are ~1/sqrt(npix).  Inside the GAN they are multiplied by ``sqrt(npix)``
-(unit RMS) so the usual initialisations work; :meth:`GANTrainer.sample`
-re-normalises generated spectra with eq. 1.
+(unit RMS).  With ``normalise=True`` (default) the first :meth:`GANTrainer.fit`
+also sets two fixed :class:`~lamost_ostar.models.layers.SpectrumScaler` layers
+from the training spectra: the discriminator's input layer subtracts their mean
+spectrum and divides by the residual RMS, and the generator's output layer
+undoes that.  So both networks work on the variations about the mean O
+spectrum (the generator starts at "mean spectrum + small noise" instead of
+having to grow every pixel from zero at RMSprop's 1e-4 per step), while their
+inputs/outputs stay spectra.  The same is done for LCGAN and SGAN.  The
+statistics are saved inside every generator checkpoint, and
+:meth:`GANTrainer.sample` re-normalises generated spectra with eq. 1.
 """
 from __future__ import annotations
 
@@ -71,7 +81,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .layers import LocallyConnected1D
+from .layers import LocallyConnected1D, SpectrumScaler
 
 try:  # the shared constant lives in preprocess (DESIGN.md)
     from ..preprocess import NPIX
@@ -160,7 +170,8 @@ def build_lcgan_generator(
         h = LocallyConnected1D(f, kernel_size, padding="same", name=f"lc{i}")(h)
         h = keras.layers.LeakyReLU(0.2)(h)
     h = LocallyConnected1D(1, kernel_size, padding="same", name="lc_out")(h)
-    return keras.Model(z, _crop(h, npix, length), name=name)
+    h = SpectrumScaler(inverse=True, name="denormalise")(_crop(h, npix, length))
+    return keras.Model(z, h, name=name)
 
 
 def build_sgan_generator(
@@ -185,7 +196,8 @@ def build_sgan_generator(
         h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
         h = keras.layers.LeakyReLU(0.2)(h)
     h = keras.layers.Conv1D(1, kernel_size, padding="same", name="conv_out")(h)
-    return keras.Model(z, _crop(h, npix, length), name=name)
+    h = SpectrumScaler(inverse=True, name="denormalise")(_crop(h, npix, length))
+    return keras.Model(z, h, name=name)
 
 
 def build_discriminator(
@@ -197,7 +209,7 @@ def build_discriminator(
 ) -> keras.Model:
     """Convolutional discriminator with dropout, ``(batch, npix, 1) -> (batch, 1)`` logits."""
     x = keras.Input((npix, 1), name="spectrum")
-    h = x
+    h = SpectrumScaler(name="normalise")(x)
     for i, (f, k) in enumerate(zip(filters, kernel_sizes)):
         h = keras.layers.Conv1D(f, k, strides=2, padding="same", name=f"conv{i}")(h)
         h = keras.layers.LeakyReLU(0.2)(h)
@@ -337,6 +349,11 @@ class GANTrainer:
         Label smoothing: real labelled ``1 - alpha``, generated ``0 + beta``.
     kind : str
         A label ("lcgan", "sgan") kept in the history/checkpoint names.
+    normalise : bool
+        Set the networks' ``SpectrumScaler`` layers (generator layer
+        ``"denormalise"``, discriminator layer ``"normalise"``; skipped where
+        absent) from the spectra of the first :meth:`fit` (mean spectrum and
+        residual RMS, unit-RMS scale); later fits keep those statistics.
 
     Examples
     --------
@@ -356,6 +373,7 @@ class GANTrainer:
         alpha: float = 0.1,
         beta: float = 0.0,
         kind: str = "gan",
+        normalise: bool = True,
     ) -> None:
         self.generator = generator
         self.discriminator = discriminator
@@ -373,6 +391,22 @@ class GANTrainer:
         self.model.compile(optimizer=optimizer)
         self.history = GANHistory()
         self.iterations_done = 0
+        self.normalise = bool(normalise)
+        self.statistics_set = False
+
+    def _set_statistics(self, real: np.ndarray) -> None:
+        """Mean spectrum and residual RMS of unit-RMS ``real`` into the scalers."""
+        scalers = [_find_layer(self.generator, "denormalise"),
+                   _find_layer(self.discriminator, "normalise")]
+        scalers = [s for s in scalers if s is not None]
+        if not scalers:
+            return
+        mean = real.mean(axis=0)
+        rms = float(np.sqrt(np.mean((real - mean) ** 2)))
+        scale = rms if rms > 1e-6 else 1.0
+        for scaler in scalers:
+            scaler.set_statistics(mean, scale)
+        self.statistics_set = True
 
     # -- data -------------------------------------------------------------------
     def _prepare(self, real_x: np.ndarray) -> np.ndarray:
@@ -438,6 +472,8 @@ class GANTrainer:
         if iterations < 1 or batch_size < 1:
             raise ValueError("iterations and batch_size must be positive")
         real = self._prepare(real_x)
+        if self.normalise and not self.statistics_set:
+            self._set_statistics(real)
         rng = np.random.default_rng(seed)
         ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if ckdir is not None:
@@ -470,6 +506,13 @@ class GANTrainer:
         return sample_generator(self.generator, n, seed=seed, batch_size=batch_size)
 
 
+def _find_layer(model: keras.Model, name: str) -> SpectrumScaler | None:
+    for layer in model.layers:
+        if layer.name == name and isinstance(layer, SpectrumScaler):
+            return layer
+    return None
+
+
 def sample_generator(
     generator: keras.Model, n: int, seed: int | None = None, batch_size: int = 256
 ) -> np.ndarray:
@@ -490,7 +533,7 @@ def load_generator(path: str | Path) -> keras.Model:
 
 def make_lcgan(npix: int = NPIX, *, alpha: float = 0.1, beta: float = 0.0,
                generator_lr: float = 1e-4, discriminator_lr: float = 1.5e-4,
-               **generator_kwargs: Any) -> GANTrainer:
+               normalise: bool = True, **generator_kwargs: Any) -> GANTrainer:
     """LCGAN: locally connected generator, conv discriminator, TTUR (1e-4 / 1.5e-4).
 
     For reproducible weights call ``keras.utils.set_random_seed`` first.
@@ -499,12 +542,13 @@ def make_lcgan(npix: int = NPIX, *, alpha: float = 0.1, beta: float = 0.0,
         build_lcgan_generator(npix, **generator_kwargs),
         build_discriminator(npix),
         generator_lr=generator_lr, discriminator_lr=discriminator_lr,
-        alpha=alpha, beta=beta, kind="lcgan",
+        alpha=alpha, beta=beta, kind="lcgan", normalise=normalise,
     )
 
 
 def make_sgan(npix: int = NPIX, *, alpha: float = 0.1, beta: float = 0.0,
-              learning_rate: float = 1e-4, **generator_kwargs: Any) -> GANTrainer:
+              learning_rate: float = 1e-4, normalise: bool = True,
+              **generator_kwargs: Any) -> GANTrainer:
     """SGAN baseline: shared-weight Conv1D generator, same discriminator, one rate.
 
     Trained through the same :class:`GANTrainer`, so data, iterations and batch
@@ -514,5 +558,5 @@ def make_sgan(npix: int = NPIX, *, alpha: float = 0.1, beta: float = 0.0,
         build_sgan_generator(npix, **generator_kwargs),
         build_discriminator(npix),
         generator_lr=learning_rate, discriminator_lr=learning_rate,
-        alpha=alpha, beta=beta, kind="sgan",
+        alpha=alpha, beta=beta, kind="sgan", normalise=normalise,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["LocallyConnected1D", "ChannelAttention1D", "lc_output_length"]
+__all__ = ["LocallyConnected1D", "ChannelAttention1D", "SpectrumScaler", "lc_output_length"]
 
 _PACKAGE = "lamost_ostar"
 
@@ -268,3 +268,53 @@ class ChannelAttention1D(keras.layers.Layer):
         config.update(channels=self.channels, kernel_size=self.kernel_size)
         return config
 
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SpectrumScaler(keras.layers.Layer):
+    """Fixed affine map of spectra with non-trainable statistics.
+
+    ``inverse=False``: ``y = (x - offset) / scale``; ``inverse=True``:
+    ``y = x * scale + offset``.  ``offset`` has the input's per-sample shape
+    (e.g. a mean spectrum ``(npix, 1)``), ``scale`` is a scalar.  Starts as the
+    identity; :meth:`set_statistics` sets both (they are saved with the model,
+    so a saved generator carries its own de-normalisation).
+
+    Parameters
+    ----------
+    inverse : bool
+        Direction of the map.
+    **kwargs
+        Passed to :class:`keras.layers.Layer`.
+    """
+
+    def __init__(self, inverse: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.inverse = bool(inverse)
+
+    def build(self, input_shape: tuple) -> None:
+        self.offset = self.add_weight(name="offset", shape=tuple(input_shape[1:]),
+                                      initializer="zeros", trainable=False)
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones",
+                                     trainable=False)
+
+    def set_statistics(self, offset: Any, scale: float) -> None:
+        """Set ``offset`` (per-sample shape) and ``scale`` (> 0)."""
+        if not scale > 0:
+            raise ValueError("scale must be > 0")
+        self.offset.assign(ops.reshape(ops.convert_to_tensor(offset, "float32"),
+                                       self.offset.shape))
+        self.scale.assign(float(scale))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+    def call(self, inputs: Any) -> Any:
+        if self.inverse:
+            return inputs * self.scale + self.offset
+        return (inputs - self.offset) / self.scale
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["inverse"] = self.inverse
+        return config
