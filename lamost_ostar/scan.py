@@ -680,7 +680,7 @@ def run_scan(
             **(extra_provenance or {}),
         }
         scan_id = sink.start_scan(model_version=resolved,
-                                  code_version=lamost_ostar.__version__,
+                                  code_version=lamost_ostar.code_version(),
                                   parameters=parameters)
 
         if count_total:

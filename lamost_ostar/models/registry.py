@@ -23,7 +23,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import subprocess
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import keras
 import numpy as np
 
 from . import layers as _layers  # noqa: F401  (registers the custom layers)
+from .. import code_version
 from .calibration import softmax_t
 
 __all__ = [
@@ -90,21 +90,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def code_version() -> str:
-    """``lamost_ostar.__version__``, plus ``git describe`` of the source tree if any."""
-    from .. import __version__
-
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5,
-        )
-        desc = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        desc = ""
-    return f"{__version__}+git.{desc}" if desc else str(__version__)
 
 
 def _backend_versions() -> dict[str, str]:
