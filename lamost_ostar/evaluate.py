@@ -437,6 +437,8 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
     pred = p.argmax(axis=1)
     called_o = {c: float(np.mean(pred[enr.labels == c] == k_o)) for c in classes if c != "O" and np.any(enr.labels == c)}
     res["enriched"] = {"data": enr.describe(), "metrics": m, "rate_called_O_per_class": called_o}
+    thresholds = (0.5, 0.8, 0.9, 0.95, 0.99)
+    is_o_enr = enr.labels == "O"
     # (2) survey-preset sample from the held-out templates
     t0 = time.perf_counter()
     sim = mock.simulate_spectra(n, "survey", rng, grid="native", templates=test_lib)
@@ -453,6 +455,12 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
     prec = (recall * f_o / (recall * f_o + fpr * (1 - f_o))) if (recall * f_o + fpr) > 0 else None
     # upper limit on FPR when no false positive is seen (95 %, Poisson: 3 events)
     fpr_ul = 3.0 / max(1, int(non_o.sum())) if fp == 0 else None
+    res["thresholds"] = [
+        {"p_o_min": t,
+         "o_recall_enriched": float(np.mean(p[is_o_enr, k_o] >= t)) if is_o_enr.any() else None,
+         "false_o_per_million_non_o": float(np.mean(ps[non_o, k_o] >= t)) * 1e6,
+         "false_o": int(np.sum(ps[non_o, k_o] >= t))}
+        for t in thresholds]
     res["survey_sample"] = {
         "n": int(n), "n_non_o": int(non_o.sum()), "n_o": int((~non_o).sum()),
         "counts": {c: int(np.sum(mk == c)) for c in classes},
@@ -494,7 +502,8 @@ def _evaluate_release(bundle, root: Path) -> dict:
     fp = int(np.sum(pred[non_o] == k_o))
     tp = int(np.sum(pred[~non_o] == k_o))
     return {"path": str(root), "n_files": len(truth), "n_read": len(keep), "n_o": int((~non_o).sum()),
-            "counts": {c: int(np.sum(mk == c)) for c in np.unique(mk)},
+            "counts": {str(c): int(np.sum(mk == c)) for c in np.unique(mk)},
+            "false_o_p_o_ge_0.9": int(np.sum(p[non_o, k_o] >= 0.9)),
             "false_o": fp, "true_o": tp,
             "false_o_per_million_non_o": fp / max(1, int(non_o.sum())) * 1e6,
             "o_precision": (tp / (tp + fp)) if tp + fp else None,
@@ -705,6 +714,19 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
         L.append(f"| {kind.upper()} (DS5{'a' if kind == 'lcgan' else 'b'}) | "
                  f"{_pct(PAPER[kind]['recogniser_best'])} (best) | {_pct(f.get('acc_real_o'))} | "
                  f"{_pct(s[kind].get('best_checkpoint_acc_real_o'))} | {_pct(f.get('acc_all'))} |")
+    na, la = s["no_augmentation"]["acc_real_o"], s["lcgan"].get("final", {}).get("acc_real_o")
+    if la is not None and np.isfinite(na) and np.isfinite(la):
+        if la < na:
+            L += ["", f"**Finding:** on our data the paper's gain is *not* reproduced: a recogniser whose O class "
+                  f"is only GAN samples (data set 5) recognises {_pct(la)} of the held-out real O spectra, against "
+                  f"{_pct(na)} when trained on the real O spectra of data set 1. With {cfg.gan_iterations} "
+                  "iterations on 3-5 real O stars the generators have not learnt LAMOST-like O spectra (see the "
+                  "figures; GAN-train stays low: an SVM trained on the samples does not recognise the held-out "
+                  "real O stars). GAN-test is at or near 100 % for both GANs, so on our data it does not "
+                  "separate them. The shipped model therefore "
+                  "trains on real O realisations *plus* LCGAN samples, never on GAN samples alone."]
+        else:
+            L += ["", f"**Finding:** augmentation helps here: {_pct(la)} vs {_pct(na)} without it."]
     L += ["", "Per checkpoint (medians over runs):", "",
           "| GAN | iteration | acc. real O | GAN-train | GAN-test |", "|---|---|---|---|---|"]
     for kind in ("lcgan", "sgan"):
@@ -751,7 +773,13 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
               f"{_pct(d['o_precision_at_survey_fraction'])} ({d['formula']}); i.e. "
               + (f"{d['expected_false_o_per_true_o']:.0f} false candidates per true O star."
                  if d.get("expected_false_o_per_true_o") is not None else "no recall."),
-              "", "![7-class confusion](confusion_7class.png)"]
+              "", "Operating points (threshold on calibrated p(O) instead of the arg-max; O recall on the "
+              "O-enriched held-out set, false O per million on the survey-preset sample):", "",
+              "| p(O) >= | O recall | false O per million non-O | false O (count) |", "|---|---|---|---|"]
+        for t in sv.get("thresholds", []):
+            L.append(f"| {t['p_o_min']} | {_pct(t['o_recall_enriched'])} | {t['false_o_per_million_non_o']:.0f} | "
+                     f"{t['false_o']} of {ss['n_non_o']} |")
+        L += ["", "![7-class confusion](confusion_7class.png)"]
         if "release" in sv:
             rr = sv["release"]
             L += ["", f"4. Mock release on disk `{rr['path']}` ({rr['n_read']} of {rr['n_files']} files read; "
@@ -843,3 +871,15 @@ def render_from_results(out_dir: str | Path) -> Path:
     path = out / "report.md"
     path.write_text(render_report(results, cfg))
     return path
+
+
+def update_survey(out_dir: str | Path, model_version: str | None = None, models_dir: str | Path | None = None,
+                  data_dir: str | Path | None = None, survey_release: str | Path | None = None,
+                  n: int = 20000, n_enriched: int = 150, seed: int = 0) -> Path:
+    """Recompute only the survey part of an existing report (``results.json``) and re-render it."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    results["survey"] = survey_evaluation(model_version, models_dir, data_dir, survey_release, n=n,
+                                          n_enriched=n_enriched, seed=seed)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    return render_from_results(out)

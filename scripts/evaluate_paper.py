@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--survey-release", type=Path, default=None)
     ap.add_argument("--rerender", action="store_true",
                     help="only rewrite report.md from the results.json already in --out")
+    ap.add_argument("--survey-only", action="store_true",
+                    help="only recompute the 7-class survey part of the report in --out")
     args = ap.parse_args(argv)
+    if args.survey_only:
+        from lamost_ostar.evaluate import update_survey
+
+        path = update_survey(args.out, args.model_version, args.models_dir, args.data_dir,
+                             args.survey_release, n=args.survey_n or 20000, seed=args.seed)
+        print(f"report: {path}")
+        return
     if args.rerender:
         print(f"report: {render_from_results(args.out)}")
         return
