@@ -578,6 +578,7 @@ def run_scan(
     models_dir: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 256,
+    read_engine: str = "fitsio",
     partition_size: int = 256,
     threshold: float = 0.5,
     max_in_flight: int | None = None,
@@ -602,8 +603,8 @@ def run_scan(
         ``threads_per_worker`` and closed at the end.
     stage : str
         Stage entry point name (group ``lamost_ostar.stages``).
-    model_version, models_dir, device, batch_size
-        Passed to the stage; ``model_version=None`` is resolved once on a
+    model_version, models_dir, device, batch_size, read_engine
+        Passed to the stage (``read_engine`` only when not the default fitsio); ``model_version=None`` is resolved once on a
         worker and pinned for the whole scan.
     partition_size : int
         Files per Dask task.
@@ -664,6 +665,8 @@ def run_scan(
                         "batch_size": batch_size}
         if models_dir is not None:
             stage_kwargs["models_dir"] = os.fspath(models_dir)
+        if read_engine != "fitsio":
+            stage_kwargs["read_engine"] = read_engine
         plugin = ScanWorkerPlugin(stage, stage_kwargs, sink)
         client.register_plugin(plugin, name=plugin.name)
 
@@ -673,7 +676,8 @@ def run_scan(
 
         parameters = {
             "sources": sources, "stage": stage, "device": device,
-            "batch_size": batch_size, "partition_size": partition_size,
+            "batch_size": batch_size, "read_engine": read_engine,
+            "partition_size": partition_size,
             "threshold": threshold, "scheduler": scheduler or "local",
             "n_workers": n_workers_seen, "threads_per_worker": threads_per_worker,
             "keras_backend": info.get("keras_backend"), "device_used": info.get("device"),

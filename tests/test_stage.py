@@ -155,3 +155,17 @@ def test_unknown_model_version(models_dir):
 
     with pytest.raises(ModelNotFoundError):
         OStarStage(model_version="does-not-exist", models_dir=models_dir)
+
+
+@pytest.mark.parametrize("engine", ["native", "astropy"])
+def test_read_engines_give_the_same_results(stage, models_dir, engine):
+    paths = [str(DATA / n) for n in GOOD + sorted(BAD)]
+    other = OStarStage(model_version=stage.model_version, models_dir=models_dir,
+                       device="cpu", read_engine=engine).process(paths)
+    for a, b in zip(stage.process(paths), other):
+        assert (a.path, a.ok, a.error_reason, a.predicted_class) == \
+            (b.path, b.ok, b.error_reason, b.predicted_class)
+        if a.ok:
+            np.testing.assert_allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-6)
+    with pytest.raises(ValueError, match="read_engine"):
+        OStarStage(models_dir=models_dir, read_engine="cfitsio2")

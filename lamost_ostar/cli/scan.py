@@ -63,6 +63,9 @@ def _one_line(exc: BaseException) -> str:
               help="Files per Dask task.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Spectra per inference batch.")
+@click.option("--read-engine", type=click.Choice(["fitsio", "native", "astropy"]),
+              default="fitsio", show_default=True,
+              help="FITS reader (native: zlib + numpy, about 2x faster on .fits.gz; same records).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True, help="Inference device (auto: GPU if the Keras backend sees one).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
@@ -75,7 +78,7 @@ def _one_line(exc: BaseException) -> str:
               help="Progress bar [default: on when stderr is a terminal].")
 @click.option("--dry-run", is_flag=True, help="Count files and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-         partition_size, batch_size, device, threshold, stage_name, max_in_flight, progress,
+         partition_size, batch_size, read_engine, device, threshold, stage_name, max_in_flight, progress,
          dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
@@ -112,7 +115,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
             known = ", ".join(sorted(available_stages())) or "none"
             raise click.ClickException(f"no stage named {stage_name!r} (registered: {known})")
     if models_dir is None:  # the registry expects the CLI to pass the user directory
-        models_dir = os.path.join(os.path.expanduser("~"), ".lamost_ostar", "models")
+        models_dir = os.environ.get("LAMOST_OSTAR_MODELS") or os.path.join(
+            os.path.expanduser("~"), ".lamost_ostar", "models")
     sink = _open_catalogue(db)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -122,7 +126,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
             paths, sink, scheduler=scheduler, n_workers=n_workers,
             threads_per_worker=threads_per_worker, stage=stage_name,
             model_version=model_version, models_dir=models_dir, device=device,
-            batch_size=batch_size, partition_size=partition_size, threshold=threshold,
+            batch_size=batch_size, read_engine=read_engine, partition_size=partition_size, threshold=threshold,
             max_in_flight=max_in_flight, progress=progress,
             worker_log=None if scheduler else worker_log,
         )
