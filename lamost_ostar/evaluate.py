@@ -455,6 +455,12 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
     prec = (recall * f_o / (recall * f_o + fpr * (1 - f_o))) if (recall * f_o + fpr) > 0 else None
     # upper limit on FPR when no false positive is seen (95 %, Poisson: 3 events)
     fpr_ul = 3.0 / max(1, int(non_o.sum())) if fp == 0 else None
+    snr_g = np.array([t["snr_g"] for t in sim.truth], dtype=float)
+    res["by_snr"] = [
+        {"snr_g_min": lo, "n_non_o": int(np.sum(non_o & (snr_g >= lo))),
+         "false_o_per_million_non_o": float(np.mean(pred_s[non_o & (snr_g >= lo)] == k_o)) * 1e6
+         if np.any(non_o & (snr_g >= lo)) else None}
+        for lo in (0.0, 5.0, 10.0, 20.0, 50.0)]
     res["thresholds"] = [
         {"p_o_min": t,
          "o_recall_enriched": float(np.mean(p[is_o_enr, k_o] >= t)) if is_o_enr.any() else None,
@@ -779,6 +785,13 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
         for t in sv.get("thresholds", []):
             L.append(f"| {t['p_o_min']} | {_pct(t['o_recall_enriched'])} | {t['false_o_per_million_non_o']:.0f} | "
                      f"{t['false_o']} of {ss['n_non_o']} |")
+        if sv.get("by_snr"):
+            L += ["", "False O (arg-max) per million non-O spectra of the survey-preset sample above an S/N cut "
+                  "(SNRG measured on the mock spectrum):", "",
+                  "| SNRG >= | non-O spectra | false O per million |", "|---|---|---|"]
+            for b in sv["by_snr"]:
+                v = b["false_o_per_million_non_o"]
+                L.append(f"| {b['snr_g_min']:g} | {b['n_non_o']} | {'-' if v is None else f'{v:.0f}'} |")
         L += ["", "![7-class confusion](confusion_7class.png)"]
         if "release" in sv:
             rr = sv["release"]
