@@ -99,7 +99,7 @@ def bench_naive(paths: list[str], model_version: str | None, models_dir: str | N
 
 
 def bench_scan(release: str, db: str, workers: int, model_version, models_dir, partition_size,
-               batch_size) -> dict:
+               batch_size, read_engine: str = "fitsio") -> dict:
     from lamost_ostar.catalogue import Catalogue
     from lamost_ostar.scan import run_scan
 
@@ -107,7 +107,7 @@ def bench_scan(release: str, db: str, workers: int, model_version, models_dir, p
     t0 = time.perf_counter()
     s = run_scan([release], sink, n_workers=workers, model_version=model_version,
                  models_dir=models_dir, device="cpu", partition_size=partition_size,
-                 batch_size=batch_size, progress=False,
+                 batch_size=batch_size, read_engine=read_engine, progress=False,
                  worker_log=os.path.join(tempfile.gettempdir(), "bench_scan_workers.log"))
     wall = time.perf_counter() - t0
     counts = sink.counts()
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="PostgreSQL URL of a database to connect to for CREATE DATABASE "
                          "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: a,b,sqlite,pg")
+    ap.add_argument("--read-engine", default="fitsio", choices=["fitsio", "native", "astropy"],
+                    help="reader used by the scanner in (c)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = list(iter_paths([args.release]))
     n = len(paths)
     report: dict = {"release": args.release, "files": n, "workers": args.workers,
+                    "read_engine": args.read_engine,
                     "cpu_count": os.cpu_count(), "machine": platform.platform(),
                     "load_avg_start": os.getloadavg()}
     print(f"{n} files, {args.workers} worker processes, load average {os.getloadavg()}")
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if "sqlite" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
             r = bench_scan(args.release, f"sqlite:///{tmp}/bench.sqlite", args.workers,
-                           args.model, args.models_dir, args.partition_size, args.batch_size)
+                           args.model, args.models_dir, args.partition_size, args.batch_size,
+                           args.read_engine)
         report["c_sqlite"] = r
         print(f"(c)  scan -> SQLite:                {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         url, name = _pg_create(args.pg_url)
         try:
             r = bench_scan(args.release, url, args.workers, args.model, args.models_dir,
-                           args.partition_size, args.batch_size)
+                           args.partition_size, args.batch_size, args.read_engine)
         finally:
             _pg_drop(args.pg_url, name)
         report["c_postgresql"] = r
