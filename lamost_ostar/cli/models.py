@@ -71,7 +71,7 @@ def models() -> None:
 @models_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
 def list_cmd(models_dir: Path | None, as_json: bool) -> None:
-    """List every model version, newest user version first, then the packaged default."""
+    """List every model version: user versions, then packaged ones, newest first in each."""
     rows = _versions(models_dir)
     if as_json:
         click.echo(json.dumps([dict(c, origin=o, path=str(d)) for o, c, d in rows], indent=2))
@@ -80,7 +80,9 @@ def list_cmd(models_dir: Path | None, as_json: bool) -> None:
         click.echo("no model versions found")
         return
     user = sorted([r for r in rows if r[0] == "user"], key=lambda r: r[1].get("created", ""), reverse=True)
-    rows = user + [r for r in rows if r[0] == "packaged"]
+    packaged = sorted([r for r in rows if r[0] == "packaged"], key=lambda r: r[1].get("created", ""),
+                      reverse=True)
+    rows = user + packaged
     head = f"{'version':<34} {'origin':<9} {'created':<20} {'classes':<14} {'T':>6} {'test acc':>8} {'O rec':>6} {'O prec':>6}  gan"
     click.echo(head)
     click.echo("-" * len(head))
