@@ -54,6 +54,8 @@ from lamost_ostar.io import ENGINES, Spectrum, read_spectra
 from lamost_ostar.preprocess import prepare
 
 __all__ = [
+    "SpectrumResult",
+    "read_items",
     "ENTRY_POINT_GROUP",
     "FLAG_LOW_SNR",
     "FLAG_NO_SNR",
@@ -120,7 +122,48 @@ DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass
-class StageResult:
+class SpectrumResult:
+    """The fields every stage's result shares: the input, success or error, header metadata.
+
+    Stages (the core :class:`StageResult`, plugins' own result records) subclass
+    it and add their measurements, so the scanner and the catalogue can rely on
+    these fields whatever the stage.  See :class:`StageResult` for the fields.
+    """
+
+    path: str
+    ok: bool
+    error_reason: str | None = None
+    error_message: str | None = None
+    obsid: int | None = None
+    designation: str | None = None
+    ra: float | None = None
+    dec: float | None = None
+    lmjd: int | None = None
+    planid: str | None = None
+    spid: int | None = None
+    fiberid: int | None = None
+    snr_g: float | None = None
+    snr_r: float | None = None
+    snr_i: float | None = None
+    pipeline_class: str | None = None
+    pipeline_subclass: str | None = None
+    data_release: str | None = None
+    layout: str | None = None
+
+    @classmethod
+    def failure(cls, path: str, reason: str, message: str,
+                model_version: str | None = None, spectrum: Spectrum | None = None
+                ) -> "SpectrumResult":
+        """An ``ok=False`` result (keeps the header metadata when a spectrum was read)."""
+        meta = spectrum_metadata(spectrum) if spectrum is not None else {}
+        if model_version is not None:
+            meta["model_version"] = model_version
+        return cls(path=os.fspath(path), ok=False, error_reason=reason,
+                   error_message=" ".join(str(message).split()), **meta)
+
+
+@dataclass
+class StageResult(SpectrumResult):
     """Result of a stage for one input (one spectrum, or one file that failed).
 
     Attributes
@@ -149,40 +192,12 @@ class StageResult:
         Model version that produced the result.
     """
 
-    path: str
-    ok: bool
-    error_reason: str | None = None
-    error_message: str | None = None
-    obsid: int | None = None
-    designation: str | None = None
-    ra: float | None = None
-    dec: float | None = None
-    lmjd: int | None = None
-    planid: str | None = None
-    spid: int | None = None
-    fiberid: int | None = None
-    snr_g: float | None = None
-    snr_r: float | None = None
-    snr_i: float | None = None
-    pipeline_class: str | None = None
-    pipeline_subclass: str | None = None
-    data_release: str | None = None
-    layout: str | None = None
     probs: dict[str, float] | None = None
     p_o: float | None = None
     predicted_class: str | None = None
     flags: int = 0
     model_version: str | None = None
 
-    @classmethod
-    def failure(cls, path: str, reason: str, message: str,
-                model_version: str | None = None, spectrum: Spectrum | None = None
-                ) -> "StageResult":
-        """An ``ok=False`` result (keeps the header metadata when a spectrum was read)."""
-        meta = spectrum_metadata(spectrum) if spectrum is not None else {}
-        return cls(path=os.fspath(path), ok=False, error_reason=reason,
-                   error_message=" ".join(str(message).split()),
-                   model_version=model_version, **meta)
 
 
 @runtime_checkable
@@ -210,6 +225,54 @@ def spectrum_metadata(s: Spectrum) -> dict[str, Any]:
         pipeline_class=s.pipeline_class, pipeline_subclass=s.pipeline_subclass,
         data_release=s.data_release, layout=s.layout,
     )
+
+
+def read_items(items: Sequence[Any], engine: str = "fitsio"
+               ) -> tuple[list[Spectrum], list[int], dict[int, tuple[str, str, str]]]:
+    """Read the file paths among ``items``; :class:`Spectrum` records pass through.
+
+    Parameters
+    ----------
+    items : sequence of str, path-like or Spectrum
+        One batch of a stage's inputs.
+    engine : str
+        Reader engine of :func:`lamost_ostar.io.read_spectra`.
+
+    Returns
+    -------
+    spectra : list of Spectrum
+        The readable inputs.
+    slots : list of int
+        Input index of each of ``spectra``.
+    failed : dict
+        Input index -> ``(path, reason, message)`` for every input that could
+        not be read (an input the reader did not report back is ``unreadable``).
+    """
+    spectra: list[Spectrum] = []
+    slots: list[int] = []
+    failed: dict[int, tuple[str, str, str]] = {}
+    path_idx = [i for i, it in enumerate(items) if not isinstance(it, Spectrum)]
+    if path_idx:
+        paths = [os.fspath(items[i]) for i in path_idx]
+        batch = read_spectra(paths, engine=engine)
+        queues: dict[str, deque[int]] = defaultdict(deque)
+        for i, p in zip(path_idx, paths):
+            queues[p].append(i)
+        for err in batch.errors:
+            if queues.get(err.path):
+                failed[queues[err.path].popleft()] = (err.path, err.reason, err.message)
+        for sp in batch.spectra:
+            if queues.get(sp.path):
+                slots.append(queues[sp.path].popleft())
+                spectra.append(sp)
+        for p, q in queues.items():  # anything the reader did not report back
+            for i in q:
+                failed[i] = (p, "unreadable", "no result from the reader")
+    for i, it in enumerate(items):
+        if isinstance(it, Spectrum):
+            spectra.append(it)
+            slots.append(i)
+    return spectra, slots, failed
 
 
 def quality_flags(mask: np.ndarray, good_fraction: np.ndarray, snr_g: np.ndarray,
@@ -408,43 +471,13 @@ class OStarStage:
 
     # -- internals
     def _process_batch(self, items: list[Any]) -> list[StageResult]:
-        n = len(items)
-        results: list[StageResult | None] = [None] * n
-        spectra: list[Spectrum] = []
-        slots: list[int] = []
-
-        path_idx = [i for i, it in enumerate(items) if not isinstance(it, Spectrum)]
-        if path_idx:
-            paths = [os.fspath(items[i]) for i in path_idx]
-            batch = read_spectra(paths, engine=self.read_engine)
-            queues: dict[str, deque[int]] = defaultdict(deque)
-            for i, p in zip(path_idx, paths):
-                queues[p].append(i)
-            for err in batch.errors:
-                q = queues.get(err.path)
-                if q:
-                    i = q.popleft()
-                    results[i] = StageResult.failure(err.path, err.reason, err.message,
-                                                     self.model_version)
-            for sp in batch.spectra:
-                q = queues.get(sp.path)
-                if q:
-                    i = q.popleft()
-                    spectra.append(sp)
-                    slots.append(i)
-        for i, it in enumerate(items):
-            if isinstance(it, Spectrum):
-                spectra.append(it)
-                slots.append(i)
-
+        results: list[StageResult | None] = [None] * len(items)
+        spectra, slots, failed = read_items(items, self.read_engine)
+        for i, (path, reason, message) in failed.items():
+            results[i] = StageResult.failure(path, reason, message, self.model_version)
         if spectra:
             for i, res in zip(slots, self._classify(spectra)):
                 results[i] = res
-        for i, res in enumerate(results):  # anything the reader did not report back
-            if res is None:
-                results[i] = StageResult.failure(os.fspath(getattr(items[i], "path", items[i])),
-                                                 "unreadable", "no result from the reader",
-                                                 self.model_version)
         return results  # type: ignore[return-value]
 
     def _classify(self, spectra: list[Spectrum]) -> list[StageResult]:

@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lamost_ostar.io import Spectrum, read_spectra
+from lamost_ostar.io import Spectrum
 from lamost_ostar.preprocess import grid_wavelength, resample
-from lamost_ostar.stage import spectrum_metadata
+from lamost_ostar.stage import SpectrumResult, read_items, spectrum_metadata
 
 __all__ = ["LINES", "HEII_MIN_EW", "HEII_MIN_SIGMA", "BLUE_BAND", "RED_BAND",
            "MIN_BLUE_RED_RATIO", "LineResult", "HeIILineStage",
@@ -69,7 +68,7 @@ VERSION = "heii_lines-1"
 
 
 @dataclass
-class LineResult:
+class LineResult(SpectrumResult):
     """Line measurements for one input (same common fields as StageResult).
 
     EWs are in Angstrom, positive for absorption; ``*_err`` are 1-sigma errors
@@ -80,25 +79,6 @@ class LineResult:
     :data:`MIN_BLUE_RED_RATIO` (a hot continuum).
     """
 
-    path: str
-    ok: bool
-    error_reason: str | None = None
-    error_message: str | None = None
-    obsid: int | None = None
-    designation: str | None = None
-    ra: float | None = None
-    dec: float | None = None
-    lmjd: int | None = None
-    planid: str | None = None
-    spid: int | None = None
-    fiberid: int | None = None
-    snr_g: float | None = None
-    snr_r: float | None = None
-    snr_i: float | None = None
-    pipeline_class: str | None = None
-    pipeline_subclass: str | None = None
-    data_release: str | None = None
-    layout: str | None = None
     ew_hei_4471: float | None = None
     ew_hei_4471_err: float | None = None
     ew_heii_4686: float | None = None
@@ -205,36 +185,12 @@ class HeIILineStage:
 
     def _batch(self, items: list[Any]) -> list[LineResult]:
         results: list[LineResult | None] = [None] * len(items)
-        spectra: list[Spectrum] = []
-        slots: list[int] = []
-        path_idx = [i for i, it in enumerate(items) if not isinstance(it, Spectrum)]
-        if path_idx:
-            paths = [os.fspath(items[i]) for i in path_idx]
-            batch = read_spectra(paths)
-            queues: dict[str, deque[int]] = defaultdict(deque)
-            for i, p in zip(path_idx, paths):
-                queues[p].append(i)
-            for err in batch.errors:
-                if queues.get(err.path):
-                    results[queues[err.path].popleft()] = LineResult(
-                        path=err.path, ok=False, error_reason=err.reason,
-                        error_message=err.message)
-            for sp in batch.spectra:
-                if queues.get(sp.path):
-                    slots.append(queues[sp.path].popleft())
-                    spectra.append(sp)
-        for i, it in enumerate(items):
-            if isinstance(it, Spectrum):
-                spectra.append(it)
-                slots.append(i)
+        spectra, slots, failed = read_items(items)
+        for i, (path, reason, message) in failed.items():
+            results[i] = LineResult.failure(path, reason, message)
         if spectra:
             for i, res in zip(slots, self._measure(spectra)):
                 results[i] = res
-        for i, res in enumerate(results):
-            if res is None:
-                results[i] = LineResult(path=os.fspath(getattr(items[i], "path", items[i])),
-                                        ok=False, error_reason="unreadable",
-                                        error_message="no result from the reader")
         return results  # type: ignore[return-value]
 
     def _measure(self, spectra: list[Spectrum]) -> list[LineResult]:
