@@ -864,9 +864,11 @@ def model_card_section(results: dict) -> list[str]:
               "Confusion (rows true, columns predicted, order " + "".join(t.get("classes", [])) + "): "
               + str(t.get("confusion"))]
     if tim:
-        L += ["", f"CPU timings of this training (2 shared cores): LCGAN {tim.get('lcgan_iterations')} iterations "
-              f"(batch 16) on {tim.get('lcgan_trained_on')} O spectra: {tim.get('lcgan_fit_s', float('nan')):.0f} s "
-              f"({tim.get('lcgan_fit_s', float('nan')) / max(1, tim.get('lcgan_iterations') or 1):.3f} s/iteration); "
+        gan = (f"LCGAN {tim.get('lcgan_iterations')} iterations (batch 16) on "
+               f"{tim.get('lcgan_trained_on')} O spectra: {tim.get('lcgan_fit_s', float('nan')):.0f} s "
+               f"({tim.get('lcgan_fit_s', float('nan')) / max(1, tim.get('lcgan_iterations') or 1):.3f}"
+               " s/iteration); " if tim.get("lcgan_iterations") else "no LCGAN augmentation; ")
+        L += ["", f"CPU timings of this training (2 shared cores): {gan}"
               f"recogniser: {tim.get('recogniser_s_per_epoch', float('nan')):.1f} s/epoch on "
               f"{tim.get('recogniser_train_spectra')} spectra (batch 32), {tim.get('recogniser_epochs')} epochs."]
     return L
