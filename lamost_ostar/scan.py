@@ -240,10 +240,7 @@ class FileCounter(threading.Thread):
 # --------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------
-try:  # distributed is a hard dependency, but keep import errors readable
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover
-    _WorkerPlugin = object  # type: ignore[assignment,misc]
+from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
 
 
 class ScanWorkerPlugin(_WorkerPlugin):

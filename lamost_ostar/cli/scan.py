@@ -148,10 +148,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 
 def _open_catalogue(db: str) -> Any:
     """The catalogue sink, checked now (bad URL or server -> one-line error)."""
-    try:
-        from lamost_ostar.catalogue import CatalogueWriter
-    except ImportError as exc:  # pragma: no cover - catalogue is part of the package
-        raise click.ClickException(f"catalogue unavailable: {exc}") from None
+    from lamost_ostar.catalogue import CatalogueWriter
+
     try:
         sink = CatalogueWriter(db)
         sink.engine  # connect and create the schema now  # noqa: B018

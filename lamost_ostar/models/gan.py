@@ -83,10 +83,7 @@ from keras import ops
 
 from .layers import LocallyConnected1D, SpectrumScaler
 
-try:  # the shared constant lives in preprocess (DESIGN.md)
-    from ..preprocess import NPIX
-except ImportError:  # pragma: no cover - preprocess not importable yet
-    NPIX = 3921
+from ..preprocess import NPIX
 
 __all__ = [
     "LATENT_DIM",

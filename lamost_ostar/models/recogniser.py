@@ -32,10 +32,7 @@ import numpy as np
 
 from .layers import ChannelAttention1D
 
-try:  # the shared constant lives in preprocess (DESIGN.md)
-    from ..preprocess import NPIX
-except ImportError:  # pragma: no cover - preprocess not importable yet
-    NPIX = 3921
+from ..preprocess import NPIX
 
 __all__ = [
     "CLASSES_7",
