@@ -1149,6 +1149,18 @@ def _mags(snr_g: float, mk: str, ebv: float, rng: np.random.Generator) -> list[f
     return [round(float(m), 2) for m in (u, g, r, i, z)]
 
 
+
+def _exposure_cards(C, meta: dict, lmjm: int, bestexp_comment: str) -> list:
+    """The exposure-summary cards (NEXP ... SCAMEAN); DR1 writes them in another place."""
+    return [C("NEXP", 3, "Number of valid exposures"),
+            C("NEXP_B", 3, "Number of valid blue exposures"),
+            C("NEXP_R", 3, "Number of valid red exposures"),
+            C("EXPT_B", meta["exptime"], "[s] Blue exposure duration time"),
+            C("EXPT_R", meta["exptime"], "[s] Red exposure duration time"),
+            C("EXPTIME", meta["exptime"], "[s] Minimum of exposure time for all cameras"),
+            C("BESTEXP", lmjm, bestexp_comment),
+            C("SCAMEAN", meta["scamean"], "[ADU] Mean level of scatter light")]
+
 def _header_cards(layout: str, meta: dict[str, Any], cfg: MockConfig) -> list[str]:
     """Primary-header cards after the structural ones, in the order of real files."""
     C = _card
@@ -1248,14 +1260,7 @@ def _header_cards(layout: str, meta: dict[str, Any], cfg: MockConfig) -> list[st
     if layout != "dr1":
         c += [C("LAMPLIST", "lamphgcdne.dat", "Arc lamp emission line list"),
               C("SKYLIST", "skylines.dat", "Sky emission line list"),
-              C("NEXP", 3, "Number of valid exposures"),
-              C("NEXP_B", 3, "Number of valid blue exposures"),
-              C("NEXP_R", 3, "Number of valid red exposures"),
-              C("EXPT_B", meta["exptime"], "[s] Blue exposure duration time"),
-              C("EXPT_R", meta["exptime"], "[s] Red exposure duration time"),
-              C("EXPTIME", meta["exptime"], "[s] Minimum of exposure time for all cameras"),
-              C("BESTEXP", lmjm, "LMJM of the best exposure"),
-              C("SCAMEAN", meta["scamean"], "[ADU] Mean level of scatter light")]
+              *_exposure_cards(C, meta, lmjm, "LMJM of the best exposure")]
     c += [C("COMMENT", "--------SPECTROGRAPH PARAMETERS"),
           C("SPID", int(meta["spid"]), "Spectrograph ID"),
           C("SPRA", round(meta["spra"], 7), "[deg] Average RA of this spectrograph"),
@@ -1282,14 +1287,7 @@ def _header_cards(layout: str, meta: dict[str, Any], cfg: MockConfig) -> list[st
             stamp = (t0 + _dt.timedelta(seconds=e * meta["exptime"] / 3 * 1.1)).strftime("%Y%m%d%H%M%S")
             c.append(C(f"EXPID{j + 1:02d}", f"{int(meta['spid']):02d}{arm}-{stamp}-{e}-{lmjm + 28 * e}",
                        f"ID string for exposure {j + 1}"))
-        c += [C("NEXP", 3, "Number of valid exposures"),
-              C("NEXP_B", 3, "Number of valid blue exposures"),
-              C("NEXP_R", 3, "Number of valid red exposures"),
-              C("EXPT_B", meta["exptime"], "[s] Blue exposure duration time"),
-              C("EXPT_R", meta["exptime"], "[s] Red exposure duration time"),
-              C("EXPTIME", meta["exptime"], "[s] Minimum of exposure time for all cameras"),
-              C("BESTEXP", lmjm, "MJM of the best exposure"),
-              C("SCAMEAN", meta["scamean"], "[ADU] Mean level of scatter light")]
+        c += _exposure_cards(C, meta, lmjm, "MJM of the best exposure")
     c += [C("EXTRACT", "aperture", "Extraction method"),
           C("SFLATTEN", True, "Super flat has been applied"),
           C("PCASKYSB", True, "PCA sky-subtraction has been applied"),
