@@ -129,6 +129,26 @@ def _crop(h: Any, npix: int, full: int) -> Any:
     return h
 
 
+def _upsampling_generator(npix: int, latent_dim: int, filters: tuple[int, ...],
+                          stage: Any, out: Any, name: str) -> keras.Model:
+    """The generator schedule LCGAN and SGAN share: noise -> projection -> stages.
+
+    ``stage(h, i, f)`` builds stage ``i`` with ``f`` filters (an ``UpSampling1D(2)``
+    precedes every stage after the first, a LeakyReLU follows each); ``out`` is
+    the final one-channel layer; the result is cropped to ``npix`` and mapped
+    back from the normalised scale.
+    """
+    z = keras.Input((latent_dim,), name="z")
+    h, length = _project_and_reshape(z, npix, len(filters) - 1)
+    for i, f in enumerate(filters):
+        if i:
+            h = keras.layers.UpSampling1D(2)(h)
+            length *= 2
+        h = keras.layers.LeakyReLU(0.2)(stage(h, i, f))
+    h = SpectrumScaler(inverse=True, name="denormalise")(_crop(out(h), npix, length))
+    return keras.Model(z, h, name=name)
+
+
 def build_lcgan_generator(
     npix: int = NPIX,
     latent_dim: int = LATENT_DIM,
@@ -157,18 +177,11 @@ def build_lcgan_generator(
     keras.Model
         ``(batch, latent_dim) -> (batch, npix, 1)``, unit-RMS scale.
     """
-    n_up = len(filters) - 1
-    z = keras.Input((latent_dim,), name="z")
-    h, length = _project_and_reshape(z, npix, n_up)
-    for i, f in enumerate(filters):
-        if i:
-            h = keras.layers.UpSampling1D(2)(h)
-            length *= 2
-        h = LocallyConnected1D(f, kernel_size, padding="same", name=f"lc{i}")(h)
-        h = keras.layers.LeakyReLU(0.2)(h)
-    h = LocallyConnected1D(1, kernel_size, padding="same", name="lc_out")(h)
-    h = SpectrumScaler(inverse=True, name="denormalise")(_crop(h, npix, length))
-    return keras.Model(z, h, name=name)
+    def stage(h: Any, i: int, f: int) -> Any:
+        return LocallyConnected1D(f, kernel_size, padding="same", name=f"lc{i}")(h)
+
+    out = LocallyConnected1D(1, kernel_size, padding="same", name="lc_out")
+    return _upsampling_generator(npix, latent_dim, filters, stage, out, name)
 
 
 def build_sgan_generator(
@@ -182,19 +195,12 @@ def build_sgan_generator(
 
     Parameters and return value as :func:`build_lcgan_generator`.
     """
-    n_up = len(filters) - 1
-    z = keras.Input((latent_dim,), name="z")
-    h, length = _project_and_reshape(z, npix, n_up)
-    for i, f in enumerate(filters):
-        if i:
-            h = keras.layers.UpSampling1D(2)(h)
-            length *= 2
+    def stage(h: Any, i: int, f: int) -> Any:
         h = keras.layers.Conv1D(f, kernel_size, padding="same", name=f"conv{i}")(h)
-        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
-        h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Conv1D(1, kernel_size, padding="same", name="conv_out")(h)
-    h = SpectrumScaler(inverse=True, name="denormalise")(_crop(h, npix, length))
-    return keras.Model(z, h, name=name)
+        return keras.layers.BatchNormalization(name=f"bn{i}")(h)
+
+    out = keras.layers.Conv1D(1, kernel_size, padding="same", name="conv_out")
+    return _upsampling_generator(npix, latent_dim, filters, stage, out, name)
 
 
 def build_discriminator(
