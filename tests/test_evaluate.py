@@ -50,6 +50,11 @@ def test_tiny_protocol_writes_report(tmp_path):
         ck = run["checkpoints"][kind]["1"]
         for key in ("gan_train", "gan_test", "acc_real_o"):
             assert 0.0 <= ck[key] <= 1.0
+    # the GAN-train ceiling: real DS1 spectra scored in place of generated ones
+    assert 0.0 <= run["oracle"]["gan_train"] <= 1.0
+    assert "reference: real DS1 spectra" in text
+    # finished runs are kept while a long evaluation is still going
+    assert json.loads((tmp_path / "results.partial.json").read_text())["runs"][0]["run"] == 0
 
 
 def test_survey_evaluation_structure(tmp_path):
