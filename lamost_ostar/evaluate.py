@@ -662,14 +662,26 @@ def _pct(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{100 * v:.1f} %"
 
 
+#: EvalConfig fields that scripts/evaluate_paper.py can override (its option names)
+_OVERRIDES = ("runs", "gan_iterations", "checkpoint_every", "n_large", "epochs", "survey_n")
+
+
+def evaluation_command(cfg: EvalConfig) -> str:
+    """The ``scripts/evaluate_paper.py`` command line that reproduces ``cfg``."""
+    base = EvalConfig.from_profile(cfg.profile, seed=cfg.seed)
+    flags = [f"--profile {cfg.profile}"]
+    flags += [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _OVERRIDES
+              if getattr(cfg, k) != getattr(base, k)]
+    return "python scripts/evaluate_paper.py " + " ".join(flags + [f"--seed {cfg.seed}"])
+
+
 def render_report(results: dict, cfg: EvalConfig) -> str:
     """Markdown report: tables next to the paper's numbers, data behind every number."""
     s = summarise(results)
     runs = results["runs"]
     L = ["# Evaluation: the paper's protocol on our data", "",
          f"Profile `{cfg.profile}`; {cfg.runs} run(s) per setting (paper: 10), medians over runs. "
-         f"Command: `lamost-ostar evaluate --profile {cfg.profile} --seed {cfg.seed}` "
-         "(or `python scripts/evaluate_paper.py`). Raw numbers: `results.json`.", "",
+         f"Command: `{evaluation_command(cfg)}`. Raw numbers: `results.json`.", "",
          "## Data (paper's Table 1, rebuilt and scaled down)", "",
          "Real O spectra: the 6 real O stars of MILES (HD057060, HD057061, HD209975) and Pickles "
          "(o5v, o8iii, o9v), each realised "

@@ -87,4 +87,5 @@ def test_retrain_bad_arguments(tmp_path):
 def test_evaluate_bad_arguments(tmp_path):
     _assert_one_line_error(run("evaluate", "--profile", "huge"), "--profile")
     _assert_one_line_error(run("evaluate", "--runs", "0"), "--runs")
+    _assert_one_line_error(run("evaluate", "--checkpoint-every", "0"), "--checkpoint-every")
     _assert_one_line_error(run("evaluate", "--data-dir", str(tmp_path / "none")), "--data-dir")

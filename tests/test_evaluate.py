@@ -22,6 +22,14 @@ def test_confusion_and_metrics():
     assert 0 <= m["ece"] <= 1
 
 
+def test_evaluation_command_names_overrides():
+    cfg = ev.EvalConfig.from_profile("small")
+    assert ev.evaluation_command(cfg) == "python scripts/evaluate_paper.py --profile small --seed 0"
+    cfg.runs, cfg.gan_iterations = 10, 2000
+    assert ev.evaluation_command(cfg) == ("python scripts/evaluate_paper.py --profile small --runs 10 "
+                                          "--gan-iterations 2000 --seed 0")
+
+
 def test_profiles():
     assert ev.EvalConfig.from_profile("paper").runs == 10
     with pytest.raises(ValueError, match="unknown profile"):

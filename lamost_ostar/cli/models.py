@@ -180,13 +180,15 @@ def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_it
               help="Size of the evaluation (tiny: seconds, for tests; small: minutes on 2 CPU cores).")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Runs per setting (median reported).")
 @click.option("--gan-iterations", type=click.IntRange(min=1), default=None, help="GAN iterations.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help="Score the GANs every so many iterations (accuracy vs iteration).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-version", default=None, help="Model version for the survey evaluation.")
 @models_dir_option
 @click.option("--survey-release", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A survey-preset mock release (with truth.csv) to evaluate the 7-class model on.")
 def evaluate(out_dir: Path, data_dir: Path | None, profile: str, runs: int | None,
-             gan_iterations: int | None, seed: int, model_version: str | None,
+             gan_iterations: int | None, checkpoint_every: int | None, seed: int, model_version: str | None,
              models_dir: Path | None, survey_release: Path | None) -> None:
     """Run the paper's evaluation protocol and write REPORT (markdown + PNG)."""
     from .. import evaluate as ev
@@ -197,6 +199,8 @@ def evaluate(out_dir: Path, data_dir: Path | None, profile: str, runs: int | Non
             cfg.runs = runs
         if gan_iterations is not None:
             cfg.gan_iterations = gan_iterations
+        if checkpoint_every is not None:
+            cfg.checkpoint_every = checkpoint_every
         path = ev.run_evaluation(cfg, out_dir, data_dir=data_dir, survey_release=survey_release,
                                  model_version=model_version, models_dir=models_dir)
     except (ValueError, FileNotFoundError) as exc:
