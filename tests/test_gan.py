@@ -98,6 +98,25 @@ def test_ttur_learning_rates():
     np.testing.assert_allclose(np.median(step_d), 1.5e-4 * scale, rtol=0.02)
 
 
+def test_trainer_takes_a_model_subclass():
+    """A loss variant subclasses GANModel and reuses its discriminate() (scripts/gan_variants.py)."""
+    seen = []
+
+    class Variant(G.GANModel):
+        def call(self, inputs, training=False):
+            real, z = inputs
+            seen.append(training)
+            return self.discriminate(real, self.generator(z, training=training), training)
+
+    g, d = _linear_models()
+    trainer = G.GANTrainer(g, d, model_class=Variant)
+    assert isinstance(trainer.model, Variant)
+    rng = np.random.default_rng(2)
+    logs = trainer.train_step(rng.normal(size=(4, 8, 1)).astype("float32"),
+                              rng.normal(size=(4, 3)).astype("float32"))
+    assert seen and np.isfinite(logs["d_loss"]) and np.isfinite(logs["g_loss"])
+
+
 @pytest.mark.parametrize("make", [G.make_lcgan, G.make_sgan])
 def test_training_learns_and_checkpoints(make, tmp_path):
     keras.utils.set_random_seed(0)

@@ -293,7 +293,10 @@ class GANModel(keras.Model):
 
     def call(self, inputs: Any, training: bool = False) -> dict:
         real, z = inputs
-        fake = self.generator(z, training=training)
+        return self.discriminate(real, self.generator(z, training=training), training)
+
+    def discriminate(self, real: Any, fake: Any, training: bool = False) -> dict:
+        """The three discriminator outputs for a real and a generated batch (see class notes)."""
         disc = self.discriminator
         # Read every discriminator variable ONCE (``ops.copy`` makes a real
         # read; ``convert_to_tensor`` of a TF variable returns the variable and
@@ -352,6 +355,9 @@ class GANTrainer:
         Label smoothing: real labelled ``1 - alpha``, generated ``0 + beta``.
     kind : str
         A label ("lcgan", "sgan") kept in the history/checkpoint names.
+    model_class : type
+        :class:`GANModel` or a subclass (a variant of the losses, e.g. in
+        ``scripts/gan_variants.py``).
     normalise : bool
         Set the networks' ``SpectrumScaler`` layers (generator layer
         ``"denormalise"``, discriminator layer ``"normalise"``; skipped where
@@ -377,6 +383,7 @@ class GANTrainer:
         beta: float = 0.0,
         kind: str = "gan",
         normalise: bool = True,
+        model_class: type[GANModel] = GANModel,
     ) -> None:
         self.generator = generator
         self.discriminator = discriminator
@@ -385,8 +392,8 @@ class GANTrainer:
         self.latent_dim = int(generator.input_shape[-1])
         if int(generator.output_shape[1]) != self.npix:
             raise ValueError("generator output length != discriminator input length")
-        self.model = GANModel(generator, discriminator, alpha=alpha, beta=beta,
-                              name=f"{kind}_trainer")
+        self.model = model_class(generator, discriminator, alpha=alpha, beta=beta,
+                                 name=f"{kind}_trainer")
         optimizer = TwoTimeScaleRMSprop(
             learning_rate=generator_lr, fast_factor=discriminator_lr / generator_lr
         )
