@@ -734,10 +734,10 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
         L.append(f"| reference: real DS1 spectra as 'generated' | - | {_pct(o['gan_train'])} | "
                  f"{_pct(o['gan_train_balanced'])} | - | {_pct(o['gan_test'])} | - |")
         L += ["", "The reference row replaces the generated O spectra by real DS1 spectra (the training O "
-              "stars themselves): it is what a perfect generator of the training stars would score. "
-              f"GAN-train cannot be expected above {_pct(o['gan_train'])} here: with 3-5 training O stars an "
-              "SVM does not generalise to the held-out O unit even from real spectra (the paper had 150 "
-              "real O spectra of many stars)."]
+              "stars themselves): it is what a generator that reproduced the training stars perfectly would "
+              f"score. Even real spectra reach only {_pct(o['gan_train'])} GAN-train here: from 3-5 training "
+              "O stars an SVM does not generalise to the held-out O unit (the paper had 150 real O spectra of "
+              "many stars), so our GAN-train numbers are to be read against this row, not against 100 %."]
     L += ["", "## Recogniser accuracy on held-out real O spectra (data set 1 vs 5) - paper's Figure 7", "",
           "4-class recogniser (O, F, G, K), trained on DS5a/5b (augmented) or on DS1's real O + the same "
           "F/G/K (no augmentation); tested on DS2 (held-out O unit) = fraction recognised as O; "
