@@ -778,12 +778,12 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
           "![real vs generated](real_vs_generated.png)", "",
           "![helium lines](real_vs_generated_helium.png)", "",
           "![confusion](confusion_4class.png)", "",
-          "## CPU timings (this machine: 2 cores shared with other jobs)", ""]
+          "## CPU timings (this machine: 2 CPU cores, no GPU)", ""]
     for kind in ("lcgan", "sgan"):
         spi = s[kind]["seconds_per_iteration"]
         L.append(f"- {kind.upper()}: {spi:.3f} s/iteration (batch {cfg.gan_batch_size}, median over runs, "
-                 f"measured over {cfg.gan_iterations} iterations) -> 2,000 iterations: {2000 * spi / 60:.1f} min "
-                 "(extrapolated)" if np.isfinite(spi) else f"- {kind.upper()}: -")
+                 f"measured over {cfg.gan_iterations} iterations) -> 2,000 iterations: {2000 * spi / 60:.1f} min"
+                 + ("" if cfg.gan_iterations == 2000 else " (extrapolated)") if np.isfinite(spi) else f"- {kind.upper()}: -")
     L.append(f"- total evaluation wall time: {results['timings'].get('total_seconds', float('nan')) / 60:.1f} min")
     L += model_card_section(results)
     sv = results.get("survey") or {}
