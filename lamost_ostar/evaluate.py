@@ -760,7 +760,8 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
                   "iterations on 3-5 real O stars the generators have not learnt LAMOST-like O spectra (see the "
                   "figures; GAN-train stays low: an SVM trained on the samples does not recognise the held-out "
                   "real O stars). GAN-test is at or near 100 % for both GANs, so on our data it does not "
-                  "separate them. The shipped default model (v3) therefore trains on real O realisations "
+                  "separate them. Instance noise and moment matching did not change that "
+                  "(`gan_variants.md`, `scripts/gan_variants.py`). The shipped default model (v3) therefore trains on real O realisations "
                   "without GAN samples; v1 (real O + LCGAN samples) is kept for comparison."]
         else:
             L += ["", f"**Finding:** augmentation helps here: {_pct(la)} vs {_pct(na)} without it."]
