@@ -99,6 +99,10 @@ PAPER = {
 HE_LINES = {"He II 4686": 4687.0, "He II 4541": 4542.9, "He I 4471": 4472.7}  # vacuum A
 
 
+#: EvalConfig fields a command line may override (``--runs``, ``--gan-iterations`` ...)
+OVERRIDES = ("runs", "gan_iterations", "checkpoint_every", "n_large", "epochs", "survey_n")
+
+
 @dataclass
 class EvalConfig:
     """Size of the evaluation (the paper's counts scaled down to our data and CPU).
@@ -155,6 +159,15 @@ class EvalConfig:
                        n_real_o=60, n_small=1000, n_large=2000, n_test=200, epochs=50,
                        seed=seed, profile=name)
         raise ValueError(f"unknown profile {name!r} (tiny, small, paper)")
+
+    def override(self, **values: int | None) -> "EvalConfig":
+        """Set the given :data:`OVERRIDES` fields in place (``None``: keep); returns ``self``."""
+        for key, value in values.items():
+            if key not in OVERRIDES:
+                raise ValueError(f"{key!r} cannot be overridden (one of {', '.join(OVERRIDES)})")
+            if value is not None:
+                setattr(self, key, value)
+        return self
 
 
 @dataclass
@@ -662,15 +675,11 @@ def _pct(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{100 * v:.1f} %"
 
 
-#: EvalConfig fields that scripts/evaluate_paper.py can override (its option names)
-_OVERRIDES = ("runs", "gan_iterations", "checkpoint_every", "n_large", "epochs", "survey_n")
-
-
 def evaluation_command(cfg: EvalConfig) -> str:
     """The ``scripts/evaluate_paper.py`` command line that reproduces ``cfg``."""
     base = EvalConfig.from_profile(cfg.profile, seed=cfg.seed)
     flags = [f"--profile {cfg.profile}"]
-    flags += [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _OVERRIDES
+    flags += [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in OVERRIDES
               if getattr(cfg, k) != getattr(base, k)]
     return "python scripts/evaluate_paper.py " + " ".join(flags + [f"--seed {cfg.seed}"])
 

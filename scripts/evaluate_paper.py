@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lamost_ostar.evaluate import EvalConfig, render_from_results, run_evaluation
+from lamost_ostar.evaluate import OVERRIDES, EvalConfig, render_from_results, run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.rerender:
         print(f"report: {render_from_results(args.out)}")
         return
-    cfg = EvalConfig.from_profile(args.profile, seed=args.seed)
-    for key in ("runs", "gan_iterations", "checkpoint_every", "n_large", "epochs", "survey_n"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+    cfg = EvalConfig.from_profile(args.profile, seed=args.seed).override(
+        **{key: getattr(args, key) for key in OVERRIDES})
     path = run_evaluation(cfg, args.out, data_dir=args.data_dir, survey_release=args.survey_release,
                           model_version=args.model_version, models_dir=args.models_dir,
                           log=lambda *a: print(*a, flush=True))

@@ -25,7 +25,9 @@ def test_confusion_and_metrics():
 def test_evaluation_command_names_overrides():
     cfg = ev.EvalConfig.from_profile("small")
     assert ev.evaluation_command(cfg) == "python scripts/evaluate_paper.py --profile small --seed 0"
-    cfg.runs, cfg.gan_iterations = 10, 2000
+    assert cfg.override(runs=10, gan_iterations=2000, epochs=None) is cfg and cfg.epochs == 15
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        cfg.override(seed=3)
     assert ev.evaluation_command(cfg) == ("python scripts/evaluate_paper.py --profile small --runs 10 "
                                           "--gan-iterations 2000 --seed 0")
 

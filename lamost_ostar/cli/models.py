@@ -194,13 +194,8 @@ def evaluate(out_dir: Path, data_dir: Path | None, profile: str, runs: int | Non
     from .. import evaluate as ev
 
     try:
-        cfg = ev.EvalConfig.from_profile(profile, seed=seed)
-        if runs is not None:
-            cfg.runs = runs
-        if gan_iterations is not None:
-            cfg.gan_iterations = gan_iterations
-        if checkpoint_every is not None:
-            cfg.checkpoint_every = checkpoint_every
+        cfg = ev.EvalConfig.from_profile(profile, seed=seed).override(
+            runs=runs, gan_iterations=gan_iterations, checkpoint_every=checkpoint_every)
         path = ev.run_evaluation(cfg, out_dir, data_dir=data_dir, survey_release=survey_release,
                                  model_version=model_version, models_dir=models_dir)
     except (ValueError, FileNotFoundError) as exc:
