@@ -67,12 +67,23 @@ class LabelledSpectra:
     source : numpy.ndarray
         (N,) where the spectrum comes from: ``"lamost"``, ``"library"``,
         ``"mock"``, ``"lcgan"``, ``"sgan"``, ``"release"``.
+    xn : numpy.ndarray or None
+        float32 (N, NPIX) continuum-normalised flux (the second model channel,
+        :func:`lamost_ostar.preprocess.normalise`); computed from ``x`` on
+        first use when not given (:attr:`normalised`).
+    meta : dict
+        Optional per-spectrum arrays (each (N,)) describing how a spectrum was
+        made, e.g. ``ebv``, ``snr_g``, ``subtype``, ``lumclass``, ``kind``;
+        kept through :meth:`subset` and :meth:`concat` (keys missing in a part
+        are filled with NaN / ``""``).
     """
 
     x: np.ndarray
     labels: np.ndarray
     star: np.ndarray
     source: np.ndarray
+    xn: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.x = np.asarray(self.x, dtype=np.float32)
@@ -82,6 +93,32 @@ class LabelledSpectra:
         n = len(self.x)
         if not (len(self.labels) == len(self.star) == len(self.source) == n):
             raise ValueError("x, labels, star and source must have the same length")
+        if self.xn is not None:
+            self.xn = np.asarray(self.xn, dtype=np.float32)
+            if self.xn.shape != self.x.shape:
+                raise ValueError("xn must have the shape of x")
+        self.meta = {k: np.asarray(v) for k, v in (self.meta or {}).items()}
+        for k, v in self.meta.items():
+            if len(v) != n:
+                raise ValueError(f"meta[{k!r}] has {len(v)} values for {n} spectra")
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """The continuum-normalised flux (computed from ``x``, unmasked, if not given)."""
+        if self.xn is None:
+            from .preprocess import normalise
+
+            self.xn = normalise(self.x, np.zeros(self.x.shape, bool))[0] if len(self) else \
+                np.zeros_like(self.x)
+        return self.xn
+
+    def inputs(self, channels: int = 2) -> np.ndarray:
+        """Model input ``(N, NPIX, channels)``: ``x`` (and ``xn`` for 2 channels)."""
+        if channels == 1:
+            return self.x[..., None]
+        if channels != 2:
+            raise ValueError(f"channels must be 1 or 2, got {channels}")
+        return np.stack([self.x, self.normalised], axis=-1)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -94,7 +131,9 @@ class LabelledSpectra:
     def subset(self, index: np.ndarray | Sequence[int]) -> "LabelledSpectra":
         """Return the spectra at ``index`` (integer or boolean index)."""
         index = np.asarray(index)
-        return LabelledSpectra(self.x[index], self.labels[index], self.star[index], self.source[index])
+        return LabelledSpectra(self.x[index], self.labels[index], self.star[index], self.source[index],
+                               xn=None if self.xn is None else self.xn[index],
+                               meta={k: v[index] for k, v in self.meta.items()})
 
     def only(self, classes: Iterable[str]) -> "LabelledSpectra":
         """Return only the spectra whose label is in ``classes``."""
@@ -140,11 +179,26 @@ class LabelledSpectra:
         nonempty = [p for p in parts if len(p)]
         if not nonempty:
             return parts[0] if parts else LabelledSpectra.empty(0)
+        xn = None
+        if any(p.xn is not None for p in nonempty):
+            xn = np.concatenate([p.normalised for p in nonempty])
+        keys = sorted({k for p in nonempty for k in p.meta})
+        meta = {}
+        for k in keys:
+            kind = next(p.meta[k].dtype.kind for p in nonempty if k in p.meta)
+            fill = "" if kind in "USO" else np.nan
+            meta[k] = np.concatenate([p.meta[k] if k in p.meta else np.full(len(p), fill, dtype=object)
+                                      for p in nonempty])
+            if kind not in "USO":
+                meta[k] = meta[k].astype(np.float64)
+            else:
+                meta[k] = meta[k].astype(str)
         return LabelledSpectra(
             np.concatenate([p.x for p in nonempty]),
             np.concatenate([p.labels for p in nonempty]),
             np.concatenate([p.star for p in nonempty]),
             np.concatenate([p.source for p in nonempty]),
+            xn=xn, meta=meta,
         )
 
 
@@ -301,11 +355,14 @@ def load_lamost(
     if not spectra:
         return LabelledSpectra.empty(preprocess.NPIX)
     prep = preprocess.prepare(spectra)
+    snr_g = np.array([np.nan if (s.snr or {}).get("g") is None else s.snr["g"] for s in spectra])
     return LabelledSpectra(
         prep.x,
         [labels[i] for i in keep],
         [stars[i] for i in keep],
         ["lamost"] * len(keep),
+        xn=prep.xn,
+        meta={"snr_g": snr_g, "path": np.array([paths[i] for i in keep])},
     )
 
 
@@ -346,18 +403,37 @@ def library_star_ids(lib) -> np.ndarray:
     return ids.astype(str)
 
 
-def _prepare_simulated(sim) -> np.ndarray:
-    """Standardised (N, NPIX) spectra from a native-grid :class:`SimulatedSpectra`."""
+def _prepare_simulated(sim):
+    """:class:`~lamost_ostar.preprocess.PreparedBatch` of a native-grid :class:`SimulatedSpectra`.
+
+    The same resampling, masking, standardisation and continuum normalisation
+    as a real file gets in :func:`lamost_ostar.preprocess.prepare`.
+    """
     from . import mock, preprocess
 
     n = len(sim)
     if n == 0:
-        return np.zeros((0, preprocess.NPIX), np.float32)
-    prep = preprocess.prepare_arrays(
+        z = np.zeros((0, preprocess.NPIX), np.float32)
+        return preprocess.PreparedBatch(x=z, mask=z.astype(bool), good_fraction=np.zeros(0, np.float32),
+                                        ivar=z, norm=np.zeros(0), xn=z)
+    return preprocess.prepare_arrays(
         sim.flux, sim.ivar, np.asarray(sim.npix), andmask=sim.andmask,
         coeff0=np.full(n, mock.NATIVE_COEFF0), coeff1=np.full(n, mock.NATIVE_COEFF1),
     )
-    return prep.x
+
+
+#: truth-record keys kept as :attr:`LabelledSpectra.meta` of simulated spectra
+_SIM_META = ("ebv", "ebv_total", "r_v", "resolution", "rv", "snr_g", "kind", "subclass")
+
+
+def _simulated(sim, labels, star, source: str) -> LabelledSpectra:
+    """LabelledSpectra of a native-grid simulation (both channels, truth as meta)."""
+    prep = _prepare_simulated(sim)
+    meta = {}
+    for k in _SIM_META:
+        if sim.truth and k in sim.truth[0]:
+            meta[k] = np.array([t[k] for t in sim.truth])
+    return LabelledSpectra(prep.x, labels, star, [source] * len(prep.x), xn=prep.xn, meta=meta)
 
 
 def library_realisations(
@@ -402,8 +478,8 @@ def library_realisations(
         sub = lib._take(np.array([i]))
         sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=[str(lib.mk[i])] * int(counts[i]),
                                     templates=sub, config=mock_config)
-        x = _prepare_simulated(sim)
-        parts.append(LabelledSpectra(x, [str(lib.mk[i])] * len(x), [ids[i]] * len(x), ["library"] * len(x)))
+        k = len(sim)
+        parts.append(_simulated(sim, [str(lib.mk[i])] * k, [ids[i]] * k, "library"))
     if not parts:
         from .preprocess import NPIX
         return LabelledSpectra.empty(NPIX)
@@ -431,7 +507,7 @@ def mock_mixtures(
     sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=mk, templates=lib, config=mock_config)
     ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
     star = [ids[t["template1"] if t["weight1"] >= 0.5 else t["template2"]] for t in sim.truth]
-    return LabelledSpectra(_prepare_simulated(sim), [t["mk"] for t in sim.truth], star, ["mock"] * len(mk))
+    return _simulated(sim, [t["mk"] for t in sim.truth], star, "mock")
 
 
 def split_library(lib, fractions: Sequence[float], rng: np.random.Generator,
@@ -633,8 +709,9 @@ def load_labelled_release(labels_csv: str | Path, release_dir: str | Path) -> La
         used.append(s.path)
     if not spectra:
         return LabelledRelease(LabelledSpectra.empty(preprocess.NPIX), [], skipped)
-    x = preprocess.prepare(spectra).x
-    return LabelledRelease(LabelledSpectra(x, labels, stars, ["release"] * len(x)), used, skipped)
+    prep = preprocess.prepare(spectra)
+    return LabelledRelease(LabelledSpectra(prep.x, labels, stars, ["release"] * len(prep.x), xn=prep.xn),
+                           used, skipped)
 
 
 def replay_split_library(plan: SplitPlan, seed: int, data_dir: str | Path | None = None, lib=None) -> list:

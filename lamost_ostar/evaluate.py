@@ -419,7 +419,7 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
        read like a real release; its templates are the whole library, so they
        overlap the model's training stars (an optimistic check).
     """
-    from . import mock
+    from . import mock, preprocess
     from .datasets import SplitPlan, _prepare_simulated, library_realisations, replay_split_library
     from .models import registry
     from .templates import load_templates
@@ -451,7 +451,7 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
             per[o] += n_enriched // idx.size
             per[o[: n_enriched % idx.size]] += 1
     enr = library_realisations(test_lib, per, rng)
-    p = bundle.predict_proba(enr.x)
+    p = bundle.predict_proba(enr.inputs(bundle.channels))
     m = classification_metrics(enr.y(classes), p, classes)
     k_o = classes.index("O")
     pred = p.argmax(axis=1)
@@ -462,7 +462,7 @@ def survey_evaluation(model_version: str | None = None, models_dir: str | Path |
     # (2) survey-preset sample from the held-out templates
     t0 = time.perf_counter()
     sim = mock.simulate_spectra(n, "survey", rng, grid="native", templates=test_lib)
-    x = _prepare_simulated(sim)
+    x = preprocess.model_input(_prepare_simulated(sim), bundle.channels)
     mk = np.array([t["mk"] for t in sim.truth])
     ps = bundle.predict_proba(x)
     pred_s = ps.argmax(axis=1)
@@ -519,7 +519,7 @@ def _evaluate_release(bundle, root: Path) -> dict:
     batch = io.read_spectra(paths)
     by = {s.path: s for s in batch.spectra}
     keep = [i for i, pth in enumerate(paths) if pth in by]
-    x = preprocess.prepare([by[paths[i]] for i in keep]).x
+    x = preprocess.model_input(preprocess.prepare([by[paths[i]] for i in keep]), bundle.channels)
     mk = np.array([rows[i]["mk"] for i in keep])
     p = bundle.predict_proba(x)
     k_o = bundle.class_index("O")

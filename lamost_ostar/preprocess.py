@@ -9,6 +9,14 @@ the neighbouring good pixels (held at the nearest good value at the edges) and
 flagged in a boolean mask.  The flux is then standardised as
 ``x / ||x||_2`` (eq. 1 of the paper).
 
+A second, reddening-proof representation is the **continuum-normalised flux**
+``xn = flux / C`` (:func:`pseudo_continuum`, :func:`normalise`): ``C`` is a
+smooth upper envelope (a high quantile of the lightly smoothed flux in blocks of
+``CONTINUUM_BLOCK`` pixels, strong lines excluded, linearly interpolated), so
+``xn`` is ~1 in the continuum and keeps the absorption lines while interstellar
+reddening, flux-calibration errors and the continuum shape divide out.  The
+two-channel model input is ``(x, xn)`` (:func:`model_input`).
+
 All array work is vectorised over the batch (``N x NPIX``): the only Python loop
 gathers the per-spectrum arrays into one padded block.
 """
@@ -37,6 +45,12 @@ __all__ = [
     "standardise",
     "prepare",
     "prepare_arrays",
+    "CONTINUUM_BLOCK",
+    "CONTINUUM_QUANTILE",
+    "STRONG_LINES",
+    "pseudo_continuum",
+    "normalise",
+    "model_input",
 ]
 
 #: log10 of the first grid wavelength (3690 A, vacuum).
@@ -98,6 +112,9 @@ class PreparedBatch:
         standardised* flux (0 where masked).
     norm : numpy.ndarray or None
         float64 ``(N,)``, the L2 norm each resampled spectrum was divided by.
+    xn : numpy.ndarray or None
+        float32 ``(N, NPIX)``, continuum-normalised flux (:func:`normalise`;
+        1 where masked), the reddening-proof second model channel.
     """
 
     x: np.ndarray
@@ -105,9 +122,16 @@ class PreparedBatch:
     good_fraction: np.ndarray
     ivar: np.ndarray | None = None
     norm: np.ndarray | None = None
+    xn: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def flux(self) -> np.ndarray:
+        """Resampled flux (not standardised), ``x * norm``, float64 ``(N, NPIX)``."""
+        norm = np.ones(len(self)) if self.norm is None else self.norm
+        return self.x.astype(np.float64) * norm[:, None]
 
 
 def _pad(arrays: Sequence[np.ndarray], lengths: np.ndarray, width: int,
@@ -355,16 +379,19 @@ def standardise(flux: np.ndarray) -> np.ndarray:
     return (flux / safe).astype(flux.dtype, copy=False)
 
 
-def _finish(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> PreparedBatch:
+def _finish(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray,
+            continuum: bool = True) -> PreparedBatch:
     norm = np.sqrt(np.sum(flux * flux, axis=1))
     x = standardise(flux).astype(np.float32)
     good_fraction = (1.0 - mask.mean(axis=1)).astype(np.float32) if mask.size else \
         np.zeros(mask.shape[0], np.float32)
+    xn = normalise(flux, mask)[0] if continuum else None
     return PreparedBatch(x=x, mask=mask, good_fraction=good_fraction,
-                         ivar=ivar.astype(np.float32), norm=norm)
+                         ivar=ivar.astype(np.float32), norm=norm, xn=xn)
 
 
-def prepare(spectra: Sequence["Spectrum"], *, chunk: int = CHUNK) -> PreparedBatch:
+def prepare(spectra: Sequence["Spectrum"], *, chunk: int = CHUNK,
+            continuum: bool = True) -> PreparedBatch:
     """Resample and standardise a batch of spectra (the model input).
 
     Parameters
@@ -373,17 +400,172 @@ def prepare(spectra: Sequence["Spectrum"], *, chunk: int = CHUNK) -> PreparedBat
         Records from :mod:`lamost_ostar.io`.
     chunk : int
         Spectra per vectorised block (see :func:`resample`).
+    continuum : bool
+        Also compute the continuum-normalised flux ``xn`` (:func:`normalise`).
 
     Returns
     -------
     PreparedBatch
         ``x`` (float32 ``N x NPIX``, unit L2 norm per row), ``mask``,
-        ``good_fraction``, plus the resampled ``ivar`` and the ``norm``.
+        ``good_fraction``, the resampled ``ivar``, the ``norm`` and ``xn``.
     """
-    return _finish(*resample(spectra, chunk=chunk))
+    return _finish(*resample(spectra, chunk=chunk), continuum=continuum)
 
 
 def prepare_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
-                   **kwargs) -> PreparedBatch:
+                   continuum: bool = True, **kwargs) -> PreparedBatch:
     """Like :func:`prepare` for a padded array block (see :func:`resample_arrays`)."""
-    return _finish(*resample_arrays(flux, ivar, lengths, **kwargs))
+    return _finish(*resample_arrays(flux, ivar, lengths, **kwargs), continuum=continuum)
+
+
+# --------------------------------------------------------------------------
+# continuum normalisation (the reddening-proof channel)
+# --------------------------------------------------------------------------
+#: Pixels per block of the pseudo-continuum (0.0064 dex: ~60 A at 4000 A,
+#: ~135 A at 9000 A): wider than the metal lines and the He lines, narrow
+#: enough to follow reddening, calibration distortion and molecular bands.
+CONTINUUM_BLOCK: int = 64
+#: Quantile of the smoothed flux taken as the continuum in each block (an upper
+#: envelope: absorption lines fall below it; 0.8 rather than the maximum so that
+#: noise spikes and emission lines do not set it).
+CONTINUUM_QUANTILE: float = 0.8
+#: Boxcar width [pixels] that lowers the noise before the quantile is taken
+#: (at S/N 10 the 0.8 quantile of raw pixels would sit ~8 % above the continuum).
+CONTINUUM_SMOOTH: int = 5
+#: Blocks with fewer usable pixels than this are interpolated from their neighbours.
+CONTINUUM_MIN_PIXELS: int = 8
+#: Range the normalised flux is clipped to (emission lines, cosmic residuals).
+NORMALISED_RANGE: tuple[float, float] = (-1.0, 3.0)
+
+#: Strong lines and bands left out of the continuum estimate (vacuum A): Ca II
+#: K/H + H-epsilon, H-delta, H-gamma (+ G band), H-beta, Mg b, Na D, H-alpha,
+#: telluric B and A bands.  Their blocks take the continuum from their
+#: remaining pixels or from the neighbouring blocks.
+STRONG_LINES: tuple[tuple[float, float], ...] = (
+    (3925.0, 3945.0), (3962.0, 3980.0), (4085.0, 4120.0), (4320.0, 4362.0),
+    (4840.0, 4885.0), (5160.0, 5190.0), (5880.0, 5905.0), (6540.0, 6590.0),
+    (6860.0, 6935.0), (7590.0, 7710.0),
+)
+
+
+def _strong_line_mask() -> np.ndarray:
+    wave = grid_wavelength()
+    out = np.zeros(NPIX, dtype=bool)
+    for lo, hi in STRONG_LINES:
+        out |= (wave >= lo) & (wave <= hi)
+    return out
+
+
+_EXCLUDED = _strong_line_mask()
+# block geometry on the grid (fixed): centres and, per pixel, the left block and weight
+_NBLOCK = -(-NPIX // CONTINUUM_BLOCK)
+_PAD = _NBLOCK * CONTINUUM_BLOCK - NPIX
+_CENTRES = np.arange(_NBLOCK) * CONTINUUM_BLOCK + (CONTINUUM_BLOCK - 1) / 2.0
+_CENTRES[-1] = (_NBLOCK - 1) * CONTINUUM_BLOCK + (CONTINUUM_BLOCK - _PAD - 1) / 2.0
+_LEFT = np.clip(np.searchsorted(_CENTRES, np.arange(NPIX), side="right") - 1, 0, _NBLOCK - 2)
+_WEIGHT = np.clip((np.arange(NPIX) - _CENTRES[_LEFT]) / (_CENTRES[_LEFT + 1] - _CENTRES[_LEFT]),
+                  0.0, 1.0).astype(np.float32)
+
+
+def pseudo_continuum(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Smooth upper envelope of each spectrum on the common grid, vectorised.
+
+    The flux is boxcar-smoothed over good pixels (``CONTINUUM_SMOOTH``), the
+    pixels of :data:`STRONG_LINES` and masked pixels are dropped, and in each
+    block of ``CONTINUUM_BLOCK`` pixels the ``CONTINUUM_QUANTILE`` quantile is
+    taken; blocks with too few pixels (or a non-positive value) are filled from
+    their neighbours, and the block values are interpolated linearly to every
+    pixel.
+
+    Parameters
+    ----------
+    flux : numpy.ndarray
+        ``(N, NPIX)`` resampled flux (any scale).
+    mask : numpy.ndarray
+        bool ``(N, NPIX)``, True for interpolated/missing pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N, NPIX)`` pseudo-continuum; rows without any usable block
+        are 0.
+    """
+    flux = np.asarray(flux, dtype=np.float32)
+    n, p = flux.shape
+    if p != NPIX:
+        raise ValueError(f"expected spectra on the common grid ({NPIX} pixels), got {p}")
+    if n == 0:
+        return np.zeros((0, NPIX), np.float32)
+    good = ~np.asarray(mask, dtype=bool) & np.isfinite(flux) & ~_EXCLUDED[None, :]
+    h = CONTINUUM_SMOOTH // 2
+    # boxcar over good pixels: shifted sums of the zero-padded flux and weights
+    f = np.zeros((n, p + 2 * h), np.float32)
+    g = np.zeros((n, p + 2 * h), np.float32)
+    f[:, h:h + p] = np.where(good, flux, 0.0)
+    g[:, h:h + p] = good
+    total = f[:, :p].copy()
+    count = g[:, :p].copy()
+    for d in range(1, 2 * h + 1):
+        total += f[:, d:d + p]
+        count += g[:, d:d + p]
+    blocks = np.full((n, _NBLOCK * CONTINUUM_BLOCK), np.nan, np.float32)
+    np.divide(total, count, out=blocks[:, :p], where=good)
+    blocks = np.sort(blocks.reshape(n, _NBLOCK, CONTINUUM_BLOCK), axis=2)   # NaN last
+    cnt = np.sum(np.isfinite(blocks), axis=2)
+    idx = np.clip(np.floor(CONTINUUM_QUANTILE * (cnt - 1)).astype(np.int64), 0,
+                  CONTINUUM_BLOCK - 1)
+    value = np.take_along_axis(blocks, idx[..., None], axis=2)[..., 0]
+    usable = (cnt >= CONTINUUM_MIN_PIXELS) & (value > 0)
+    value = _fill_bad(np.where(usable, value, 0.0), usable).astype(np.float32)
+    return (1.0 - _WEIGHT) * value[:, _LEFT] + _WEIGHT * value[:, _LEFT + 1]
+
+
+def normalise(flux: np.ndarray, mask: np.ndarray, ivar: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Continuum-normalised flux ``flux / pseudo_continuum`` (reddening-proof).
+
+    Parameters
+    ----------
+    flux : numpy.ndarray
+        ``(N, NPIX)`` resampled flux (any scale, e.g. ``PreparedBatch.x``).
+    mask : numpy.ndarray
+        bool ``(N, NPIX)``.
+    ivar : numpy.ndarray, optional
+        ``(N, NPIX)`` inverse variance of ``flux``.
+
+    Returns
+    -------
+    xn : numpy.ndarray
+        float32 ``(N, NPIX)``, ~1 in the continuum, clipped to
+        :data:`NORMALISED_RANGE`; 1 where masked or where the continuum is not
+        positive.
+    ivar_n : numpy.ndarray or None
+        Inverse variance of ``xn`` (``ivar * C**2``; 0 where ``xn`` was set to
+        1), or None when ``ivar`` is not given.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    cont = pseudo_continuum(flux, mask)
+    ok = ~mask & (cont > 0)
+    safe = np.where(ok, cont, np.float32(1.0))
+    xn = np.ones(cont.shape, np.float32)
+    np.divide(np.asarray(flux, dtype=np.float32), safe, out=xn, where=ok)
+    xn[~np.isfinite(xn)] = 1.0
+    np.clip(xn, *NORMALISED_RANGE, out=xn)
+    ivar_n = None
+    if ivar is not None:
+        ivar_n = np.where(ok, np.asarray(ivar, dtype=np.float32) * safe * safe, 0.0).astype(np.float32)
+    return xn, ivar_n
+
+
+def model_input(batch: PreparedBatch, channels: int = 2) -> np.ndarray:
+    """The model input ``(N, NPIX, channels)`` float32 of a prepared batch.
+
+    Channel 0 is the standardised flux ``x`` (eq. 1 of the paper); channel 1,
+    for two-channel models, the continuum-normalised flux ``xn``.
+    """
+    if channels == 1:
+        return batch.x[..., None]
+    if channels != 2:
+        raise ValueError(f"channels must be 1 or 2, got {channels}")
+    xn = batch.xn if batch.xn is not None else normalise(batch.x, batch.mask)[0]
+    return np.stack([batch.x, xn], axis=-1)

@@ -51,7 +51,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from lamost_ostar.io import ENGINES, Spectrum, read_spectra
-from lamost_ostar.preprocess import prepare
+from lamost_ostar.preprocess import model_input, prepare
 
 __all__ = [
     "SpectrumResult",
@@ -420,6 +420,7 @@ class OStarStage:
             params = {}
         self._pass_batch_size = "batch_size" in params
         self.model_version: str = str(self.bundle.version)
+        self.channels: int = int(getattr(self.bundle, "channels", 1))
         self.classes: tuple[str, ...] = tuple(str(c) for c in self.bundle.classes)
         try:
             self._o_index: int | None = [c.upper() for c in self.classes].index("O")
@@ -454,12 +455,15 @@ class OStarStage:
         return out
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for prepared input ``(N, NPIX)``."""
+        """Calibrated class probabilities for model input ``(N, NPIX[, channels])``."""
         import keras
 
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 2:
             x = x[..., None]
+        if x.shape[-1] != self.channels:
+            raise ValueError(f"model {self.model_version} takes {self.channels} input channel(s), "
+                             f"got {x.shape[-1]}")
         with self._predict_lock, keras.device(self.device_name):
             if self._pass_batch_size:
                 probs = self.bundle.predict_proba(x, batch_size=self.batch_size)
@@ -482,7 +486,7 @@ class OStarStage:
 
     def _classify(self, spectra: list[Spectrum]) -> list[StageResult]:
         try:
-            prep = prepare(spectra)
+            prep = prepare(spectra, continuum=self.channels == 2)
         except Exception as exc:  # noqa: BLE001 - isolate the spectrum that fails
             if len(spectra) == 1:
                 return [StageResult.failure(spectra[0].path, "prepare_failed",
@@ -494,7 +498,7 @@ class OStarStage:
         usable = finite & (prep.good_fraction > 0) & np.any(x != 0, axis=1)
         probs = np.full((len(spectra), len(self.classes)), np.nan)
         if usable.any():
-            probs[usable] = self.predict_proba(x[usable])
+            probs[usable] = self.predict_proba(model_input(prep, self.channels)[usable])
         probs_ok = usable & np.all(np.isfinite(probs), axis=1)
         max_prob = np.where(probs_ok, np.nanmax(np.where(probs_ok[:, None], probs, 0.0), axis=1),
                             np.nan)

@@ -182,3 +182,86 @@ def test_chunking_does_not_change_result():
     a = P.prepare(specs, chunk=3)
     b = P.prepare(specs, chunk=100)
     assert np.array_equal(a.x, b.x) and np.array_equal(a.mask, b.mask)
+
+
+# --------------------------------------------------------------------------
+# continuum normalisation (the reddening-proof channel)
+# --------------------------------------------------------------------------
+def _lined_spectra(n=4, seed=0):
+    """Smooth continua with absorption lines (Gaussians) and noise on the grid."""
+    rng = np.random.default_rng(seed)
+    w = P.grid_wavelength()
+    cont = (w / 5000.0) ** -2.5                      # a hot star's blue continuum
+    lines = np.ones(P.NPIX)
+    for centre, depth in ((4542.8, 0.08), (4687.0, 0.12), (4472.7, 0.06), (5412.0, 0.1)):
+        lines -= depth * np.exp(-0.5 * ((w - centre) / 1.2) ** 2)
+    flux = cont[None, :] * lines[None, :] * (1 + 0.01 * rng.standard_normal((n, P.NPIX)))
+    return w, cont, lines, flux
+
+
+def test_normalised_flux_is_one_in_the_continuum_and_keeps_lines():
+    w, cont, lines, flux = _lined_spectra()
+    mask = np.zeros(flux.shape, bool)
+    xn, _ = P.normalise(flux, mask)
+    assert xn.dtype == np.float32 and xn.shape == flux.shape
+    free = (w > 5000) & (w < 5300)
+    assert np.median(xn[:, free]) == pytest.approx(1.0, abs=0.02)
+    line = np.argmin(np.abs(w - 4687.0))
+    assert np.median(xn[:, line]) == pytest.approx(1 - 0.12, abs=0.03)
+
+
+def test_normalised_flux_does_not_see_reddening():
+    """Dividing by the pseudo-continuum removes a steep reddening curve."""
+    from lamost_ostar.mock import extinction_odonnell
+
+    w, cont, lines, flux = _lined_spectra(n=1, seed=3)
+    mask = np.zeros(flux.shape, bool)
+    red = flux * 10 ** (-0.4 * 2.0 * extinction_odonnell(w))[None, :]     # E(B-V) = 2
+    a, _ = P.normalise(flux, mask)
+    b, _ = P.normalise(red, mask)
+    inner = (w > 3900) & (w < 9000)
+    assert np.max(np.abs(a[0, inner] - b[0, inner])) < 0.03
+    # while the standardised flux changes completely
+    assert np.corrcoef(P.standardise(flux)[0], P.standardise(red)[0])[0, 1] < 0.5
+
+
+def test_normalise_masked_pixels_and_ivar():
+    w, cont, lines, flux = _lined_spectra(n=2)
+    mask = np.zeros(flux.shape, bool)
+    mask[0, 1000:1100] = True
+    mask[1] = True                                   # nothing usable
+    ivar = np.full(flux.shape, 4.0)
+    xn, ivn = P.normalise(flux, mask, ivar)
+    assert np.all(xn[0, 1000:1100] == 1.0) and np.all(ivn[0, 1000:1100] == 0.0)
+    assert np.all(xn[1] == 1.0) and np.all(ivn[1] == 0.0)
+    c = P.pseudo_continuum(flux, mask)
+    np.testing.assert_allclose(ivn[0, :900], (4.0 * c[0, :900] ** 2), rtol=1e-5)
+    assert np.all(np.isfinite(xn))
+
+
+def test_normalise_is_per_spectrum():
+    """A spectrum's normalised flux does not depend on the rest of its batch."""
+    w, cont, lines, flux = _lined_spectra(n=5, seed=7)
+    flux[2] *= 1e-16
+    mask = np.zeros(flux.shape, bool)
+    mask[3, :400] = True
+    whole, _ = P.normalise(flux, mask)
+    for i in range(5):
+        one, _ = P.normalise(flux[i:i + 1], mask[i:i + 1])
+        np.testing.assert_allclose(whole[i], one[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_gives_two_channel_model_input():
+    specs = [read_spectrum(str(DATA / f)) for f in FIXTURES]
+    batch = P.prepare(specs)
+    assert batch.xn is not None and batch.xn.shape == batch.x.shape
+    two = P.model_input(batch, 2)
+    assert two.shape == (len(specs), P.NPIX, 2) and two.dtype == np.float32
+    np.testing.assert_array_equal(two[..., 0], batch.x)
+    np.testing.assert_array_equal(two[..., 1], batch.xn)
+    assert P.model_input(batch, 1).shape == (len(specs), P.NPIX, 1)
+    assert P.prepare(specs, continuum=False).xn is None
+    # a real F/G/K spectrum is ~1 in its continuum
+    assert 0.9 < float(np.median(batch.xn)) < 1.05
+    with pytest.raises(ValueError):
+        P.model_input(batch, 3)

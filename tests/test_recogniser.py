@@ -67,8 +67,29 @@ def test_bad_shapes():
     with pytest.raises(ValueError):
         R.predict_logits(model, np.zeros((2, NPIX + 1), "float32"))
     with pytest.raises(ValueError):
-        R.as_model_input(np.zeros((2, NPIX, 2), "float32"))
+        R.as_model_input(np.zeros((2, NPIX, 3), "float32"))
+    with pytest.raises(ValueError):          # a two-channel input for a one-channel model
+        R.predict_logits(model, np.zeros((2, NPIX, 2), "float32"))
     assert R.predict_logits(model, np.zeros((0, NPIX), "float32")).shape == (0, 4)
+
+
+def test_two_channel_model_round_trip(tmp_path):
+    """The reddening-proof model takes (N, NPIX, 2); its input scaling survives save/load."""
+    import keras
+
+    model = R.build_recogniser(7, npix=NPIX, width=8, depth=1, channels=2)
+    assert model.input_shape == (None, NPIX, 2)
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0, 1 / np.sqrt(NPIX), (3, NPIX)), 1 + 0.1 * rng.normal(size=(3, NPIX))],
+                 axis=-1).astype("float32")
+    a = R.predict_logits(model, x)
+    model.save(tmp_path / "m.keras")
+    b = R.predict_logits(keras.saving.load_model(tmp_path / "m.keras", compile=False), x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):          # a one-channel input for a two-channel model
+        R.predict_logits(model, x[..., 0])
+    with pytest.raises(ValueError):
+        R.build_recogniser(7, npix=NPIX, channels=3)
 
 
 def test_npix_matches_preprocess():

@@ -1,7 +1,8 @@
-"""Custom Keras 3 layers: :class:`LocallyConnected1D` and :class:`ChannelAttention1D`.
+"""Custom Keras 3 layers: :class:`LocallyConnected1D`, :class:`ChannelAttention1D`,
+:class:`SpectrumScaler` and :class:`ChannelAffine`.
 
-Both are written with ``keras`` and ``keras.ops`` only, so they run under the
-TensorFlow, JAX and PyTorch backends, and both are registered with
+All are written with ``keras`` and ``keras.ops`` only, so they run under the
+TensorFlow, JAX and PyTorch backends, and all are registered with
 :func:`keras.saving.register_keras_serializable` (package ``lamost_ostar``) so a
 ``model.keras`` file that uses them loads with :func:`keras.saving.load_model`
 once this module has been imported (``import lamost_ostar.models`` does that).
@@ -13,7 +14,8 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["LocallyConnected1D", "ChannelAttention1D", "SpectrumScaler", "lc_output_length"]
+__all__ = ["LocallyConnected1D", "ChannelAttention1D", "SpectrumScaler", "ChannelAffine",
+           "lc_output_length"]
 
 _PACKAGE = "lamost_ostar"
 
@@ -317,4 +319,47 @@ class SpectrumScaler(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config["inverse"] = self.inverse
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ChannelAffine(keras.layers.Layer):
+    """Fixed per-channel affine map ``(x - offset) * scale`` of a ``(batch, length, C)`` input.
+
+    Puts the input channels on comparable scales without learnt weights (the
+    constants are part of the model's config, so a saved model carries them):
+    the two-channel recogniser uses ``offset = (0, 1)``, ``scale = (sqrt(npix), 5)``
+    for the standardised flux (unit L2 norm -> unit RMS) and the
+    continuum-normalised flux (~1 in the continuum -> ~0, line depths of a few
+    tenths -> order 1).
+
+    Parameters
+    ----------
+    offset, scale : sequence of float
+        One value per channel.
+    """
+
+    def __init__(self, offset, scale, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.offset = [float(v) for v in offset]
+        self.scale = [float(v) for v in scale]
+        if len(self.offset) != len(self.scale):
+            raise ValueError("offset and scale need one value per channel")
+
+    def build(self, input_shape) -> None:  # noqa: D102
+        if input_shape[-1] != len(self.scale):
+            raise ValueError(f"ChannelAffine has {len(self.scale)} channels, input has {input_shape[-1]}")
+        self.built = True
+
+    def call(self, x):  # noqa: D102
+        offset = ops.convert_to_tensor(self.offset, dtype=x.dtype)
+        scale = ops.convert_to_tensor(self.scale, dtype=x.dtype)
+        return (x - offset) * scale
+
+    def compute_output_shape(self, input_shape):  # noqa: D102
+        return input_shape
+
+    def get_config(self) -> dict:  # noqa: D102
+        config = super().get_config()
+        config.update(offset=list(self.offset), scale=list(self.scale))
         return config

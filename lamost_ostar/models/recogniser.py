@@ -2,9 +2,12 @@
 
 Architecture (:func:`build_recogniser`)
 ---------------------------------------
-input ``(batch, npix, 1)`` standardised flux (eq. 1)
+input ``(batch, npix, 1)`` standardised flux (eq. 1), or ``(batch, npix, 2)``:
+   standardised flux + continuum-normalised flux (``preprocess.model_input``,
+   the reddening-proof two-channel model)
 -> ``Rescaling(sqrt(npix))`` (unit-RMS pixels, so the contract's input scale and
-   the usual initialisations agree)
+   the usual initialisations agree); for two channels :class:`ChannelAffine`
+   does that to channel 0 and maps channel 1 to ``(xn - 1) * 5``
 -> stem: Conv1D(width, 7, stride 2) + BatchNorm + ReLU + MaxPool(2)  (length / 4:
    the early down-sampling keeps an epoch of a few thousand spectra cheap on CPU)
 -> ``depth`` residual-attention blocks, block ``i`` with ``width * 2**i`` channels:
@@ -30,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .layers import ChannelAttention1D
+from .layers import ChannelAffine, ChannelAttention1D
 
 from ..preprocess import NPIX
 
@@ -49,15 +52,21 @@ CLASSES_7: tuple[str, ...] = ("O", "B", "A", "F", "G", "K", "M")
 CLASSES_4: tuple[str, ...] = ("O", "F", "G", "K")
 
 
-def as_model_input(x: np.ndarray, npix: int | None = None) -> np.ndarray:
-    """``(N, npix)`` or ``(N, npix, 1)`` -> float32 ``(N, npix, 1)``, checked."""
+def as_model_input(x: np.ndarray, npix: int | None = None, channels: int | None = None) -> np.ndarray:
+    """``(N, npix)`` or ``(N, npix, C)`` -> float32 ``(N, npix, C)``, checked.
+
+    A 2-d array is one channel (the standardised flux).  ``channels`` (the
+    model's) is checked when given.
+    """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 2:
         x = x[..., None]
-    if x.ndim != 3 or x.shape[-1] != 1:
-        raise ValueError(f"expected (N, npix) or (N, npix, 1) spectra, got shape {x.shape}")
+    if x.ndim != 3 or x.shape[-1] not in (1, 2):
+        raise ValueError(f"expected (N, npix) or (N, npix, C) spectra with C = 1 or 2, got shape {x.shape}")
     if npix is not None and x.shape[1] != npix:
         raise ValueError(f"expected spectra of {npix} pixels, got {x.shape[1]}")
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(f"the model takes {channels} input channel(s), got {x.shape[-1]}")
     return x
 
 
@@ -87,6 +96,7 @@ def build_recogniser(
     dropout: float = 0.3,
     bn_momentum: float = 0.9,
     name: str = "recogniser",
+    channels: int = 1,
 ) -> keras.Model:
     """Build the residual + attention recogniser (not compiled).
 
@@ -109,16 +119,24 @@ def build_recogniser(
         statistics settle within the few hundred steps a small training set gives.
     name : str
         Model name.
+    channels : {1, 2}
+        Input channels: 1 = the paper's standardised flux; 2 = standardised
+        flux + continuum-normalised flux (:func:`lamost_ostar.preprocess.model_input`).
 
     Returns
     -------
     keras.Model
-        ``(batch, npix, 1) -> (batch, n_classes)`` logits.
+        ``(batch, npix, channels) -> (batch, n_classes)`` logits.
     """
     if n_classes < 2:
         raise ValueError("n_classes must be >= 2")
-    inp = keras.Input((npix, 1), name="flux")
-    h = keras.layers.Rescaling(math.sqrt(npix), name="unit_rms")(inp)
+    if channels not in (1, 2):
+        raise ValueError(f"channels must be 1 or 2, got {channels}")
+    inp = keras.Input((npix, channels), name="flux")
+    if channels == 1:
+        h = keras.layers.Rescaling(math.sqrt(npix), name="unit_rms")(inp)
+    else:
+        h = ChannelAffine((0.0, 1.0), (math.sqrt(npix), 5.0), name="unit_rms")(inp)
     h = keras.layers.Conv1D(width, 7, strides=2, padding="same", use_bias=False,
                             name="stem_conv")(h)
     h = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(h)
@@ -154,8 +172,8 @@ def train_recogniser(
 
     Parameters
     ----------
-    x_train, x_val : ndarray, (N, npix) or (N, npix, 1)
-        Standardised spectra.
+    x_train, x_val : ndarray, (N, npix) or (N, npix, C)
+        Standardised spectra (C = 1), or the two-channel input (C = 2).
     y_train, y_val : ndarray of int
         Class indices (into :data:`CLASSES_7` or :data:`CLASSES_4`).
     epochs : int
@@ -190,7 +208,7 @@ def train_recogniser(
         ``best_epoch``, 0-based, as a one-element list).
     """
     x_train = as_model_input(x_train)
-    x_val = as_model_input(x_val, x_train.shape[1])
+    x_val = as_model_input(x_val, x_train.shape[1], x_train.shape[-1])
     y_train = np.asarray(y_train, dtype=np.int64).ravel()
     y_val = np.asarray(y_val, dtype=np.int64).ravel()
     if len(x_train) != len(y_train) or len(x_val) != len(y_val):
@@ -200,7 +218,8 @@ def train_recogniser(
     if n_classes is None:
         n_classes = int(max(y_train.max(), y_val.max())) + 1
     if model is None:
-        model = build_recogniser(n_classes, npix=x_train.shape[1], **(build_kwargs or {}))
+        model = build_recogniser(n_classes, npix=x_train.shape[1], channels=x_train.shape[-1],
+                                 **(build_kwargs or {}))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -217,8 +236,8 @@ def train_recogniser(
 
 
 def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits ``(N, n_classes)`` float32 for standardised spectra ``(N, npix[, 1])``."""
-    x = as_model_input(x, int(model.input_shape[1]))
+    """Logits ``(N, n_classes)`` float32 for model input ``(N, npix[, C])``."""
+    x = as_model_input(x, int(model.input_shape[1]), int(model.input_shape[-1]))
     if len(x) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)

@@ -64,6 +64,19 @@ COMPUTED_KEYS = ("version", "created", "sha256", "keras_backend", "keras_version
                  "backend_version", "code_version", "n_params", "input_shape")
 
 
+#: what each input channel count means (written into every card: a model
+#: version describes its own normaliser)
+_INPUT_DESCRIPTION: dict[int, dict[str, Any]] = {
+    1: {"channels": ["x: resampled flux / its L2 norm (paper eq. 1)"],
+        "prepare": "lamost_ostar.preprocess.model_input(prepare(spectra), channels=1)"},
+    2: {"channels": ["x: resampled flux / its L2 norm (paper eq. 1)",
+                     "xn: flux / pseudo-continuum (preprocess.normalise: 0.8 quantile of the "
+                     "5-pixel boxcar-smoothed flux in 64-pixel blocks, strong lines excluded, "
+                     "linear between blocks; 1 where masked)"],
+        "prepare": "lamost_ostar.preprocess.model_input(prepare(spectra), channels=2)"},
+}
+
+
 class ModelNotFoundError(LookupError):
     """No model version matches the request (message lists where it looked)."""
 
@@ -127,7 +140,8 @@ def save_model_version(model: keras.Model, root: str | Path,
     Parameters
     ----------
     model : keras.Model
-        A model ``(batch, npix, 1) -> (batch, C)`` logits.
+        A model ``(batch, npix, channels) -> (batch, C)`` logits (``channels``
+        1: standardised flux; 2: + continuum-normalised flux).
     root : path
         Models directory (created if needed).
     card_fields : mapping
@@ -160,6 +174,9 @@ def save_model_version(model: keras.Model, root: str | Path,
     if len(classes) != n_out:
         raise ValueError(f"{len(classes)} classes but the model has {n_out} outputs")
     npix = int(model.input_shape[1])
+    channels = int(model.input_shape[-1])
+    if channels not in _INPUT_DESCRIPTION:
+        raise ValueError(f"models take 1 or 2 input channels, this one {channels}")
     if int(fields.pop("npix", npix)) != npix:
         raise ValueError("card npix does not match the model's input length")
     temperature = float(fields.pop("temperature", 1.0))
@@ -193,7 +210,8 @@ def save_model_version(model: keras.Model, root: str | Path,
         "classes": classes,
         "temperature": temperature,
         "npix": npix,
-        "input_shape": [npix, 1],
+        "input_shape": [npix, channels],
+        "input": _INPUT_DESCRIPTION[channels],
         "outputs": "logits",
         "n_params": int(model.count_params()),
         "keras_backend": keras.backend.backend(),
@@ -271,11 +289,16 @@ class ModelBundle:
         return int(self.card.get("npix", self.model.input_shape[1]))
 
     @property
+    def channels(self) -> int:
+        """Input channels the model takes (1: standardised flux; 2: + normalised flux)."""
+        return int(self.model.input_shape[-1])
+
+    @property
     def path(self) -> Path:
         return Path(self.card["path"])
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Raw logits ``(N, C)`` for standardised spectra ``(N, npix[, 1])``."""
+        """Raw logits ``(N, C)`` for model input ``(N, npix[, channels])``."""
         from .recogniser import predict_logits
 
         return predict_logits(self.model, x, batch_size=batch_size)
