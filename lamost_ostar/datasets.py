@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -732,3 +732,204 @@ def replay_split_library(plan: SplitPlan, seed: int, data_dir: str | Path | None
     if lamost is not None and len(lamost):
         split_by_star(lamost, plan.fractions, rng)
     return split_library(lib, plan.fractions, rng)
+
+
+# --------------------------------------------------------------------------
+# the O-star detector's training and test sets (issue: held-out stars)
+# --------------------------------------------------------------------------
+#: Classes of the detector: the MK letters plus ``X``, hot non-MK impostors
+#: (white dwarfs, hot subdwarfs, Wolf-Rayet stars) that survey O-star searches
+#: must reject.
+CLASSES_8: tuple[str, ...] = ("O", "B", "A", "F", "G", "K", "M", "X")
+
+
+@dataclass
+class DetectorRecipe:
+    """How the detector's LAMOST-like training spectra are drawn from template stars.
+
+    Every class gets ``n_per_class`` spectra: single-star realisations spread
+    evenly over the class's stars, plus ``mix_fraction`` of mixtures of
+    neighbouring templates of the same class (new, plausible stars between
+    the real ones; not for ``X``).  The degradations span what real O/B stars
+    and their impostors show in LAMOST:
+
+    * E(B-V) uniform per class (``ebv_ranges``; added to a STELIB star's own
+      reddening): O and B 0-2.5 (Galactic-plane O stars), A and F reddened
+      too (the hard negatives a reddening-blind model confuses with reddened
+      O/B stars), cooler stars less;
+    * R_V uniform in ``r_v_range``; resolving power in ``resolution_range``
+      (where the template is sharper); radial velocity as the mock release;
+    * S/N from the real LAMOST SNRG distribution within ``snr_range``;
+    * smooth flux-calibration distortion (``calib_sigma``);
+    * with probability ``coverage_cut`` the red end beyond a random 7600-8600 A,
+      and with half that the blue end below a random 3800-4500 A, are masked
+      (as missing) for every class, so that the partial coverage of some
+      library stars carries no class information.
+
+    Real LAMOST spectra of the training stars are added as they are
+    (``lamost_repeat`` times each).
+    """
+
+    classes: tuple[str, ...] = CLASSES_8
+    n_per_class: int = 600
+    mix_fraction: float = 0.35
+    ebv_ranges: dict = field(default_factory=lambda: {
+        "O": (0.0, 2.5), "B": (0.0, 2.5), "A": (0.0, 1.5), "F": (0.0, 1.0),
+        "G": (0.0, 0.6), "K": (0.0, 0.6), "M": (0.0, 0.5), "X": (0.0, 1.0)})
+    r_v_range: tuple[float, float] = (2.8, 4.0)
+    resolution_range: tuple[float, float] = (1500.0, 2200.0)
+    snr_range: tuple[float, float] = (5.0, 100.0)
+    calib_sigma: float = 0.08
+    coverage_cut: float = 0.25
+    lamost_repeat: int = 1
+
+    def mock_config(self, **overrides):
+        """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
+        from .mock import MockConfig
+
+        kw = dict(ebv_ranges=dict(self.ebv_ranges), r_v_range=tuple(self.r_v_range),
+                  resolution_range=tuple(self.resolution_range), snr_range=tuple(self.snr_range),
+                  calib_sigma=self.calib_sigma, min_coverage=0.0)
+        kw.update(overrides)
+        return MockConfig(**kw)
+
+
+def _cut_coverage(sim, probability: float, rng: np.random.Generator) -> None:
+    """Mask a random red end (and sometimes blue end) of native-grid spectra in place."""
+    n = len(sim)
+    if n == 0 or probability <= 0:
+        return
+    wave = sim.wavelength
+    red = rng.random(n) < probability
+    blue = rng.random(n) < probability / 2
+    red_at = rng.uniform(7600.0, 8600.0, n)
+    blue_at = rng.uniform(3800.0, 4500.0, n)
+    cut = (red[:, None] & (wave[None, :] > red_at[:, None])) | (blue[:, None] & (wave[None, :] < blue_at[:, None]))
+    sim.ivar[cut] = 0.0
+    sim.flux[cut] = 0.0
+    sim.andmask[cut] |= 1
+
+
+def _simulate_lib(lib, mk: list[str], rng: np.random.Generator, config, coverage_cut: float,
+                  star_of_template: dict[str, str], source: str, measure=None) -> LabelledSpectra:
+    """Simulate spectra of class letters ``mk`` from ``lib`` and label them by star."""
+    from . import mock
+
+    if not mk:
+        from .preprocess import NPIX
+        return LabelledSpectra.empty(NPIX)
+    sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=mk, templates=lib, config=config)
+    _cut_coverage(sim, coverage_cut, rng)
+    star = [star_of_template[t["template1"] if t["weight1"] >= 0.5 else t["template2"]] for t in sim.truth]
+    prep = _prepare_simulated(sim)
+    meta = {k: np.array([t[k] for t in sim.truth]) for k in _SIM_META if sim.truth and k in sim.truth[0]}
+    meta["template"] = np.array([t["template1"] if t["weight1"] >= 0.5 else t["template2"] for t in sim.truth])
+    if measure is not None:
+        meta.update(measure(prep))
+    return LabelledSpectra(prep.x, [t["mk"] for t in sim.truth], star, [source] * len(prep.x),
+                           xn=prep.xn, meta=meta)
+
+
+def realise_templates(lib, per_template: np.ndarray, rng: np.random.Generator, config,
+                      coverage_cut: float = 0.0, measure=None, source: str = "library",
+                      chunk: int = 2048) -> LabelledSpectra:
+    """``per_template[i]`` single-template realisations of each template of ``lib``.
+
+    Vectorised over all templates at once (chunks of ``chunk`` spectra): the
+    mock simulator is given a library of the template alone by drawing both
+    templates of its "mixture" from the same one (weight 1).
+    """
+    ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
+    per = np.asarray(per_template, dtype=int)
+    parts = []
+    for i in np.flatnonzero(per > 0):
+        sub = lib._take(np.array([i]))
+        for start in range(0, int(per[i]), chunk):
+            k = min(chunk, int(per[i]) - start)
+            parts.append(_simulate_lib(sub, [str(lib.mk[i])] * k, rng, config, coverage_cut, ids, source,
+                                       measure))
+    if not parts:
+        from .preprocess import NPIX
+        return LabelledSpectra.empty(NPIX)
+    return LabelledSpectra.concat(parts)
+
+
+def spread(lib, n_per_class: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
+    """Per-template counts giving each class its total, spread evenly over the class's *stars*.
+
+    Templates of one star (two observations, or the same star in two
+    libraries) share the star's count.
+    """
+    ids = library_star_ids(lib)
+    per = np.zeros(len(lib), dtype=int)
+    for c, total in n_per_class.items():
+        idx = np.flatnonzero(np.asarray(lib.mk) == c)
+        if idx.size == 0 or total <= 0:
+            continue
+        stars = rng.permutation(np.unique(ids[idx]))
+        counts = np.full(len(stars), total // len(stars))
+        counts[: total % len(stars)] += 1
+        for s, m in zip(stars, counts):
+            members = idx[ids[idx] == s]
+            share = np.full(len(members), m // len(members))
+            share[: m % len(members)] += 1
+            per[members] += share
+    return per
+
+
+def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generator,
+                            lamost: LabelledSpectra | None = None, measure=None) -> LabelledSpectra:
+    """The detector's training set from the template stars of ``lib`` (and real LAMOST spectra).
+
+    Parameters
+    ----------
+    lib : TemplateLibrary
+        The training stars only (a split's templates); ``mkclass`` blue-only
+        averages are not used.
+    recipe : DetectorRecipe
+        Counts and degradations.
+    rng : numpy.random.Generator
+        Source of randomness.
+    lamost : LabelledSpectra, optional
+        Real LAMOST spectra of the training stars, added as they are.
+    measure : callable, optional
+        ``measure(prepared_batch) -> dict of (N,) arrays`` stored in ``meta``
+        (e.g. the He II evidence).
+
+    Returns
+    -------
+    LabelledSpectra
+        Both channels; ``meta`` holds the truth of each realisation.
+    """
+    lib = _usable_for_training(lib, recipe.classes)
+    cfg = recipe.mock_config()
+    n_real = {c: 0 for c in recipe.classes}
+    if lamost is not None and len(lamost):
+        for c in recipe.classes:
+            n_real[c] = int(np.sum(lamost.labels == c)) * recipe.lamost_repeat
+    pure, mixed = {}, {}
+    for c in recipe.classes:
+        if not np.any(np.asarray(lib.mk) == c):
+            continue
+        rest = max(0, recipe.n_per_class - n_real[c])
+        m = 0 if c == "X" else int(round(rest * recipe.mix_fraction))
+        mixed[c], pure[c] = m, rest - m
+    parts = [realise_templates(lib, spread(lib, pure, rng), rng, cfg, recipe.coverage_cut, measure)]
+    ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
+    mk = [c for c, k in mixed.items() for _ in range(k)]
+    if mk:
+        parts.append(_simulate_lib(lib.select([c for c in mixed if mixed[c]]), list(rng.permutation(mk)),
+                                   rng, cfg, recipe.coverage_cut, ids, "mock", measure))
+    if lamost is not None and len(lamost):
+        real = lamost.only(recipe.classes)
+        parts.extend([real] * recipe.lamost_repeat)
+    return LabelledSpectra.concat(parts)
+
+
+def _usable_for_training(lib, classes: Sequence[str]):
+    """Templates a detector trains on: the given classes, no blue-only MKCLASS averages."""
+    keep = np.isin(np.asarray(lib.mk), list(classes))
+    src = getattr(lib, "source", None)
+    if src is not None:
+        keep &= np.asarray(src) != "mkclass"
+    return lib._take(np.flatnonzero(keep))

@@ -1,9 +1,10 @@
 """Models: locally connected layer, LCGAN/SGAN, recogniser, calibration, SVM metrics, registry.
 
 Everything is Keras 3 with ``keras``/``keras.ops`` only (TensorFlow default; the
-tests also pass under the JAX and PyTorch backends).  Importing this package
-registers the custom layers with Keras' serialisation, so saved ``model.keras``
-files load.  The heavier submodules are imported explicitly:
+tests also pass under the JAX and PyTorch backends).  Importing
+:mod:`~lamost_ostar.models.layers` (the registry does) registers the custom
+layers with Keras' serialisation, so saved ``model.keras`` files load.  The
+submodules are imported explicitly:
 
 :mod:`~lamost_ostar.models.layers`
     :class:`LocallyConnected1D` (unshared 1-D convolution, eq. 6 lengths, one
@@ -27,9 +28,23 @@ files load.  The heavier submodules are imported explicitly:
     ``list_versions(root)``, ``load_model(version=None, models_dir=None) ->
     ModelBundle`` (``predict_proba`` = softmax(logits / T), ``classes``,
     ``version``, ``card``, ``model``), ``default_models_dir()`` for the CLI.
+:mod:`~lamost_ostar.models.decision`
+    the O-candidate rule (pure numpy, no Keras): ``Decision`` (prior-adjusted
+    posterior + He II evidence thresholds, stored in the card),
+    ``prior_adjust``, ``choose_operating_point``.
+
+The layer classes are imported lazily (``lamost_ostar.models.LocallyConnected1D``
+imports Keras on first use), so that the numpy-only submodules such as
+``decision`` can be used without importing a deep-learning backend.
 """
 from __future__ import annotations
 
-from .layers import ChannelAttention1D, LocallyConnected1D, lc_output_length
-
 __all__ = ["LocallyConnected1D", "ChannelAttention1D", "lc_output_length"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,674 @@
+"""Leave-one-star-out evaluation of the O-star detector: figures that cannot flatter.
+
+Every real O star of the template library is held out in turn (stars that
+share data leave together: :func:`lamost_ostar.datasets.library_star_ids`
+groups the MILES O stars whose red end was filled from a Pickles O star with
+that Pickles star).  The other classes' stars -- B, A ... M, the X impostors
+and the real LAMOST spectra (by designation) -- are dealt into the same number
+of folds, so that in fold ``k`` a model trained on the stars of all other folds
+is tested on fold ``k``'s stars only.  Each fold's tests are:
+
+``o``       LAMOST-like realisations of the held-out O star(s) over the full
+            E(B-V) (0-2.5 added to the star's own) and S/N (5-100) ranges;
+``b``       the same for the fold's B stars (B0-B1 reported separately);
+``x``       the fold's impostors (white dwarfs, hot subdwarfs, Wolf-Rayet);
+``survey``  a survey-preset sample (B, A ... M, X at LAMOST fractions, the mock
+            release's own reddening and S/N) of the fold's non-O stars: false O
+            per million non-O spectra;
+``lamost``  the fold's real LAMOST files (non-O): candidates among them.
+
+Out-of-fold logits, the He II evidence (:mod:`lamost_ostar.lines`) and the
+truth of every test spectrum are saved (``oof_<model>.npz``), so the tables,
+the temperature, the operating point (:func:`lamost_ostar.models.decision.choose_operating_point`)
+and the report are recomputed from them without retraining.
+
+Models compared on the same folds and data (:data:`MODEL_KINDS`): the
+two-channel CNN (``cnn2``), the paper's one-channel CNN (``cnn1``), and
+logistic-regression baselines on one channel (``lr1``) and both (``lr2``);
+optionally the CNN with LCGAN / SGAN O samples added (``cnn2+lcgan``,
+``cnn2+sgan``), the generators trained on high-S/N realisations of the fold's
+training O stars with noise added after generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import (CLASSES_8, DetectorRecipe, LabelledSpectra, library_star_ids, load_lamost,
+                       realise_templates, spread, _simulate_lib, _usable_for_training)
+
+__all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
+           "evidence", "EVIDENCE_KEYS"]
+
+#: model kinds a LOSO run can compare
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2+lcgan", "cnn2+sgan")
+
+#: S/N (g) and total E(B-V) bins of the tables
+SNR_BINS: tuple[tuple[float, float], ...] = ((5, 10), (10, 20), (20, 50), (50, 1e9))
+EBV_BINS: tuple[tuple[float, float], ...] = ((0, 0.4), (0.4, 0.8), (0.8, 1.5), (1.5, 99))
+
+#: Survey-preset fractions of the non-O classes (the mock's ``survey`` preset
+#: plus X impostors at 0.3 %).
+SURVEY_NON_O: dict[str, float] = {"B": 0.03, "A": 0.08, "F": 0.28, "G": 0.33, "K": 0.21,
+                                  "M": 0.07, "X": 0.003}
+
+
+@dataclass
+class LosoConfig:
+    """Size and settings of a leave-one-star-out run.
+
+    Attributes
+    ----------
+    recipe : DetectorRecipe
+        Training spectra per class and their degradations.
+    models : tuple of str
+        Model kinds (:data:`MODEL_KINDS`).
+    epochs, batch_size, patience : int
+        CNN training (early stopping on independent realisations of the
+        training stars; the test stars are never seen).
+    n_val_per_class : int
+        Validation realisations per class (training stars).
+    o_per_star, b_per_star, x_per_star : int
+        Test realisations per held-out O / B / X star.
+    survey_per_fold : int
+        Survey-preset non-O spectra per fold.
+    folds : tuple of int or None
+        Run only these folds (None: all).
+    gan_iterations, gan_samples, gan_snr : int, int, float
+        GAN budget, generated O spectra added, minimum S/N of the GAN's
+        training realisations.
+    seed : int
+        Master seed.
+    """
+
+    recipe: DetectorRecipe = field(default_factory=DetectorRecipe)
+    models: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1")
+    epochs: int = 14
+    batch_size: int = 32
+    patience: int = 4
+    n_val_per_class: int = 60
+    o_per_star: int = 240
+    b_per_star: int = 40
+    x_per_star: int = 40
+    survey_per_fold: int = 12000
+    folds: tuple[int, ...] | None = None
+    gan_iterations: int = 1000
+    gan_samples: int = 300
+    gan_snr: float = 80.0
+    lr_c: float = 0.05
+    seed: int = 0
+    profile: str = "full"
+
+    @classmethod
+    def from_profile(cls, name: str, seed: int = 0) -> "LosoConfig":
+        """``tiny`` (seconds: tests), ``quick`` (a few folds), ``full`` (every star)."""
+        if name == "tiny":
+            return cls(recipe=DetectorRecipe(n_per_class=12), models=("cnn2", "lr2"), epochs=1,
+                       batch_size=16, n_val_per_class=4, o_per_star=8, b_per_star=2, x_per_star=2,
+                       survey_per_fold=40, folds=(0, 1), gan_iterations=2, gan_samples=6, seed=seed,
+                       profile=name)
+        if name == "quick":
+            return cls(folds=(0, 1, 2), seed=seed, profile=name)
+        if name == "full":
+            return cls(seed=seed, profile=name)
+        raise ValueError(f"unknown profile {name!r} (tiny, quick, full)")
+
+
+# --------------------------------------------------------------------------
+# the He II evidence of a prepared batch
+# --------------------------------------------------------------------------
+#: evidence arrays stored for every test spectrum
+EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma")
+
+
+def evidence(prep) -> dict[str, np.ndarray]:
+    """He II / He I evidence of a :class:`~lamost_ostar.preprocess.PreparedBatch`."""
+    from . import lines
+
+    m = lines.measure_lines(prep.flux, prep.ivar, prep.mask)
+    return {"heii_sigma": np.asarray(m.heii_sigma, float), "hei_sigma": np.asarray(m.hei_sigma, float)}
+
+
+# --------------------------------------------------------------------------
+# folds
+# --------------------------------------------------------------------------
+def assign_folds(lib, lamost: LabelledSpectra | None, rng: np.random.Generator
+                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """One fold per O split unit; every other star dealt into the folds by class.
+
+    Returns
+    -------
+    o_units : list of str
+        The O split unit held out by each fold (fold ``k`` holds ``o_units[k]``).
+    fold_of_star : dict
+        Library star (split unit) -> fold.
+    fold_of_lamost : dict
+        LAMOST star (designation) -> fold.
+    """
+    ids = library_star_ids(lib)
+    mk = np.asarray(lib.mk).astype(str)
+    o_units = sorted(np.unique(ids[mk == "O"]).tolist())
+    if not o_units:
+        raise ValueError("the library has no O star")
+    k = len(o_units)
+    fold_of_star = {u: i for i, u in enumerate(o_units)}
+    for c in sorted(set(mk) - {"O"}):
+        stars = rng.permutation(np.unique(ids[mk == c]))
+        start = int(rng.integers(0, k))
+        for j, s in enumerate(stars):
+            fold_of_star.setdefault(str(s), (start + j) % k)
+    fold_of_lamost: dict[str, int] = {}
+    if lamost is not None and len(lamost):
+        for c in np.unique(lamost.labels):
+            stars = rng.permutation(np.unique(lamost.star[lamost.labels == c]))
+            start = int(rng.integers(0, k))
+            for j, s in enumerate(stars):
+                fold_of_lamost.setdefault(str(s), (start + j) % k)
+    return o_units, fold_of_star, fold_of_lamost
+
+
+def _take_stars(lib, stars: set[str], keep: bool):
+    ids = library_star_ids(lib)
+    sel = np.isin(ids, sorted(stars))
+    return lib._take(np.flatnonzero(sel if keep else ~sel))
+
+
+# --------------------------------------------------------------------------
+# fold data
+# --------------------------------------------------------------------------
+def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
+               rng: np.random.Generator) -> dict[str, LabelledSpectra]:
+    """The fold's test spectra (held-out stars only), with evidence in ``meta``."""
+    recipe = cfg.recipe
+    out: dict[str, LabelledSpectra] = {}
+    per_bin = {"O": cfg.o_per_star, "B": cfg.b_per_star, "X": cfg.x_per_star}
+    for name, c in (("o", "O"), ("b", "B"), ("x", "X")):
+        sub = test_lib.select(c)
+        if len(sub) == 0:
+            continue
+        parts = []
+        n = per_bin[c]
+        for lo, hi in SNR_BINS:
+            cfg_m = recipe.mock_config(snr_range=(float(lo), float(min(hi, 150.0))), calib_sigma=recipe.calib_sigma)
+            per = spread(sub, {c: n // len(SNR_BINS) * max(1, len(np.unique(library_star_ids(sub))))}, rng)
+            parts.append(realise_templates(sub, per, rng, cfg_m, 0.0, evidence, source="test"))
+        out[name] = LabelledSpectra.concat(parts)
+    # survey-preset sample of the fold's non-O stars, the mock release's own physics
+    from .mock import MockConfig
+
+    present = [c for c in SURVEY_NON_O if np.any(np.asarray(test_lib.mk) == c)]
+    if present and cfg.survey_per_fold > 0:
+        frac = np.array([SURVEY_NON_O[c] for c in present])
+        counts = np.floor(frac / frac.sum() * cfg.survey_per_fold).astype(int)
+        counts[np.argmax(frac)] += cfg.survey_per_fold - counts.sum()
+        mk = [c for c, m in zip(present, counts) for _ in range(int(m))]
+        ids = dict(zip(np.asarray(test_lib.name).astype(str), library_star_ids(test_lib)))
+        parts = []
+        mk = list(rng.permutation(mk))
+        for start in range(0, len(mk), 2048):
+            parts.append(_simulate_lib(test_lib, mk[start:start + 2048], rng, MockConfig(min_coverage=0.0), 0.0,
+                                       ids, "survey", evidence))
+        surv = LabelledSpectra.concat(parts)
+        # weights re-establish the survey mix where a fold lacks a class
+        out["survey"] = surv
+    if lamost_test is not None and len(lamost_test):
+        out["lamost"] = lamost_test
+    return out
+
+
+def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
+    """Real LAMOST non-O spectra with their evidence (None without the shared data)."""
+    from . import io, preprocess
+
+    try:
+        lam = load_lamost(data_dir)
+    except FileNotFoundError:
+        return None
+    if not len(lam):
+        return None
+    batch = io.read_spectra(list(lam.meta["path"]))
+    by = {s.path: s for s in batch.spectra}
+    prep = preprocess.prepare([by[p] for p in lam.meta["path"]])
+    lam.meta.update(evidence(prep))
+    return lam
+
+
+# --------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------
+def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
+                 cfg: LosoConfig, classes: Sequence[str], seed: int, log) -> tuple[dict[str, np.ndarray], dict]:
+    """Train one model kind on ``train`` and return the logits of every test set."""
+    info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    base = kind.split("+")[0]
+    if base in ("cnn1", "cnn2"):
+        import keras
+
+        from .models import recogniser
+
+        ch = 1 if base == "cnn1" else 2
+        if "+" in kind:
+            train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, cfg, seed, info)])
+        keras.utils.set_random_seed(seed)
+        model, hist = recogniser.train_recogniser(
+            train.inputs(ch), train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
+            batch_size=cfg.batch_size, patience=cfg.patience, n_classes=len(classes))
+        info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
+                    val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
+        predict = lambda d: recogniser.predict_logits(model, d.inputs(ch))   # noqa: E731
+    elif base in ("lr1", "lr2"):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        ch = 1 if base == "lr1" else 2
+
+        def feats(d):
+            return d.inputs(ch).reshape(len(d), -1)
+
+        scaler = StandardScaler().fit(feats(train))
+        clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
+        clf.fit(scaler.transform(feats(train)), train.y(classes))
+        info["n_iter"] = int(np.max(clf.n_iter_))
+        full = np.full((1, len(classes)), -1e4)
+
+        def predict(d):
+            z = clf.decision_function(scaler.transform(feats(d)))
+            out = np.repeat(full, len(d), axis=0)
+            out[:, clf.classes_] = z
+            return out
+    else:
+        raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    info["fit_seconds"] = time.perf_counter() - t0
+    logits = {name: np.asarray(predict(d), np.float64) for name, d in tests.items() if len(d)}
+    log(f"    {kind}: fitted in {info['fit_seconds']:.0f} s {json.dumps({k: v for k, v in info.items() if k != 'fit_seconds'})}")
+    return logits, info
+
+
+def _gan_samples(kind: str, train: LabelledSpectra, cfg: LosoConfig, seed: int, info: dict) -> LabelledSpectra:
+    """Generated O spectra from a GAN trained on high-S/N realisations of the training O stars.
+
+    The generator learns noise-free-ish spectra (S/N >= ``gan_snr``); LAMOST
+    noise at the S/N of the training O spectra is added to the samples
+    afterwards (an augmentation, not something the GAN has to learn).
+    """
+    from .models import gan
+    from .preprocess import normalise
+
+    o = train.only(["O"])
+    hi = o.subset(np.flatnonzero(np.nan_to_num(o.meta.get("snr_g", np.full(len(o), np.inf)), nan=np.inf)
+                                 >= cfg.gan_snr)) if "snr_g" in o.meta else o
+    if len(hi) < 8:
+        hi = o
+    make = {"lcgan": gan.make_lcgan, "sgan": gan.make_sgan}[kind]
+    t0 = time.perf_counter()
+    trainer = make(o.npix)
+    trainer.fit(hi.x, iterations=cfg.gan_iterations, batch_size=16, seed=seed)
+    x = np.asarray(trainer.sample(cfg.gan_samples, seed=seed), np.float64).reshape(cfg.gan_samples, -1)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    # noise after generation: S/N drawn from the training O spectra's S/N (per pixel ~ x / snr)
+    rng = np.random.default_rng(seed)
+    snr = rng.choice(np.nan_to_num(o.meta.get("snr_g", np.full(len(o), 30.0)), nan=30.0), cfg.gan_samples)
+    level = np.median(np.abs(x), axis=1, keepdims=True)
+    x = x + rng.standard_normal(x.shape) * np.sqrt(np.abs(x) * level) / snr[:, None]
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    info[f"{kind}_seconds"] = time.perf_counter() - t0
+    info[f"{kind}_trained_on"] = int(len(hi))
+    xn = normalise(x, np.zeros(x.shape, bool))[0]
+    return LabelledSpectra(x.astype(np.float32), ["O"] * len(x), [f"{kind}:{i}" for i in range(len(x))],
+                           [kind] * len(x), xn=xn)
+
+
+# --------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------
+_META_KEEP = ("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "path") + EVIDENCE_KEYS
+
+
+def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None = None,
+             lib=None, log: Callable[[str], None] = print) -> Path:
+    """Run the leave-one-star-out protocol; write ``oof_<model>.npz``, ``results.json`` and ``report.md``."""
+    from .templates import load_templates
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    lib = _usable_for_training(lib if lib is not None else load_templates(), cfg.recipe.classes)
+    lamost = _lamost_with_evidence(data_dir)
+    if lamost is not None:
+        lamost = lamost.only(cfg.recipe.classes)
+    rng = np.random.default_rng(cfg.seed)
+    o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, rng)
+    classes = list(cfg.recipe.classes)
+    folds = list(range(len(o_units))) if cfg.folds is None else [f for f in cfg.folds if f < len(o_units)]
+    store: dict[str, list[dict]] = {m: [] for m in cfg.models}
+    fold_info = []
+    log(f"LOSO: {len(o_units)} O units ({', '.join(o_units)}); running folds {folds}; models {cfg.models}")
+    for k in folds:
+        t0 = time.perf_counter()
+        rng_k = np.random.default_rng([cfg.seed, k])
+        held = {s for s, f in fold_of_star.items() if f == k}
+        train_lib, test_lib = _take_stars(lib, held, False), _take_stars(lib, held, True)
+        lam_train = lam_test = None
+        if lamost is not None:
+            in_k = np.array([fold_of_lamost.get(s, -1) == k for s in lamost.star])
+            lam_train, lam_test = lamost.subset(np.flatnonzero(~in_k)), lamost.subset(np.flatnonzero(in_k))
+        train = _build_training(train_lib, cfg.recipe, rng_k, lam_train)
+        val = _build_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
+                                                             mix_fraction=0.0), rng_k, None)
+        tests = _test_sets(test_lib, lam_test, cfg, rng_k)
+        t_data = time.perf_counter() - t0
+        log(f"fold {k} (O {o_units[k]}): train {train.describe()}; tests "
+            + ", ".join(f"{n} {len(d)}" for n, d in tests.items()) + f"; data {t_data:.0f} s")
+        info = {"fold": k, "o_unit": o_units[k], "test_stars": sorted(held), "data_seconds": t_data,
+                "train": train.describe(), "models": {}}
+        for m in cfg.models:
+            logits, minfo = _fit_predict(m, train, val, tests, cfg, classes, seed=cfg.seed * 1000 + k, log=log)
+            info["models"][m] = minfo
+            for name, z in logits.items():
+                d = tests[name]
+                rec = {"fold": np.full(len(d), k), "set": np.full(len(d), name), "label": d.labels,
+                       "star": d.star, "logits": z}
+                for key in _META_KEEP:
+                    if key in d.meta:
+                        rec[key] = d.meta[key]
+                store[m].append(rec)
+        fold_info.append(info)
+        for m in cfg.models:
+            _save_oof(out / f"oof_{_safe(m)}.npz", store[m], classes)
+        (out / "folds.json").write_text(json.dumps({"config": _config_dict(cfg), "o_units": o_units,
+                                                    "folds": fold_info}, indent=1, default=str))
+        log(f"fold {k} done in {time.perf_counter() - t0:.0f} s")
+    results = analyse(out, cfg.models, classes)
+    results["config"] = _config_dict(cfg)
+    results["o_units"] = o_units
+    results["folds"] = fold_info
+    results["total_seconds"] = time.perf_counter() - t_start
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    path = out / "report.md"
+    path.write_text(render_report(results))
+    return path
+
+
+def _build_training(lib, recipe, rng, lamost):
+    from .datasets import build_detector_training
+
+    return build_detector_training(lib, recipe, rng, lamost=lamost)
+
+
+def _safe(name: str) -> str:
+    return name.replace("+", "_")
+
+
+def _config_dict(cfg: LosoConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _save_oof(path: Path, recs: list[dict], classes: Sequence[str]) -> None:
+    if not recs:
+        return
+    keys = sorted({k for r in recs for k in r})
+    arrays: dict[str, np.ndarray] = {}
+    for key in keys:
+        vals = []
+        for r in recs:
+            n = len(r["label"])
+            if key in r:
+                vals.append(np.asarray(r[key]))
+            elif key == "logits":
+                vals.append(np.full((n, len(classes)), np.nan))
+            else:
+                vals.append(np.full(n, np.nan))
+        kinds = {v.dtype.kind for v in vals}
+        if kinds & set("USO"):
+            vals = [v.astype(str) for v in vals]
+        arrays[key] = np.concatenate(vals)
+    arrays["classes"] = np.array(classes)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_oof(path: str | Path) -> dict[str, np.ndarray]:
+    """The out-of-fold arrays of one model (``oof_<model>.npz``)."""
+    with np.load(path, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+# --------------------------------------------------------------------------
+# analysis
+# --------------------------------------------------------------------------
+def _softmax(z: np.ndarray, t: float) -> np.ndarray:
+    z = np.asarray(z, np.float64) / t
+    z = z - np.nanmax(z, axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}" if hi < 50 else f">{lo:g}"
+
+
+def _subtype(sub: np.ndarray) -> np.ndarray:
+    """Numeric subtype from a SUBCLASS string ('B0', 'B1', ...), NaN if none."""
+    out = np.full(len(sub), np.nan)
+    for i, s in enumerate(np.asarray(sub).astype(str)):
+        digits = "".join(ch for ch in s[1:] if ch.isdigit() or ch == ".")
+        try:
+            out[i] = float(digits) if digits else np.nan
+        except ValueError:
+            pass
+    return out
+
+
+def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
+            max_false_per_million: float = 100.0) -> dict:
+    """Tables and operating points from the saved out-of-fold arrays."""
+    from .models.calibration import fit_temperature
+    from .models.decision import Decision, choose_operating_point
+
+    out = Path(out_dir)
+    res: dict[str, Any] = {"models": {}}
+    for m in models:
+        path = out / f"oof_{_safe(m)}.npz"
+        if not path.exists():
+            continue
+        d = load_oof(path)
+        classes = [str(c) for c in d["classes"]]
+        y = np.array([classes.index(c) if c in classes else -1 for c in d["label"]])
+        sets = d["set"].astype(str)
+        ok_fit = np.isin(sets, ["o", "b", "x", "survey"]) & (y >= 0) & np.all(np.isfinite(d["logits"]), axis=1)
+        # temperature on held-out spectra, each set and class weighted equally
+        bal = np.flatnonzero(ok_fit)
+        t = float(fit_temperature(d["logits"][bal], y[bal])) if bal.size else 1.0
+        probs = _softmax(d["logits"], t)
+        dec = Decision.balanced(classes)
+        post = dec.posterior(probs)[:, classes.index("O")]
+        heii = d.get("heii_sigma", np.full(len(y), np.nan)).astype(float)
+        snr = d.get("snr_g", np.full(len(y), np.nan)).astype(float)
+        ebv = d.get("ebv_total", np.full(len(y), np.nan)).astype(float)
+        star = d["star"].astype(str)
+        is_o, is_b, is_x = sets == "o", sets == "b", sets == "x"
+        surv, real = sets == "survey", sets == "lamost"
+        argmax_o = probs.argmax(axis=1) == classes.index("O")
+        o_ok = is_o & (snr >= 10)
+        # survey weights: every class at its survey fraction over the whole run
+        w = np.zeros(len(y))
+        for c, f in SURVEY_NON_O.items():
+            sel = surv & (d["label"] == c)
+            if sel.any():
+                w[sel] = f / sel.sum()
+        op = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
+                                    post[surv], heii[surv], w[surv], post[real], heii[real],
+                                    max_false_per_million=max_false_per_million)
+        op_cnn = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
+                                        post[surv], heii[surv], w[surv], post[real], heii[real],
+                                        max_false_per_million=max_false_per_million, heii_grid=(None,))
+        rules = {"argmax": argmax_o}
+        for name, p in (("operating_point", op), ("no_he_ii", op_cnn)):
+            if p.get("min_posterior") is None:
+                continue
+            c = post >= p["min_posterior"]
+            if p.get("min_heii_sigma") is not None:
+                c &= np.isfinite(heii) & (heii >= p["min_heii_sigma"])
+            rules[name] = c
+        tables = {}
+        for rname, cand in rules.items():
+            tables[rname] = _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv,
+                                    _subtype(d.get("subclass", np.full(len(y), "")).astype(str)),
+                                    d["label"].astype(str), d.get("kind", np.full(len(y), "")).astype(str))
+        # p(O) of the O spectra by E(B-V) (one- vs two-channel comparison)
+        med = {}
+        for lo, hi in EBV_BINS:
+            sel = is_o & (ebv >= lo) & (ebv < hi)
+            med[_bin_label(lo, hi)] = {"n": int(sel.sum()),
+                                       "median_p_o": float(np.median(probs[sel, classes.index("O")])) if sel.any() else None}
+        res["models"][m] = {"temperature": t, "operating_point": op, "operating_point_without_he_ii": op_cnn,
+                            "tables": tables, "p_o_by_ebv": med,
+                            "n": {s: int(np.sum(sets == s)) for s in np.unique(sets)}}
+    return res
+
+
+def _rate(x: np.ndarray) -> float | None:
+    return float(np.mean(x)) if len(x) else None
+
+
+def _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv, subtype, label, kind) -> dict:
+    t: dict[str, Any] = {}
+    stars = np.unique(star[is_o])
+    hi_snr = snr >= 10
+    t["o_recall_per_star"] = {s: {"all": _rate(cand[is_o & (star == s)]),
+                                  "snr_ge_10": _rate(cand[is_o & (star == s) & hi_snr])} for s in stars}
+    per = [v["snr_ge_10"] for v in t["o_recall_per_star"].values() if v["snr_ge_10"] is not None]
+    t["o_recall_star_averaged_snr_ge_10"] = float(np.mean(per)) if per else None
+    per_all = [v["all"] for v in t["o_recall_per_star"].values() if v["all"] is not None]
+    t["o_recall_star_averaged"] = float(np.mean(per_all)) if per_all else None
+    early = is_b & (subtype < 2)
+    t["b_to_o"] = _rate(cand[is_b])
+    t["b_to_o_snr_ge_10"] = _rate(cand[is_b & hi_snr])
+    t["b0_b1_to_o"] = _rate(cand[early])
+    t["b2_plus_to_o"] = _rate(cand[is_b & ~(subtype < 2)])
+    t["x_to_o"] = _rate(cand[is_x])
+    t["x_to_o_by_kind"] = {k: _rate(cand[is_x & (kind == k)]) for k in np.unique(kind[is_x])}
+    ws = w[surv]
+    fpm = 1e6 * float(np.sum(ws * cand[surv])) / max(float(ws.sum()), 1e-300) if surv.any() else None
+    t["false_o_per_million"] = fpm
+    t["survey_false_o_count"] = int(np.sum(cand[surv]))
+    t["survey_n"] = int(surv.sum())
+    t["survey_false_o_by_class"] = {c: int(np.sum(cand[surv & (label == c)])) for c in np.unique(label[surv])}
+    t["real_lamost_candidates"] = int(np.sum(cand[real]))
+    t["real_lamost_n"] = int(real.sum())
+    t["real_lamost_candidate_stars"] = sorted(np.unique(star[real & cand]).tolist())
+    by_snr: dict[str, Any] = {}
+    for lo, hi in SNR_BINS:
+        s = (snr >= lo) & (snr < hi)
+        sw = ws[s[surv]] if surv.any() else np.zeros(0)
+        by_snr[_bin_label(lo, hi)] = {
+            "o_recall": _rate(cand[is_o & s]), "b_to_o": _rate(cand[is_b & s]),
+            "b0_b1_to_o": _rate(cand[early & s]),
+            "false_o_per_million": (1e6 * float(np.sum(sw * cand[surv & s])) / float(sw.sum())) if sw.sum() > 0 else None,
+            "real_lamost": f"{int(np.sum(cand[real & s]))}/{int(np.sum(real & s))}"}
+    t["by_snr"] = by_snr
+    by_ebv: dict[str, Any] = {}
+    for lo, hi in EBV_BINS:
+        e = (ebv >= lo) & (ebv < hi)
+        sw = ws[e[surv]] if surv.any() else np.zeros(0)
+        by_ebv[_bin_label(lo, hi)] = {
+            "o_recall": _rate(cand[is_o & e]), "o_recall_snr_ge_10": _rate(cand[is_o & e & hi_snr]),
+            "b_to_o": _rate(cand[is_b & e]), "b0_b1_to_o": _rate(cand[early & e]),
+            "false_o_per_million": (1e6 * float(np.sum(sw * cand[surv & e])) / float(sw.sum())) if sw.sum() > 0 else None}
+    t["by_ebv"] = by_ebv
+    return t
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def _num(v, fmt="{:.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render_report(results: dict) -> str:
+    """Markdown report of a LOSO run (every figure names its data)."""
+    cfg = results.get("config", {})
+    lines = ["# Leave-one-star-out evaluation of the O-star detector", ""]
+    lines += [f"Profile `{cfg.get('profile')}`, seed {cfg.get('seed')}; "
+              f"{len(results.get('o_units', []))} O split units: {', '.join(results.get('o_units', []))}.",
+              f"Folds run: {[f['fold'] for f in results.get('folds', [])]}; total "
+              f"{results.get('total_seconds', 0) / 60:.1f} min.", ""]
+    lines += ["Data behind every number: in fold k the models are trained on LAMOST-like realisations of the",
+              "template stars of all other folds (+ their real LAMOST files) and tested on fold k's stars only:",
+              "O = the held-out O star(s), E(B-V) 0-2.5 added to the star's own, S/N 5-100 (equal shares of the",
+              "S/N bins); B / X = the fold's B stars / impostors, same ranges; survey = survey-preset sample",
+              "of the fold's non-O stars with the mock release's own reddening and S/N, re-weighted to the",
+              "survey mix (B 3 %, A 8 %, F 28 %, G 33 %, K 21 %, M 7 %, X 0.3 %); real LAMOST = the fold's",
+              "shared real LAMOST files (all non-O). Recall 'S/N >= 10' counts O spectra with S/N(g) >= 10.", ""]
+    models = results.get("models", {})
+    lines += ["## Summary (operating point chosen on these out-of-fold data: false O <= 100 per million and",
+              "0 real LAMOST candidates, maximising the star-averaged O recall at S/N >= 10)", "",
+              "| model | rule | O recall, star-avg, S/N>=10 | O recall, star-avg, all | B->O | B0-B1->O | X->O | false O per million | real LAMOST candidates |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in models.items():
+        for rule in ("argmax", "no_he_ii", "operating_point"):
+            t = r["tables"].get(rule)
+            if t is None:
+                continue
+            op = r["operating_point"] if rule == "operating_point" else r.get("operating_point_without_he_ii", {})
+            desc = {"argmax": "arg-max class O",
+                    "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g}",
+                    "operating_point": (f"posterior >= {op.get('min_posterior', float('nan')):.3g}"
+                                        + (f", He II >= {op['min_heii_sigma']:g} sigma"
+                                           if op.get("min_heii_sigma") is not None else ""))}[rule]
+            if rule != "argmax" and not op.get("feasible", True):
+                desc += " (targets not met)"
+            lines.append(f"| {m} | {desc} | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "
+                         f"{_pct(t['o_recall_star_averaged'])} | {_pct(t['b_to_o'])} | {_pct(t['b0_b1_to_o'])} | "
+                         f"{_pct(t['x_to_o'])} | {_num(t['false_o_per_million'])} | "
+                         f"{t['real_lamost_candidates']}/{t['real_lamost_n']} |")
+    lines.append("")
+    for m, r in models.items():
+        t = r["tables"].get("operating_point") or r["tables"]["argmax"]
+        lines += [f"## {m}", "", f"Temperature {r['temperature']:.3f} (fitted on the out-of-fold logits). "
+                  f"Test spectra: {r['n']}.", "",
+                  "Per held-out O star (operating point):", "",
+                  "| O star | recall, all | recall, S/N >= 10 |", "|---|---|---|"]
+        for s, v in t["o_recall_per_star"].items():
+            lines.append(f"| {s} | {_pct(v['all'])} | {_pct(v['snr_ge_10'])} |")
+        lines += ["", "By S/N (g):", "", "| S/N | O recall | B->O | B0-B1->O | false O per million | real LAMOST |",
+                  "|---|---|---|---|---|---|"]
+        for b, v in t["by_snr"].items():
+            lines.append(f"| {b} | {_pct(v['o_recall'])} | {_pct(v['b_to_o'])} | {_pct(v['b0_b1_to_o'])} | "
+                         f"{_num(v['false_o_per_million'])} | {v['real_lamost']} |")
+        lines += ["", "By total E(B-V):", "",
+                  "| E(B-V) | O recall | O recall S/N>=10 | median p(O) of O | B->O | B0-B1->O | false O per million |",
+                  "|---|---|---|---|---|---|---|"]
+        for b, v in t["by_ebv"].items():
+            mp = r["p_o_by_ebv"].get(b, {}).get("median_p_o")
+            lines.append(f"| {b} | {_pct(v['o_recall'])} | {_pct(v['o_recall_snr_ge_10'])} | "
+                         f"{_num(mp, '{:.2f}')} | {_pct(v['b_to_o'])} | {_pct(v['b0_b1_to_o'])} | "
+                         f"{_num(v['false_o_per_million'])} |")
+        lines += ["", f"Survey false O by class (count of {t['survey_n']}): {t['survey_false_o_by_class']}; "
+                  f"impostors called O by kind: {t['x_to_o_by_kind']}; real LAMOST candidates: "
+                  f"{t['real_lamost_candidate_stars'] or 'none'}.", ""]
+    return "\n".join(lines) + "\n"

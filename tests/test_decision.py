@@ -1,0 +1,78 @@
+"""Tests for lamost_ostar.models.decision (prior adjustment, the candidate rule, operating point)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from lamost_ostar.models.decision import (SURVEY_PRIOR, Decision, choose_operating_point,
+                                          prior_adjust)
+
+CLASSES = ["O", "B", "A", "F", "G", "K", "M", "X"]
+
+
+def test_prior_adjust_is_bayes():
+    probs = np.array([[0.5, 0.5, 0, 0, 0, 0, 0, 0], [0.999, 0.001, 0, 0, 0, 0, 0, 0]])
+    train = {c: 1 / 8 for c in CLASSES}
+    post = prior_adjust(probs, CLASSES, train, SURVEY_PRIOR)
+    np.testing.assert_allclose(post.sum(axis=1), 1.0)
+    # equal likelihoods for O and B: the posterior is the prior ratio
+    assert post[0, 0] == pytest.approx(2e-5 / (2e-5 + 0.03))
+    # a likelihood ratio of 999 for O is not enough against a 1500x rarer class
+    assert post[1, 0] == pytest.approx(0.999 * 2e-5 / (0.999 * 2e-5 + 0.001 * 0.03))
+    assert post[1, 0] < 0.5
+    # the same prior changes nothing
+    np.testing.assert_allclose(prior_adjust(probs, CLASSES, train, train), probs)
+
+
+def test_decision_rule_needs_both_tests_and_round_trips():
+    d = Decision.balanced(CLASSES, min_posterior=0.5, min_heii_sigma=2.0)
+    probs = np.zeros((4, 8))
+    probs[:, 0] = [1 - 1e-9, 1 - 1e-9, 0.6, 1 - 1e-9]
+    probs[:, 1] = 1 - probs[:, 0]
+    out = d.apply(probs, np.array([3.0, 1.0, 5.0, np.nan]))
+    assert out.is_candidate.tolist() == [True, False, False, False]   # weak He II; low p; unmeasured
+    assert out.p_o[0] == pytest.approx(1 - 1e-9)
+    assert 0.99 < out.posterior_o[0] < 1
+    card = json.loads(json.dumps(d.to_dict()))
+    again = Decision.from_dict(card)
+    assert again == d
+    assert "He II" in d.describe()
+    with pytest.raises(ValueError):
+        d.apply(probs)                              # the rule needs the evidence
+    # a decision without He II threshold ignores the evidence
+    out = Decision.balanced(CLASSES, min_posterior=0.5).apply(probs)
+    assert out.is_candidate.tolist() == [True, True, False, True]
+
+
+def test_operating_point_meets_the_constraints():
+    rng = np.random.default_rng(0)
+    # O: posterior mostly high, He II significant; negatives: a tail of high posteriors without He II
+    n_o, n_neg = 400, 200_000
+    o_post = rng.beta(8, 1, n_o)
+    o_heii = rng.normal(4, 1.5, n_o)
+    o_star = np.repeat(["s1", "s2", "s3", "s4"], n_o // 4)
+    neg_post = rng.beta(1, 60, n_neg)
+    neg_post[:300] = rng.uniform(0.9, 1.0, 300)           # 1500 per million that look like O
+    neg_heii = rng.normal(0, 1, n_neg)
+    real_post = np.array([0.95, 0.2])
+    real_heii = np.array([0.5, 0.0])
+    op = choose_operating_point(o_post, o_heii, o_star, np.ones(n_o, bool), neg_post, neg_heii, None,
+                                real_post, real_heii, max_false_per_million=100)
+    assert op["feasible"]
+    assert op["false_per_million"] <= 100 and op["real_candidates"] == 0
+    assert op["min_heii_sigma"] is not None            # He II is what makes the target reachable
+    cnn_only = choose_operating_point(o_post, o_heii, o_star, np.ones(n_o, bool), neg_post, neg_heii, None,
+                                      real_post, real_heii, max_false_per_million=100, heii_grid=(None,))
+    assert op["star_averaged_recall"] > cnn_only["star_averaged_recall"]
+
+
+def test_decision_imports_no_keras():
+    import subprocess
+
+    code = ("import sys, lamost_ostar.models.decision; "
+            "print('keras' in sys.modules or 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
