@@ -509,6 +509,7 @@ class Catalogue:
         except OperationalError as exc:
             raise CatalogueError(f"cannot open {_safe_url(self.url)}: {_first_line(exc)}") from exc
         if {"scans", "results", "errors"} <= present:
+            self._add_missing_columns(engine)
             return
         if not self.create:
             raise CatalogueError(f"{_safe_url(self.url)} holds no lamost_ostar catalogue "
@@ -529,6 +530,39 @@ class Catalogue:
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="OR REPLACE", ifne=""))
             else:
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="", ifne="IF NOT EXISTS "))
+
+    def _add_missing_columns(self, engine: Engine) -> None:
+        """Migrate a catalogue written by an older version: add the columns it lacks.
+
+        New result columns (e.g. the posterior, the candidate flag and the He II
+        evidence) are added as NULL-able columns with ``ALTER TABLE ... ADD
+        COLUMN``; the rows already there keep NULL in them (they were written by
+        models that did not produce those values).  Nothing is dropped or
+        rewritten.
+        """
+        with engine.connect() as conn:
+            insp = sa.inspect(conn)
+            missing = {name: [c for c in table.columns
+                              if c.name not in {col["name"] for col in insp.get_columns(name)}]
+                       for name, table in metadata.tables.items()}
+        if not any(missing.values()):
+            return
+        try:
+            with engine.connect().execution_options(lamost_write=True) as conn, conn.begin():
+                if self.dialect == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                insp = sa.inspect(conn)
+                for name, cols in missing.items():
+                    have = {col["name"] for col in insp.get_columns(name)}
+                    for col in cols:
+                        if col.name in have:
+                            continue            # another process added it meanwhile
+                        ddl = col.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(f'ALTER TABLE {name} ADD COLUMN "{col.name}" {ddl}')
+        except (OperationalError, DBAPIError) as exc:
+            added = ", ".join(c.name for cols in missing.values() for c in cols)
+            raise CatalogueError(f"{_safe_url(self.url)} was written by an older lamost_ostar and "
+                                 f"lacks columns ({added}); adding them failed: {_first_line(exc)}") from exc
 
     def _write_tx(self, fn, *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in one write transaction, retrying lock timeouts and deadlocks."""

@@ -542,7 +542,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                                        "median_p_o": float(np.median(probs[sel, classes.index("O")])) if sel.any() else None}
         res["models"][m] = {"temperature": t, "operating_point": op, "operating_point_without_he_ii": op_cnn,
                             "tables": tables, "p_o_by_ebv": med,
-                            "n": {s: int(np.sum(sets == s)) for s in np.unique(sets)}}
+                            "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
     return res
 
 
