@@ -379,7 +379,7 @@ def library_star_ids(lib) -> np.ndarray:
     classes the Pickles extension templates are not stars of the data set
     (the mock simulator uses MILES stars only where a class has >= 5 of them).
     """
-    names = np.asarray(lib.name).astype(str)
+    names = np.asarray(lib.star).astype(str)  # split unit: one id per physical star (templates.py)
     ids = names.astype(object)
     is_o = np.asarray(lib.mk) == "O"
     parent = {n: n for n in names[is_o]}

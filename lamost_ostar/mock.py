@@ -13,8 +13,14 @@ that looks like the real thing to a LAMOST user:
 * spectra of every MK class O ... M made from the packaged *real* templates
   (:mod:`lamost_ostar.templates`): interpolation between neighbouring templates
   of the same class, radial velocity, interstellar reddening (O'Donnell 1994 /
-  Cardelli et al. 1989, R_V = 3.1), smooth flux-calibration distortions and a
-  blue/red arm mismatch at the dichroic;
+  Cardelli et al. 1989, R_V = 3.1 or drawn per spectrum; added to the
+  template's own E(B-V) -- STELIB templates are stored reddened), optional
+  extra instrumental smoothing to a drawn resolving power, smooth
+  flux-calibration distortions and a blue/red arm mismatch at the dichroic;
+* template coverage: pixels where a template has no data (``valid`` False in
+  the library, e.g. beyond a STELIB star's red end) get flux 0, ivar 0 and the
+  mask bit :data:`MASK_NO_COVERAGE` in andmask/ormask, so
+  :mod:`lamost_ostar.preprocess` masks and interpolates them like bad pixels;
 * a noise model measured on real DR7 files (:class:`InstrumentModel`): the
   per-pixel effective throughput (blue end and dichroic region 5700-5900 A
   noisier, telluric bands), the sky-variance shape, the sky/source variance
@@ -37,6 +43,13 @@ In-memory API for training data
 >>> flux.shape                                       # common grid (N, NPIX)  # doctest: +SKIP
 (64, 3921)
 >>> truth[0]["mk"], truth[0]["snr_g"]                # doctest: +SKIP
+
+Augmented training draws (per-class E(B-V) ranges, R_V, resolution, S/N,
+impostors of class ``"X"``):
+
+>>> cfg = MockConfig(ebv_ranges={"O": (0, 2.5), "B": (0, 2.5)}, r_v_range=(2.8, 4.0),
+...                  resolution_range=(1500, 2200), snr_range=(5, 80), min_coverage=0)
+>>> sim = simulate_spectra(0, rng=1, mk=["O", "B", "X"], config=cfg)  # doctest: +SKIP
 
 Writing a release
 -----------------
@@ -64,6 +77,10 @@ from lamost_ostar.preprocess import DLOGLAM, LOGLAM0, NPIX
 
 __all__ = [
     "CLASSES",
+    "IMPOSTOR",
+    "SIM_CLASSES",
+    "MASK_NO_COVERAGE",
+    "DEFAULT_MIN_COVERAGE",
     "PRESETS",
     "LAYOUTS",
     "BROKEN_KINDS",
@@ -96,6 +113,18 @@ C_KMS = 299792.458
 
 #: MK classes, hottest first.
 CLASSES: tuple[str, ...] = ("O", "B", "A", "F", "G", "K", "M")
+#: Class letter of the hot non-MK impostors (Wolf-Rayet, white dwarfs, hot
+#: subdwarfs; :data:`lamost_ostar.templates.IMPOSTOR`).  Not in presets or
+#: releases; ``simulate_spectra(mk=[...])`` accepts it.
+IMPOSTOR: str = "X"
+#: Every class the simulator can draw.
+SIM_CLASSES: tuple[str, ...] = CLASSES + (IMPOSTOR,)
+#: andmask/ormask bit set where the drawn template(s) have no data (value 32;
+#: the bad-pixel patches use bit value 1).  Those pixels have ivar 0, flux 0.
+MASK_NO_COVERAGE: int = 32
+#: Default :attr:`MockConfig.min_coverage`: the picker prefers templates with
+#: at least this fraction of valid grid pixels.
+DEFAULT_MIN_COVERAGE: float = 0.85
 
 #: Class-fraction presets.  ``survey`` mimics the real imbalance of a LAMOST
 #: release (O stars ~1e-5 of stars, B a few per cent, then roughly LAMOST's
@@ -317,6 +346,12 @@ def extinction_odonnell(wave: np.ndarray, r_v: float = 3.1) -> np.ndarray:
     r_v : float
         Total-to-selective extinction ratio.
     """
+    a, b = _extinction_ab(wave)
+    return r_v * a + b
+
+
+def _extinction_ab(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a(x), b(x)`` of ``A(lambda)/E(B-V) = R_V a + b`` (O'Donnell 1994 / CCM 1989)."""
     x = 1e4 / np.asarray(wave, dtype=np.float64)
     a = np.empty_like(x)
     b = np.empty_like(x)
@@ -327,7 +362,7 @@ def extinction_odonnell(wave: np.ndarray, r_v: float = 3.1) -> np.ndarray:
     y = x[op] - 1.82
     a[op] = np.polyval([-0.505, 1.647, -0.827, -1.718, 1.137, 0.701, -0.609, 0.104, 1.0], y)
     b[op] = np.polyval([3.347, -10.805, 5.491, 11.102, -7.985, -3.989, 2.908, 1.952, 0.0], y)
-    return r_v * a + b
+    return a, b
 
 
 def designation(ra: np.ndarray | float, dec: np.ndarray | float) -> list[str]:
@@ -398,12 +433,16 @@ def class_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
 # exponential(mean).  O and B stars are young disc stars, often heavily reddened.
 _EBV = {"O": ("gamma", 2.0, 0.5), "B": ("gamma", 1.5, 0.35), "A": ("exp", 0.12, 0),
         "F": ("exp", 0.05, 0), "G": ("exp", 0.05, 0), "K": ("exp", 0.05, 0),
-        "M": ("exp", 0.04, 0)}
+        "M": ("exp", 0.04, 0), "X": ("gamma", 1.5, 0.35)}
 # radial velocity (mean, sigma) [km/s]
 _RV = {"O": (0.0, 25.0), "B": (0.0, 25.0), "A": (-5.0, 30.0), "F": (-10.0, 40.0),
-       "G": (-10.0, 45.0), "K": (-10.0, 50.0), "M": (-10.0, 45.0)}
+       "G": (-10.0, 45.0), "K": (-10.0, 50.0), "M": (-10.0, 45.0), "X": (0.0, 30.0)}
 # typical g-r colour (unreddened) for the MAG keywords
-_GR = {"O": -0.45, "B": -0.3, "A": 0.0, "F": 0.3, "G": 0.45, "K": 0.8, "M": 1.4}
+_GR = {"O": -0.45, "B": -0.3, "A": 0.0, "F": 0.3, "G": 0.45, "K": 0.8, "M": 1.4, "X": -0.4}
+
+
+#: Values of :attr:`MockConfig.template_source`.
+TEMPLATE_SOURCES: tuple[str, ...] = ("auto", "miles", "stelib", "pickles", "mkclass", "all")
 
 
 @dataclass
@@ -425,7 +464,30 @@ class MockConfig:
     snr_range : tuple of float, optional
         Keep drawn SNRG within ``[lo, hi]`` (redraws from the real distribution).
     ebv_scale : float
-        Multiplies every drawn E(B-V).
+        Multiplies every E(B-V) drawn from the class distributions (not the
+        ``ebv_ranges`` draws).
+    ebv_ranges : mapping of str to (float, float), optional
+        Per-class uniform E(B-V) draws, e.g. ``{"O": (0, 2.5), "B": (0, 2.5),
+        "A": (0, 1.5), "F": (0, 1.0)}`` (keys from ``O B A F G K M X``):
+        spectra of a listed class draw E(B-V) ~ U(lo, hi) instead of the class
+        distribution (no ``ebv_scale``, no clipping); other classes keep the
+        default distribution.  Every drawn E(B-V) is *added* to the template's
+        own (STELIB templates are stored reddened by their A_V / 3.1); truth
+        ``ebv`` is the drawn value, ``ebv_total`` the sum.
+    r_v_range : (float, float), optional
+        Draw R_V ~ U(lo, hi) per spectrum for the drawn reddening (default:
+        R_V = 3.1 for all); truth ``r_v``.
+    resolution_range : (float, float), optional
+        Draw a target resolving power R ~ U(lo, hi) per spectrum and smooth the
+        template mixture with a Gaussian in log-lambda of sigma^2 =
+        (1/R)^2 - (1/R_tpl)^2 (FWHM units), R_tpl the template's resolution at
+        4500 A (``TemplateLibrary.resolution``; the coarser of a pair); no
+        smoothing where the template is already coarser.  Truth
+        ``resolution`` = min(R, R_tpl) (= R_tpl without this knob).
+    min_coverage : float
+        The picker prefers templates whose ``coverage`` (fraction of valid grid
+        pixels) is at least this (default 0.85, meant for releases; pass 0 for
+        training draws that may use partial STELIB spectra).
     rv_scale : float
         Multiplies every drawn radial velocity.
     calib_sigma : float
@@ -433,9 +495,16 @@ class MockConfig:
         N(0, calib_sigma / k)).
     bad_patch_rate : float
         Mean number of bad-pixel patches per spectrum (Poisson).
-    template_source : {"auto", "miles", "pickles", "all"}
-        Which real templates to use.  ``auto``: MILES (LAMOST-like resolution)
-        for classes that have at least 5 MILES stars, all templates otherwise.
+    template_source : {"auto", "miles", "stelib", "pickles", "mkclass", "all"}
+        Which real templates to use, per class, among those with
+        ``coverage >= min_coverage``.  ``auto``: never the blue-only MKCLASS
+        averages; the LAMOST-like-resolution libraries (MILES + STELIB) for
+        classes that have at least 5 such stars, else also Pickles.  A named
+        source: only that library.  ``all``: every library, MKCLASS included.
+        If nothing qualifies for a requested class (e.g. a one-template
+        library), the class's templates with enough coverage are used, then
+        all of them.  Class ``X`` (impostors) is drawn only when asked for
+        through ``simulate_spectra(mk=[...])``.
     compresslevel : int
         gzip level of the written files (1 = fastest).
     batch_size : int
@@ -457,6 +526,10 @@ class MockConfig:
     calib_sigma: float = 0.06
     bad_patch_rate: float = 0.6
     template_source: str = "auto"
+    ebv_ranges: Mapping[str, tuple[float, float]] | None = None
+    r_v_range: tuple[float, float] | None = None
+    resolution_range: tuple[float, float] | None = None
+    min_coverage: float = DEFAULT_MIN_COVERAGE
     compresslevel: int = 1
     batch_size: int = 256
     data_release: str | None = None
@@ -478,8 +551,25 @@ class MockConfig:
             raise ValueError("compresslevel must be within 0..9")
         if int(self.batch_size) < 1:
             raise ValueError("batch size must be >= 1")
-        if self.template_source not in ("auto", "miles", "pickles", "all"):
+        if self.template_source not in TEMPLATE_SOURCES:
             raise ValueError(f"unknown template source {self.template_source!r}")
+        if self.ebv_ranges is not None:
+            for k, rng_ in self.ebv_ranges.items():
+                if str(k).upper() not in SIM_CLASSES:
+                    raise ValueError(f"unknown class {k!r} in ebv_ranges")
+                lo, hi = rng_
+                if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
+                    raise ValueError(f"bad E(B-V) range {rng_} for {k} (need 0 <= lo <= hi)")
+        if self.r_v_range is not None:
+            lo, hi = self.r_v_range
+            if not (0 < lo <= hi):
+                raise ValueError(f"bad R_V range {self.r_v_range} (need 0 < lo <= hi)")
+        if self.resolution_range is not None:
+            lo, hi = self.resolution_range
+            if not (0 < lo <= hi):
+                raise ValueError(f"bad resolution range {self.resolution_range} (need 0 < lo <= hi)")
+        if not 0.0 <= float(self.min_coverage) <= 1.0:
+            raise ValueError(f"min_coverage must be within [0, 1], got {self.min_coverage}")
         resolve_fractions(self.preset)
 
 
@@ -548,46 +638,80 @@ def _is_dwarf(lumclass: np.ndarray, logg: np.ndarray) -> np.ndarray:
     return np.where(known, dwarf, np.nan_to_num(np.asarray(logg, dtype=float), nan=4.0) >= 3.5)
 
 
+_SOURCE_CODE = {"miles": 0, "pickles": 1, "stelib": 2, "mkclass": 3}
+#: Kinds that must not be mixed with each other (impostors); the others share group 0.
+_KIND_GROUP = {"wr": 1, "wd": 2, "hot_subdwarf": 3}
+
+
 class _TemplatePicker:
     """Per-class template indices in neighbour order (subtype, then Teff).
 
     The first template of a pair is drawn with weights that make the class's
     subtype and dwarf/giant mix follow :data:`_LAMOST_SUBTYPE_COUNTS` and
-    :data:`_DWARF_FRACTION` (not the library's own density); the second is a
-    neighbour (1-2 places away in subtype/Teff order, same source library).
+    :data:`_DWARF_FRACTION` (not the library's own density), each star counted
+    once however many templates it has (MILES + STELIB, the STELIB ``lp``/``ss``
+    pair); the second is a neighbour (1-2 places away in subtype/Teff order,
+    same source library, same impostor kind, same dwarf/giant group).  When
+    the library has coverage gaps, a pair whose common valid pixels are fewer
+    than 90 % of the first template's is not mixed (second = first).
+
+    Parameters
+    ----------
+    lib : TemplateLibrary
+    source : str
+        One of :data:`TEMPLATE_SOURCES` (see :attr:`MockConfig.template_source`).
+    min_coverage : float
+        Preferred minimum ``coverage`` of the drawn templates.
     """
 
-    def __init__(self, lib, source: str):
+    def __init__(self, lib, source: str, min_coverage: float = DEFAULT_MIN_COVERAGE):
         self.lib = lib
+        t = len(lib)
+        valid = getattr(lib, "valid", None)
+        valid = np.ones(lib.flux.shape, dtype=bool) if valid is None else np.asarray(valid, bool)
+        self.valid = valid
+        self.all_valid = bool(valid.all())
+        coverage = np.asarray(getattr(lib, "coverage", None) if getattr(lib, "coverage", None)
+                              is not None else valid.mean(axis=1), dtype=np.float64)
+        star = np.asarray(getattr(lib, "star", None) if getattr(lib, "star", None) is not None
+                          else lib.name).astype(str)
+        kind = np.asarray(getattr(lib, "kind", None) if getattr(lib, "kind", None) is not None
+                          else np.full(t, "normal")).astype(str)
+        res = getattr(lib, "resolution", None)
+        self.resolution = (np.full(t, 1800.0) if res is None else np.asarray(res, np.float64))
+        ebv = getattr(lib, "ebv", None)
+        self.ebv = np.zeros(t) if ebv is None else np.asarray(ebv, np.float64)
+        self.star, self.kind = star, kind
         norm_band = (lib.wave >= 4000) & (lib.wave < 5500)
         flux = np.asarray(lib.flux, dtype=np.float64)
         flux = np.where(np.isfinite(flux), flux, 0.0)
-        med = np.median(flux[:, norm_band], axis=1)
+        if self.all_valid:
+            med = np.median(flux[:, norm_band], axis=1)
+        else:
+            band_ok = valid & norm_band[None, :]
+            use = np.where(band_ok.any(axis=1)[:, None], band_ok, valid)
+            med = _row_nanmedian(np.where(use, flux, np.nan))
+            med = np.where(np.isfinite(med), med, 1.0)
         med = np.where(med > 0, med, 1.0)
         self.flux = (flux / med[:, None]).astype(np.float32)
         self.order: dict[str, np.ndarray] = {}
         self.group: dict[str, np.ndarray] = {}
         self.weight: dict[str, np.ndarray] = {}
-        for k in CLASSES:
-            idx = np.flatnonzero(lib.mk == k)
-            if source == "auto":
-                miles = idx[lib.source[idx] == "miles"]
-                idx = miles if miles.size >= 5 else idx
-            elif source in ("miles", "pickles"):
-                sel = idx[lib.source[idx] == source]
-                idx = sel if sel.size else idx
+        for k in SIM_CLASSES:
+            idx = self._eligible(k, source, float(min_coverage), coverage)
             if idx.size == 0:
                 continue
             sub = np.nan_to_num(lib.subtype[idx].astype(np.float64), nan=5.0)
             teff = np.nan_to_num(lib.teff[idx].astype(np.float64), nan=0.0)
-            # group by source so that neighbours share resolution
-            src = (lib.source[idx] == "pickles").astype(int)
+            # group by source so that neighbours share resolution, and keep the
+            # impostor kinds apart
+            src = np.array([_SOURCE_CODE.get(str(x), 4) for x in lib.source[idx]])
+            kg = np.array([_KIND_GROUP.get(str(x), 0) for x in kind[idx]])
             dw = _is_dwarf(lib.lumclass[idx], lib.logg[idx])
-            # neighbours share source library and dwarf/giant group
-            srt = np.lexsort((-teff, sub, dw, src))
+            srt = np.lexsort((-teff, sub, dw, kg, src))
             self.order[k] = idx[srt]
-            self.group[k] = (src * 2 + dw.astype(int))[srt]
-            # draw weights: subtype prior x dwarf/giant prior / cell occupancy
+            self.group[k] = ((src * 8 + kg) * 2 + dw.astype(int))[srt]
+            # draw weights: subtype prior x dwarf/giant prior / cell occupancy / star multiplicity
             digit = np.clip(np.floor(sub[srt]), 0, 9).astype(int)
             dwarf = dw[srt]
             counts = _LAMOST_SUBTYPE_COUNTS.get(k)
@@ -597,18 +721,41 @@ class _TemplatePicker:
                 d = np.arange(10)[:, None]
                 ks = np.array(list(counts))[None, :]
                 pd = (np.exp(-0.5 * ((d - ks) / 0.7) ** 2) * np.array(list(counts.values()))).sum(1)
-            fd = _DWARF_FRACTION[k]
+            fd = _DWARF_FRACTION.get(k, 0.5)
             pl = np.where(dwarf, fd, 1.0 - fd)
             cell = digit * 2 + dwarf.astype(int)
             occ = np.bincount(cell, minlength=20)[cell]
             wts = pd[digit] * pl / occ
+            _, inv, mult = np.unique(star[idx[srt]], return_inverse=True, return_counts=True)
+            if mult.max() > 1:
+                wts = wts / mult[inv]
             self.weight[k] = wts / wts.sum()
+
+    def _eligible(self, k: str, source: str, min_coverage: float,
+                  coverage: np.ndarray) -> np.ndarray:
+        lib = self.lib
+        idx_all = np.flatnonzero(lib.mk == k)
+        if idx_all.size == 0:
+            return idx_all
+        cov_ok = idx_all[coverage[idx_all] >= min_coverage]
+        srcs = np.asarray(lib.source).astype(str)
+        if source == "auto":
+            elig = cov_ok[srcs[cov_ok] != "mkclass"]
+            like = elig[np.isin(srcs[elig], ["miles", "stelib"])]
+            idx = like if np.unique(self.star[like]).size >= 5 else elig
+        elif source == "all":
+            idx = cov_ok
+        else:
+            idx = cov_ok[srcs[cov_ok] == source]
+        if idx.size == 0:
+            idx = cov_ok if cov_ok.size else idx_all
+        return idx
 
     def pick(self, mk: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = mk.size
         i1 = np.zeros(n, dtype=np.int64)
         i2 = np.zeros(n, dtype=np.int64)
-        for k in CLASSES:
+        for k in SIM_CLASSES:
             rows = np.flatnonzero(mk == k)
             if rows.size == 0:
                 continue
@@ -629,12 +776,26 @@ class _TemplatePicker:
             i1[rows] = o[r]
             i2[rows] = o[r2]
         w = rng.uniform(0.0, 1.0, n)
+        if not self.all_valid and n:
+            v1 = self.valid[i1]
+            overlap = np.sum(v1 & self.valid[i2], axis=1)
+            lonely = overlap < 0.9 * np.sum(v1, axis=1)
+            i2[lonely] = i1[lonely]
         return i1, i2, w
 
 
 def _subclass(lib, i: int) -> str:
-    """Pipeline-style SUBCLASS of template ``i`` (``"O"``, ``"B6"``, ``"G5"``, ``"dM2"``)."""
+    """Pipeline-style SUBCLASS of template ``i`` (``"O"``, ``"B6"``, ``"G5"``, ``"dM2"``).
+
+    Impostors (``X``): ``"WN"``/``"WC"`` (Wolf-Rayet), ``"DA"``/``"DC"`` (white
+    dwarfs), ``"sdOB"`` (hot subdwarf).
+    """
     mk = str(lib.mk[i])
+    if mk == IMPOSTOR:
+        kind = str(lib.kind[i]) if getattr(lib, "kind", None) is not None else ""
+        if kind == "hot_subdwarf":
+            return "sdOB"
+        return str(lib.spt[i])[:2] or "X"
     st = float(lib.subtype[i])
     d = 5 if not np.isfinite(st) else int(min(9, max(0, math.floor(st))))
     if mk == "O":
@@ -669,15 +830,28 @@ def _draw_snr(inst: InstrumentModel, n: int, rng: np.random.Generator,
     return np.maximum(out, 0.3)
 
 
-def _draw_ebv(mk: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _draw_ebv(mk: np.ndarray, rng: np.random.Generator,
+              ranges: Mapping[str, tuple[float, float]] | None = None,
+              scale: float = 1.0) -> np.ndarray:
+    """Drawn E(B-V): class distributions (clipped at 4, times ``scale``) or U(ranges[k])."""
+    ranges = {str(k).upper(): v for k, v in (ranges or {}).items()}
     ebv = np.zeros(mk.size)
+    ranged = np.zeros(mk.size, dtype=bool)
     for k, (kind, p1, p2) in _EBV.items():
         rows = mk == k
         m = int(rows.sum())
         if not m:
             continue
-        ebv[rows] = rng.gamma(p1, p2, m) if kind == "gamma" else rng.exponential(p1, m)
-    return np.minimum(ebv, 4.0)
+        if k in ranges:
+            lo, hi = ranges[k]
+            ebv[rows] = rng.uniform(float(lo), float(hi), m)
+            ranged |= rows
+        else:
+            ebv[rows] = rng.gamma(p1, p2, m) if kind == "gamma" else rng.exponential(p1, m)
+    out = np.minimum(ebv, 4.0) * scale
+    if ranged.any():
+        out[ranged] = ebv[ranged]
+    return out
 
 
 def _row_nanmedian(x: np.ndarray) -> np.ndarray:
@@ -707,6 +881,72 @@ def _band_medians(flux: np.ndarray, ivar: np.ndarray, npix: np.ndarray) -> dict[
     return out
 
 
+def _masked_median(x: np.ndarray, ok: np.ndarray | None) -> np.ndarray:
+    """Row medians of ``x`` over ``ok`` pixels (plain ``np.median`` for full rows)."""
+    out = np.median(x, axis=1)
+    if ok is None:
+        return out
+    part = ~ok.all(axis=1)
+    if part.any():
+        out[part] = _row_nanmedian(np.where(ok[part], x[part], np.nan))
+    return out
+
+
+def _band_median(x: np.ndarray, ok: np.ndarray | None, band: np.ndarray) -> np.ndarray:
+    """Row medians over the valid pixels of ``band``; over all valid pixels if none is."""
+    out = _masked_median(x[:, band], None if ok is None else ok[:, band])
+    if ok is not None:
+        none = ~ok[:, band].any(axis=1)
+        if none.any():
+            out[none] = _row_nanmedian(np.where(ok[none], x[none], np.nan))
+    return out
+
+
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def _smooth_to_resolution(flux: np.ndarray, valid: np.ndarray | None, r_tpl: np.ndarray,
+                          r_target: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gaussian smoothing in log-lambda from ``r_tpl`` to ``r_target`` (per row, vectorised).
+
+    sigma^2 = ((1/R_target)^2 - (1/R_tpl)^2) / (2 sqrt(2 ln 2))^2 in ln-lambda
+    units, 0 where the template is already coarser.  One FFT over all rows
+    with a per-row Gaussian transfer function; with invalid pixels the
+    convolution is normalised by the smoothed valid mask (no flux leaks from
+    invalid pixels) and the valid mask shrinks to where more than 99.9 % of
+    the kernel weight is valid.
+    """
+    var = np.maximum(1.0 / r_target ** 2 - 1.0 / r_tpl ** 2, 0.0)
+    sig_px = np.sqrt(var) / _FWHM_PER_SIGMA / (math.log(10.0) * DLOGLAM)
+    rows = np.flatnonzero(sig_px > 1e-3)
+    if rows.size == 0:
+        return flux, valid
+    sig = sig_px[rows]
+    pad = int(math.ceil(6.0 * float(sig.max()))) + 2
+    length = flux.shape[1] + 2 * pad
+    nfft = 1 << int(math.ceil(math.log2(length)))
+    k = np.fft.rfftfreq(nfft)
+    transfer = np.exp(-2.0 * (math.pi * k[None, :] * sig[:, None]) ** 2)
+    f = flux[rows].astype(np.float64)
+    if valid is None:
+        fp = np.pad(f, ((0, 0), (pad, pad)), mode="edge")
+        sm = np.fft.irfft(np.fft.rfft(fp, nfft, axis=1) * transfer, nfft, axis=1)
+        out = flux.copy()
+        out[rows] = sm[:, pad:pad + flux.shape[1]].astype(flux.dtype)
+        return out, None
+    v = valid[rows].astype(np.float64)
+    fp = np.pad(f * v, ((0, 0), (pad, pad)), mode="edge")
+    vp = np.pad(v, ((0, 0), (pad, pad)), mode="edge")
+    num = np.fft.irfft(np.fft.rfft(fp, nfft, axis=1) * transfer, nfft, axis=1)[:, pad:pad + flux.shape[1]]
+    den = np.fft.irfft(np.fft.rfft(vp, nfft, axis=1) * transfer, nfft, axis=1)[:, pad:pad + flux.shape[1]]
+    ok = (den > 0.999) & valid[rows]
+    out = flux.copy()
+    out[rows] = np.where(ok, num / np.where(ok, den, 1.0), 0.0).astype(flux.dtype)
+    vout = valid.copy()
+    vout[rows] = ok
+    return out, vout
+
+
 def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _TemplatePicker,
                      inst: InstrumentModel, cfg: MockConfig) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Core vectorised simulation on the native LAMOST grid (N x NATIVE_NPIX)."""
@@ -716,33 +956,59 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     wave = 10.0 ** loglam
     i1, i2, w = picker.pick(mk, rng)
     ci = np.zeros(n, dtype=np.int64)
-    for j, k in enumerate(CLASSES):
+    for j, k in enumerate(SIM_CLASSES):
         ci[mk == k] = j
-    mu = np.array([_RV[k][0] for k in CLASSES])[ci]
-    sd = np.array([_RV[k][1] for k in CLASSES])[ci]
+    mu = np.array([_RV[k][0] for k in SIM_CLASSES])[ci]
+    sd = np.array([_RV[k][1] for k in SIM_CLASSES])[ci]
     rv = (mu + sd * rng.standard_normal(n)) * cfg.rv_scale
     rv = np.clip(rv, -450.0, 450.0)
-    ebv = _draw_ebv(mk, rng) * cfg.ebv_scale
+    ebv = _draw_ebv(mk, rng, cfg.ebv_ranges, cfg.ebv_scale)
+    # optional draws consume random numbers only when switched on, so that the
+    # default configuration reproduces earlier releases
+    r_v = np.full(n, 3.1) if cfg.r_v_range is None else rng.uniform(*map(float, cfg.r_v_range), n)
+    r_target = (None if cfg.resolution_range is None
+                else rng.uniform(*map(float, cfg.resolution_range), n))
     snr_target = _draw_snr(inst, n, rng, cfg.snr_range)
     npix = rng.integers(3900, P + 1, n)
 
-    # --- template mix with radial-velocity shift (linear interpolation in log-lambda)
+    # --- template mix (valid where both templates are), optional extra smoothing
+    t1 = picker.flux[i1]
+    t2 = picker.flux[i2]
+    mix = w[:, None].astype(np.float32) * t1 + (1.0 - w[:, None]).astype(np.float32) * t2
+    vmix = None if picker.all_valid else (picker.valid[i1] & picker.valid[i2])
+    r_tpl = np.minimum(picker.resolution[i1], picker.resolution[i2])
+    if r_target is not None:
+        mix, vmix = _smooth_to_resolution(mix, vmix, r_tpl, r_target)
+        r_eff = np.minimum(r_target, r_tpl)
+    else:
+        r_eff = r_tpl
+    ebv_tpl = w * picker.ebv[i1] + (1.0 - w) * picker.ebv[i2]
+
+    # --- radial-velocity shift (linear interpolation in log-lambda)
     shift = np.log10(1.0 + rv / C_KMS) / DLOGLAM                     # pixels
     pos = NATIVE_OFFSET + np.arange(P)[None, :] - shift[:, None]     # (N, P) in template px
     pos = np.clip(pos, 0.0, NPIX - 1.000001)
     j0 = np.floor(pos).astype(np.int64)
     fr = (pos - j0).astype(np.float32)
-    t1 = picker.flux[i1]
-    t2 = picker.flux[i2]
-    mix = w[:, None].astype(np.float32) * t1 + (1.0 - w[:, None]).astype(np.float32) * t2
+    j1 = np.minimum(j0 + 1, NPIX - 1)
     a0 = np.take_along_axis(mix, j0, axis=1)
-    a1 = np.take_along_axis(mix, np.minimum(j0 + 1, NPIX - 1), axis=1)
+    a1 = np.take_along_axis(mix, j1, axis=1)
     f = (a0 * (1.0 - fr) + a1 * fr).astype(np.float64)
     f = np.maximum(f, 0.0)
+    if vmix is not None:
+        vnat = np.take_along_axis(vmix, j0, axis=1) & np.take_along_axis(vmix, j1, axis=1)
+        if vnat.all():
+            vnat = None
+    else:
+        vnat = None
 
-    # --- reddening, flux-calibration distortion, dichroic mismatch
-    alam = extinction_odonnell(wave)
-    f *= 10.0 ** (-0.4 * ebv[:, None] * alam[None, :])
+    # --- reddening (added to the template's own), flux-calibration distortion, dichroic
+    if cfg.r_v_range is None:
+        alam = extinction_odonnell(wave)
+        f *= 10.0 ** (-0.4 * ebv[:, None] * alam[None, :])
+    else:
+        a_x, b_x = _extinction_ab(wave)
+        f *= 10.0 ** (-0.4 * ebv[:, None] * (r_v[:, None] * a_x[None, :] + b_x[None, :]))
     x = np.linspace(-1.0, 1.0, P)
     leg = np.polynomial.legendre.legvander(x, 3)[:, 1:]               # (P, 3)
     coef = rng.standard_normal((n, 3)) * (cfg.calib_sigma / np.arange(1, 4))[None, :]
@@ -754,7 +1020,7 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     gsel = (wave >= BANDS["g"][0]) & (wave < BANDS["g"][1])
     fs, fi0, fsc = inst.flux_coef
     level = 10.0 ** (fi0 + fs * np.log10(snr_target) + rng.normal(0.0, fsc, n))
-    gmed = np.median(f[:, gsel], axis=1)
+    gmed = _band_median(f, vnat, gsel)
     f *= (level / np.maximum(gmed, 1e-30))[:, None]
 
     # --- noise: var = a (F/T + rho' S)
@@ -764,10 +1030,10 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     rho = np.exp(ri + rs * np.log(snr_target) + rng.normal(0.0, rsc, n))
     rho = np.clip(rho, 1e-3, 50.0)
     src = f / T
-    rho_p = rho * np.median(src[:, gsel], axis=1) / np.median(inst.sky[gsel])
+    rho_p = rho * _band_median(src, vnat, gsel) / np.median(inst.sky[gsel])
     shape = src + rho_p[:, None] * S                                  # var / a
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = np.median(f[:, gsel] / np.sqrt(shape[:, gsel]), axis=1)
+        m = _band_median(f / np.sqrt(shape), vnat, gsel)
     a = (m / snr_target) ** 2
     sigma = np.sqrt(a[:, None] * shape)
     flux = f + sigma * rng.standard_normal((n, P))
@@ -798,11 +1064,20 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     beyond = col[None, :] >= npix[:, None]
     flux[beyond] = 0.0
     ivar[beyond] = 0.0
+    # --- no template data: flux 0, ivar 0, flagged (preprocess masks and interpolates)
+    if vnat is not None:
+        nodata = ~vnat & ~beyond
+        flux[nodata] = 0.0
+        ivar[nodata] = 0.0
+        andmask[nodata] |= MASK_NO_COVERAGE
+        ormask[nodata] |= MASK_NO_COVERAGE
 
     flux = flux.astype(np.float32)
     ivar = ivar.astype(np.float32)
     snr = _band_medians(flux, ivar, npix)
 
+    kind = picker.kind
+    star = picker.star
     truth = []
     for k in range(n):
         a_, b_ = int(i1[k]), int(i2[k])
@@ -824,6 +1099,10 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
             "snr_u": round(float(snr["u"][k]), 2), "snr_g": round(float(snr["g"][k]), 2),
             "snr_r": round(float(snr["r"][k]), 2), "snr_i": round(float(snr["i"][k]), 2),
             "snr_z": round(float(snr["z"][k]), 2), "npix": int(npix[k]),
+            "r_v": round(float(r_v[k]), 3), "resolution": round(float(r_eff[k]), 1),
+            "kind": str(kind[dom]), "star": str(star[dom]),
+            "ebv_template": round(float(ebv_tpl[k]), 4),
+            "ebv_total": round(float(ebv[k] + ebv_tpl[k]), 4),
         })
     arrays = {"flux": flux, "ivar": ivar, "andmask": andmask, "ormask": ormask,
               "npix": npix, "rv": rv, "snr_target": snr_target}
@@ -863,14 +1142,17 @@ def simulate_spectra(n: int, fractions: str | Mapping[str, float] = "balanced",
         ``"native"``: LAMOST's own grid, ``(N, NATIVE_NPIX)`` from
         ``10**NATIVE_COEFF0``, each row valid up to ``npix[i]``.
     mk : sequence of str, optional
-        Explicit MK letter per spectrum (overrides ``fractions``; ``n`` ignored).
+        Explicit class letter per spectrum (overrides ``fractions``; ``n``
+        ignored): ``O B A F G K M``, or ``X`` (hot impostors: Wolf-Rayet, white
+        dwarfs, hot subdwarf) when the library has such templates.
     templates : TemplateLibrary, optional
         Default: :func:`lamost_ostar.templates.load_templates`.
     instrument : InstrumentModel, optional
         Default: the packaged model measured on real DR7 files.
     config : MockConfig, optional
-        Physics knobs (``snr_range``, ``ebv_scale``, ``rv_scale``,
-        ``calib_sigma``, ``bad_patch_rate``, ``template_source``).
+        Physics knobs (``snr_range``, ``ebv_scale``, ``ebv_ranges``,
+        ``r_v_range``, ``resolution_range``, ``rv_scale``, ``calib_sigma``,
+        ``bad_patch_rate``, ``template_source``, ``min_coverage``).
 
     Returns
     -------
@@ -878,7 +1160,10 @@ def simulate_spectra(n: int, fractions: str | Mapping[str, float] = "balanced",
         ``flux, ivar, andmask, truth = result``; also ``.ormask``,
         ``.wavelength``, ``.npix``.  ``truth[i]`` holds ``mk``, ``subclass``,
         ``template1``, ``template2``, ``weight1``, ``teff``, ``logg``, ``feh``,
-        ``rv`` [km/s], ``ebv``, ``snr_u`` ... ``snr_z`` (measured on the mock),
+        ``rv`` [km/s], ``ebv`` (drawn), ``ebv_template`` (the template's own,
+        weighted over the pair), ``ebv_total`` (their sum), ``r_v``,
+        ``resolution`` (effective R at 4500 A), ``kind`` and ``star`` (of the
+        dominant template), ``snr_u`` ... ``snr_z`` (measured on the mock),
         ``npix``.
 
     Examples
@@ -906,13 +1191,13 @@ def simulate_spectra(n: int, fractions: str | Mapping[str, float] = "balanced",
         mk_arr = mk_arr[rng.permutation(mk_arr.size)]
     else:
         mk_arr = np.asarray([str(m).upper() for m in mk])
-        bad = set(mk_arr.tolist()) - set(CLASSES)
+        bad = set(mk_arr.tolist()) - set(SIM_CLASSES)
         if bad:
             raise ValueError(f"unknown MK class(es) {sorted(bad)}")
     if templates is None:
         from lamost_ostar.templates import load_templates
         templates = load_templates()
-    picker = _TemplatePicker(templates, cfg.template_source)
+    picker = _TemplatePicker(templates, cfg.template_source, cfg.min_coverage)
     inst = instrument if instrument is not None else load_instrument()
     arrays, truth = _simulate_native(mk_arr.size, mk_arr, rng, picker, inst, cfg)
     if grid == "common":
@@ -1392,7 +1677,8 @@ def _init_worker(cfg: MockConfig, outdir: str, templates_path: str | None,
     from lamost_ostar.templates import load_templates
     lib = load_templates(templates_path)
     _WORKER.clear()
-    _WORKER.update(cfg=cfg, outdir=outdir, picker=_TemplatePicker(lib, cfg.template_source),
+    _WORKER.update(cfg=cfg, outdir=outdir,
+                   picker=_TemplatePicker(lib, cfg.template_source, cfg.min_coverage),
                    inst=load_instrument(instrument_path), plan=release_plan(cfg))
 
 
@@ -1435,7 +1721,7 @@ def _process_chunk(task: tuple[int, int, int]) -> list[dict[str, Any]]:
             "t_off": float(t_off[k]), "exptime": exptime, "rv": tr["rv"],
             "z_noise": float(z_noise[k]), "z_err": float(z_err[k]),
             "snr": {b: tr[f"snr_{b}"] for b in "ugriz"},
-            "mags": _mags(tr["snr_g"], tr["mk"], tr["ebv"], rng),
+            "mags": _mags(tr["snr_g"], tr["mk"], tr["ebv_total"], rng),
             "subclass": tr["subclass"], "mk": tr["mk"],
             "date": _iso(59474.0 + (int(plan.plan_index[g]) % 50) * 0.01 + fib * 1e-5, False),
             "cell": f"{'ABCDEFGHIJKLMNOP'[spid - 1]}{(fib - 1) % 25 + 1:02d}{(fib - 1) // 25 + 1:02d}",

@@ -74,9 +74,16 @@ def test_parse_mk(label, mk):
 def test_library_o_stars_grouped_and_realised():
     from lamost_ostar.templates import load_templates
 
-    lib = load_templates().select("O")
+    full = load_templates()
+    lib = full.select("O", source=("miles", "pickles"))
     ids = ds.library_star_ids(lib)
     assert sorted(set(ids)) == ["HD057060+HD209975+o8iii", "HD057061", "o5v", "o9v"]
+    # the STELIB O stars (and the MKCLASS O standards) are split units of their own
+    all_o = ds.library_star_ids(full.select("O"))
+    assert {"HD030614", "HD046223", "HD269698", "mkclass:O9V"} <= set(all_o)
+    # two observations of one star (STELIB lp/ss) and MILES + STELIB duplicates share an id
+    b = full.select(star=["HD053929", "HD164353"])
+    assert len(set(ds.library_star_ids(b))) == 2 and len(b) == 4
     real = ds.library_realisations(lib, 2, np.random.default_rng(0))
     assert real.x.shape == (12, NPIX)
     assert np.isfinite(real.x).all()

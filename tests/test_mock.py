@@ -258,3 +258,238 @@ def test_cli(tmp_path):
         assert res.output.strip().splitlines()[-1].startswith("Error:")
     res = runner.invoke(main, ["mock", str(tmp_path / "r"), "--n", "2"])
     assert res.exit_code == 2 and "not empty" in res.output
+
+
+# ---------------------------------------------------------------- templates: coverage, kinds, knobs
+def _native_wave():
+    return 10 ** mock._native_loglam()
+
+
+def test_coverage_gaps_become_masked_pixels(lib):
+    """Beyond a STELIB star's red end: flux 0, ivar 0, MASK_NO_COVERAGE; preprocess copes."""
+    from lamost_ostar.preprocess import prepare_arrays
+    sub = lib.select(name="stelib:HD030614")                 # data end at 7903 A (vacuum)
+    red_end = float(sub.orig_max[0])
+    sim = simulate_spectra(0, rng=3, grid="native", mk=["O"] * 12, templates=sub,
+                           config=MockConfig(min_coverage=0, bad_patch_rate=0))
+    w = _native_wave()
+    for k, t in enumerate(sim.truth):
+        assert t["template1"] == t["template2"] == "stelib:HD030614"
+        dop = 1 + t["rv"] / mock.C_KMS
+        inside = np.arange(w.size) < sim.npix[k]
+        gap = (w > red_end * dop + 3) & inside
+        assert gap.any()
+        assert np.all(sim.ivar[k][gap] == 0) and np.all(sim.flux[k][gap] == 0)
+        assert np.all(sim.andmask[k][gap] & mock.MASK_NO_COVERAGE)
+        assert np.all(sim.ormask[k][gap] & mock.MASK_NO_COVERAGE)
+        ok = (w > 4000) & (w < red_end * dop - 10)
+        assert np.all(sim.ivar[k][ok] > 0) and not np.any(sim.andmask[k][ok])
+    n = len(sim)
+    batch = prepare_arrays(sim.flux, sim.ivar, sim.npix, andmask=sim.andmask,
+                           coeff0=np.full(n, mock.NATIVE_COEFF0), coeff1=np.full(n, mock.NATIVE_COEFF1))
+    assert np.isfinite(batch.x).all()
+    # S/N keywords still measured on the valid g band
+    assert all(t["snr_g"] > 0 for t in sim.truth)
+
+
+def test_mixture_valid_only_where_both_templates_are(lib):
+    # two STELIB O dwarfs: HD047839 has a data gap at 6450-6549 A (air), HD046223 has none
+    a, b = "stelib:HD046223", "stelib:HD047839"
+    sub = lib._take(np.array([lib.index(a), lib.index(b)]))
+    w_grid = sub.wave
+    gap_grid = (w_grid > 6470) & (w_grid < 6530)
+    assert sub.valid[0][gap_grid].all() and not sub.valid[1][gap_grid].any()
+    sim = simulate_spectra(0, rng=5, grid="native", mk=["O"] * 30, templates=sub,
+                           config=MockConfig(min_coverage=0, bad_patch_rate=0))
+    w = _native_wave()
+    mixed = [k for k, t in enumerate(sim.truth) if t["template1"] != t["template2"]]
+    assert mixed
+    for k, t in enumerate(sim.truth):
+        dop = 1 + t["rv"] / mock.C_KMS
+        gap = (w > 6475 * dop) & (w < 6525 * dop)
+        if k in mixed or t["template1"] == b:
+            assert np.all(sim.ivar[k][gap] == 0) and np.all(sim.andmask[k][gap] & mock.MASK_NO_COVERAGE)
+        else:                                        # HD046223 alone: data there
+            assert np.all(sim.ivar[k][gap] > 0)
+
+
+def test_auto_picker_excludes_mkclass_and_impostors(lib):
+    p = mock._TemplatePicker(lib, "auto", 0.85)
+    for k in mock.CLASSES:
+        src = set(lib.source[p.order[k]])
+        assert "mkclass" not in src and src <= {"miles", "stelib"}, k
+        assert set(lib.mk[p.order[k]]) == {k}
+        assert np.all(lib.coverage[p.order[k]] >= 0.85)
+    # O: 3 MILES + the STELIB O stars with >= 85 % coverage, no Pickles
+    assert sorted(set(lib.source[p.order["O"]])) == ["miles", "stelib"]
+    assert len(p.order["O"]) >= 8
+    p0 = mock._TemplatePicker(lib, "auto", 0.0)
+    assert len(p0.order["O"]) == 10 and "stelib:HD030614" in set(lib.name[p0.order["O"]])
+    pall = mock._TemplatePicker(lib, "all", 0.0)
+    assert "mkclass" in set(lib.source[pall.order["O"]])
+    # a library holding only an MKCLASS spectrum for a class is used (asked for)
+    one = lib.select(name="mkclass:O9V")
+    sim = simulate_spectra(0, rng=1, mk=["O"], templates=one)
+    assert sim.truth[0]["template1"] == "mkclass:O9V"
+    # impostors only when asked for; a release never draws them
+    sim = simulate_spectra(70, "balanced", 2, templates=lib)
+    assert {t["mk"] for t in sim.truth} == set(mock.CLASSES)
+    assert all(t["kind"] not in ("wr", "wd", "hot_subdwarf") for t in sim.truth)
+
+
+def test_impostor_draws(lib):
+    sim = simulate_spectra(0, rng=4, mk=["X"] * 20 + ["O"] * 5, templates=lib,
+                           config=MockConfig(min_coverage=0))
+    xs = [t for t in sim.truth if t["mk"] == "X"]
+    assert len(xs) == 20
+    assert {t["kind"] for t in xs} <= {"wr", "wd", "hot_subdwarf"} and len({t["kind"] for t in xs}) >= 2
+    for t in xs:
+        i = lib.index(t["template1"])
+        assert lib.mk[i] == "X" and lib.kind[lib.index(t["template2"])] == lib.kind[i]
+        assert t["subclass"] in ("WN", "WC", "DA", "DC", "sdOB")
+    assert np.isfinite(sim.flux).all()
+    with pytest.raises(ValueError, match="no X templates"):
+        simulate_spectra(0, rng=1, mk=["X"], templates=lib.select(mk="O"))
+    with pytest.raises(ValueError):
+        simulate_spectra(0, rng=1, mk=["Y"], templates=lib)
+
+
+def test_truth_records_new_fields(lib):
+    sim = simulate_spectra(14, "balanced", 6, templates=lib)
+    for t in sim.truth:
+        for key in ("r_v", "resolution", "kind", "star", "ebv_total", "ebv_template"):
+            assert key in t
+        i = lib.index(t["template1"])
+        assert t["r_v"] == 3.1
+        assert t["ebv_total"] == pytest.approx(t["ebv"] + t["ebv_template"], abs=2e-4)
+        assert t["resolution"] <= float(lib.resolution[i]) + 0.1
+    # a STELIB star keeps its own reddening: the drawn E(B-V) adds to it
+    sub = lib.select(name="stelib:HD046223")
+    sim = simulate_spectra(0, rng=1, mk=["O"] * 5, templates=sub, config=MockConfig(min_coverage=0))
+    for t in sim.truth:
+        assert t["ebv_template"] == pytest.approx(2.1 / 3.1, abs=1e-3)
+        assert t["ebv_total"] == pytest.approx(t["ebv"] + 2.1 / 3.1, abs=2e-4)
+        assert t["star"] == "HD046223" and t["kind"] == "normal"
+
+
+def test_ebv_ranges_per_class(lib):
+    mk = ["O"] * 40 + ["B"] * 40 + ["G"] * 40
+    base = simulate_spectra(0, rng=8, mk=mk, templates=lib)
+    cfg = MockConfig(ebv_ranges={"O": (1.0, 2.5), "B": (0.0, 0.2)})
+    aug = simulate_spectra(0, rng=8, mk=mk, templates=lib, config=cfg)
+    e = np.array([t["ebv"] for t in aug.truth])
+    assert np.all((e[:40] >= 1.0) & (e[:40] <= 2.5)) and np.ptp(e[:40]) > 0.8
+    assert np.all((e[40:80] >= 0) & (e[40:80] <= 0.2))
+    # the templates are drawn before E(B-V); classes without a range keep their
+    # default (exponential) distribution
+    assert [t["template1"] for t in aug.truth] == [t["template1"] for t in base.truth]
+    assert all(0 <= t["ebv"] < 1.0 for t in aug.truth[80:])
+    with pytest.raises(ValueError):
+        MockConfig(ebv_ranges={"Q": (0, 1)}).validate()
+    with pytest.raises(ValueError):
+        MockConfig(ebv_ranges={"O": (1, 0)}).validate()
+
+
+def test_extinction_linear_in_r_v():
+    w = np.linspace(3700, 9100, 30)
+    a, b = mock._extinction_ab(w)
+    for r_v in (2.5, 3.1, 4.0, 5.5):
+        assert np.allclose(r_v * a + b, extinction_odonnell(w, r_v))
+
+
+def test_r_v_range_drawn_recorded_and_applied(lib):
+    sub = lib.select(name="HD057060")
+    kw = dict(rng=2, grid="native", mk=["O"] * 6, templates=sub)
+    common = dict(ebv_ranges={"O": (1.5, 1.5)}, snr_range=(300, 400), calib_sigma=0.0,
+                  bad_patch_rate=0)
+    lo = simulate_spectra(0, **kw, config=MockConfig(r_v_range=(2.5, 2.5), **common))
+    hi = simulate_spectra(0, **kw, config=MockConfig(r_v_range=(5.0, 5.0), **common))
+    assert {t["r_v"] for t in lo.truth} == {2.5} and {t["r_v"] for t in hi.truth} == {5.0}
+    w = _native_wave()
+    ratio = hi.flux / np.where(lo.flux > 0, lo.flux, np.nan)
+    blue = np.nanmedian(ratio[:, (w > 3900) & (w < 4200)], axis=1)
+    red = np.nanmedian(ratio[:, (w > 7500) & (w < 8500)], axis=1)
+    assert np.all(blue < 0.8 * red)        # larger R_V: more grey extinction, relatively redder
+    u = simulate_spectra(0, rng=3, mk=["G"] * 50, templates=lib,
+                         config=MockConfig(r_v_range=(2.8, 4.0)))
+    rv = np.array([t["r_v"] for t in u.truth])
+    assert np.all((rv >= 2.8) & (rv <= 4.0)) and np.ptp(rv) > 0.5
+
+
+def test_resolution_range_smooths_and_is_recorded(lib):
+    sub = lib.select(name="HD057060")                       # MILES, R = 1800 at 4500 A
+    kw = dict(rng=4, grid="native", mk=["O"] * 4, templates=sub)
+    sharp = simulate_spectra(0, **kw, config=MockConfig(snr_range=(400, 500), bad_patch_rate=0))
+    blur = simulate_spectra(0, **kw, config=MockConfig(snr_range=(400, 500), bad_patch_rate=0,
+                                                       resolution_range=(400, 400)))
+    assert {t["resolution"] for t in sharp.truth} == {1800.0}
+    assert {t["resolution"] for t in blur.truth} == {400.0}
+    w = _native_wave()
+    line = (w > 4855) & (w < 4870)                          # H-beta core
+    side = ((w > 4820) & (w < 4835)) | ((w > 4890) & (w < 4905))
+
+    def depth(s):
+        f = s.flux.astype(float)
+        return 1 - f[:, line].min(axis=1) / np.median(f[:, side], axis=1)
+
+    assert np.all(depth(blur) < depth(sharp) - 0.02)
+    # a template coarser than the drawn R is not smoothed; truth says its own R
+    pk = lib.select(name="o9v")
+    s = simulate_spectra(0, rng=1, mk=["O"] * 5, templates=pk,
+                         config=MockConfig(resolution_range=(1500, 2200)))
+    assert {t["resolution"] for t in s.truth} == {500.0}
+    r = simulate_spectra(0, rng=1, mk=["G"] * 40, templates=lib,
+                         config=MockConfig(resolution_range=(1500, 2200)))
+    res = np.array([t["resolution"] for t in r.truth])
+    assert np.all((res >= 1324 - 1) & (res <= 1800 + 1e-3)) and np.ptp(res) > 100
+
+
+def test_smoothing_kernel_width_and_passthrough():
+    n = mock.NPIX
+    flux = np.ones((3, n), np.float32)
+    flux[:, 2000] = 100.0
+    valid = np.ones((3, n), bool)
+    valid[:, 2600:2700] = False
+    out, v = mock._smooth_to_resolution(flux, valid, np.array([1800.0, 1800.0, 500.0]),
+                                        np.array([600.0, 2000.0, 1000.0]))
+    # rows already coarser than the target are untouched
+    assert np.array_equal(out[1:], flux[1:]) and np.array_equal(v[1:], valid[1:])
+    prof = out[0, 1900:2100] - 1.0
+    above = np.flatnonzero(prof >= prof.max() / 2)
+    fwhm_px = above[-1] - above[0] + 1
+    expect = np.sqrt(1 / 600 ** 2 - 1 / 1800 ** 2) / (np.log(10) * 1e-4)
+    assert fwhm_px == pytest.approx(expect, abs=1.5)
+    assert prof.sum() == pytest.approx(99.0, rel=1e-3)       # flux conserved
+    # the invalid block grows by the kernel and leaks no flux
+    assert not v[0, 2595:2705].any() and v[0, 2500:2585].all()
+    assert np.all(out[0][~v[0]] == 0)
+
+
+def test_augmented_draws_reproducible(lib):
+    cfg = MockConfig(ebv_ranges={"O": (0, 2.5), "B": (0, 2.5), "A": (0, 1.5), "F": (0, 1.0)},
+                     r_v_range=(2.8, 4.0), resolution_range=(1500, 2200), snr_range=(5, 80),
+                     min_coverage=0)
+    mk = list("OBAFGKMX") * 3
+    a = simulate_spectra(0, rng=11, mk=mk, templates=lib, config=cfg)
+    b = simulate_spectra(0, rng=11, mk=mk, templates=lib, config=cfg)
+    c = simulate_spectra(0, rng=12, mk=mk, templates=lib, config=cfg)
+    assert np.array_equal(a.flux, b.flux) and repr(a.truth) == repr(b.truth)
+    assert not np.array_equal(a.flux, c.flux)
+    assert np.isfinite(a.flux).all()
+
+
+def test_release_prefers_full_coverage_templates(release, lib):
+    _, cfg, _, rows = release
+    assert cfg.min_coverage == mock.DEFAULT_MIN_COVERAGE == 0.85
+    for r in rows:
+        for name in (r["template1"], r["template2"]):
+            i = lib.index(name)
+            assert lib.coverage[i] >= 0.85 and lib.source[i] != "mkclass" and lib.mk[i] != "X"
+
+
+def test_config_validation_of_new_knobs():
+    for bad in (dict(r_v_range=(0, 3)), dict(r_v_range=(4, 3)), dict(resolution_range=(0, 10)),
+                dict(min_coverage=1.5), dict(template_source="nope")):
+        with pytest.raises(ValueError):
+            MockConfig(**bad).validate()
+    MockConfig(template_source="stelib", r_v_range=(3.1, 3.1), resolution_range=(1800, 1800)).validate()
