@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from lamost_ostar import scan as scanmod
 from lamost_ostar.cli import main
+from plugins.heii_lines import VERSION as heii_version
 
 DATA = Path(__file__).resolve().parent / "data"
 GOOD = ["io_image_dr7.fits", "io_image_dr6.fits.gz", "io_dr1_gzip.fits", "io_coadd_dr9.fits.gz",
@@ -126,7 +127,7 @@ def test_scan_resume_is_idempotent(tmp_path, release, client):
     assert first.totals.n_files == n and first.totals.n_skipped == 0
     assert first.totals.n_errors == len(BAD)
     assert first.totals.errors_by_reason == {r: 1 for r in BAD.values()}
-    assert first.model_version == "heii_lines-1"
+    assert first.model_version == heii_version
 
     # a second run skips everything; nothing is duplicated
     second = scanmod.run_scan([release], cat, client=client, stage="heii_lines",
