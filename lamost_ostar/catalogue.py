@@ -73,6 +73,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
+from lamost_ostar import stage as _stage
+
 __all__ = [
     "CLASS_COLUMNS",
     "DEFAULT_P_O_THRESHOLD",
@@ -91,19 +93,28 @@ __all__ = [
 #: Default minimum p(O) for an O-star candidate (queries and the ``candidates`` view).
 DEFAULT_P_O_THRESHOLD = 0.5
 
-#: class label -> probability column in ``results``
-CLASS_COLUMNS: dict[str, str] = {c: f"p_{c.lower()}" for c in ("O", "B", "A", "F", "G", "K", "M")}
+#: class label -> probability column in ``results`` (X: hot non-MK impostors)
+CLASS_COLUMNS: dict[str, str] = {c: f"p_{c.lower()}" for c in ("O", "B", "A", "F", "G", "K", "M", "X")}
+
+#: The O-candidate decision and the He II evidence (``stage.StageResult``):
+#: column -> kind (float, int or bool)
+DECISION_COLUMNS: dict[str, type] = {"posterior_o": float, "is_candidate": bool, "heii_sigma": float}
+EVIDENCE_COLUMNS: dict[str, type] = {
+    name: (bool if name in ("heii_detected", "heii_4686_emission", "metal_veto")
+           else int if name == "n_heii_lines" else float)
+    for name in _stage.EVIDENCE_FIELDS if name != "heii_sigma"}
 
 #: scan count columns, in order
 SCAN_COUNT_COLUMNS = ("files_seen", "files_read", "files_classified", "files_failed", "files_skipped")
 
 #: Result columns returned by :meth:`Catalogue.query`, in order.
 RESULT_COLUMNS = (
-    "path", "obsid", "designation", "ra", "dec", "predicted_class", "p_o",
-    "p_b", "p_a", "p_f", "p_g", "p_k", "p_m",
+    "path", "obsid", "designation", "ra", "dec", "predicted_class", "is_candidate", "p_o",
+    "posterior_o", "heii_sigma",
+    "p_b", "p_a", "p_f", "p_g", "p_k", "p_m", "p_x",
     "snr_g", "snr_r", "snr_i", "lmjd", "planid", "spid", "fiberid",
     "pipeline_class", "pipeline_subclass", "data_release", "layout",
-    "flags", "model_version", "scan_id", "id",
+    "flags", *EVIDENCE_COLUMNS, "model_version", "scan_id", "id",
 )
 
 #: rows per IN (...) list (well below SQLite's and PostgreSQL's parameter limits)
@@ -120,7 +131,17 @@ _DESCRIPTIONS = {
     "ra": "right ascension (J2000)",
     "dec": "declination (J2000)",
     "predicted_class": "class with the highest calibrated probability",
-    "p_o": "calibrated probability of class O",
+    "p_o": "calibrated probability of class O (training-balanced classes)",
+    "posterior_o": "probability of class O at the survey prior (O ~ 2e-5)",
+    "is_candidate": "the model's O-candidate decision (posterior and He II evidence)",
+    "heii_sigma": "combined significance of He II 4200/4541/4686/5411 absorption",
+    "heii_ew": "weighted mean EW of the He II lines [A]",
+    "hei_sigma": "combined significance of He I absorption",
+    "log_wprime": "log10 EW(He I 4471) / EW(He II 4541)",
+    "n_heii_lines": "He II lines detected at >= 2 sigma",
+    "heii_detected": "He II detected by the lines module's rule",
+    "heii_4686_emission": "He II 4686 in emission",
+    "metal_veto": "a cool-star metal line is too strong for an O star",
     "snr_g": "pipeline S/N in g", "snr_r": "pipeline S/N in r", "snr_i": "pipeline S/N in i",
     "lmjd": "local modified Julian day", "planid": "plan id", "spid": "spectrograph id",
     "fiberid": "fibre id", "pipeline_class": "LAMOST pipeline CLASS",
@@ -137,6 +158,9 @@ class CatalogueError(ValueError):
 
 
 # --------------------------------------------------------------------------- schema
+
+_SQL_KIND = {float: sa.Float, int: sa.Integer, bool: sa.Boolean}
+
 
 def _build_metadata() -> sa.MetaData:
     md = sa.MetaData()
@@ -182,6 +206,7 @@ def _build_metadata() -> sa.MetaData:
         sa.Column("probs", json_t),
         sa.Column("predicted_class", sa.String(8)),
         sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
+        *[sa.Column(col, _SQL_KIND[kind]) for col, kind in {**DECISION_COLUMNS, **EVIDENCE_COLUMNS}.items()],
         sa.Column("scan_id", sa.Integer, sa.ForeignKey("scans.id", ondelete="SET NULL")),
         sa.Column("created", ts, nullable=False),
         sa.UniqueConstraint("path", "model_version", name="uq_results_path_model"),
@@ -194,6 +219,8 @@ def _build_metadata() -> sa.MetaData:
         sa.Index("ix_results_model_version", "model_version", "p_o"),
         sa.Index("ix_results_scan_id", "scan_id"),
         sa.Index("ix_results_obsid", "obsid"),
+        sa.Index("ix_results_is_candidate", "is_candidate", "posterior_o"),
+        sa.Index("ix_results_heii_sigma", "heii_sigma"),
         # path lookups use the (path, model_version) unique index
     )
 
@@ -219,10 +246,10 @@ _SCANS = metadata.tables["scans"]
 _RESULTS = metadata.tables["results"]
 _ERRORS = metadata.tables["errors"]
 
-_VIEW_SQL = (
-    "CREATE {verb} VIEW {ifne}candidates AS SELECT * FROM results "
-    f"WHERE p_o >= {DEFAULT_P_O_THRESHOLD!r}"
-)
+#: SQL of "is a candidate": the row's own decision, or for rows of model
+#: versions without one (``is_candidate`` NULL) the old rule p(O) >= 0.5.
+_CANDIDATE_SQL = (f"(is_candidate = TRUE OR (is_candidate IS NULL AND p_o >= {DEFAULT_P_O_THRESHOLD!r}))")
+_VIEW_SQL = "CREATE {verb} VIEW {ifne}candidates AS SELECT * FROM results WHERE " + _CANDIDATE_SQL
 _DDL_LOCK_KEY = zlib.crc32(b"lamost_ostar.catalogue.ddl")
 
 
@@ -559,6 +586,11 @@ class Catalogue:
                             continue            # another process added it meanwhile
                         ddl = col.type.compile(dialect=conn.dialect)
                         conn.exec_driver_sql(f'ALTER TABLE {name} ADD COLUMN "{col.name}" {ddl}')
+                # the candidates view follows the new rule; indexes of the new columns
+                conn.exec_driver_sql("DROP VIEW IF EXISTS candidates")
+                conn.exec_driver_sql(_VIEW_SQL.format(verb="", ifne=""))
+                for index in _RESULTS.indexes:
+                    index.create(conn, checkfirst=True)
         except (OperationalError, DBAPIError) as exc:
             added = ", ".join(c.name for cols in missing.values() for c in cols)
             raise CatalogueError(f"{_safe_url(self.url)} was written by an older lamost_ostar and "
@@ -835,14 +867,24 @@ class Catalogue:
               snr_max: float | None = None, snr_band: str = "g", scan_id: int | None = None,
               model_version: str | None = None, sort: str | None = "p_o",
               descending: bool | None = None, limit: int | None = None,
-              all_rows: bool = False) -> Table:
+              all_rows: bool = False, candidates: bool | None = None,
+              min_posterior: float | None = None, min_heii_sigma: float | None = None) -> Table:
         """Select results as an astropy Table.
 
         Parameters
         ----------
         min_p_o : float, optional
-            Minimum p(O) of a candidate; default :data:`DEFAULT_P_O_THRESHOLD`.
-            Ignored with ``all_rows`` unless given explicitly.
+            Minimum (balanced) p(O).
+        candidates : bool, optional
+            True: only the rows the model's decision made candidates
+            (``is_candidate``; for rows of model versions without a decision,
+            p(O) >= :data:`DEFAULT_P_O_THRESHOLD`); False: only the others.
+            Default: True unless ``all_rows`` or another p(O)/posterior/He II
+            selection is given.
+        min_posterior : float, optional
+            Minimum p(O) at the survey prior (``posterior_o``).
+        min_heii_sigma : float, optional
+            Minimum He II evidence (``heii_sigma``).
         predicted_class : str or sequence of str, optional
             Keep rows whose predicted class is one of these (case-insensitive).
         cone : (ra, dec, radius), optional
@@ -878,7 +920,8 @@ class Catalogue:
         parts = list(self.iter_query(
             min_p_o=min_p_o, predicted_class=predicted_class, cone=cone, snr_min=snr_min,
             snr_max=snr_max, snr_band=snr_band, scan_id=scan_id, model_version=model_version,
-            sort=sort, descending=descending, limit=limit, all_rows=all_rows))
+            sort=sort, descending=descending, limit=limit, all_rows=all_rows, candidates=candidates,
+            min_posterior=min_posterior, min_heii_sigma=min_heii_sigma))
         return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
 
     def iter_query(self, *, min_p_o: float | None = None,
@@ -887,7 +930,9 @@ class Catalogue:
                    snr_max: float | None = None, snr_band: str = "g", scan_id: int | None = None,
                    model_version: str | None = None, sort: str | None = "p_o",
                    descending: bool | None = None, limit: int | None = None,
-                   all_rows: bool = False, chunk_rows: int = 10_000) -> Iterator[Table]:
+                   all_rows: bool = False, candidates: bool | None = None,
+                   min_posterior: float | None = None, min_heii_sigma: float | None = None,
+                   chunk_rows: int = 10_000) -> Iterator[Table]:
         """:meth:`query` as a stream of Tables of at most ``chunk_rows`` rows.
 
         Memory stays bounded whatever the catalogue size (the rows are fetched
@@ -897,13 +942,23 @@ class Catalogue:
         """
         t = _RESULTS
         conds = []
-        if min_p_o is None and not all_rows:
-            min_p_o = DEFAULT_P_O_THRESHOLD
-        if min_p_o is not None:
-            min_p_o = _as_float(min_p_o)
-            if min_p_o is None or not 0.0 <= min_p_o <= 1.0:
-                raise CatalogueError("minimum p(O) must be a number in [0, 1]")
-            conds.append(t.c.p_o >= min_p_o)
+        if candidates is None:
+            candidates = None if (all_rows or min_p_o is not None or min_posterior is not None
+                                  or min_heii_sigma is not None) else True
+        if candidates is not None:
+            rule = sa.or_(t.c.is_candidate.is_(True),
+                          sa.and_(t.c.is_candidate.is_(None),
+                                  sa.func.coalesce(t.c.p_o, 0.0) >= DEFAULT_P_O_THRESHOLD))
+            conds.append(rule if candidates else sa.not_(rule))
+        for name, value, col, lo, hi in (("p(O)", min_p_o, t.c.p_o, 0.0, 1.0),
+                                         ("posterior p(O)", min_posterior, t.c.posterior_o, 0.0, 1.0),
+                                         ("He II sigma", min_heii_sigma, t.c.heii_sigma, -np.inf, np.inf)):
+            if value is None:
+                continue
+            v = _as_float(value)
+            if v is None or not lo <= v <= hi:
+                raise CatalogueError(f"minimum {name} must be a number" + (" in [0, 1]" if hi == 1.0 else ""))
+            conds.append(col >= v)
         if predicted_class is not None:
             classes = [predicted_class] if isinstance(predicted_class, str) else list(predicted_class)
             classes = [c.strip().upper() for c in classes if c and c.strip()]
@@ -957,6 +1012,8 @@ class Catalogue:
         meta = {"ORIGIN": "lamost_ostar catalogue"}
         if min_p_o is not None:
             meta["MIN_P_O"] = float(min_p_o)
+        if candidates is not None:
+            meta["CANDIDAT"] = bool(candidates)
 
         if sort == "dist":  # the exact distance is known only after the fetch: sort in numpy
             parts = list(self._fetch(q, centre, chunk_rows, meta))
@@ -994,9 +1051,12 @@ class Catalogue:
             if empty:
                 yield _rows_table([], centre, meta)
 
-    def candidates(self, min_p_o: float = DEFAULT_P_O_THRESHOLD, **kwargs: Any) -> Table:
-        """O-star candidates: :meth:`query` with ``min_p_o`` (default 0.5)."""
-        return self.query(min_p_o=min_p_o, **kwargs)
+    def candidates(self, min_p_o: float | None = None, **kwargs: Any) -> Table:
+        """O-star candidates: the model's decision (:meth:`query` with ``candidates=True``),
+        or ``p_o >= min_p_o`` when ``min_p_o`` is given."""
+        if min_p_o is not None:
+            return self.query(min_p_o=min_p_o, **kwargs)
+        return self.query(candidates=True, **kwargs)
 
 
 #: The writer role of :class:`Catalogue` (the scan's sink): the same picklable class.
@@ -1009,6 +1069,7 @@ _RESULT_KINDS: dict[str, type] = {
     **{c: str for c in RESULT_COLUMNS},
     **{c: float for c in ("ra", "dec", "snr_g", "snr_r", "snr_i", *CLASS_COLUMNS.values())},
     **{c: int for c in ("obsid", "lmjd", "spid", "fiberid", "flags", "scan_id", "id")},
+    **DECISION_COLUMNS, **EVIDENCE_COLUMNS,
 }
 _UNITS = {"ra": "deg", "dec": "deg"}
 
@@ -1055,6 +1116,15 @@ def _result_row(item: Any, path: str, mv: str, scan_id: int | None, now: datetim
         row[col] = upper.get(cls)
     p_o = _as_float(_get(item, "p_o"))
     row["p_o"] = p_o if p_o is not None else upper.get("O")
+    row["posterior_o"] = _as_float(_get(item, "posterior_o"))
+    cand = _get(item, "is_candidate")
+    row["is_candidate"] = None if cand is None else bool(cand)
+    row["heii_sigma"] = _as_float(_get(item, "heii_sigma"))
+    evidence = _get(item, "evidence") or {}
+    for col, kind in EVIDENCE_COLUMNS.items():
+        v = evidence.get(col) if isinstance(evidence, Mapping) else None
+        row[col] = (None if v is None else bool(v)) if kind is bool else \
+            (_as_int(v) if kind is int else _as_float(v))
     return row
 
 
@@ -1139,7 +1209,9 @@ def _iso(v: Any) -> str | None:
 def _column(name: str, values: list, kind: type) -> MaskedColumn:
     """A (masked where NULL) astropy column with a stable dtype, even when empty."""
     mask = np.array([v is None for v in values], dtype=bool)
-    if kind is float:
+    if kind is bool:
+        arr = np.array([bool(v) if v is not None else False for v in values], dtype=bool)
+    elif kind is float:
         arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     elif kind is int:
         arr = np.array([0 if v is None else v for v in values], dtype=np.int64)

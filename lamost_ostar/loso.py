@@ -52,6 +52,8 @@ MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2+lcgan", "cnn
 
 #: S/N (g) and total E(B-V) bins of the tables
 SNR_BINS: tuple[tuple[float, float], ...] = ((5, 10), (10, 20), (20, 50), (50, 1e9))
+#: S/N bins of the survey sample's tables (it holds spectra below 5 too)
+SURVEY_SNR_BINS: tuple[tuple[float, float], ...] = ((0, 5),) + SNR_BINS
 EBV_BINS: tuple[tuple[float, float], ...] = ((0, 0.4), (0.4, 0.8), (0.8, 1.5), (1.5, 99))
 
 #: Survey-preset fractions of the non-O classes (the mock's ``survey`` preset
@@ -90,9 +92,10 @@ class LosoConfig:
 
     recipe: DetectorRecipe = field(default_factory=DetectorRecipe)
     models: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1")
-    epochs: int = 14
+    epochs: int = 30
     batch_size: int = 32
-    patience: int = 4
+    patience: int = 5
+    learning_rate: float = 1e-3
     n_val_per_class: int = 60
     o_per_star: int = 240
     b_per_star: int = 40
@@ -244,7 +247,8 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
 # models
 # --------------------------------------------------------------------------
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
-                 cfg: LosoConfig, classes: Sequence[str], seed: int, log) -> tuple[dict[str, np.ndarray], dict]:
+                 cfg: LosoConfig, classes: Sequence[str], seed: int, log,
+                 gan_input: LabelledSpectra | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Train one model kind on ``train`` and return the logits of every test set."""
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -256,11 +260,13 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
 
         ch = 1 if base == "cnn1" else 2
         if "+" in kind:
-            train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, cfg, seed, info)])
+            train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
+                                                                 seed, info)])
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
             train.inputs(ch), train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
-            batch_size=cfg.batch_size, patience=cfg.patience, n_classes=len(classes))
+            batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
+            n_classes=len(classes))
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
                     val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
         predict = lambda d: recogniser.predict_logits(model, d.inputs(ch))   # noqa: E731
@@ -292,38 +298,34 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     return logits, info
 
 
-def _gan_samples(kind: str, train: LabelledSpectra, cfg: LosoConfig, seed: int, info: dict) -> LabelledSpectra:
+def _gan_samples(kind: str, train: LabelledSpectra, gan_input: LabelledSpectra | None, cfg: LosoConfig,
+                 seed: int, info: dict) -> LabelledSpectra:
     """Generated O spectra from a GAN trained on high-S/N realisations of the training O stars.
 
-    The generator learns noise-free-ish spectra (S/N >= ``gan_snr``); LAMOST
-    noise at the S/N of the training O spectra is added to the samples
-    afterwards (an augmentation, not something the GAN has to learn).
+    The generator learns clean spectra (``gan_input``: S/N >= ``gan_snr``);
+    LAMOST noise at the S/N of the training O spectra is added to the samples
+    afterwards (:func:`lamost_ostar.datasets.add_noise`: an augmentation, not
+    something the GAN has to learn).
     """
+    from .datasets import add_noise
     from .models import gan
     from .preprocess import normalise
 
     o = train.only(["O"])
-    hi = o.subset(np.flatnonzero(np.nan_to_num(o.meta.get("snr_g", np.full(len(o), np.inf)), nan=np.inf)
-                                 >= cfg.gan_snr)) if "snr_g" in o.meta else o
-    if len(hi) < 8:
-        hi = o
+    real = gan_input if gan_input is not None and len(gan_input) else o
     make = {"lcgan": gan.make_lcgan, "sgan": gan.make_sgan}[kind]
     t0 = time.perf_counter()
     trainer = make(o.npix)
-    trainer.fit(hi.x, iterations=cfg.gan_iterations, batch_size=16, seed=seed)
+    trainer.fit(real.x, iterations=cfg.gan_iterations, batch_size=16, seed=seed)
     x = np.asarray(trainer.sample(cfg.gan_samples, seed=seed), np.float64).reshape(cfg.gan_samples, -1)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    # noise after generation: S/N drawn from the training O spectra's S/N (per pixel ~ x / snr)
     rng = np.random.default_rng(seed)
-    snr = rng.choice(np.nan_to_num(o.meta.get("snr_g", np.full(len(o), 30.0)), nan=30.0), cfg.gan_samples)
-    level = np.median(np.abs(x), axis=1, keepdims=True)
-    x = x + rng.standard_normal(x.shape) * np.sqrt(np.abs(x) * level) / snr[:, None]
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    snr = rng.choice(np.nan_to_num(np.asarray(o.meta.get("snr_g", np.full(len(o), 30.0)), float), nan=30.0),
+                     cfg.gan_samples)
+    x = add_noise(x, snr, rng)
     info[f"{kind}_seconds"] = time.perf_counter() - t0
-    info[f"{kind}_trained_on"] = int(len(hi))
+    info[f"{kind}_trained_on"] = int(len(real))
     xn = normalise(x, np.zeros(x.shape, bool))[0]
-    return LabelledSpectra(x.astype(np.float32), ["O"] * len(x), [f"{kind}:{i}" for i in range(len(x))],
-                           [kind] * len(x), xn=xn)
+    return LabelledSpectra(x, ["O"] * len(x), [f"{kind}:{i}" for i in range(len(x))], [kind] * len(x), xn=xn)
 
 
 # --------------------------------------------------------------------------
@@ -364,13 +366,20 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
         val = _build_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
                                                              mix_fraction=0.0), rng_k, None)
         tests = _test_sets(test_lib, lam_test, cfg, rng_k)
+        gan_input = None
+        if any("+" in m for m in cfg.models):
+            o_lib = train_lib.select("O")
+            gan_input = realise_templates(o_lib, spread(o_lib, {"O": max(cfg.gan_samples, 200)}, rng_k), rng_k,
+                                          cfg.recipe.mock_config(snr_range=(cfg.gan_snr, 4 * cfg.gan_snr),
+                                                                 ebv_ranges={"O": (0.0, 0.5)}))
         t_data = time.perf_counter() - t0
         log(f"fold {k} (O {o_units[k]}): train {train.describe()}; tests "
             + ", ".join(f"{n} {len(d)}" for n, d in tests.items()) + f"; data {t_data:.0f} s")
         info = {"fold": k, "o_unit": o_units[k], "test_stars": sorted(held), "data_seconds": t_data,
                 "train": train.describe(), "models": {}}
         for m in cfg.models:
-            logits, minfo = _fit_predict(m, train, val, tests, cfg, classes, seed=cfg.seed * 1000 + k, log=log)
+            logits, minfo = _fit_predict(m, train, val, tests, cfg, classes, seed=cfg.seed * 1000 + k, log=log,
+                                         gan_input=gan_input)
             info["models"][m] = minfo
             for name, z in logits.items():
                 d = tests[name]
@@ -463,7 +472,7 @@ def _softmax(z: np.ndarray, t: float) -> np.ndarray:
 
 
 def _bin_label(lo: float, hi: float) -> str:
-    return f"{lo:g}-{hi:g}" if hi < 50 else f">{lo:g}"
+    return f"{lo:g}-{hi:g}" if hi < 1e6 else f">{lo:g}"
 
 
 def _subtype(sub: np.ndarray) -> np.ndarray:
@@ -577,7 +586,7 @@ def _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv, subtype, labe
     t["real_lamost_n"] = int(real.sum())
     t["real_lamost_candidate_stars"] = sorted(np.unique(star[real & cand]).tolist())
     by_snr: dict[str, Any] = {}
-    for lo, hi in SNR_BINS:
+    for lo, hi in SURVEY_SNR_BINS:
         s = (snr >= lo) & (snr < hi)
         sw = ws[s[surv]] if surv.any() else np.zeros(0)
         by_snr[_bin_label(lo, hi)] = {

@@ -28,7 +28,20 @@ flag                   value  meaning
 ``FLAG_NOT_STAR``      16     LAMOST pipeline CLASS is given and is not STAR
 ``FLAG_LOW_CONFIDENCE``32     highest class probability below
                               :data:`MIN_CONFIDENCE`
+``FLAG_NO_HE_LINES``   64     no He II line could be measured (window or side
+                              bands masked): the He II evidence is missing
+``FLAG_HEII_EMISSION`` 128    He II 4686 in emission (Of supergiants, Wolf-Rayet
+                              and central stars)
 =====================  =====  ===============================================
+
+The O-candidate decision (``is_candidate``) is the model card's rule
+(:class:`lamost_ostar.models.decision.Decision`): the posterior p(O) at the
+survey prior (``posterior_o``; ``p_o`` is the network's balanced probability)
+and the He II absorption measured on the spectrum (``heii_sigma``,
+:mod:`lamost_ostar.lines`).  Every result carries that evidence
+(:attr:`StageResult.evidence`: EWs and errors of the He II, He I and Balmer
+lines, the combined He II / He I significances, log W'), so an astronomer can
+see why a spectrum is, or is not, a candidate.
 
 Examples
 --------
@@ -50,7 +63,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from lamost_ostar import lines as _lines
 from lamost_ostar.io import ENGINES, Spectrum, read_spectra
+from lamost_ostar.models.decision import Decision
 from lamost_ostar.preprocess import model_input, prepare
 
 __all__ = [
@@ -63,7 +78,11 @@ __all__ = [
     "FLAG_EDGE",
     "FLAG_NOT_STAR",
     "FLAG_LOW_CONFIDENCE",
+    "FLAG_NO_HE_LINES",
+    "FLAG_HEII_EMISSION",
     "FLAG_NAMES",
+    "EVIDENCE_FIELDS",
+    "evidence_records",
     "LOW_SNR_G",
     "MIN_GOOD_FRACTION",
     "EDGE_MAX_MISSING",
@@ -95,6 +114,10 @@ FLAG_EDGE = 1 << 3
 FLAG_NOT_STAR = 1 << 4
 #: The model's highest class probability is low.
 FLAG_LOW_CONFIDENCE = 1 << 5
+#: No He II line could be measured: the He II evidence is missing.
+FLAG_NO_HE_LINES = 1 << 6
+#: He II 4686 is in emission.
+FLAG_HEII_EMISSION = 1 << 7
 
 #: flag bit -> name
 FLAG_NAMES: dict[int, str] = {
@@ -104,7 +127,43 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_EDGE: "edge",
     FLAG_NOT_STAR: "not_star",
     FLAG_LOW_CONFIDENCE: "low_confidence",
+    FLAG_NO_HE_LINES: "no_he_lines",
+    FLAG_HEII_EMISSION: "heii_emission",
 }
+
+#: Lines whose box EW and error every result stores (``ew_<line>``, ``ew_<line>_err``).
+EVIDENCE_LINES: tuple[str, ...] = ("heii_4200", "heii_4541", "heii_4686", "heii_5411", "hei_4026",
+                                   "hei_4471", "hei_4922", "hgamma", "hbeta")
+#: Combined evidence every result stores (see :class:`lamost_ostar.lines.HeEvidence`).
+EVIDENCE_COMBINED: tuple[str, ...] = ("heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err",
+                                      "hei_sigma", "log_wprime", "n_heii_lines", "heii_detected",
+                                      "heii_4686_emission", "metal_veto")
+#: Keys of :attr:`StageResult.evidence`, in order.
+EVIDENCE_FIELDS: tuple[str, ...] = EVIDENCE_COMBINED + tuple(
+    f"ew_{n}{e}" for n in EVIDENCE_LINES for e in ("", "_err"))
+
+
+def evidence_records(m: "_lines.LineMeasurements") -> list[dict[str, Any]]:
+    """Per-spectrum evidence dicts (keys :data:`EVIDENCE_FIELDS`, None for NaN) of a measurement."""
+    cols = {}
+    for key in EVIDENCE_COMBINED:
+        cols[key] = np.asarray(getattr(m, key))
+    for n in EVIDENCE_LINES:
+        ew, err = m.ew_of(n)
+        cols[f"ew_{n}"], cols[f"ew_{n}_err"] = ew, err
+    out = []
+    for i in range(len(m)):
+        rec: dict[str, Any] = {}
+        for key in EVIDENCE_FIELDS:
+            v = cols[key][i]
+            if isinstance(v, (bool, np.bool_)):
+                rec[key] = bool(v)
+            elif isinstance(v, (int, np.integer)):
+                rec[key] = int(v)
+            else:
+                rec[key] = float(v) if np.isfinite(v) else None
+        out.append(rec)
+    return out
 
 #: g-band S/N threshold of ``FLAG_LOW_SNR``.
 LOW_SNR_G = 10.0
@@ -183,13 +242,22 @@ class StageResult(SpectrumResult):
     probs : dict or None
         Class -> calibrated probability (sums to 1).
     p_o : float or None
-        Calibrated probability of class O.
+        Calibrated probability of class O (training-balanced classes).
     predicted_class : str or None
         Class of highest probability.
     flags : int
         Quality bit flags, ``FLAG_*``.
     model_version : str or None
-        Model version that produced the result.
+        Model version that produced the result (its card holds the decision).
+    posterior_o : float or None
+        Probability of class O at the survey prior (O ~ 2e-5 of spectra).
+    is_candidate : bool or None
+        The model's O-candidate decision (posterior and He II evidence).
+    heii_sigma : float or None
+        Combined significance of He II absorption (4200, 4541, 4686, 5411 A).
+    evidence : dict or None
+        The line evidence, keys :data:`EVIDENCE_FIELDS`: combined He II / He I
+        EWs and significances, log W', line EWs [A] and errors.
     """
 
     probs: dict[str, float] | None = None
@@ -197,6 +265,10 @@ class StageResult(SpectrumResult):
     predicted_class: str | None = None
     flags: int = 0
     model_version: str | None = None
+    posterior_o: float | None = None
+    is_candidate: bool | None = None
+    heii_sigma: float | None = None
+    evidence: dict[str, Any] | None = None
 
 
 
@@ -421,6 +493,9 @@ class OStarStage:
         self._pass_batch_size = "batch_size" in params
         self.model_version: str = str(self.bundle.version)
         self.channels: int = int(getattr(self.bundle, "channels", 1))
+        card = dict(getattr(self.bundle, "card", None) or {})
+        card.setdefault("classes", list(self.bundle.classes))
+        self.decision: Decision = Decision.from_card(card)
         self.classes: tuple[str, ...] = tuple(str(c) for c in self.bundle.classes)
         try:
             self._o_index: int | None = [c.upper() for c in self.classes].index("O")
@@ -507,6 +582,16 @@ class OStarStage:
         flags = quality_flags(prep.mask, prep.good_fraction, snr_g,
                               [s.pipeline_class for s in spectra], max_prob)
         best = np.argmax(np.where(probs_ok[:, None], probs, -1.0), axis=1)
+        # He II evidence on the spectrum itself, and the card's candidate rule
+        meas = _lines.measure_lines(prep.flux, prep.ivar, prep.mask)
+        heii = np.asarray(meas.heii_sigma, dtype=np.float64)
+        flags |= np.where(~np.isfinite(heii), FLAG_NO_HE_LINES, 0)
+        flags |= np.where(np.asarray(meas.heii_4686_emission, bool), FLAG_HEII_EMISSION, 0)
+        evid = evidence_records(meas)
+        has_o = "O" in self.decision.classes and self.decision.classes == list(self.classes)
+        verdict = (self.decision.apply(np.where(probs_ok[:, None], probs, 0.0),
+                                       heii if self.decision.min_heii_sigma is not None else None)
+                   if has_o else None)
 
         out: list[StageResult] = []
         for k, s in enumerate(spectra):
@@ -528,6 +613,10 @@ class OStarStage:
                 p_o=None if self._o_index is None else float(row[self._o_index]),
                 predicted_class=self.classes[int(best[k])],
                 flags=int(flags[k]), model_version=self.model_version,
+                posterior_o=None if verdict is None else float(verdict.posterior_o[k]),
+                is_candidate=None if verdict is None else bool(verdict.is_candidate[k]),
+                heii_sigma=float(heii[k]) if np.isfinite(heii[k]) else None,
+                evidence=evid[k],
             ))
         return out
 

@@ -478,3 +478,79 @@ def test_iter_query_chunks_match_query(filled):
         assert len(parts) >= 1 and all(len(p) <= 7 for p in parts)
         assert [x for p in parts for x in p["id"]] == list(whole["id"]), kwargs
         assert all(p.colnames == whole.colnames for p in parts)
+
+
+# --------------------------------------------------------------------------- the O-candidate decision
+
+def _decided(path, p_o, cand, heii, posterior=None):
+    evidence = {"heii_ew": 0.4, "heii_ew_err": 0.1, "heii_sigma": heii, "hei_sigma": 1.0,
+                "log_wprime": -0.2, "n_heii_lines": 3, "heii_detected": bool(heii and heii > 4),
+                "heii_4686_emission": False, "metal_veto": False,
+                "ew_heii_4541": 0.45, "ew_heii_4541_err": 0.12}
+    probs = {"O": p_o, "B": 1 - p_o, "A": 0.0, "F": 0.0, "G": 0.0, "K": 0.0, "M": 0.0, "X": 0.0}
+    return StageResult(path=path, ok=True, probs=probs, p_o=p_o, predicted_class="O" if p_o > 0.5 else "B",
+                       model_version="v2ch", posterior_o=posterior if posterior is not None else p_o / 100,
+                       is_candidate=cand, heii_sigma=heii, evidence=evidence, ra=10.0, dec=1.0)
+
+
+def test_decision_and_evidence_are_stored_and_selectable(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan(model_version="v2ch")
+    cat.write(sid, [_decided("a.fits", 0.999, True, 6.0, 0.9), _decided("b.fits", 0.99, False, 0.5),
+                    _decided("c.fits", 0.2, False, 3.0), _decided("d.fits", 0.7, None, None)])
+    default = cat.query()                                        # the decision (or p >= 0.5 without one)
+    assert sorted(default["path"]) == ["a.fits", "d.fits"]
+    assert bool(default["is_candidate"][list(default["path"]).index("a.fits")])
+    assert sorted(cat.query(candidates=False)["path"]) == ["b.fits", "c.fits"]
+    assert sorted(cat.query(min_p_o=0.9)["path"]) == ["a.fits", "b.fits"]        # p(O) alone
+    assert list(cat.query(min_posterior=0.5)["path"]) == ["a.fits"]
+    assert sorted(cat.query(min_heii_sigma=2.5)["path"]) == ["a.fits", "c.fits"]
+    every = cat.query(all_rows=True)
+    assert len(every) == 4
+    row = every[list(every["path"]).index("a.fits")]
+    assert row["heii_sigma"] == pytest.approx(6.0) and row["n_heii_lines"] == 3
+    assert row["ew_heii_4541"] == pytest.approx(0.45) and row["p_x"] == pytest.approx(0.0)
+    assert "is_candidate" in every.colnames and "posterior_o" in every.colnames
+    with cat.engine.connect() as conn:                           # the SQL view agrees
+        names = sorted(r[0] for r in conn.execute(sa.text("SELECT path FROM candidates")))
+    assert names == ["a.fits", "d.fits"]
+    with pytest.raises(CatalogueError):
+        cat.query(min_posterior=2.0)
+    cat.close()
+
+
+def test_an_old_catalogue_gains_the_new_columns(tmp_path):
+    """A catalogue written before the decision columns existed is migrated in place."""
+    path = tmp_path / "old.sqlite"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:       # the results table of the previous release, one row
+        conn.exec_driver_sql(
+            "CREATE TABLE scans (id INTEGER PRIMARY KEY, started TIMESTAMP NOT NULL, finished TIMESTAMP, "
+            "model_version VARCHAR(128), code_version VARCHAR(64), parameters JSON, host VARCHAR(255), "
+            "files_seen BIGINT DEFAULT 0 NOT NULL, files_read BIGINT DEFAULT 0 NOT NULL, "
+            "files_classified BIGINT DEFAULT 0 NOT NULL, files_failed BIGINT DEFAULT 0 NOT NULL, "
+            "files_skipped BIGINT DEFAULT 0 NOT NULL, status VARCHAR(32) DEFAULT 'running' NOT NULL, summary JSON)")
+        conn.exec_driver_sql(
+            "CREATE TABLE results (id INTEGER PRIMARY KEY, path TEXT NOT NULL, model_version VARCHAR(128) NOT NULL, "
+            "obsid BIGINT, designation VARCHAR(64), ra FLOAT, dec FLOAT, snr_g FLOAT, snr_r FLOAT, snr_i FLOAT, "
+            "lmjd INTEGER, planid VARCHAR(64), spid INTEGER, fiberid INTEGER, pipeline_class VARCHAR(32), "
+            "pipeline_subclass VARCHAR(64), data_release VARCHAR(64), layout VARCHAR(16), p_o FLOAT, p_b FLOAT, "
+            "p_a FLOAT, p_f FLOAT, p_g FLOAT, p_k FLOAT, p_m FLOAT, probs JSON, predicted_class VARCHAR(8), "
+            "flags INTEGER DEFAULT 0 NOT NULL, scan_id INTEGER, created TIMESTAMP NOT NULL, "
+            "UNIQUE (path, model_version))")
+        conn.exec_driver_sql(
+            "CREATE TABLE errors (id INTEGER PRIMARY KEY, path TEXT NOT NULL, model_version VARCHAR(128) NOT NULL, "
+            "scan_id INTEGER, reason VARCHAR(64) NOT NULL, message TEXT, created TIMESTAMP NOT NULL, "
+            "UNIQUE (path, model_version))")
+        conn.exec_driver_sql("CREATE VIEW candidates AS SELECT * FROM results WHERE p_o >= 0.5")
+        conn.exec_driver_sql("INSERT INTO results (path, model_version, p_o, predicted_class, created) "
+                             "VALUES ('old.fits', 'v1', 0.8, 'O', '2026-11-25 10:00:00')")
+    engine.dispose()
+    cat = Catalogue(str(path), create=False)
+    table = cat.query(all_rows=True)
+    assert list(table["path"]) == ["old.fits"] and table["is_candidate"].mask[0]     # NULL: no decision
+    assert list(cat.query()["path"]) == ["old.fits"]                                 # old rule p >= 0.5
+    cat.write(None, [_decided("new.fits", 0.999, True, 5.0)])
+    assert sorted(cat.query()["path"]) == ["new.fits", "old.fits"]
+    cat.close()
+    Catalogue(str(path)).close()                                   # opening again changes nothing

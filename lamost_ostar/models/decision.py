@@ -104,6 +104,9 @@ class Decision:
         Minimum ``posterior_o``.
     min_heii_sigma : float or None
         Minimum He II evidence (``lines`` combined significance); None = not used.
+    min_p_o : float or None
+        Minimum balanced p(O) (the rule of model versions without a decision
+        in their card: ``p_o >= 0.5``); None = not used.
     chosen_on : str
         What data the thresholds were chosen on, and the targets.
     figures : dict
@@ -115,6 +118,7 @@ class Decision:
     survey_prior: dict[str, float] = field(default_factory=lambda: dict(SURVEY_PRIOR))
     min_posterior: float = 0.5
     min_heii_sigma: float | None = None
+    min_p_o: float | None = None
     chosen_on: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     kind: str = "rule"
@@ -151,6 +155,8 @@ class Decision:
         probs = np.asarray(probs, dtype=np.float64)
         post = self.posterior(probs)[:, self.o_index] if len(probs) else np.zeros(0)
         ok = np.isfinite(post) & (post >= self.min_posterior)
+        if self.min_p_o is not None and len(probs):
+            ok &= probs[:, self.o_index] >= self.min_p_o
         if self.min_heii_sigma is not None:
             if heii_sigma is None:
                 raise ValueError("this decision needs the He II evidence (heii_sigma)")
@@ -159,8 +165,18 @@ class Decision:
         return DecisionOutput(p_o=probs[:, self.o_index] if len(probs) else np.zeros(0),
                               posterior_o=post, is_candidate=ok)
 
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> "Decision":
+        """The decision of a model card; versions without one keep their rule ``p_o >= 0.5``."""
+        if card.get("decision"):
+            return cls.from_dict(card["decision"])
+        return cls.balanced(card["classes"], min_posterior=0.0, min_p_o=0.5,
+                            chosen_on="model version without a decision: p(O) >= 0.5 (the old default)")
+
     def describe(self) -> str:
         """One line: the rule in words."""
+        if self.min_p_o is not None and self.min_posterior <= 0:
+            return f"p(O) >= {self.min_p_o:.3g}"
         s = f"posterior p(O) at the survey prior (O = {self.survey_prior.get('O', 0):.1e}) >= {self.min_posterior:.3g}"
         if self.min_heii_sigma is not None:
             s += f" and He II absorption >= {self.min_heii_sigma:.3g} sigma"
