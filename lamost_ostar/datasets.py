@@ -767,7 +767,9 @@ class DetectorRecipe:
       library stars carries no class information.
 
     Real LAMOST spectra of the training stars are added as they are
-    (``lamost_repeat`` times each).
+    (``lamost_repeat`` times each).  ``early_b_fraction`` of the B class's
+    single-star realisations go to B0-B2 stars (the O stars' closest
+    impostors, a minority of the B stars).
     """
 
     classes: tuple[str, ...] = CLASSES_8
@@ -782,6 +784,7 @@ class DetectorRecipe:
     calib_sigma: float = 0.08
     coverage_cut: float = 0.25
     lamost_repeat: int = 1
+    early_b_fraction: float = 0.5
 
     def mock_config(self, **overrides):
         """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
@@ -914,7 +917,16 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
         rest = max(0, recipe.n_per_class - n_real[c])
         m = 0 if c == "X" else int(round(rest * recipe.mix_fraction))
         mixed[c], pure[c] = m, rest - m
-    parts = [realise_templates(lib, spread(lib, pure, rng), rng, cfg, recipe.coverage_cut, measure)]
+    per = spread(lib, {c: n for c, n in pure.items() if c != "B"}, rng)
+    if pure.get("B"):
+        early = np.asarray(lib.mk) == "B"
+        early &= np.nan_to_num(np.asarray(lib.subtype, dtype=float), nan=9.0) < 2.5
+        late = (np.asarray(lib.mk) == "B") & ~early
+        n_early = int(round(pure["B"] * recipe.early_b_fraction)) if (early.any() and late.any()) else \
+            (pure["B"] if early.any() else 0)
+        per += _spread_subset(lib, early, {"B": n_early}, rng)
+        per += _spread_subset(lib, late, {"B": pure["B"] - n_early}, rng)
+    parts = [realise_templates(lib, per, rng, cfg, recipe.coverage_cut, measure)]
     ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
     mk = [c for c, k in mixed.items() for _ in range(k)]
     if mk:
@@ -930,6 +942,14 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
 #: wrong: HD338529 is typed B5 in MILES and STELIB but has Teff 6165 K and
 #: [Fe/H] -2.25 (a metal-poor F star).
 MISLABELLED: tuple[str, ...] = ("HD338529",)
+
+
+def _spread_subset(lib, sel: np.ndarray, n_per_class: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
+    """:func:`spread` over the templates ``sel`` of ``lib`` only (zeros elsewhere)."""
+    per = np.zeros(len(lib), dtype=int)
+    if sel.any():
+        per[sel] = spread(lib._take(np.flatnonzero(sel)), n_per_class, rng)
+    return per
 
 
 def _usable_for_training(lib, classes: Sequence[str]):

@@ -115,7 +115,7 @@ class LosoConfig:
         if name == "tiny":
             return cls(recipe=DetectorRecipe(n_per_class=12), models=("cnn2", "lr2"), epochs=1,
                        batch_size=16, n_val_per_class=4, o_per_star=8, b_per_star=2, x_per_star=2,
-                       survey_per_fold=40, folds=(0, 1), gan_iterations=2, gan_samples=6, seed=seed,
+                       survey_per_fold=40, folds=(0,), gan_iterations=2, gan_samples=6, seed=seed,
                        profile=name)
         if name == "quick":
             return cls(folds=(0, 1, 2), seed=seed, profile=name)
@@ -524,12 +524,14 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
+        b_ok = is_b & (snr >= 10)
+        common = dict(b_posterior=post[b_ok], b_heii=heii[b_ok], max_b_rate=0.05,
+                      max_false_per_million=max_false_per_million)
         op = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
-                                    post[surv], heii[surv], w[surv], post[real], heii[real],
-                                    max_false_per_million=max_false_per_million)
+                                    post[surv], heii[surv], w[surv], post[real], heii[real], **common)
         op_cnn = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
                                         post[surv], heii[surv], w[surv], post[real], heii[real],
-                                        max_false_per_million=max_false_per_million, heii_grid=(None,))
+                                        heii_grid=(None,), **common)
         rules = {"argmax": argmax_o}
         for name, p in (("operating_point", op), ("no_he_ii", op_cnn)):
             if p.get("min_posterior") is None:

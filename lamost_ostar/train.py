@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -316,3 +317,132 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     return {"version": version, "models_dir": str(models_dir), "description": description,
             "metrics": result.test_metrics, "temperature": result.temperature,
             "skipped": len(rel.skipped), "gan_used": result.gan_used}
+
+
+# --------------------------------------------------------------------------
+# the O-star detector (two channels + He II evidence + operating point)
+# --------------------------------------------------------------------------
+def decision_from_loso(results: dict, model_kind: str = "cnn2"):
+    """The :class:`~lamost_ostar.models.decision.Decision` and temperature chosen by a LOSO run.
+
+    Parameters
+    ----------
+    results : dict
+        ``results.json`` of :func:`lamost_ostar.loso.run_loso`.
+    model_kind : str
+        The model whose operating point to use.
+
+    Returns
+    -------
+    (Decision, float)
+    """
+    from .models.decision import Decision
+
+    r = results["models"][model_kind]
+    op = r["operating_point"]
+    if op.get("min_posterior") is None:
+        raise ValueError(f"the LOSO run found no operating point for {model_kind}")
+    classes = list(results["config"]["recipe"]["classes"])
+    n_folds = len(results.get("folds", []))
+    chosen = (f"leave-one-star-out, {n_folds} folds ({len(results.get('o_units', []))} O units): "
+              "maximum star-averaged O recall at S/N >= 10 with <= 100 false O per million non-O "
+              "(survey-preset mock of held-out stars), 0 candidates among the real LAMOST files "
+              "(out of fold) and <= 5 % of held-out B spectra at S/N >= 10 called O")
+    dec = Decision.balanced(classes, min_posterior=float(op["min_posterior"]),
+                            min_heii_sigma=op.get("min_heii_sigma"), chosen_on=chosen,
+                            figures={k: op[k] for k in ("star_averaged_recall", "recall_all",
+                                                        "false_per_million", "real_candidates", "b_to_o")
+                                     if k in op})
+    return dec, float(r["temperature"])
+
+
+def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=None, epochs: int = 30,
+                   batch_size: int = 32, patience: int = 5, learning_rate: float = 1e-3,
+                   n_val_per_class: int = 100, seed: int = 0, data_dir: str | Path | None = None,
+                   model_kind: str = "cnn2", verbose: int = 0) -> tuple[str, dict]:
+    """Train the two-channel detector on every star and register it with the LOSO decision.
+
+    The network is trained like one LOSO fold but on all template stars and all
+    real LAMOST files (:func:`lamost_ostar.datasets.build_detector_training`),
+    with early stopping on independent realisations of the same stars.  Its
+    calibration temperature and its O-candidate rule come from the
+    leave-one-star-out run (out-of-fold data only), whose tables go into the
+    card.
+
+    Returns
+    -------
+    (version, card_extra)
+    """
+    import keras
+
+    from . import loso
+    from .datasets import DetectorRecipe, build_detector_training, load_lamost
+    from .models import recogniser, registry
+    from .templates import load_templates
+
+    results = json.loads(Path(loso_results).read_text())
+    decision, temperature = decision_from_loso(results, model_kind)
+    if recipe is None:
+        rd = dict(results["config"]["recipe"])
+        rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in rd.items()}
+        rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
+        recipe = DetectorRecipe(**rd)
+    classes = tuple(recipe.classes)
+    rng = np.random.default_rng(seed)
+    lib = loso._usable_for_training(load_templates(), classes)
+    try:
+        lamost = load_lamost(data_dir).only(classes)
+    except FileNotFoundError:
+        lamost = None
+    t0 = time.perf_counter()
+    train = build_detector_training(lib, recipe, rng, lamost=lamost)
+    val = build_detector_training(lib, dataclasses.replace(recipe, n_per_class=n_val_per_class, mix_fraction=0.0),
+                                  rng, None)
+    t_data = time.perf_counter() - t0
+    keras.utils.set_random_seed(seed)
+    t0 = time.perf_counter()
+    model, history = recogniser.train_recogniser(
+        train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
+        batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
+        verbose=verbose)
+    t_fit = time.perf_counter() - t0
+    loso_m = results["models"][model_kind]
+    card = {
+        "classes": list(classes),
+        "temperature": temperature,
+        "decision": decision.to_dict(),
+        "training_data": {
+            "description": (
+                "LAMOST-like realisations of every real template star (MILES, STELIB re-reddened, "
+                "Pickles; MKCLASS blue-only averages not used; HD338529 left out, mislabelled) + "
+                "mixtures of neighbouring templates + the real LAMOST A/F/G/K/M files; degradations "
+                "as in 'recipe'"),
+            "train": train.describe(), "validation": val.describe(),
+            "recipe": dataclasses.asdict(recipe),
+            "build_seconds": t_data,
+        },
+        "metrics": {
+            "loso": {"operating_point": loso_m["operating_point"],
+                     "operating_point_without_he_ii": loso_m.get("operating_point_without_he_ii"),
+                     "tables": loso_m["tables"], "p_o_by_ebv": loso_m.get("p_o_by_ebv"),
+                     "o_units": results.get("o_units"), "config": results.get("config"),
+                     "baselines": {k: {"operating_point": v["operating_point"],
+                                       "summary": {key: v["tables"]["operating_point"].get(key)
+                                                   for key in ("o_recall_star_averaged_snr_ge_10", "b_to_o",
+                                                               "b0_b1_to_o", "false_o_per_million",
+                                                               "real_lamost_candidates")}
+                                       if "operating_point" in v["tables"] else None}
+                                   for k, v in results["models"].items() if k != model_kind}},
+            "validation_same_stars": {"best_epoch": history["best_epoch"][0],
+                                      "val_accuracy": history["val_accuracy"][history["best_epoch"][0]]},
+            "history": history,
+            "timings": {"fit_seconds": t_fit, "epochs": len(history["loss"])},
+        },
+        "calibration": ("temperature scaling fitted on the leave-one-star-out out-of-fold logits "
+                        "(held-out stars), not on the training stars"),
+        "train_config": {"epochs": epochs, "batch_size": batch_size, "patience": patience,
+                         "learning_rate": learning_rate, "seed": seed, "model_kind": model_kind},
+        "prefix": f"ostar{len(classes)}d",
+    }
+    version = registry.save_model_version(model, models_dir, card)
+    return version, card

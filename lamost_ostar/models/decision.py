@@ -195,6 +195,7 @@ def choose_operating_point(
     o_posterior: np.ndarray, o_heii: np.ndarray, o_star: np.ndarray, o_ok: np.ndarray,
     neg_posterior: np.ndarray, neg_heii: np.ndarray, neg_weight: np.ndarray | None,
     real_posterior: np.ndarray, real_heii: np.ndarray, *,
+    b_posterior: np.ndarray | None = None, b_heii: np.ndarray | None = None, max_b_rate: float = 0.05,
     max_false_per_million: float = 100.0, max_real: int = 0,
     heii_grid: Sequence[float | None] = (None, 0.0, 1.0, 1.5, 2.0, 2.5, 3.0),
     posterior_grid: np.ndarray | None = None,
@@ -203,8 +204,10 @@ def choose_operating_point(
 
     The operating point maximises the star-averaged O recall (over ``o_ok``
     spectra, e.g. S/N >= 10) subject to (a) at most ``max_false_per_million``
-    false O per million non-O spectra of a survey-preset sample and (b) at most
-    ``max_real`` candidates among real non-O spectra; among equal recalls the
+    false O per million non-O spectra of a survey-preset sample, (b) at most
+    ``max_real`` candidates among real non-O spectra and (c) at most
+    ``max_b_rate`` of held-out B spectra (``b_posterior``, ``b_heii``) called
+    O, when given; among equal recalls the
     one with fewer false O wins.  Returns the thresholds and the figures there
     (``None`` thresholds when no point meets the constraints: the most
     conservative point is then returned with ``feasible = False``).
@@ -237,20 +240,25 @@ def choose_operating_point(
     stars = np.unique(o_star[o_ok])
     best: dict[str, Any] | None = None
     fallback: dict[str, Any] | None = None
+    b_post = np.zeros(0) if b_posterior is None else np.asarray(b_posterior, float)
+    b_he_arr = np.zeros(0) if b_heii is None else np.asarray(b_heii, float)
     for z in heii_grid:
         o_he = np.ones(len(o_posterior), bool) if z is None else (np.isfinite(o_heii) & (o_heii >= z))
+        b_he = np.ones(len(b_post), bool) if z is None else (np.isfinite(b_he_arr) & (b_he_arr >= z))
         n_he = np.ones(len(neg_posterior), bool) if z is None else (np.isfinite(neg_heii) & (neg_heii >= z))
         r_he = np.ones(len(real_posterior), bool) if z is None else (np.isfinite(real_heii) & (real_heii >= z))
         for t in grid:
             o_c = o_he & (o_posterior >= t)
             fpm = 1e6 * float(np.sum(w * (n_he & (neg_posterior >= t)))) / max(float(w.sum()), 1e-300)
             n_real = int(np.sum(r_he & (real_posterior >= t)))
+            b_rate = float(np.mean(b_he & (b_post >= t))) if len(b_post) else 0.0
             rec = [float(np.mean(o_c[o_ok & (o_star == s)])) for s in stars]
             star_avg = float(np.mean(rec)) if rec else float("nan")
             point = {"min_posterior": float(t), "min_heii_sigma": z, "star_averaged_recall": star_avg,
                      "recall_all": float(np.mean(o_c)) if len(o_c) else float("nan"),
-                     "false_per_million": fpm, "real_candidates": n_real, "feasible": True}
-            if fpm <= max_false_per_million and n_real <= max_real:
+                     "false_per_million": fpm, "real_candidates": n_real, "b_to_o": b_rate,
+                     "feasible": True}
+            if fpm <= max_false_per_million and n_real <= max_real and b_rate <= max_b_rate:
                 key = (star_avg, -fpm)
                 if best is None or key > (best["star_averaged_recall"], -best["false_per_million"]):
                     best = point

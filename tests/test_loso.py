@@ -1,0 +1,80 @@
+"""Tests for lamost_ostar.loso (leave-one-star-out protocol) and the detector it ships."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lamost_ostar import loso
+from lamost_ostar.datasets import library_star_ids
+from lamost_ostar.templates import load_templates
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_folds_hold_every_star_once_and_one_o_unit_each():
+    lib = loso._usable_for_training(load_templates(), loso.CLASSES_8)
+    units, fold_of_star, _ = loso.assign_folds(lib, None, np.random.default_rng(0))
+    ids = library_star_ids(lib)
+    o_ids = set(ids[np.asarray(lib.mk) == "O"])
+    assert units == sorted(o_ids) and len(units) >= 10          # MILES + STELIB + Pickles O stars
+    assert set(fold_of_star) == set(ids)                        # every star in exactly one fold
+    for k, u in enumerate(units):
+        held = {s for s, f in fold_of_star.items() if f == k}
+        assert held & o_ids == {u}                              # one O unit per fold
+    # no MKCLASS averages or mislabelled stars among the stars
+    assert not any(s.startswith("mkclass:") for s in ids) and "HD338529" not in set(ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loso")
+    cfg = loso.LosoConfig.from_profile("tiny")
+    path = loso.run_loso(cfg, out, log=lambda *a: None)
+    return out, path
+
+
+def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
+    out, path = tiny_run
+    text = path.read_text()
+    assert "Leave-one-star-out" in text and "| cnn2 |" in text and "| lr2 |" in text
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"cnn2", "lr2"}
+    d = loso.load_oof(out / "oof_cnn2.npz")
+    assert d["logits"].shape[1] == len(loso.CLASSES_8)
+    # every test spectrum is of a star held out by its fold
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    held = {f["fold"]: set(f["test_stars"]) for f in folds}
+    lib_rows = d["set"] != "lamost"
+    assert all(s in held[int(k)] for s, k in zip(d["star"][lib_rows], d["fold"][lib_rows]))
+    assert np.isfinite(d["heii_sigma"][d["set"] == "o"]).any()
+    for m in res["models"].values():
+        assert "operating_point" in m and "tables" in m and m["temperature"] > 0
+
+
+def test_detector_trained_with_the_loso_decision_scans_real_files(tiny_run, tmp_path):
+    """train_detector registers a two-channel model whose card holds the LOSO rule; the stage uses it."""
+    from lamost_ostar import train
+    from lamost_ostar.datasets import DetectorRecipe
+    from lamost_ostar.models.registry import load_model
+    from lamost_ostar.stage import OStarStage
+
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    if res["models"]["cnn2"]["operating_point"].get("min_posterior") is None:
+        res["models"]["cnn2"]["operating_point"].update(min_posterior=0.5, min_heii_sigma=2.0)
+        (out / "results.json").write_text(json.dumps(res))
+    version, card = train.train_detector(tmp_path, out / "results.json", recipe=DetectorRecipe(n_per_class=10),
+                                         epochs=1, n_val_per_class=3)
+    bundle = load_model(version, tmp_path)
+    assert bundle.channels == 2 and bundle.card["decision"]["classes"] == list(loso.CLASSES_8)
+    assert bundle.card["input_shape"][1] == 2 and "loso" in bundle.card["metrics"]
+    stage = OStarStage(version, tmp_path, device="cpu")
+    res = stage.process([str(DATA / "io_image_dr7.fits"), str(DATA / "io_not_fits.fits")])
+    ok, bad = res
+    assert ok.ok and ok.is_candidate in (True, False) and ok.posterior_o is not None
+    assert set(ok.probs) == set(loso.CLASSES_8)
+    assert ok.evidence is not None and "ew_heii_4541" in ok.evidence
+    assert not bad.ok and bad.is_candidate is None
