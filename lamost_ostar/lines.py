@@ -804,9 +804,10 @@ def he_evidence(m: LineMeasurements, estimator: str = "mf", *,
         Per-line measurements (the evidence fields of ``m`` are not read).
     estimator : {"mf", "box"}
         Which per-line EWs to combine: ``"mf"`` (matched filter, the default:
-        ~30 % smaller errors than the box EW on the same spectrum, hence ~1.3x
-        the significance; on mock O stars at S/N 16-24 it detects 43 % against
-        the box's 32 % at the same false-detection rate) or ``"box"``.
+        ~35 % smaller errors than the box EW for lines of LAMOST's resolution;
+        on the mock's MILES O stars at S/N 20 it detects ~60 % against the
+        box's ~16 % at the same false rate, see ``reports/lines/validation.md``)
+        or ``"box"`` (better for lines much broader than the filter).
     sigma_min : float
         ``heii_sigma`` threshold of ``heii_detected``.
 
