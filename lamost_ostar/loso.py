@@ -128,7 +128,8 @@ class LosoConfig:
 # the He II evidence of a prepared batch
 # --------------------------------------------------------------------------
 #: evidence arrays stored for every test spectrum
-EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma")
+EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma", "heii_ew", "log_wprime", "heii_detected",
+                                   "metal_veto", "heii_4686_emission", "n_heii_lines")
 
 
 def evidence(prep) -> dict[str, np.ndarray]:
@@ -136,7 +137,7 @@ def evidence(prep) -> dict[str, np.ndarray]:
     from . import lines
 
     m = lines.measure_lines(prep.flux, prep.ivar, prep.mask)
-    return {"heii_sigma": np.asarray(m.heii_sigma, float), "hei_sigma": np.asarray(m.hei_sigma, float)}
+    return {k: np.asarray(getattr(m, k), float) for k in EVIDENCE_KEYS}
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
         parts = []
         mk = list(rng.permutation(mk))
         for start in range(0, len(mk), 2048):
-            parts.append(_simulate_lib(test_lib, mk[start:start + 2048], rng, MockConfig(min_coverage=0.0), 0.0,
+            parts.append(_simulate_lib(test_lib, mk[start:start + 2048], rng, MockConfig(), 0.0,
                                        ids, "survey", evidence))
         surv = LabelledSpectra.concat(parts)
         # weights re-establish the survey mix where a fold lacks a class

@@ -269,21 +269,49 @@ def train_default(models_dir: str | Path, config: TrainConfig, plan=None, data_d
 def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | Path, *,
             gan_iterations: int = 2000, gan_samples: int | None = None, epochs: int = 30,
             batch_size: int = 32, seed: int = 0, test_fraction: float = 0.15,
-            val_fraction: float = 0.15, progress: bool = False) -> dict:
-    """Retrain the 7-class recogniser on a labelled release and register a new version.
+            val_fraction: float = 0.15, library: bool = True, n_library_per_class: int = 300,
+            learning_rate: float = 1e-3, progress: bool = False) -> dict:
+    """Retrain the O-star detector on a labelled release and register a new version.
 
-    The labelled spectra (see :func:`lamost_ostar.datasets.load_labelled_release`)
-    are split by star into train / validation / test; the LCGAN is trained on
-    the O spectra of the training split and its samples balance the O class;
-    the recogniser is trained, calibrated on validation and evaluated on test.
+    Builds the same kind of model as the packaged default: a two-channel
+    recogniser (standardised + continuum-normalised flux), the He II evidence
+    and an O-candidate operating point.
+
+    1. The labelled spectra (:func:`lamost_ostar.datasets.load_labelled_release`)
+       are split **by star** into train / validation / test.
+    2. Training set: the release's training split, plus (``library=True``)
+       LAMOST-like realisations of the packaged template stars
+       (:class:`~lamost_ostar.datasets.DetectorRecipe`, ``n_library_per_class``
+       per class: every class of the detector, B and the X impostors included),
+       plus -- when the training split holds O stars -- ``gan_samples`` LCGAN
+       spectra regenerated from them (``gan_iterations``; noise at their S/N
+       added after generation).
+    3. The two-channel CNN is trained with early stopping on the validation
+       split; the temperature is fitted on the validation split.
+    4. The operating point (:func:`lamost_ostar.models.decision.choose_operating_point`)
+       is chosen on the validation split -- held-out stars -- with the targets
+       of the default model (<= 100 false O per million non-O re-weighted to
+       the survey mix, <= 5 % of B called O, star-averaged O recall maximised);
+       with no O star in the validation split the rule keeps the default
+       model's thresholds and the card says so.
+    5. Test-split metrics at that operating point go into the card.
 
     Returns
     -------
     dict
         ``version``, ``models_dir``, ``description``, ``metrics`` (test,
-        calibrated), ``temperature``, ``skipped`` (count of unusable rows).
+        calibrated), ``temperature``, ``decision``, ``skipped``, ``gan_used``.
     """
-    from .datasets import load_labelled_release, split_by_star
+    import keras
+
+    from .datasets import (CLASSES_8, DetectorRecipe, add_noise, build_detector_training, load_labelled_release,
+                           split_by_star, _usable_for_training)
+    from .loso import SURVEY_NON_O
+    from .models import gan, recogniser, registry
+    from .models.calibration import fit_temperature
+    from .models.decision import Decision, choose_operating_point
+    from .preprocess import normalise
+    from .templates import load_templates
 
     if test_fraction + val_fraction >= 0.9:
         raise ValueError("test + validation fractions must leave at least 10 % for training")
@@ -295,28 +323,113 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     if len(np.unique(data.labels)) < 2:
         raise ValueError("the labelled spectra hold fewer than two classes")
     rng = np.random.default_rng(seed)
-    train, val, test = split_by_star(data, [1 - val_fraction - test_fraction, val_fraction, test_fraction],
-                                     rng)
+    train_r, val, test = split_by_star(data, [1 - val_fraction - test_fraction, val_fraction, test_fraction], rng)
     if len(val) == 0 or len(test) == 0:
         raise ValueError("too few stars for a train/validation/test split by star "
                          f"({len(np.unique(data.star))} stars)")
-    counts = train.counts()
-    n_o = counts.get("O", 0)
-    if gan_samples is None:
-        # balance the O class, and at least as many generated O spectra as real ones
-        gan_samples = max(max(counts.values()) - n_o, n_o) if n_o else 0
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed,
-                         gan_iterations=gan_iterations if n_o else 0, gan_samples=gan_samples)
-    result = train_model(train, val, test, config, progress=progress)
+    classes = CLASSES_8 if library else tuple(c for c in CLASSES_8 if c in set(data.labels))
+    if "O" not in classes:
+        raise ValueError("no O class: the release has no O star and library=False")
+    parts = [train_r]
+    timings: dict = {}
+    if library:
+        lib = _usable_for_training(load_templates(), classes)
+        parts.append(build_detector_training(lib, DetectorRecipe(n_per_class=n_library_per_class), rng))
+    o = train_r.only(["O"])
+    gan_used = False
+    if len(o) and gan_iterations > 0:
+        n_gen = gan_samples if gan_samples is not None else max(len(o), n_library_per_class // 2)
+        if n_gen > 0:
+            t0 = time.perf_counter()
+            trainer = gan.make_lcgan(npix=o.npix)
+            trainer.fit(o.x, iterations=gan_iterations, batch_size=16, seed=seed, progress=progress)
+            x = np.asarray(trainer.sample(n_gen, seed=seed), np.float64).reshape(n_gen, -1)
+            snr = np.nan_to_num(np.asarray(o.meta.get("snr_g", np.full(len(o), 30.0)), float), nan=30.0)
+            x = add_noise(x, rng.choice(snr, n_gen), rng)
+            parts.append(LabelledSpectra(x, ["O"] * n_gen, [f"lcgan:{i}" for i in range(n_gen)], ["lcgan"] * n_gen,
+                                         xn=normalise(x, np.zeros(x.shape, bool))[0]))
+            timings.update(lcgan_fit_s=time.perf_counter() - t0, lcgan_iterations=gan_iterations,
+                           lcgan_trained_on=int(len(o)), generated_o=int(n_gen))
+            gan_used = True
+    train = LabelledSpectra.concat(parts).only(classes)
+    assert_disjoint_stars(train.subset(train.source == "release"), val, test)
+    keras.utils.set_random_seed(seed)
+    t0 = time.perf_counter()
+    model, history = recogniser.train_recogniser(
+        train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs, batch_size=batch_size,
+        patience=5, learning_rate=learning_rate, n_classes=len(classes))
+    timings["recogniser_fit_s"] = time.perf_counter() - t0
+    z_val = predict_logits(model, val.inputs(2))
+    temperature = float(fit_temperature(z_val, val.y(classes)))
+    decision, chosen = _release_decision(classes, softmax(z_val, temperature), val, SURVEY_NON_O,
+                                         Decision, choose_operating_point)
+    z_test = predict_logits(model, test.inputs(2))
+    p_test = softmax(z_test, temperature)
+    test_metrics = classification_metrics(test.y(classes), p_test, classes)
+    verdict = decision.apply(p_test, test.meta.get("heii_sigma"))
+    is_o = test.labels == "O"
+    test_metrics["candidates"] = {
+        "rule": decision.describe(),
+        "o_recall": float(np.mean(verdict.is_candidate[is_o])) if is_o.any() else None,
+        "non_o_called_o": int(np.sum(verdict.is_candidate[~is_o])), "n_non_o": int(np.sum(~is_o))}
     description = (f"labelled release {Path(release_dir).resolve()} via {Path(labels_csv).resolve()}: "
                    f"{len(data)} spectra of {len(np.unique(data.star))} stars used, "
-                   f"{len(rel.skipped)} rows skipped")
-    version = register(result, {"train": train, "validation": val, "test": test}, config,
-                       models_dir, description,
-                       extra={"skipped_rows": len(rel.skipped)})
+                   f"{len(rel.skipped)} rows skipped"
+                   + ("; + LAMOST-like realisations of the packaged template stars" if library else ""))
+    card = {
+        "classes": list(classes),
+        "temperature": temperature,
+        "decision": decision.to_dict(),
+        "training_data": {
+            "description": description,
+            "split": "by star (the labels' designation, else the file's DESIG); no star in two splits",
+            "splits": [split_summary(k, v) for k, v in (("train", train), ("validation", val), ("test", test))],
+            "augmentation": (f"LCGAN samples of the training split's O stars: {timings.get('generated_o', 0)} "
+                             f"spectra, {gan_iterations} iterations") if gan_used
+            else "none (no O star in the training split, or gan_iterations = 0)",
+        },
+        "metrics": {"test": test_metrics, "validation_operating_point": chosen, "timings": timings,
+                    "history": history, "skipped_rows": len(rel.skipped)},
+        "calibration": "temperature scaling fitted on the validation split (held-out stars)",
+        "train_config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                         "seed": seed, "library": library, "n_library_per_class": n_library_per_class,
+                         "gan_iterations": gan_iterations},
+        "prefix": f"ostar{len(classes)}d",
+    }
+    version = registry.save_model_version(model, models_dir, card)
     return {"version": version, "models_dir": str(models_dir), "description": description,
-            "metrics": result.test_metrics, "temperature": result.temperature,
-            "skipped": len(rel.skipped), "gan_used": result.gan_used}
+            "metrics": test_metrics, "temperature": temperature, "decision": decision.describe(),
+            "skipped": len(rel.skipped), "gan_used": gan_used}
+
+
+def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operating_point):
+    """Operating point chosen on a release's validation split (see :func:`retrain`)."""
+    default = Decision.balanced(classes, min_posterior=0.5, min_heii_sigma=2.0,
+                                chosen_on="default thresholds: the validation split holds no O star")
+    is_o = val.labels == "O"
+    if not is_o.any():
+        return default, {"feasible": False, "reason": "no O star in the validation split"}
+    post = default.posterior(p_val)[:, classes.index("O")]
+    heii = np.asarray(val.meta.get("heii_sigma", np.full(len(val), np.nan)), float)
+    snr = np.asarray(val.meta.get("snr_g", np.full(len(val), np.nan)), float)
+    neg = ~is_o
+    w = np.zeros(len(val))
+    for c, f in survey_non_o.items():
+        sel = neg & (val.labels == c)
+        if sel.any():
+            w[sel] = f / sel.sum()
+    is_b = val.labels == "B"
+    op = choose_operating_point(post[is_o], heii[is_o], val.star[is_o], (np.nan_to_num(snr, nan=99.0) >= 10)[is_o],
+                                post[neg], heii[neg], w[neg] if w[neg].sum() > 0 else None,
+                                np.zeros(0), np.zeros(0), b_posterior=post[is_b], b_heii=heii[is_b])
+    if not op.get("feasible") or op.get("min_posterior") is None:
+        return default, dict(op, reason="no operating point met the targets on the validation split")
+    dec = Decision.balanced(classes, min_posterior=op["min_posterior"], min_heii_sigma=op["min_heii_sigma"],
+                            chosen_on=("the release's validation split (held-out stars): max star-averaged O "
+                                       "recall at S/N >= 10 with <= 100 false O per million (survey mix) and "
+                                       "<= 5 % of B called O"),
+                            figures={k: op[k] for k in ("star_averaged_recall", "false_per_million", "b_to_o")})
+    return dec, op
 
 
 # --------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     old_sha = registry.sha256_file(models / old / "model.keras")
 
     res = train.retrain(release / "truth.csv", release, models, gan_iterations=1, epochs=1,
-                        batch_size=8, seed=0)
+                        batch_size=8, seed=0, n_library_per_class=6)
     assert res["version"] != old
     versions = [c["version"] for c in registry.list_versions(models)]
     assert versions == [old, res["version"]]
@@ -48,7 +48,11 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     assert (models / old / "card.json").read_text() == old_card
     assert registry.sha256_file(models / old / "model.keras") == old_sha
     card = json.loads((models / res["version"] / "card.json").read_text())
-    assert card["classes"] == list(ds.CLASSES_7)
+    # the same kind of model as the default: two channels, X impostors, He II evidence, operating point
+    assert card["classes"] == list(ds.CLASSES_8)
+    assert card["input_shape"] == [NPIX, 2]
+    assert card["decision"]["classes"] == list(ds.CLASSES_8) and card["decision"]["min_posterior"] >= 0
+    assert "candidates" in card["metrics"]["test"]
     assert card["temperature"] > 0
     assert "LCGAN" in card["training_data"]["augmentation"]
     splits = {s["split"]: s for s in card["training_data"]["splits"]}
@@ -56,7 +60,8 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     assert card["metrics"]["test"]["n"] == splits["test"]["n_spectra"] > 0
     # the new version loads and predicts calibrated probabilities
     bundle = registry.load_model(res["version"], models)
-    p = bundle.predict_proba(np.random.default_rng(0).random((2, NPIX)).astype(np.float32))
+    assert bundle.channels == 2
+    p = bundle.predict_proba(np.random.default_rng(0).random((2, NPIX, 2)).astype(np.float32))
     np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
 
 
