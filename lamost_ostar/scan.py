@@ -580,6 +580,9 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     cluster = LocalCluster(
         n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
         dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
+        # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port, so a
+        # port 8787 in use elsewhere gives no "Port 8787 is already in use" warning
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ},
              "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
     )
@@ -708,8 +711,18 @@ def run_scan(
         if logs is not None:
             logs.start()
         if own_client:
-            client, cluster = make_client(scheduler, n_workers, threads_per_worker,
-                                          memory_limit=memory_limit, worker_log=worker_log)
+            # a Ctrl-C that lands inside the cluster's constructor leaves a half-built
+            # cluster that only an atexit hook (with a traceback) can close: hold it
+            with _interrupts_deferred() as held_start:
+                try:
+                    client, cluster = make_client(scheduler, n_workers, threads_per_worker,
+                                                  memory_limit=memory_limit, worker_log=worker_log)
+                except Exception:
+                    if held_start:  # e.g. the workers died of the same Ctrl-C
+                        raise KeyboardInterrupt from None
+                    raise
+            if held_start:
+                raise KeyboardInterrupt
         nthreads = sum(client.nthreads().values()) or 1
         n_workers_seen = len(client.nthreads())
         if max_in_flight is None:
@@ -855,6 +868,10 @@ def _close_quietly(client: Any, cluster: Any) -> None:
             obj.close()
         except Exception:  # noqa: BLE001 - workers killed by the interrupt may not answer
             pass
+    if cluster is not None:  # closed as well as it can be: no second try (and traceback) at exit
+        instances = getattr(type(cluster), "_instances", None)
+        if instances is not None and hasattr(instances, "discard"):
+            instances.discard(cluster)
 
 
 def _drain(pending: dict[Any, list[str]], totals: PartitionSummary, grace_s: float) -> None:

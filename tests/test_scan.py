@@ -243,3 +243,25 @@ def test_final_counts_are_the_rows_the_scan_wrote(tmp_path):
     assert got.n_files == 9 and got.n_skipped == 1  # /r/old was done before this scan
     # a sink that cannot count keeps what the partitions reported
     assert scanmod._final_totals(object(), sid, "v", acked, [], 0.5) is acked
+
+
+def test_local_cluster_does_not_warn_when_port_8787_is_taken():
+    """The scan's local cluster needs no fixed port: port 8787 in use elsewhere prints nothing."""
+    import socket
+    import warnings
+
+    holder = socket.socket()
+    try:
+        holder.bind(("", 8787))
+        holder.listen()
+    except OSError:  # already taken by someone else: just as good
+        pass
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c, cluster = scanmod.make_client(n_workers=1, memory_limit=None)
+            c.close()
+            cluster.close()
+        assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        holder.close()
