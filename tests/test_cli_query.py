@@ -162,8 +162,8 @@ def test_fits_to_a_terminal_is_refused(db, monkeypatch):
 
 def test_unknown_class_model_or_scan_is_said(db):
     """No silent 0 rows: an unknown class is an error, an unknown model/scan lists those held."""
-    res = run("--db", db, "--class", "X")
-    _assert_one_line_error(res, "unknown class 'X'")
+    res = run("--db", db, "--class", "Z")
+    _assert_one_line_error(res, "unknown class 'Z'")
     assert res.exit_code == 2 and "O, B, A, F, G, K, M" in res.output
     _assert_one_line_error(run("--db", db, "--class", "O,Q"), "'Q'")
     assert run("--db", db, "--class", "o,k", "--all").exit_code == 0
