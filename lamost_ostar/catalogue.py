@@ -811,12 +811,13 @@ class Catalogue:
 
     # ---- resume
     def done_paths(self, paths: Iterable[str], model_version: str | None, *,
-                   include_errors: bool = True) -> set[str]:
+                   include_errors: bool = True, scan_id: int | None = None) -> set[str]:
         """Return the subset of ``paths`` already done with ``model_version``.
 
         A path is done when it has a result row (or, with ``include_errors``, an
-        error row) for that model version.  Queries are batched (``IN`` lists of
-        at most 500 paths), so any number of paths may be passed.
+        error row) for that model version (with ``scan_id``: a row written by
+        that scan).  Queries are batched (``IN`` lists of at most 500 paths), so
+        any number of paths may be passed.
         """
         mv = model_version or ""
         wanted = list(dict.fromkeys(os.fspath(p) for p in paths))
@@ -827,9 +828,32 @@ class Catalogue:
         with self.engine.connect() as conn:
             for chunk in _chunks(wanted, _CHUNK):
                 for t in tables:
-                    done.update(conn.execute(sa.select(t.c.path).where(
-                        t.c.model_version == mv, t.c.path.in_(chunk))).scalars())
+                    conds = [t.c.model_version == mv, t.c.path.in_(chunk)]
+                    if scan_id is not None:
+                        conds.append(t.c.scan_id == int(scan_id))
+                    done.update(conn.execute(sa.select(t.c.path).where(*conds)).scalars())
         return done
+
+    def scan_counts(self, scan_id: int, threshold: float | None = None) -> dict[str, Any]:
+        """What scan ``scan_id`` wrote, counted from its rows (the truth a scan row is closed with).
+
+        Returns ``{"results": n, "errors": n, "errors_by_reason": {reason: n}}``
+        and, with ``threshold``, ``"candidates"`` (its results with ``p_o >= threshold``).
+        """
+        sid = int(scan_id)
+        with self.engine.connect() as conn:
+            n_res = int(conn.execute(sa.select(sa.func.count()).select_from(_RESULTS)
+                                     .where(_RESULTS.c.scan_id == sid)).scalar_one())
+            by_reason = {str(r): int(n) for r, n in conn.execute(
+                sa.select(_ERRORS.c.reason, sa.func.count()).where(_ERRORS.c.scan_id == sid)
+                .group_by(_ERRORS.c.reason)).all()}
+            out: dict[str, Any] = {"results": n_res, "errors": sum(by_reason.values()),
+                                   "errors_by_reason": by_reason}
+            if threshold is not None:
+                out["candidates"] = int(conn.execute(
+                    sa.select(sa.func.count()).select_from(_RESULTS)
+                    .where(_RESULTS.c.scan_id == sid, _RESULTS.c.p_o >= float(threshold))).scalar_one())
+        return out
 
     # ---- reading
     def counts(self, model_version: str | None = None) -> dict[str, int]:

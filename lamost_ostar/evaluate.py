@@ -337,9 +337,13 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
                                      MockConfig(snr_range=(float(cfg.gan_snr), 4.0 * float(cfg.gan_snr))))
     try:
         fgk_lamost = load_lamost(data_dir, classes=("F", "G", "K"))
-    except FileNotFoundError:
-        fgk_lamost = None
-    results: dict = {"config": dataclasses.asdict(cfg), "runs": [], "timings": {}}
+        missing = None
+    except FileNotFoundError as exc:
+        fgk_lamost, missing = None, str(exc)
+    results: dict = {"config": dataclasses.asdict(cfg), "runs": [], "timings": {},
+                     "data": {"fgk_real": describe_fgk_source(fgk_lamost, data_dir, missing)}}
+    if not results["data"]["fgk_real"]["n_spectra"]:
+        log(f"WARNING: {results['data']['fgk_real']['note']}")
     example: dict = {}
     for r in range(cfg.runs):
         rng = np.random.default_rng([cfg.seed, r])
@@ -705,13 +709,51 @@ def _pct(v) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{100 * v:.1f} %"
 
 
-def evaluation_command(cfg: EvalConfig) -> str:
-    """The ``scripts/evaluate_paper.py`` command line that reproduces ``cfg``."""
+#: Where the report's reproduce command writes: a git-ignored folder, never the committed report.
+RERUN_OUT = "runs/evaluation"
+
+
+def evaluation_command(cfg: EvalConfig, out: str = RERUN_OUT) -> str:
+    """The ``scripts/evaluate_paper.py`` command line that reproduces ``cfg``.
+
+    It names ``--out`` (default :data:`RERUN_OUT`), so running it does not
+    overwrite the report it is quoted in.
+    """
     base = EvalConfig.from_profile(cfg.profile, seed=cfg.seed)
     flags = [f"--profile {cfg.profile}"]
     flags += [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in OVERRIDES
               if getattr(cfg, k) != getattr(base, k)]
-    return "python scripts/evaluate_paper.py " + " ".join(flags + [f"--seed {cfg.seed}"])
+    return "python scripts/evaluate_paper.py " + " ".join(flags + [f"--seed {cfg.seed}", f"--out {out}"])
+
+
+def describe_fgk_source(fgk_lamost, data_dir: str | Path | None, missing: str | None = None) -> dict:
+    """What the real F/G/K pool of an evaluation was made of (for results.json and the report)."""
+    from .datasets import default_data_dir
+
+    where = str(Path(data_dir) if data_dir is not None else default_data_dir())
+    n = 0 if fgk_lamost is None else int(len(fgk_lamost))
+    out = {"data_dir": where, "n_spectra": n,
+           "n_stars": 0 if not n else int(len(set(fgk_lamost.star)))}
+    if n:
+        out["note"] = (f"real F/G/K: {n} shared LAMOST DR1/DR7 spectra ({out['n_stars']} stars) "
+                       f"from {where}")
+    else:
+        why = missing or "no readable LAMOST F/G/K spectra"
+        out["note"] = (f"no shared LAMOST data ({why}): the F/G/K spectra are only LAMOST-like "
+                       "realisations of MILES/Pickles library stars; pass --data-dir to use real ones")
+    return out
+
+
+def _fgk_text(results: dict) -> str:
+    """The report's sentence on the real F/G/K spectra: what this evaluation actually used."""
+    fgk = (results.get("data") or {}).get("fgk_real")
+    if fgk is not None and not fgk.get("n_spectra"):
+        return ("Real F/G/K: **none** -- no shared LAMOST spectra were found "
+                f"(`{fgk.get('data_dir')}`); the F/G/K spectra are LAMOST-like realisations of MILES "
+                "F/G/K stars only, split 70/30 by star.")
+    count = f" ({fgk['n_spectra']} spectra of {fgk['n_stars']} stars)" if fgk else ""
+    return (f"Real F/G/K: shared LAMOST DR1/DR7 spectra{count}, split 70/30 by DESIG per run, topped up "
+            "with LAMOST-like realisations of MILES F/G/K stars split 70/30 by star.")
 
 
 def render_report(results: dict, cfg: EvalConfig) -> str:
@@ -728,8 +770,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
          "distortion, noise from real LAMOST S/N; LAMOST resolution and grid from the template library). "
          "MILES HD057060 and HD209975 share their red end (> 7410 A) with Pickles o8iii, so these three "
          "form one split unit: 4 O units. Run r holds out O unit r mod 4 (leave-one-unit-out). "
-         "Real F/G/K: shared LAMOST DR1/DR7 spectra, split 70/30 by DESIG per run, topped up with "
-         "LAMOST-like realisations of MILES F/G/K stars split 70/30 by star.", "",
+         + _fgk_text(results), "",
          "| data set | paper | ours (per run) |", "|---|---|---|"]
     ours = {
         "1": f"real O of the 3 training O units, {cfg.n_real_o} realisations/star (GAN training set)",

@@ -63,7 +63,8 @@ Additions to the design contract (``docs/DESIGN.md``)
   :data:`N_ROWS`, :data:`MIN_PIXELS`, :data:`MAX_NONFINITE_FRACTION`,
   :data:`MAX_FILE_BYTES` (files larger than this raise :class:`LayoutError`).
 * A missing file or an unreadable path raises the base :class:`ReadError` with
-  reason ``"unreadable"``.
+  reason ``"unreadable"``. Header bytes that are not printable ASCII (the FITS
+  standard) raise :class:`CorruptFileError` (``"corrupt"``) in every engine.
 
 Examples
 --------
@@ -298,7 +299,8 @@ class FileError:
     ----------
     path : str
     reason : str
-        One of :data:`REASONS` (``"unreadable"`` for an unexpected exception).
+        One of :data:`REASONS` (``"unreadable"`` only when the file cannot be read
+        from disk; a failure no rule names is classified from the file's bytes).
     message : str
         One line.
     """
@@ -375,6 +377,12 @@ def _parse_cards(raw: bytes, offset: int, wanted: frozenset[bytes] | None, path:
         raise CorruptFileError(path, f"header at byte {offset} has no END card "
                                "(truncated file)", "truncated")
     end = int(ends[0])
+    text = np.frombuffer(raw, dtype=np.uint8, count=80 * end, offset=offset)
+    bad = (text < 32) | (text > 126)
+    if bad.any():  # FITS headers are printable ASCII: garbage, not a header
+        card = int(np.argmax(bad)) // 80 + 1
+        raise CorruptFileError(path, f"corrupt FITS header at byte {offset}: card {card} holds "
+                               "bytes that are not printable ASCII", "corrupt")
     out: dict[str, Any] = {}
     for i, k in enumerate(keys[:end].tolist()):
         if wanted is not None and k not in wanted:
@@ -487,10 +495,17 @@ def _sounds_truncated(message: str) -> bool:
     return any(k in low for k in ("end of file", "past end", "truncat", "end card"))
 
 
+def _describe(exc: BaseException) -> str:
+    """A library failure in words (not a Python exception text) for an error message."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "the FITS library met bytes that are not ASCII text"
+    text = str(exc).strip()
+    return _one_line(text.splitlines()[0] if text else type(exc).__name__)
+
+
 def _diagnose(path: str, raw: bytes, exc: BaseException) -> ReadError:
     """Turn a low-level library failure on a FITS byte string into a typed error."""
-    text = str(exc).strip()
-    msg = _one_line(text.splitlines()[0] if text else repr(exc))
+    msg = _describe(exc)
     # a plain FITS file whose declared data run past its end is truncated
     if len(raw) % 2880:
         return CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
@@ -845,7 +860,7 @@ def _read_fitsio(path: str, max_nonfinite_fraction: float) -> Spectrum:
 
     try:
         fits = fitsio.FITS(path)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, or e.g. UnicodeDecodeError on garbage
         return _after_fitsio_failure(path, exc, max_nonfinite_fraction)
     try:
         try:
@@ -853,7 +868,7 @@ def _read_fitsio(path: str, max_nonfinite_fraction: float) -> Spectrum:
             return _build(path, src, max_nonfinite_fraction)
         except ReadError:
             raise
-        except OSError as exc:  # cfitsio errors while reading data
+        except Exception as exc:  # noqa: BLE001 - cfitsio errors while reading data
             failure = exc
     finally:
         fits.close()
@@ -873,7 +888,7 @@ def _after_fitsio_failure(path: str, exc: BaseException,
         return _build(path, _NativeSource(raw, path), max_nonfinite_fraction)
     except ReadError:
         raise
-    except (_Unsupported, ValueError, TypeError, IndexError, KeyError):
+    except Exception:  # noqa: BLE001 - _Unsupported or a decoding failure: classify
         raise _diagnose(path, raw, exc) from None
 
 
@@ -883,6 +898,7 @@ def _read_astropy(path: str, max_nonfinite_fraction: float) -> Spectrum:
     from astropy.io import fits as afits
 
     raw = _read_bytes(path)
+    _parse_primary_cards(raw, path)  # same header checks as the other engines
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -892,15 +908,8 @@ def _read_astropy(path: str, max_nonfinite_fraction: float) -> Spectrum:
                 return _build(path, src, max_nonfinite_fraction)
     except ReadError:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        if len(raw) % 2880:
-            raise CorruptFileError(path, f"truncated FITS file ({len(raw)} bytes, not a "
-                                   f"multiple of 2880): {_one_line(exc)}",
-                                   "truncated") from None
-        if _sounds_truncated(str(exc)):
-            raise CorruptFileError(path, f"truncated FITS file: {_one_line(exc)}",
-                                   "truncated") from None
-        raise CorruptFileError(path, f"corrupt FITS file: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, VerifyError, ...
+        raise _diagnose(path, raw, exc) from None
 
 
 def _read_native(path: str, max_nonfinite_fraction: float) -> Spectrum:
@@ -911,8 +920,23 @@ def _read_native(path: str, max_nonfinite_fraction: float) -> Spectrum:
         return _read_fitsio(path, max_nonfinite_fraction)
     except ReadError:
         raise
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        raise CorruptFileError(path, f"corrupt FITS file: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file
+        raise _diagnose(path, raw, exc) from None
+
+
+def _unexpected(path: str, exc: BaseException) -> ReadError:
+    """The typed error for a failure no engine classified (a reason, not a Python exception).
+
+    The file's bytes decide: not readable -> ``unreadable``; empty, not FITS or a
+    bad gzip stream -> those reasons; otherwise the FITS content is corrupt.
+    """
+    try:
+        raw = _read_bytes(path)
+    except ReadError as err:
+        return err
+    except Exception:  # noqa: BLE001 - e.g. a path that is not a string
+        return ReadError(path, f"cannot read file ({_describe(exc)})", "unreadable")
+    return _diagnose(path, raw, exc)
 
 
 _ENGINE_FUNCS = {"fitsio": _read_fitsio, "astropy": _read_astropy, "native": _read_native}
@@ -965,8 +989,9 @@ def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
     -------
     BatchRead
         ``spectra`` in input order (of the files that were read) and ``errors``
-        (one :class:`FileError` per failed file; an unexpected exception gives
-        reason ``"unreadable"``).
+        (one :class:`FileError` per failed file; an unexpected failure is
+        classified from the file's bytes: ``not_fits``, ``empty``, ``truncated``
+        or ``corrupt``, never a Python exception text).
     """
     func = _ENGINE_FUNCS.get(engine)
     if func is None:
@@ -981,6 +1006,6 @@ def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
         except ReadError as err:
             errors.append(FileError(err.path, err.reason, err.message))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
-            errors.append(FileError(path, "unreadable",
-                                    _one_line(f"{type(exc).__name__}: {exc}")))
+            err = _unexpected(path, exc)
+            errors.append(FileError(err.path, err.reason, err.message))
     return BatchRead(spectra, errors)

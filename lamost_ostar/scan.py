@@ -26,6 +26,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -48,6 +49,7 @@ __all__ = [
     "read_file_list",
     "iter_partitions",
     "count_paths",
+    "survey_paths",
     "process_partition",
     "run_scan",
     "make_client",
@@ -202,6 +204,29 @@ def iter_partitions(paths: Iterable[str], size: int) -> Iterator[list[str]]:
 def count_paths(sources: Iterable[str | os.PathLike]) -> int:
     """Number of files named by ``sources`` (walks them once, lazily)."""
     return sum(1 for _ in iter_paths(sources))
+
+
+def survey_paths(sources: Iterable[str | os.PathLike], sink: Any, model_version: str | None, *,
+                 stop_at_new: bool = False, chunk: int = 2000) -> dict[str, int]:
+    """What a scan of ``sources`` with ``model_version`` would find, asked in the client.
+
+    Returns ``{"files", "new", "done", "failed"}``: files with no row for that
+    model version (``new``), with a result row (``done``) and with an error row
+    (``failed``; a resumed scan skips these too).  With ``stop_at_new`` the walk
+    stops at the first chunk holding a new file (the "is anything left?" check
+    a resumed scan makes before it starts any worker).
+    """
+    counts = {"files": 0, "new": 0, "done": 0, "failed": 0}
+    for part in iter_partitions(iter_paths(sources), chunk):
+        done_any = sink.done_paths(part, model_version)
+        done_ok = sink.done_paths(part, model_version, include_errors=False) if done_any else set()
+        counts["files"] += len(part)
+        counts["done"] += sum(1 for p in part if p in done_ok)
+        counts["failed"] += sum(1 for p in part if p in done_any and p not in done_ok)
+        counts["new"] += sum(1 for p in part if p not in done_any)
+        if stop_at_new and counts["new"]:
+            break
+    return counts
 
 
 class FileCounter(threading.Thread):
@@ -456,7 +481,8 @@ class ScanSummary:
         t = self.totals
         lines = [
             f"scan {self.scan_id}: model {self.model_version} "
-            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {self.n_workers} workers)"
+            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {self.n_workers} "
+            f"worker{'' if self.n_workers == 1 else 's'})"
             + ("  [INTERRUPTED]" if self.interrupted else ""),
             f"  files seen          {t.n_files:>10,d}",
             f"  skipped (done)      {t.n_skipped:>10,d}",
@@ -484,6 +510,14 @@ def _scan_counts(t: PartitionSummary) -> dict[str, int]:
     return {"files_seen": t.n_files, "files_read": t.n_files - t.n_skipped,
             "files_classified": t.n_classified, "files_failed": t.n_errors,
             "files_skipped": t.n_skipped}
+
+
+#: Environment of local workers (set before TensorFlow is imported there; a value
+#: already in the environment wins): TensorFlow logs no INFO/WARNING lines and
+#: Python prints no warnings.  TensorFlow's earliest lines (oneDNN, cudart stub)
+#: are printed before its logging is set up, whatever the environment: the
+#: workers' stderr goes to the worker log (``worker_log``) for that.
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
 
 
 class _WorkerStderrToFile(_WorkerPlugin):
@@ -546,7 +580,10 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     cluster = LocalCluster(
         n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
         dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
-        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore",
+        # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port, so a
+        # port 8787 in use elsewhere gives no "Port 8787 is already in use" warning
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ},
              "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
     )
     client = Client(cluster)
@@ -585,6 +622,7 @@ def run_scan(
     update_every_s: float = 10.0,
     worker_log: str | None = None,
     memory_limit: str | float | None = "auto",
+    interrupt_grace_s: float = 30.0,
 ) -> ScanSummary:
     """Scan files with a stage on Dask and store every result through ``sink``.
 
@@ -623,10 +661,27 @@ def run_scan(
     update_every_s : float
         How often the scan row's counts are updated during the scan (when the
         sink has ``update_scan``).
+    interrupt_grace_s : float
+        On an interrupt (``KeyboardInterrupt``: Ctrl-C, or SIGTERM turned into
+        one by the caller) with a cluster not started here: seconds to wait for
+        the partitions in flight to finish, so their writes are counted.  A
+        local cluster started here is closed at once instead (its workers stop,
+        so nothing is written after the count).
 
     Returns
     -------
     ScanSummary
+
+    Notes
+    -----
+    The scan row is closed with counts taken from the catalogue when the sink
+    offers ``scan_counts(scan_id, threshold)`` (as :class:`~lamost_ostar.catalogue.Catalogue`
+    does): ``files_classified``/``files_failed`` are the result/error rows
+    carrying the scan's id, so they match what the scan wrote whatever stopped
+    it (an interrupt, a killed worker whose partition ran twice).
+    ``files_seen`` counts the files of the partitions the scan saw finish plus
+    the files of unfinished ones that it wrote; ``files_skipped`` is
+    ``files_seen - files_read`` (files done before this scan).
     """
     from distributed import as_completed
 
@@ -647,13 +702,27 @@ def run_scan(
     t_start = time.perf_counter()
     own_client = client is None
     cluster = None
-    if own_client:
-        client, cluster = make_client(scheduler, n_workers, threads_per_worker,
-                                      memory_limit=memory_limit, worker_log=worker_log)
     plugin = None
     counter = None
     pbar = None
+    closed = False
+    logs = _LogsToFile(worker_log) if own_client and not scheduler and worker_log else None
     try:
+        if logs is not None:
+            logs.start()
+        if own_client:
+            # a Ctrl-C that lands inside the cluster's constructor leaves a half-built
+            # cluster that only an atexit hook (with a traceback) can close: hold it
+            with _interrupts_deferred() as held_start:
+                try:
+                    client, cluster = make_client(scheduler, n_workers, threads_per_worker,
+                                                  memory_limit=memory_limit, worker_log=worker_log)
+                except Exception:
+                    if held_start:  # e.g. the workers died of the same Ctrl-C
+                        raise KeyboardInterrupt from None
+                    raise
+            if held_start:
+                raise KeyboardInterrupt
         nthreads = sum(client.nthreads().values()) or 1
         n_workers_seen = len(client.nthreads())
         if max_in_flight is None:
@@ -680,51 +749,57 @@ def run_scan(
             "keras_backend": info.get("keras_backend"), "device_used": info.get("device"),
             **(extra_provenance or {}),
         }
-        scan_id = sink.start_scan(model_version=resolved,
-                                  code_version=lamost_ostar.code_version(),
-                                  parameters=parameters)
-
-        if count_total:
-            counter = FileCounter(sources)
-            counter.start()
-        if progress:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=None, unit="file", desc="scan", dynamic_ncols=True,
-                        smoothing=0.05)
+        with _interrupts_deferred() as held:  # a scan row is either not there or gets closed
+            scan_id = sink.start_scan(model_version=resolved,
+                                      code_version=lamost_ostar.code_version(),
+                                      parameters=parameters)
 
         totals = PartitionSummary()
         n_failed = 0
         n_unwritten = 0
-        partitions = iter_partitions(iter_paths(sources), partition_size)
+        failed_paths: list[str] = []
         pending: dict[Any, list[str]] = {}
-        ac = as_completed()
-        index = itertools.count()
-
-        def submit(paths: list[str]) -> None:
-            fut = client.submit(process_partition, paths, plugin.name, scan_id, resolved,
-                                threshold, pure=False, retries=1,
-                                key=f"lamost_ostar-part-{scan_id}-{next(index)}")
-            pending[fut] = paths
-            ac.add(fut)
-
-        t_work = time.perf_counter()
-        for paths in itertools.islice(partitions, max_in_flight):
-            submit(paths)
         interrupted = False
-        update = getattr(sink, "update_scan", None)
-        last_update = time.monotonic()
+        t_work = time.perf_counter()
         try:
+            if held:  # interrupted while the scan row was being written
+                raise KeyboardInterrupt
+            if count_total:
+                counter = FileCounter(sources)
+                counter.start()
+            if progress:
+                from tqdm.auto import tqdm
+
+                pbar = tqdm(total=None, unit="file", desc="scan", dynamic_ncols=True,
+                            smoothing=0.05)
+            partitions = iter_partitions(iter_paths(sources), partition_size)
+            ac = as_completed()
+            index = itertools.count()
+
+            def submit(paths: list[str]) -> None:
+                fut = client.submit(process_partition, paths, plugin.name, scan_id, resolved,
+                                    threshold, pure=False, retries=1,
+                                    key=f"lamost_ostar-part-{scan_id}-{next(index)}")
+                pending[fut] = paths
+                ac.add(fut)
+
+            for paths in itertools.islice(partitions, max_in_flight):
+                submit(paths)
+            update = getattr(sink, "update_scan", None)
+            last_update = time.monotonic()
             for fut in ac:
-                paths = pending.pop(fut)
+                paths = pending[fut]
                 if fut.status == "finished":
                     part = fut.result()
                 else:
                     part, n_bad = _handle_failed(fut, paths, sink, scan_id, resolved,
                                                  threshold, submit)
                     n_failed += n_bad
-                    n_unwritten += len(paths) if n_bad else 0
+                    if n_bad:
+                        n_unwritten += len(paths)
+                        failed_paths.extend(paths)
                 totals.add(part)
+                del pending[fut]  # only once counted: an interrupt here loses nothing
                 fut.release()
                 del fut
                 if pbar is not None:
@@ -740,18 +815,32 @@ def run_scan(
                     last_update = time.monotonic()
         except KeyboardInterrupt:
             interrupted = True
-            client.cancel(list(pending))
-        summary = ScanSummary(
-            scan_id=scan_id, model_version=resolved, threshold=threshold, totals=totals,
-            elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
-            n_failed_partitions=n_failed,
-            n_unwritten_files=n_unwritten,
-            device=info.get("device"), keras_backend=info.get("keras_backend"),
-            n_workers=n_workers_seen, interrupted=interrupted,
-        )
-        sink.finish_scan(scan_id, summary.counts(),
-                         status="interrupted" if interrupted
-                         else ("failed" if n_failed else "finished"))
+        if pbar is not None:
+            pbar.close()
+            pbar = None
+        if interrupted:
+            if own_client and cluster is not None:
+                # stop the local workers first: nothing is written after the count below
+                with _interrupts_deferred():
+                    _close_quietly(client, cluster)
+                closed = True
+            else:
+                _drain(pending, totals, interrupt_grace_s)
+                client.cancel(list(pending))
+        with _interrupts_deferred():
+            unacked = [p for paths in pending.values() for p in paths] + failed_paths
+            totals = _final_totals(sink, scan_id, resolved, totals, unacked, threshold)
+            summary = ScanSummary(
+                scan_id=scan_id, model_version=resolved, threshold=threshold, totals=totals,
+                elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
+                n_failed_partitions=n_failed,
+                n_unwritten_files=n_unwritten,
+                device=info.get("device"), keras_backend=info.get("keras_backend"),
+                n_workers=n_workers_seen, interrupted=interrupted,
+            )
+            sink.finish_scan(scan_id, summary.counts(),
+                             status="interrupted" if interrupted
+                             else ("failed" if n_failed else "finished"))
         return summary
     finally:
         if pbar is not None:
@@ -763,10 +852,154 @@ def run_scan(
                 client.unregister_worker_plugin(plugin.name)
             except Exception:  # pragma: no cover - best effort cleanup
                 pass
-        if own_client:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        if own_client and client is not None and not closed:
+            with _interrupts_deferred():
+                _close_quietly(client, cluster)
+        if logs is not None:
+            logs.stop()
+
+
+def _close_quietly(client: Any, cluster: Any) -> None:
+    """Close a client and the local cluster started for it (errors of dying workers ignored)."""
+    for obj in (client, cluster):
+        if obj is None:
+            continue
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001 - workers killed by the interrupt may not answer
+            pass
+    if cluster is not None:  # closed as well as it can be: no second try (and traceback) at exit
+        instances = getattr(type(cluster), "_instances", None)
+        if instances is not None and hasattr(instances, "discard"):
+            instances.discard(cluster)
+
+
+def _drain(pending: dict[Any, list[str]], totals: PartitionSummary, grace_s: float) -> None:
+    """After an interrupt: count the partitions in flight that finish within ``grace_s``.
+
+    A second interrupt stops the wait.  Partitions that finish are removed from
+    ``pending``; those left are the caller's to cancel.
+    """
+    from distributed import as_completed
+
+    if not pending or grace_s <= 0:
+        return
+    try:
+        for fut in as_completed(list(pending), timeout=grace_s):
+            if fut.status == "finished":
+                totals.add(fut.result())
+                del pending[fut]
+    except KeyboardInterrupt:
+        return
+    except Exception:  # noqa: BLE001 - the grace period ran out (TimeoutError) or a task failed
+        return
+
+
+def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: PartitionSummary,
+                  unacked_paths: Sequence[str], threshold: float) -> PartitionSummary:
+    """The scan's final counts, from the rows carrying its id when the sink can count them.
+
+    ``acked`` holds what the finished partitions reported; ``unacked_paths``
+    are the files of partitions whose end the scan did not see (cancelled on an
+    interrupt, or failed), which may still have been written.
+    """
+    counter = getattr(sink, "scan_counts", None)
+    if counter is None:
+        return acked
+    try:
+        rows = counter(scan_id, threshold=threshold)
+        extra = 0
+        if unacked_paths:
+            try:
+                extra = len(sink.done_paths(list(unacked_paths), model_version, scan_id=scan_id))
+            except TypeError:  # a sink without the scan_id filter
+                extra = 0
+    except Exception:  # noqa: BLE001 - the store cannot answer: keep what the partitions said
+        return acked
+    read = int(rows["results"]) + int(rows["errors"])
+    seen = max(acked.n_files + extra, read)
+    return PartitionSummary(
+        n_files=seen, n_skipped=seen - read, n_classified=int(rows["results"]),
+        n_errors=int(rows["errors"]),
+        n_candidates=int(rows.get("candidates", acked.n_candidates)),
+        errors_by_reason=dict(rows.get("errors_by_reason", acked.errors_by_reason)),
+        seconds=acked.seconds)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT/SIGTERM for the duration of the block (main thread only).
+
+    Used where being stopped half-way would leave a scan row open: the signal
+    is noted and the block runs to its end.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    got: list[int] = []
+
+    def _note(signum, _frame):
+        got.append(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _note)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class _LogsToFile:
+    """Send this process's Dask/Tornado/asyncio log records to ``path`` instead of stderr.
+
+    A local cluster's nannies live in the client process; when the workers are
+    stopped by Ctrl-C they log errors (``distributed.nanny - ERROR ...
+    CancelledError``) that belong in the worker log, not on the terminal.
+    """
+
+    PREFIXES = ("distributed", "tornado", "bokeh", "asyncio")
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._swapped: list[tuple[Any, list[Any], bool]] = []
+        self._handler = None
+
+    def start(self) -> None:
+        import logging
+
+        self._handler = logging.FileHandler(self.path, delay=True)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        import distributed  # noqa: F401 - configures its loggers on import
+
+        names = ["asyncio"] + [n for n in logging.root.manager.loggerDict
+                               if n.startswith(self.PREFIXES[:-1])]
+        for name in names:
+            logger = logging.getLogger(name)
+            if name != "asyncio" and not logger.handlers:
+                continue
+            self._swapped.append((logger, list(logger.handlers), logger.propagate))
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+            logger.addHandler(self._handler)
+            logger.propagate = False
+
+    def stop(self) -> None:
+        for logger, handlers, propagate in self._swapped:
+            logger.removeHandler(self._handler)
+            for h in handlers:
+                logger.addHandler(h)
+            logger.propagate = propagate
+        self._swapped = []
+        if self._handler is not None:
+            self._handler.close()
+            self._handler = None
 
 
 def _handle_failed(fut: Any, paths: list[str], sink: Any, scan_id: Any,

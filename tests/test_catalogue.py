@@ -554,3 +554,21 @@ def test_an_old_catalogue_gains_the_new_columns(tmp_path):
     assert sorted(cat.query()["path"]) == ["new.fits", "old.fits"]
     cat.close()
     Catalogue(str(path)).close()                                   # opening again changes nothing
+
+
+def test_scan_counts_and_done_paths_of_one_scan(tmp_path):
+    from lamost_ostar.catalogue import Catalogue
+
+    cat = Catalogue(tmp_path / "c.sqlite")
+    a, b = cat.start_scan("v"), cat.start_scan("v")
+    cat.write(a, [{"path": "p1", "ok": True, "p_o": 0.9}, {"path": "p2", "ok": False,
+                                                          "error_reason": "corrupt"}])
+    cat.write(b, [{"path": "p3", "ok": True, "p_o": 0.2}, {"path": "p1", "ok": True, "p_o": 0.1},
+                  {"path": "p4", "ok": False, "error_reason": "empty"},
+                  {"path": "p5", "ok": False, "error_reason": "empty"}])
+    assert cat.scan_counts(a, threshold=0.5) == {"results": 1, "errors": 1,
+                                                 "errors_by_reason": {"corrupt": 1}, "candidates": 1}
+    assert cat.scan_counts(b) == {"results": 1, "errors": 2, "errors_by_reason": {"empty": 2}}
+    assert cat.done_paths(["p1", "p2", "p3", "p4"], "v", scan_id=b) == {"p3", "p4"}
+    assert cat.done_paths(["p1", "p2", "p3"], "v") == {"p1", "p2", "p3"}
+    cat.close()

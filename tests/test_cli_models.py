@@ -31,9 +31,12 @@ def models_dir(tmp_path_factory):
     inp = keras.Input((NPIX, 1))
     out = keras.layers.Dense(7)(keras.layers.GlobalAveragePooling1D()(inp))
     model = keras.Model(inp, out)
+    confusion = [[3 if i == j else (1 if j == (i + 1) % 7 else 0) for j in range(7)] for i in range(7)]
     card = {"classes": list("OBAFGKM"), "temperature": 1.5,
-            "metrics": {"test": {"accuracy": 0.5, "o_recall": 0.25, "o_precision": 0.75}},
-            "training_data": {"augmentation": "none"}}
+            "metrics": {"test": {"n": 28, "accuracy": 0.5, "o_recall": 0.25, "o_precision": 0.75,
+                                 "classes": list("OBAFGKM"), "confusion": confusion},
+                        "history": {"accuracy": [0.1, 0.2]}},
+            "training_data": {"augmentation": "none", "description": "tiny test model"}}
     v1 = registry.save_model_version(model, root, card)
     v2 = registry.save_model_version(model, root, dict(card, temperature=2.0))
     (root / "incomplete").mkdir()  # a save in progress: ignored
@@ -54,14 +57,52 @@ def test_models_list_shows_every_version(models_dir):
     assert {c["version"] for c in cards if c["origin"] == "user"} == set(versions)
 
 
+def test_models_list_marks_the_default(models_dir, tmp_path):
+    root, versions = models_dir
+    res = run("models", "list", "--models-dir", str(root))
+    marked = [ln for ln in res.output.splitlines() if ln.startswith("*") and "default" not in ln]
+    assert len(marked) == 1 and versions[1] in marked[0], res.output  # newest user version
+    assert "default" in res.output.splitlines()[-1]
+    cards = json.loads(run("models", "list", "--models-dir", str(root), "--json").output)
+    assert [c["version"] for c in cards if c["default"]] == [versions[1]]
+    # without user versions the newest packaged version is the default
+    from lamost_ostar.models.registry import PACKAGED_MODELS_DIR, list_versions
+
+    newest = list_versions(PACKAGED_MODELS_DIR)[-1]["version"]
+    res = run("models", "list", "--models-dir", str(tmp_path / "none"))
+    marked = [ln for ln in res.output.splitlines() if ln.startswith("* ")]
+    assert len(marked) == 2 and newest in marked[0], res.output
+
+
 def test_models_show(models_dir):
     root, versions = models_dir
-    res = run("models", "show", versions[0], "--models-dir", str(root))
+    res = run("models", "show", versions[0], "--models-dir", str(root), "--json")
     assert res.exit_code == 0, res.output
     card = json.loads(res.output)
-    assert card["version"] == versions[0] and card["temperature"] == 1.5
-    res = run("models", "show", "--models-dir", str(root))  # default: newest user version
+    assert card["version"] == versions[0] and card["temperature"] == 1.5 and card["default"] is False
+    res = run("models", "show", "--models-dir", str(root), "--json")  # default: newest user version
     assert json.loads(res.output)["version"] == versions[1]
+
+
+def test_models_show_is_readable(models_dir):
+    root, versions = models_dir
+    res = run("models", "show", "--models-dir", str(root))
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert not text.lstrip().startswith("{")
+    assert f"model {versions[1]}  (user, default for scan)" in text.splitlines()[0]
+    assert "tiny test model" in text and "2.000" in text  # its temperature
+    # a metrics table (not the training history) and the confusion matrix with its labels
+    (row,) = [ln for ln in text.splitlines() if ln.strip().startswith("test ")]
+    assert row.split()[1:5] == ["28", "0.500", "0.250", "0.750"]
+    assert "history" not in text
+    assert "confusion matrix (test" in text
+    (o_row,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["O"] and ln.split()[1].isdigit()]
+    assert o_row.split()[:8] == ["O", "3", "1", "0", "0", "0", "0", "0"]
+    header = [ln for ln in text.splitlines() if ln.split()[:7] == list("OBAFGKM")]
+    assert header, text
+    res = run("models", "show", versions[0], "--models-dir", str(root))
+    assert f"model {versions[0]}  (user)" in res.output.splitlines()[0]
 
 
 def test_models_show_unknown_version(models_dir):

@@ -97,8 +97,8 @@ def test_filters_via_cli(db):
         ["5004", "5003", "5005"]  # p_o 0.91, 0.55, 0.20: sorted by p_o descending
     assert [r["obsid"] for r in csv_rows("--all", "--sort", "obsid", "--limit", "2")] == ["5001", "5002"]
     assert [r["obsid"] for r in csv_rows("--sort", "p_o", "--ascending", "--limit", "1")] == ["5003"]
-    assert len(csv_rows("--scan", "1")) == 4 and csv_rows("--scan", "2") == []
-    assert len(csv_rows("--model", "v1", "--all")) == 6 and csv_rows("--model", "v9") == []
+    assert len(csv_rows("--scan", "1")) == 4
+    assert len(csv_rows("--model", "v1", "--all")) == 6
 
 
 @pytest.mark.parametrize("name, fmt", [("out.csv", "ascii.csv"), ("out.fits", "fits"),
@@ -130,7 +130,54 @@ def test_explicit_format_and_text_file(db, tmp_path):
     assert run("--db", db, "-o", str(txt)).exit_code == 0
     assert "/rel/spec-0001.fits.gz" in txt.read_text()
     _assert_one_line_error(run("--db", db, "-o", str(tmp_path / "x.unknown")), "format")
+
+
+@pytest.mark.parametrize("fmt, reader", [("table", None), ("csv", "ascii.csv"), ("fits", "fits"),
+                                         ("votable", "votable"), ("ecsv", "ascii.ecsv")])
+@pytest.mark.parametrize("what", [(), ("--scans",), ("--errors",)])
+def test_every_format_to_stdout_and_to_a_file(db, tmp_path, fmt, reader, what):
+    """Every --format works without -o (stdout) and with -o, for results, scans and errors."""
+    n = {(): 3, ("--scans",): 1, ("--errors",): 1}[what]
+    res = run("--db", db, *what, "--format", fmt, "--limit", "3")
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    out = tmp_path / f"out.{fmt}"
+    res2 = run("--db", db, *what, "--format", fmt, "--limit", "3", "-o", str(out))
+    assert res2.exit_code == 0, res2.output
+    if reader is None:
+        marker = {(): "/rel/spec-0001", ("--scans",): "testhost", ("--errors",): "/rel/bad-7"}[what]
+        assert marker in res.stdout and marker in out.read_text()
+        return
+    from_stdout = tmp_path / f"stdout.{fmt}"
+    from_stdout.write_bytes(res.stdout_bytes)
+    assert len(Table.read(from_stdout, format=reader)) == len(Table.read(out, format=reader)) == n
+
+
+def test_fits_to_a_terminal_is_refused(db, monkeypatch):
+    from lamost_ostar.cli import query as q
+
+    monkeypatch.setattr(q, "_stdout_is_terminal", lambda: True)
     _assert_one_line_error(run("--db", db, "--format", "fits"), "--output")
+
+
+def test_unknown_class_model_or_scan_is_said(db):
+    """No silent 0 rows: an unknown class is an error, an unknown model/scan lists those held."""
+    res = run("--db", db, "--class", "Z")
+    _assert_one_line_error(res, "unknown class 'Z'")
+    assert res.exit_code == 2 and "O, B, A, F, G, K, M" in res.output
+    _assert_one_line_error(run("--db", db, "--class", "O,Q"), "'Q'")
+    assert run("--db", db, "--class", "o,k", "--all").exit_code == 0
+    for args in (("--model", "nosuch"), ("--model", "nosuch", "--errors")):
+        res = run("--db", db, *args)
+        _assert_one_line_error(res, "no model version 'nosuch'")
+        assert "v1" in res.output
+    for args in (("--scan", "99"), ("--scan", "99", "--errors")):
+        res = run("--db", db, *args)
+        _assert_one_line_error(res, "no scan 99")
+        assert "scans: 1" in res.output
+    # a known scan or model with no candidate is still an ordinary, empty answer
+    res = run("--db", db, "--scan", "1", "--min-p-o", "0.999", "--format", "csv")
+    assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 1
 
 
 def test_scans_and_errors_listing(db):

@@ -24,12 +24,29 @@ def test_confusion_and_metrics():
 
 def test_evaluation_command_names_overrides():
     cfg = ev.EvalConfig.from_profile("small")
-    assert ev.evaluation_command(cfg) == "python scripts/evaluate_paper.py --profile small --seed 0"
+    assert ev.evaluation_command(cfg) == ("python scripts/evaluate_paper.py --profile small --seed 0 "
+                                          "--out runs/evaluation")
     assert cfg.override(runs=10, gan_iterations=2000, epochs=None) is cfg and cfg.epochs == 15
     with pytest.raises(ValueError, match="cannot be overridden"):
         cfg.override(seed=3)
     assert ev.evaluation_command(cfg) == ("python scripts/evaluate_paper.py --profile small --runs 10 "
-                                          "--gan-iterations 2000 --seed 0")
+                                          "--gan-iterations 2000 --seed 0 --out runs/evaluation")
+    assert ev.evaluation_command(cfg, out="/tmp/x").endswith("--out /tmp/x")
+
+
+def test_reproduce_command_does_not_overwrite_the_committed_report():
+    """The command quoted in a report writes elsewhere than reports/evaluation (and git ignores it)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    args = shlex.split(ev.evaluation_command(ev.EvalConfig.from_profile("small")))
+    out = args[args.index("--out") + 1]
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / out).resolve() != (repo / "reports" / "evaluation").resolve()
+    if (repo / ".git").exists():
+        assert subprocess.run(["git", "check-ignore", "--no-index", "-q", f"{out}/report.md"],
+                              cwd=repo).returncode == 0
 
 
 def test_profiles():
@@ -42,8 +59,15 @@ def test_tiny_protocol_writes_report(tmp_path):
     cfg = ev.EvalConfig.from_profile("tiny")
     cfg.gan_iterations = 1
     cfg.survey = False
-    path = ev.run_evaluation(cfg, tmp_path, data_dir=tmp_path / "no-shared-data", log=lambda *_: None)
+    said: list[str] = []
+    path = ev.run_evaluation(cfg, tmp_path, data_dir=tmp_path / "no-shared-data",
+                             log=lambda *a: said.append(" ".join(map(str, a))))
     text = path.read_text()
+    # without the shared data: a warning, and the report says what was used instead
+    assert any(line.startswith("WARNING: no shared LAMOST data") for line in said), said
+    assert "shared LAMOST DR1/DR7" not in text
+    assert "Real F/G/K: **none**" in text and "no-shared-data" in text
+    assert "--out runs/evaluation" in text
     for heading in ("## Data (paper's Table 1", "## GAN-train / GAN-test", "## Recogniser accuracy",
                     "## CPU timings", "## The 7-class model"):
         assert heading in text
@@ -66,6 +90,7 @@ def test_tiny_protocol_writes_report(tmp_path):
     # the GAN-train ceiling: real DS1 spectra scored in place of generated ones
     assert 0.0 <= run["oracle"]["gan_train"] <= 1.0
     assert "reference: real DS1 spectra" in text
+    assert res["data"]["fgk_real"]["n_spectra"] == 0
     # finished runs are kept while a long evaluation is still going
     assert json.loads((tmp_path / "results.partial.json").read_text())["runs"][0]["run"] == 0
 

@@ -330,3 +330,61 @@ def test_multimember_gzip_reads_in_every_engine(tmp_path):
         s = read_spectrum(out, engine)
         np.testing.assert_array_equal(s.flux, ref.flux)
         assert s.obsid == ref.obsid
+
+
+# ------------------------------------------------------------------ hand-made garbage
+def _garbage_files(tmp_path: Path) -> dict[Path, str]:
+    """Bad files of the kind a Python exception text used to leak from -> expected reason."""
+    import gzip
+
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, 6000, dtype=np.uint8).tobytes()
+    noise = b"\xf0" + noise[1:]  # the byte of the reported UnicodeDecodeError
+    good = (DATA / "io_image_dr7.fits").read_bytes()
+    header_garbage = bytearray(good)
+    header_garbage[80 * 6:80 * 6 + 300] = noise[:300]  # cards 7-10 overwritten
+    out = {
+        "random.fits.gz": (noise, "not_fits"),
+        "random.fits": (noise, "not_fits"),
+        "gzip_random.fits.gz": (gzip.compress(noise), "not_fits"),
+        "gzip_truncated.fits.gz": (gzip.compress(good[:len(good) // 2]), "truncated"),
+        "gzip_header_cut.fits.gz": (gzip.compress(good[:1000]), "truncated"),
+        "header_garbage.fits": (bytes(header_garbage), "corrupt"),
+        "header_garbage.fits.gz": (gzip.compress(bytes(header_garbage)), "corrupt"),
+        "simple_then_random.fits": (good[:80] + noise, "truncated"),
+    }
+    files = {}
+    for name, (data, reason) in out.items():
+        (tmp_path / name).write_bytes(data)
+        files[tmp_path / name] = reason
+    return files
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_garbage_files_get_a_reason_not_an_exception_text(tmp_path, engine):
+    files = _garbage_files(tmp_path)
+    batch = read_spectra(list(files), engine=engine)
+    assert batch.spectra == []
+    got = {Path(e.path): e for e in batch.errors}
+    assert set(got) == set(files)
+    for path, reason in files.items():
+        err = got[path]
+        assert err.reason == reason, (path.name, err.reason, err.message)
+        for leak in ("Error:", "codec", "utf-8", "Traceback", "Exception"):
+            assert leak not in err.message, (path.name, err.message)
+        with pytest.raises(ReadError) as exc:  # the single-file reader agrees
+            read_spectrum(path, engine=engine)
+        assert exc.value.reason == reason
+
+
+def test_an_unforeseen_failure_is_classified_from_the_bytes(tmp_path, monkeypatch):
+    """Whatever an engine raises, read_spectra names the file's state, not the exception."""
+    def boom(path, _max):
+        raise TypeError("something deep inside a library")
+
+    monkeypatch.setitem(io._ENGINE_FUNCS, "fitsio", boom)
+    (tmp_path / "r.fits.gz").write_bytes(b"\x00\xf0 not fits at all")
+    batch = read_spectra([DATA / "io_image_dr7.fits", tmp_path / "r.fits.gz",
+                          DATA / "io_empty.fits", tmp_path / "missing.fits"])
+    assert [e.reason for e in batch.errors] == ["corrupt", "not_fits", "empty", "unreadable"]
+    assert "TypeError" not in batch.errors[0].message

@@ -152,7 +152,8 @@ def test_cli_scan_dry_run_and_errors(tmp_path, release):
     runner = CliRunner()
     out = runner.invoke(main, ["scan", str(release), "--dry-run", "--partition-size", "4"])
     assert out.exit_code == 0, out.output
-    assert "9 files in 3 partitions" in out.output
+    assert "9 files: 9 new, 0 done, 0 failed before" in out.output
+    assert "3 partitions of <= 4" in out.output
     for args in (["scan", str(tmp_path / "missing")],
                  ["scan", str(release), "--device", "tpu"],
                  ["scan", str(release), "--partition-size", "0"],
@@ -219,3 +220,49 @@ def test_a_file_that_kills_workers_is_isolated(tmp_path):
     err = _rows(cat, "errors")
     assert [Path(p).name for p, _ in err] == ["s3_crash.fits"]
     assert len(_rows(cat, "results")) == 6
+
+
+def test_final_counts_are_the_rows_the_scan_wrote(tmp_path):
+    """The scans row is closed with what the catalogue holds for the scan: a partition that
+    ran twice (its worker killed after the write) or one cut off by an interrupt still counts."""
+    from lamost_ostar.stage import StageResult
+
+    cat = _catalogue(tmp_path)
+    earlier = cat.start_scan("v")
+    cat.write(earlier, [StageResult("/r/old", True, p_o=0.9, model_version="v")])
+    sid = cat.start_scan("v")
+    cat.write(sid, [StageResult(f"/r/{i}", True, p_o=0.6 if i < 2 else 0.1, model_version="v")
+                    for i in range(6)] + [StageResult.failure("/r/bad", "corrupt", "x", "v")])
+    # what the finished partitions reported: a rerun saw /r/4, /r/5 as done ("skipped")
+    acked = scanmod.PartitionSummary(n_files=8, n_skipped=3, n_classified=4, n_errors=1,
+                                     n_candidates=2, errors_by_reason={"corrupt": 1})
+    # /r/cut and /r/6 were in a partition cancelled by an interrupt; only /r/6 was written
+    cat.write(sid, [StageResult("/r/6", True, p_o=0.1, model_version="v")])
+    got = scanmod._final_totals(cat, sid, "v", acked, ["/r/cut", "/r/6"], threshold=0.5)
+    assert (got.n_classified, got.n_errors, got.n_candidates) == (7, 1, 2)
+    assert got.errors_by_reason == {"corrupt": 1}
+    assert got.n_files == 9 and got.n_skipped == 1  # /r/old was done before this scan
+    # a sink that cannot count keeps what the partitions reported
+    assert scanmod._final_totals(object(), sid, "v", acked, [], 0.5) is acked
+
+
+def test_local_cluster_does_not_warn_when_port_8787_is_taken():
+    """The scan's local cluster needs no fixed port: port 8787 in use elsewhere prints nothing."""
+    import socket
+    import warnings
+
+    holder = socket.socket()
+    try:
+        holder.bind(("", 8787))
+        holder.listen()
+    except OSError:  # already taken by someone else: just as good
+        pass
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c, cluster = scanmod.make_client(n_workers=1, memory_limit=None)
+            c.close()
+            cluster.close()
+        assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        holder.close()

@@ -49,6 +49,39 @@ def _versions(models_dir: Path | None) -> list[tuple[str, dict, Path]]:
     return out
 
 
+def _by_age(rows: list[tuple[str, dict, Path]]) -> list[tuple[str, dict, Path]]:
+    """Oldest first, as :func:`lamost_ostar.models.registry.list_versions` orders them."""
+    return sorted(rows, key=lambda r: (str(r[1].get("created", "")), str(r[1].get("version", ""))))
+
+
+def default_version(models_dir: Path | str | None = None) -> tuple[str, dict, Path] | None:
+    """(origin, card, directory) of the version ``scan`` uses without ``--model``.
+
+    The same rule as :func:`lamost_ostar.models.registry.load_model` with
+    ``version=None`` (the newest user version, else the newest packaged one),
+    decided from the cards alone: no Keras/TensorFlow import.
+    """
+    rows = [r for r in _versions(Path(models_dir) if models_dir else None) if "error" not in r[1]]
+    for origin in ("user", "packaged"):
+        mine = _by_age([r for r in rows if r[0] == origin])
+        if mine:
+            return mine[-1]
+    return None
+
+
+def find_version(version: str, models_dir: Path | str | None = None) -> tuple[str, dict, Path] | None:
+    """(origin, card, directory) of ``version`` (user directory first), or None; no Keras import."""
+    for row in _versions(Path(models_dir) if models_dir else None):
+        if row[1].get("version") == version or row[2].name == version:
+            return row
+    return None
+
+
+def version_names(models_dir: Path | str | None = None) -> list[str]:
+    """Every version name (user, then packaged), for error messages."""
+    return [str(c.get("version", d.name)) for _, c, d in _versions(Path(models_dir) if models_dir else None)]
+
+
 def _metric(card: dict, *keys: str):
     v = card.get("metrics", {})
     for k in keys:
@@ -71,52 +104,142 @@ def models() -> None:
 @models_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the cards as JSON.")
 def list_cmd(models_dir: Path | None, as_json: bool) -> None:
-    """List every model version: user versions, then packaged ones, newest first in each."""
+    """List every model version: user versions, then packaged ones, newest first in each.
+
+    The version marked '*' is the one ``lamost-ostar scan`` uses without --model.
+    """
     rows = _versions(models_dir)
+    default = default_version(models_dir)
+    default_dir = default[2] if default else None
     if as_json:
-        click.echo(json.dumps([dict(c, origin=o, path=str(d)) for o, c, d in rows], indent=2))
+        click.echo(json.dumps([dict(c, origin=o, path=str(d), default=d == default_dir)
+                               for o, c, d in rows], indent=2))
         return
     if not rows:
         click.echo("no model versions found")
         return
-    user = sorted([r for r in rows if r[0] == "user"], key=lambda r: r[1].get("created", ""), reverse=True)
-    packaged = sorted([r for r in rows if r[0] == "packaged"], key=lambda r: r[1].get("created", ""),
-                      reverse=True)
+    user = _by_age([r for r in rows if r[0] == "user"])[::-1]
+    packaged = _by_age([r for r in rows if r[0] == "packaged"])[::-1]
     rows = user + packaged
-    head = f"{'version':<34} {'origin':<9} {'created':<20} {'classes':<14} {'T':>6} {'test acc':>8} {'O rec':>6} {'O prec':>6}  gan"
+    head = (f"  {'version':<34} {'origin':<9} {'created':<20} {'classes':<14} {'T':>6} {'test acc':>8} "
+            f"{'O rec':>6} {'O prec':>6}  gan")
     click.echo(head)
     click.echo("-" * len(head))
-    for origin, card, _ in rows:
+    for origin, card, d in rows:
         classes = "".join(card.get("classes", []))
-        aug = card.get("training_data", {}).get("augmentation", "")
+        aug = (card.get("training_data") or {}).get("augmentation", "") \
+            if isinstance(card.get("training_data"), dict) else ""
+        mark = "*" if d == default_dir else " "
         click.echo(
-            f"{str(card.get('version', '?')):<34} {origin:<9} {str(card.get('created', ''))[:19]:<20} "
+            f"{mark} {str(card.get('version', '?')):<34} {origin:<9} {str(card.get('created', ''))[:19]:<20} "
             f"{classes:<14} {_fmt(card.get('temperature')):>6} "
             f"{_fmt(_metric(card, 'test', 'accuracy')):>8} {_fmt(_metric(card, 'test', 'o_recall')):>6} "
             f"{_fmt(_metric(card, 'test', 'o_precision')):>6}  {'yes' if str(aug).startswith('LCGAN') else 'no'}"
         )
+    if default is not None:
+        click.echo(f"* default: the version `lamost-ostar scan` uses without --model "
+                   f"({'newest user version' if default[0] == 'user' else 'newest packaged version'})")
+
+
+def _wrap(label: str, text: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    pad = " " * 15
+    lines = textwrap.wrap(str(text), width=width - len(pad)) or [""]
+    return [f"  {label:<13}{lines[0]}"] + [pad + ln for ln in lines[1:]]
+
+
+def _counts(d) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items()) if isinstance(d, dict) else str(d)
+
+
+def render_card(card: dict, origin: str, path: Path, is_default: bool) -> str:
+    """A model card as text: provenance, training data, a metrics table, the confusion matrix."""
+    L = [f"model {card.get('version', path.name)}  ({origin}{', default for scan' if is_default else ''})"]
+    L.append(f"  {'path':<13}{path}")
+    L.append(f"  {'created':<13}{card.get('created', '-')}")
+    classes = [str(c) for c in card.get("classes", [])]
+    L.append(f"  {'classes':<13}{' '.join(classes) or '-'}")
+    t = card.get("temperature")
+    cal = card.get("calibration")
+    L.append(f"  {'temperature':<13}{_fmt(t)}" + (f"  ({cal})" if cal else ""))
+    backend = card.get("keras_backend", "?")
+    versions = ", ".join(f"{k} {v}" for k, v in (card.get("backend_version") or {}).items())
+    L.append(f"  {'backend':<13}{backend} (keras {card.get('keras_version', '?')}"
+             + (f", {versions}" if versions else "") + ")"
+             + (f"; {card['n_params']:,d} parameters" if isinstance(card.get("n_params"), int) else "")
+             + (f"; input {card['npix']} pixels" if card.get("npix") else ""))
+    L.append(f"  {'code':<13}{card.get('code_version', '-')}")
+    if card.get("sha256"):
+        L.append(f"  {'sha256':<13}{card['sha256']}")
+    td = card.get("training_data")
+    if isinstance(td, dict):
+        if td.get("description"):
+            L += _wrap("training", td["description"])
+        for key in ("augmentation", "split"):
+            if td.get(key):
+                L += _wrap("", f"{key}: {td[key]}")
+        for sp in td.get("splits") or []:
+            if isinstance(sp, dict):
+                L += _wrap("", f"{sp.get('split', '?')}: {sp.get('n_spectra', '?')} spectra "
+                               f"({_counts(sp.get('spectra_per_class', {}))})")
+    elif td:
+        L += _wrap("training", td)
+    cfg = card.get("train_config")
+    if isinstance(cfg, dict) and cfg:
+        L += _wrap("config", ", ".join(f"{k} {v}" for k, v in cfg.items() if k != "classes"))
+
+    metrics = card.get("metrics") or {}
+    scored = [(k, m) for k, m in metrics.items()
+              if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))]
+    if scored:
+        L += ["", f"  {'metrics':<20}{'n':>6} {'accuracy':>9} {'O recall':>9} {'O prec':>8} "
+                  f"{'log loss':>9} {'ECE':>7}"]
+        for name, m in scored:
+            L.append(f"  {name:<20}{_fmt(m.get('n')):>6} {_fmt(m.get('accuracy')):>9} "
+                     f"{_fmt(m.get('o_recall')):>9} {_fmt(m.get('o_precision')):>8} "
+                     f"{_fmt(m.get('log_loss')):>9} {_fmt(m.get('ece')):>7}")
+    cm_name, cm = next(((k, m) for k, m in scored if k == "test" and m.get("confusion")),
+                       next(((k, m) for k, m in scored if m.get("confusion")), (None, None)))
+    if cm is not None:
+        labels = [str(c) for c in cm.get("classes", classes)]
+        matrix = cm["confusion"]
+        w = max(7, *(len(str(v)) + 2 for row in matrix for v in row))
+        L += ["", f"  confusion matrix ({cm_name}; rows: true class, columns: predicted)"]
+        L.append("  " + " " * 6 + "".join(f"{c:>{w}}" for c in labels) + f"{'recall':>9}")
+        recall = cm.get("recall") or {}
+        for lab, row in zip(labels, matrix):
+            L.append(f"  {lab:<6}" + "".join(f"{v:>{w}}" for v in row) + f"{_fmt(recall.get(lab)):>9}")
+        prec = cm.get("precision") or {}
+        if prec:
+            L.append(f"  {'prec.':<6}" + "".join(f"{_fmt(prec.get(c)):>{w}}" for c in labels))
+    return "\n".join(L)
 
 
 @models.command("show")
 @click.argument("version", required=False)
 @models_dir_option
-def show_cmd(version: str | None, models_dir: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the raw card (JSON).")
+def show_cmd(version: str | None, models_dir: Path | None, as_json: bool) -> None:
     """Print the model card of VERSION (default: the version ``scan`` would use)."""
     rows = _versions(models_dir)
     if not rows:
         _fail("no model versions found")
+    default = default_version(models_dir)
     if version is None:
-        user = sorted([r for r in rows if r[0] == "user"], key=lambda r: r[1].get("created", ""))
-        pick = user[-1] if user else rows[-1]
+        pick = default or rows[-1]
     else:
-        match = [r for r in rows if r[1].get("version") == version or r[2].name == version]
-        if not match:
+        pick = find_version(version, models_dir)
+        if pick is None:
             _fail(f"no model version {version!r} (see `lamost-ostar models list`)")
-        pick = match[0]
     origin, card, d = pick
-    card = dict(card)
-    card.setdefault("metrics", {}).pop("history", None)
-    click.echo(json.dumps(dict(card, origin=origin, path=str(d)), indent=2))
+    is_default = default is not None and d == default[2]
+    if as_json:
+        card = dict(card)
+        card.setdefault("metrics", {}).pop("history", None)
+        click.echo(json.dumps(dict(card, origin=origin, path=str(d), default=is_default), indent=2))
+        return
+    click.echo(render_card(card, origin, d, is_default))
 
 
 @click.command()

@@ -81,12 +81,28 @@ def _stream_csv(chunks, output: str | None, overwrite: bool) -> int:
     return n
 
 
+def _stdout_is_terminal() -> bool:
+    stream = click.get_binary_stream("stdout")
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _emit(table, fmt: str, output: str | None, overwrite: bool, terminal_columns) -> None:
     if output is None:
         if fmt == "table":
             click.echo(_terminal_text(table, terminal_columns))
-        elif fmt == "fits":
-            raise click.UsageError("FITS output needs --output FILE")
+        elif fmt in ("fits", "votable"):
+            # astropy writes these as bytes: build them in memory, then send the bytes
+            if fmt == "fits" and _stdout_is_terminal():
+                raise click.UsageError("FITS is binary: use --output FILE, or redirect stdout "
+                                       "(e.g. > out.fits)")
+            buf = io.BytesIO()
+            table.write(buf, format=_ASTROPY_FORMAT[fmt])
+            out = click.get_binary_stream("stdout")
+            out.write(buf.getvalue())
+            out.flush()
         else:
             buf = io.StringIO()
             table.write(buf, format=_ASTROPY_FORMAT[fmt])
@@ -99,6 +115,47 @@ def _emit(table, fmt: str, output: str | None, overwrite: bool, terminal_columns
         path.write_text(_terminal_text(table, table.colnames) + "\n")
     else:
         table.write(path, format=_ASTROPY_FORMAT[fmt], overwrite=overwrite)
+
+
+def _check_selection(cat, classes: list[str], scan_id: int | None, model_version: str | None) -> None:
+    """Refuse a selection that names a class, scan or model the catalogue cannot hold.
+
+    An unknown class is an error; an unknown scan id or model version says
+    which ones the catalogue holds (rather than quietly giving 0 rows).
+    """
+    import sqlalchemy as sa
+
+    from lamost_ostar.catalogue import CLASS_COLUMNS, metadata
+
+    results, errors, scans = (metadata.tables[t] for t in ("results", "errors", "scans"))
+    with cat.engine.connect() as conn:
+        if any(c not in CLASS_COLUMNS for c in classes):  # a plugin stage may store others
+            stored = {c for c in conn.execute(sa.select(results.c.predicted_class).distinct()).scalars()
+                      if c}
+            known = list(CLASS_COLUMNS) + sorted(stored - set(CLASS_COLUMNS))
+            unknown = [c for c in classes if c not in known]
+            if unknown:
+                err = click.ClickException(f"--class: unknown class {', '.join(map(repr, unknown))} "
+                                           f"(classes: {', '.join(known)})")
+                err.exit_code = 2
+                raise err
+        if scan_id is not None:
+            ids = list(conn.execute(sa.select(scans.c.id).order_by(scans.c.id)).scalars())
+            if scan_id not in ids:
+                held = ", ".join(map(str, ids)) if ids else "none"
+                raise click.ClickException(f"no scan {scan_id} in this catalogue (scans: {held}; "
+                                           "see --scans)")
+        if model_version is not None:
+            versions: set[str] = set()
+            for t in (scans, results, errors):  # the scans table answers almost always
+                versions.update(v for v in conn.execute(sa.select(t.c.model_version).distinct()).scalars()
+                                if v)
+                if model_version in versions:
+                    break
+            if model_version not in versions:
+                held = ", ".join(sorted(versions)) if versions else "none"
+                raise click.ClickException(f"no model version {model_version!r} in this catalogue "
+                                           f"(model versions: {held})")
 
 
 @click.command("query")
@@ -167,6 +224,7 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
     cat = None
     try:
         cat = Catalogue(db, create=False)
+        _check_selection(cat, class_list, scan_id, model_version)
         if list_scans:
             table, cols = cat.scans(), _TERMINAL_SCAN_COLUMNS
         elif list_errors:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Any
 
 import click
@@ -76,7 +75,8 @@ def _one_line(exc: BaseException) -> str:
               help="Partitions in flight at once [default: 2 per worker thread].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on when stderr is a terminal].")
-@click.option("--dry-run", is_flag=True, help="Count files and partitions; classify nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
          partition_size, batch_size, read_engine, device, threshold, stage_name, max_in_flight, progress,
          dry_run) -> None:
@@ -87,72 +87,355 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
     Every file gets a result row or an error row; files already done with the
     same model version are skipped, so an interrupted scan resumes.
     """
-    from lamost_ostar import scan as scanmod
+    stop = _SignalToInterrupt()
+    try:
+        with stop:
+            _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers,
+                  threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
+                  stage_name, max_in_flight, progress, dry_run)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
+        click.echo("interrupted during start-up (nothing scanned): run the same command again",
+                   err=True)
+        sys.exit(stop.exit_code)
 
+
+def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
+          partition_size, batch_size, read_engine, device, threshold, stage_name, max_in_flight,
+          progress, dry_run) -> None:
+    # TensorFlow, should anything import it in this process (e.g. to unpickle a
+    # worker's error), keeps its C++ start-up chatter off the terminal
+    for key, value in _CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
     for p in paths:
         target = p[1:] if p.startswith("@") else p
         if not os.path.exists(target):
             raise click.ClickException(f"no such file or directory: {target}")
     if scheduler and n_workers is not None:
         raise click.ClickException("--workers applies to a local cluster, not with --scheduler")
-
-    if dry_run:
-        n = 0
-        try:
-            for n, _ in enumerate(scanmod.iter_paths(paths), start=1):
-                pass
-        except OSError as exc:
-            raise click.ClickException(_one_line(exc)) from None
-        parts = -(-n // partition_size)
-        click.echo(f"{n:,d} files in {parts:,d} partitions of <= {partition_size} "
-                   f"(dry run: nothing classified, nothing written to {db})")
-        return
-
-    if ":" not in stage_name:
-        from lamost_ostar.stage import available_stages
-
-        if stage_name not in available_stages():
-            known = ", ".join(sorted(available_stages())) or "none"
-            raise click.ClickException(f"no stage named {stage_name!r} (registered: {known})")
+    local = not scheduler
     if models_dir is None:  # the registry expects the CLI to pass the user directory
         models_dir = os.environ.get("LAMOST_OSTAR_MODELS") or os.path.join(
             os.path.expanduser("~"), ".lamost_ostar", "models")
+
+    # -- checks that need no worker (and no TensorFlow): well under a second
+    _check_stage(stage_name)
+    version = _check_model(stage_name, model_version, models_dir, local)
+    if local and device == "gpu":
+        why = _no_gpu_reason()
+        if why:
+            raise click.ClickException(f"--device gpu: {why} (use --device cpu or auto)")
+
+    if dry_run:
+        from lamost_ostar import scan as scanmod
+
+        _dry_run(scanmod, paths, db, version, partition_size)
+        return
+
     sink = _open_catalogue(db)
+    from lamost_ostar import scan as scanmod  # imports Dask: after the checks
+
+    if version is not None:  # a resumed scan with nothing left starts no worker
+        try:
+            left = scanmod.survey_paths(paths, sink, version, stop_at_new=True)
+        except OSError as exc:
+            raise click.ClickException(_one_line(exc)) from None
+        if not left["new"]:
+            what = "file" if left["files"] == 1 else "files"
+            click.echo(f"nothing to do: all {left['files']:,d} {what} already have a row for model "
+                       f"{version} in {db} ({left['done']:,d} results, {left['failed']:,d} errors); "
+                       "no scan started")
+            return
     if progress is None:
         progress = sys.stderr.isatty()
-    worker_log = os.path.join(tempfile.gettempdir(), f"lamost_ostar-scan-workers-{os.getpid()}.log")
+    worker_log = new_worker_log() if local else None
     try:
-        summary = scanmod.run_scan(
-            paths, sink, scheduler=scheduler, n_workers=n_workers,
-            threads_per_worker=threads_per_worker, stage=stage_name,
-            model_version=model_version, models_dir=models_dir, device=device,
-            batch_size=batch_size, read_engine=read_engine, partition_size=partition_size, threshold=threshold,
-            max_in_flight=max_in_flight, progress=progress,
-            worker_log=None if scheduler else worker_log,
-        )
-    except click.ClickException:
+        with _CStderrTo(worker_log):
+            summary = scanmod.run_scan(
+                paths, sink, scheduler=scheduler, n_workers=n_workers,
+                threads_per_worker=threads_per_worker, stage=stage_name,
+                model_version=version if version is not None else model_version,
+                models_dir=models_dir, device=device,
+                batch_size=batch_size, read_engine=read_engine, partition_size=partition_size,
+                threshold=threshold, max_in_flight=max_in_flight, progress=progress,
+                worker_log=worker_log,
+            )
+    except (click.ClickException, KeyboardInterrupt):
         raise
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; run the same command again to resume") from None
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         raise click.ClickException(_one_line(exc)) from None
     click.echo(summary.format())
-    if not scheduler and os.path.exists(worker_log):
+    if worker_log is not None and os.path.exists(worker_log):
         click.echo(f"  worker log          {worker_log}")
     if summary.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(stop.exit_code)
     if summary.n_failed_partitions:
         sys.exit(1)
+
+
+#: Environment of the client process (a value already set wins).
+_CLIENT_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+#: Worker log files kept in the log folder (older ones are removed).
+KEEP_WORKER_LOGS = 10
+ENV_LOG_DIR = "LAMOST_OSTAR_LOG_DIR"
+
+
+def log_dir() -> str:
+    """Folder of the local workers' log files.
+
+    ``$LAMOST_OSTAR_LOG_DIR``, else ``$XDG_CACHE_HOME/lamost_ostar/logs``
+    (``~/.cache/lamost_ostar/logs``).
+    """
+    env = os.environ.get(ENV_LOG_DIR)
+    if env:
+        return os.path.expanduser(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "lamost_ostar", "logs")
+
+
+def new_worker_log(keep: int = KEEP_WORKER_LOGS) -> str | None:
+    """Path of a new worker log in :func:`log_dir`; only the ``keep`` newest logs are kept."""
+    import glob
+    import time
+
+    folder = log_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    old = sorted(glob.glob(os.path.join(folder, "scan-*.log")), key=_mtime)
+    for path in old[:max(0, len(old) - (keep - 1))]:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    return os.path.join(folder, f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+class _CStderrTo:
+    """While active, C-level writes to file descriptor 2 go to ``path``; Python's stderr stays.
+
+    TensorFlow prints its start-up lines (oneDNN, cudart stub) before its own
+    logging is set up, so no environment variable silences them; they are
+    written straight to descriptor 2.  Python's ``sys.stderr`` (progress bar,
+    messages) keeps the terminal through a duplicate of the original
+    descriptor; local workers started meanwhile inherit the file.  A no-op
+    when ``path`` is None or stderr is not the process's descriptor 2 (e.g.
+    under click's CliRunner).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._saved_fd: int | None = None
+        self._saved_stream: Any = None
+
+    def __enter__(self) -> "_CStderrTo":
+        if self.path is None:
+            return self
+        try:
+            if sys.stderr.fileno() != 2:
+                return self
+        except (AttributeError, ValueError, OSError):
+            return self
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            return self
+        sys.stderr.flush()
+        self._saved_fd = os.dup(2)
+        self._saved_stream = sys.stderr
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stderr = open(self._saved_fd, "w", buffering=1, closefd=False,
+                          encoding=getattr(self._saved_stream, "encoding", None) or "utf-8",
+                          errors="backslashreplace")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._saved_fd is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        sys.stderr = self._saved_stream
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self._saved_fd = None
+
+
+class _SignalToInterrupt:
+    """While active, SIGTERM stops the scan like Ctrl-C; remembers the exit code (128 + signal)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.exit_code = 128 + signal.SIGINT
+        self._old: Any = None
+
+    def _handler(self, signum, _frame):
+        self.exit_code = 128 + signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_SignalToInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_stage(stage_name: str) -> None:
+    """The stage is registered (entry points only: nothing is imported)."""
+    if ":" in stage_name:
+        return
+    from importlib.metadata import entry_points
+
+    known = sorted(ep.name for ep in entry_points(group="lamost_ostar.stages"))
+    if stage_name not in known:
+        raise click.ClickException(f"no stage named {stage_name!r} (registered: {', '.join(known) or 'none'})")
+
+
+def _check_model(stage_name: str, model_version: str | None, models_dir: str, local: bool) -> str | None:
+    """The model version the scan will use, checked from the registry's cards (no Keras import).
+
+    For the ``ostar`` stage on a local cluster: ``--model`` must exist, and
+    without it the default version (newest user version, else the newest
+    packaged one) is pinned.  On a remote cluster (``--scheduler``) the workers
+    resolve the version (their disks may hold other versions), so only an
+    explicit ``--model`` is returned.  Other stages: their class's
+    ``model_version`` when it is a fixed string.
+    """
+    if stage_name != "ostar":
+        return model_version if model_version is not None else _stage_class_version(stage_name)
+    if not local:
+        return model_version
+    from lamost_ostar.cli.models import default_version, find_version, version_names
+
+    if model_version is not None:
+        if find_version(model_version, models_dir) is None:
+            held = ", ".join(version_names(models_dir)) or "none"
+            raise click.ClickException(f"no model version {model_version!r} in {models_dir} or the "
+                                       f"packaged models (available: {held})")
+        return model_version
+    default = default_version(models_dir)
+    if default is None:
+        raise click.ClickException(f"no model version found in {models_dir} or the packaged models: "
+                                   "train one (lamost-ostar retrain) or pass --models-dir")
+    return str(default[1].get("version", default[2].name))
+
+
+def _stage_class_version(stage_name: str) -> str | None:
+    from importlib.metadata import entry_points
+
+    try:
+        if ":" in stage_name:
+            import importlib
+
+            module, _, attr = stage_name.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        else:
+            (ep,) = [e for e in entry_points(group="lamost_ostar.stages") if e.name == stage_name]
+            obj = ep.load()
+    except Exception:  # noqa: BLE001 - the workers will report it
+        return None
+    version = getattr(obj, "model_version", None)
+    return version if isinstance(version, str) else None
+
+
+def _no_gpu_reason() -> str | None:
+    """Why this machine has no GPU for the workers, or None if it may have one (cheap checks only).
+
+    ``CUDA_VISIBLE_DEVICES`` set to nothing or -1 hides every GPU; otherwise a
+    GPU is taken to be present when the kernel lists an NVIDIA device
+    (``/proc/driver/nvidia/gpus/*``, ``/dev/nvidia0``...), the ROCm device
+    ``/dev/kfd`` exists, or ``nvidia-smi -L`` lists one.  TensorFlow is not
+    imported: the worker still checks that the Keras backend sees the GPU.
+    """
+    import glob
+    import shutil
+    import subprocess
+
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
+    if glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*") \
+            or os.path.exists("/dev/kfd"):
+        return None
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=5)
+            if out.returncode == 0 and "GPU" in out.stdout:
+                return None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "no GPU on this machine (no NVIDIA or ROCm device found)"
+
+
+def _dry_run(scanmod: Any, paths, db: str, version: str | None, partition_size: int) -> None:
+    """Count the files and, with a known model version and an existing catalogue, what is done."""
+    cat = None
+    try:
+        from lamost_ostar.catalogue import Catalogue, CatalogueError
+
+        if version is not None:
+            try:
+                cat = Catalogue(db, create=False)
+                cat.engine  # noqa: B018 - an absent file or schema: every file is new
+            except CatalogueError:
+                cat = None
+            except Exception as exc:  # noqa: BLE001
+                raise click.ClickException(f"cannot open catalogue {db}: {_one_line(exc)}") from None
+        if cat is not None:
+            c = scanmod.survey_paths(paths, cat, version)
+        else:
+            n = sum(1 for _ in scanmod.iter_paths(paths))
+            c = {"files": n, "new": n, "done": 0, "failed": 0}
+    except OSError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    finally:
+        if cat is not None:
+            cat.close()
+    n = c["files"]
+    parts = -(-c["new"] // partition_size)
+    if version is None:
+        where = "model version resolved by the workers: pass --model to count the files done"
+    else:
+        where = f"model {version}"
+    click.echo(f"{n:,d} files: {c['new']:,d} new, {c['done']:,d} done, {c['failed']:,d} failed before "
+               f"(error row; not retried) for {where}")
+    click.echo(f"{parts:,d} partitions of <= {partition_size} to classify "
+               f"(dry run: nothing classified, nothing written to {db})")
 
 
 def _open_catalogue(db: str) -> Any:
     """The catalogue sink, checked now (bad URL or server -> one-line error)."""
     from lamost_ostar.catalogue import CatalogueWriter
 
+    from lamost_ostar.catalogue import CatalogueError
+
     try:
         sink = CatalogueWriter(db)
         sink.engine  # connect and create the schema now  # noqa: B018
+    except CatalogueError as exc:
+        raise click.ClickException(f"cannot open catalogue {db}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # noqa: BLE001
         raise click.ClickException(f"cannot open catalogue {db}: {_one_line(exc)}") from None
     return sink
