@@ -162,6 +162,15 @@ class CatalogueError(ValueError):
 _SQL_KIND = {float: sa.Float, int: sa.Integer, bool: sa.Boolean}
 
 
+def _candidate_clause(threshold: float = None):
+    """SQL condition "is an O candidate": the row's own decision, or for rows of
+    model versions without one (``is_candidate`` NULL) ``p_o >= threshold``."""
+    t = _RESULTS
+    thr = DEFAULT_P_O_THRESHOLD if threshold is None else float(threshold)
+    return sa.or_(t.c.is_candidate.is_(True),
+                  sa.and_(t.c.is_candidate.is_(None), sa.func.coalesce(t.c.p_o, 0.0) >= thr))
+
+
 def _build_metadata() -> sa.MetaData:
     md = sa.MetaData()
     big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -838,7 +847,8 @@ class Catalogue:
         """What scan ``scan_id`` wrote, counted from its rows (the truth a scan row is closed with).
 
         Returns ``{"results": n, "errors": n, "errors_by_reason": {reason: n}}``
-        and, with ``threshold``, ``"candidates"`` (its results with ``p_o >= threshold``).
+        and, with ``threshold``, ``"candidates"`` (its results that are candidates:
+        ``is_candidate``, or ``p_o >= threshold`` for rows without a decision).
         """
         sid = int(scan_id)
         with self.engine.connect() as conn:
@@ -852,7 +862,7 @@ class Catalogue:
             if threshold is not None:
                 out["candidates"] = int(conn.execute(
                     sa.select(sa.func.count()).select_from(_RESULTS)
-                    .where(_RESULTS.c.scan_id == sid, _RESULTS.c.p_o >= float(threshold))).scalar_one())
+                    .where(_RESULTS.c.scan_id == sid, _candidate_clause(float(threshold)))).scalar_one())
         return out
 
     # ---- reading
@@ -970,9 +980,7 @@ class Catalogue:
             candidates = None if (all_rows or min_p_o is not None or min_posterior is not None
                                   or min_heii_sigma is not None) else True
         if candidates is not None:
-            rule = sa.or_(t.c.is_candidate.is_(True),
-                          sa.and_(t.c.is_candidate.is_(None),
-                                  sa.func.coalesce(t.c.p_o, 0.0) >= DEFAULT_P_O_THRESHOLD))
+            rule = _candidate_clause()
             conds.append(rule if candidates else sa.not_(rule))
         for name, value, col, lo, hi in (("p(O)", min_p_o, t.c.p_o, 0.0, 1.0),
                                          ("posterior p(O)", min_posterior, t.c.posterior_o, 0.0, 1.0),

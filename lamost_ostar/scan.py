@@ -355,6 +355,15 @@ def stage_info(plugin_name: str) -> dict[str, Any]:
     }
 
 
+def _is_candidate(result: Any, threshold: float) -> bool:
+    """A result's O-candidate verdict: its ``is_candidate``, else ``p_o >= threshold``."""
+    verdict = getattr(result, "is_candidate", None)
+    if verdict is not None:
+        return bool(verdict)
+    p = getattr(result, "p_o", None)
+    return p is not None and p >= threshold
+
+
 @dataclass
 class PartitionSummary:
     """Counts for one partition (or, summed, for a whole scan)."""
@@ -374,8 +383,7 @@ class PartitionSummary:
         ok = [r for r in results if r.ok]
         reasons = Counter(getattr(r, "error_reason", None) or "unknown"
                           for r in results if not r.ok)
-        p_o = [getattr(r, "p_o", None) for r in ok]
-        cands = sum(1 for p in p_o if p is not None and p >= threshold)
+        cands = sum(1 for r in ok if _is_candidate(r, threshold))
         return cls(n_files=n_files, n_skipped=n_skipped, n_classified=len(ok),
                    n_errors=len(results) - len(ok), n_candidates=cands,
                    errors_by_reason=dict(reasons), seconds=seconds)
@@ -492,7 +500,8 @@ class ScanSummary:
         for reason, n in sorted(t.errors_by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {reason:<18}{n:>10,d}")
         lines += [
-            f"  O candidates        {t.n_candidates:>10,d}   (p(O) >= {self.threshold:g})",
+            f"  O candidates        {t.n_candidates:>10,d}   (the model's decision; p(O) >= "
+            f"{self.threshold:g} for models without one)",
             f"  elapsed             {self.elapsed_s:>10.1f} s   "
             f"(start-up: cluster + model load {self.startup_s:.1f} s)",
             f"  rate                {self.processed_rate:>10.1f} spectra/s read+classified"

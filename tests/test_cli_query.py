@@ -74,9 +74,9 @@ def test_default_terminal_table(db):
     lines = res.stdout.splitlines()
     assert "p_o" in lines[0] and "path" in lines[0] and "obsid" in lines[0]
     body = [ln for ln in lines[2:] if ln.strip() and not set(ln.strip()) <= {"-", " "}]
-    assert len(body) == 4                                    # p_o >= 0.5
+    assert len(body) == 4                                    # no decision in these rows: p_o >= 0.5
     assert "0.9700" in body[0] and "/rel/spec-0001.fits.gz" in body[0]   # sorted by p_o
-    assert "4 rows (candidates with p_o >= 0.5)" in res.stderr
+    assert "4 rows (O candidates (the model's decision))" in res.stderr
 
 
 def test_filters_via_cli(db):
@@ -261,3 +261,36 @@ def test_streamed_csv_in_chunks_reads_back(db, tmp_path):
     assert list(back["obsid"]) == list(whole["obsid"]) and back.colnames == whole.colnames
     assert out.read_text().count("path,obsid") == 1
     cat.close()
+
+
+def test_decision_columns_select_and_export(tmp_path):
+    """--candidates/--not-candidates, --min-posterior, --min-heii-sigma; is_candidate in --all output."""
+    import csv as _csv
+
+    from lamost_ostar.catalogue import Catalogue
+    from lamost_ostar.stage import StageResult
+
+    path = str(tmp_path / "d.sqlite")
+    cat = Catalogue(path)
+    rows = []
+    for i, (p, cand, post, heii) in enumerate([(0.999, True, 0.7, 6.0), (0.99, False, 0.01, 0.3),
+                                               (0.1, False, 1e-6, 2.9)]):
+        rows.append(StageResult(path=f"f{i}.fits", ok=True, probs={"O": p, "B": 1 - p}, p_o=p,
+                                predicted_class="O", model_version="v", is_candidate=cand,
+                                posterior_o=post, heii_sigma=heii, evidence={"heii_sigma": heii}))
+    cat.write(cat.start_scan(model_version="v"), rows)
+    cat.close()
+    res = run("--db", path)
+    assert res.exit_code == 0 and "1 rows (O candidates" in res.stderr and "f0.fits" in res.stdout
+    res = run("--db", path, "--not-candidates", "--format", "csv")
+    assert sorted(r["path"] for r in _csv.DictReader(res.stdout.splitlines())) == ["f1.fits", "f2.fits"]
+    res = run("--db", path, "--min-heii-sigma", "2.5", "--format", "csv")
+    assert sorted(r["path"] for r in _csv.DictReader(res.stdout.splitlines())) == ["f0.fits", "f2.fits"]
+    res = run("--db", path, "--min-posterior", "0.005", "--candidates", "--format", "csv")
+    assert [r["path"] for r in _csv.DictReader(res.stdout.splitlines())] == ["f0.fits"]
+    out = tmp_path / "all.csv"
+    assert run("--db", path, "--all", "-o", str(out)).exit_code == 0
+    got = {r["path"]: r for r in _csv.DictReader(out.open())}
+    assert got["f0.fits"]["is_candidate"] == "True" and got["f1.fits"]["is_candidate"] == "False"
+    assert float(got["f2.fits"]["heii_sigma"]) == 2.9 and "posterior_o" in got["f0.fits"]
+    _assert_one_line_error(run("--db", path, "--min-posterior", "3"), "--min-posterior")

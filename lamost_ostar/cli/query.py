@@ -4,8 +4,10 @@ Examples
 --------
 ::
 
-    lamost-ostar query --db catalogue.sqlite                       # candidates, p(O) >= 0.5
+    lamost-ostar query --db catalogue.sqlite                       # the model's O candidates
     lamost-ostar query --db catalogue.sqlite --min-p-o 0.9 --cone 83.8 -5.4 2 -o orion.fits
+    lamost-ostar query --db catalogue.sqlite --min-heii-sigma 3 --min-posterior 0.01
+    lamost-ostar query --db catalogue.sqlite --not-candidates --min-p-o 0.99   # what the rule rejected
     lamost-ostar query --db postgresql+psycopg://user@host/db --all --scan 3 -o all.csv
     lamost-ostar query --db catalogue.sqlite --scans                 # scan provenance
 """
@@ -28,8 +30,9 @@ EXTENSIONS: dict[str, str] = {
 #: output format -> astropy Table.write format
 _ASTROPY_FORMAT = {"csv": "ascii.csv", "fits": "fits", "votable": "votable", "ecsv": "ascii.ecsv"}
 #: columns shown on the terminal (files get every column)
-_TERMINAL_COLUMNS = ("obsid", "designation", "ra", "dec", "predicted_class", "p_o", "snr_g",
-                     "pipeline_class", "pipeline_subclass", "model_version", "dist", "path")
+_TERMINAL_COLUMNS = ("obsid", "designation", "ra", "dec", "predicted_class", "is_candidate", "p_o",
+                     "posterior_o", "heii_sigma", "snr_g", "pipeline_class", "pipeline_subclass",
+                     "model_version", "dist", "path")
 _TERMINAL_SCAN_COLUMNS = ("id", "status", "started", "finished", "model_version", "code_version",
                           "host", "files_seen", "files_classified", "files_failed", "files_skipped",
                           "result_rows", "error_rows")
@@ -163,7 +166,15 @@ def _check_selection(cat, classes: list[str], scan_id: int | None, model_version
               help="Catalogue: a SQLite file path, sqlite:///... or postgresql+psycopg://... URL "
                    "(env LAMOST_OSTAR_DB).")
 @click.option("--min-p-o", type=float, default=None, metavar="P",
-              help="Minimum p(O) of a candidate [default: 0.5; not applied with --all].")
+              help="Minimum (balanced) p(O).  Without any of --min-p-o/--min-posterior/"
+                   "--min-heii-sigma/--all the rows are the model's O candidates (is_candidate).")
+@click.option("--min-posterior", type=float, default=None, metavar="P",
+              help="Minimum p(O) at the survey prior (posterior_o).")
+@click.option("--min-heii-sigma", type=float, default=None, metavar="Z",
+              help="Minimum He II absorption significance (heii_sigma).")
+@click.option("--candidates/--not-candidates", "candidates", default=None,
+              help="Only the model's O candidates / only the other rows (default: candidates unless "
+                   "another p(O), posterior or He II selection or --all is given).")
 @click.option("--class", "classes", multiple=True, metavar="CLASS",
               help="Predicted class(es) to keep, e.g. O or O,B (repeatable).")
 @click.option("--cone", nargs=3, type=float, default=None, metavar="RA DEC RADIUS",
@@ -190,8 +201,9 @@ def _check_selection(cat, classes: list[str], scan_id: int | None, model_version
               help="List the scans (provenance and counts) instead of results.")
 @click.option("--errors", "list_errors", is_flag=True,
               help="List the error rows (unreadable files and reasons) instead of results.")
-def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model_version, sort,
-          ascending, limit, all_rows, output, fmt, overwrite, list_scans, list_errors):
+def query(db, min_p_o, min_posterior, min_heii_sigma, candidates, classes, cone, snr_min, snr_max, snr_band,
+          scan_id, model_version, sort, ascending, limit, all_rows, output, fmt, overwrite, list_scans,
+          list_errors):
     """Select O-star candidates (or every result with --all) from a catalogue.
 
     Prints a table on the terminal, or writes CSV, FITS, VOTable or ECSV files
@@ -209,8 +221,9 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
             if fmt is None:
                 raise click.UsageError(f"cannot tell the format of {output!r} from its extension; "
                                        "use --format csv|fits|votable|ecsv|table")
-    if min_p_o is not None and not 0.0 <= min_p_o <= 1.0:
-        raise click.BadParameter(f"{min_p_o:g} is not in [0, 1]", param_hint="'--min-p-o'")
+    for value, hint in ((min_p_o, "'--min-p-o'"), (min_posterior, "'--min-posterior'")):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise click.BadParameter(f"{value:g} is not in [0, 1]", param_hint=hint)
     if cone is not None:
         ra, dec, radius = cone
         if not -90.0 <= dec <= 90.0:
@@ -235,7 +248,8 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
                              snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
                              scan_id=scan_id, model_version=model_version, sort=sort,
                              descending=None if ascending is None else not ascending,
-                             limit=limit, all_rows=all_rows)
+                             limit=limit, all_rows=all_rows, candidates=candidates,
+                             min_posterior=min_posterior, min_heii_sigma=min_heii_sigma)
             cols = _TERMINAL_COLUMNS
             if fmt == "csv":  # streamed: memory stays bounded for any catalogue size
                 n_rows = _stream_csv(cat.iter_query(**selection), output, overwrite)
@@ -259,6 +273,16 @@ def query(db, min_p_o, classes, cone, snr_min, snr_max, snr_band, scan_id, model
         what = "scans" if list_scans else ("errors" if list_errors else "rows")
         click.echo(f"wrote {n_rows} {what} to {output} ({fmt})", err=True)
     elif fmt == "table" and not (list_scans or list_errors):
-        scope = "all results" if all_rows and min_p_o is None else \
-            f"candidates with p_o >= {min_p_o if min_p_o is not None else 0.5:g}"
-        click.echo(f"{n_rows} rows ({scope})", err=True)
+        click.echo(f"{n_rows} rows ({_scope(all_rows, candidates, min_p_o, min_posterior, min_heii_sigma)})",
+                   err=True)
+
+
+def _scope(all_rows, candidates, min_p_o, min_posterior, min_heii_sigma) -> str:
+    """Words for what a result selection holds."""
+    cuts = [f"{name} >= {v:g}" for name, v in (("p_o", min_p_o), ("posterior_o", min_posterior),
+                                                ("heii_sigma", min_heii_sigma)) if v is not None]
+    if candidates is None and not (all_rows or cuts):
+        candidates = True
+    head = {True: ["O candidates (the model's decision)"], False: ["not candidates"], None: []}[candidates]
+    parts = head + cuts
+    return ", ".join(parts) if parts else "all results"
