@@ -130,3 +130,14 @@ def test_evaluate_bad_arguments(tmp_path):
     _assert_one_line_error(run("evaluate", "--runs", "0"), "--runs")
     _assert_one_line_error(run("evaluate", "--checkpoint-every", "0"), "--checkpoint-every")
     _assert_one_line_error(run("evaluate", "--data-dir", str(tmp_path / "none")), "--data-dir")
+    _assert_one_line_error(run("evaluate", "--protocol", "loso", "--profile", "small"), "profile")
+    _assert_one_line_error(run("evaluate", "--protocol", "loso", "--models", "cnn9"), "cnn9")
+    _assert_one_line_error(run("evaluate", "--protocol", "loso", "--folds", "a,b"), "--folds")
+    _assert_one_line_error(run("evaluate", "--protocol", "nope"), "--protocol")
+
+
+def test_evaluate_loso_tiny_writes_report(tmp_path):
+    res = run("evaluate", "--protocol", "loso", "--profile", "tiny", "--models", "lr2",
+              "--out", str(tmp_path / "loso"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "loso" / "report.md").is_file() and (tmp_path / "loso" / "oof_lr2.npz").is_file()

@@ -263,15 +263,24 @@ def show_cmd(version: str | None, models_dir: Path | None, as_json: bool) -> Non
               help="Fraction of the stars (per class) held out for the test split.")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.6), default=0.15, show_default=True,
               help="Fraction of the stars (per class) used for early stopping and calibration.")
+@click.option("--library/--no-library", default=True, show_default=True,
+              help="Also train on LAMOST-like realisations of the packaged template stars (every class, "
+                   "B stars and hot impostors included).")
+@click.option("--library-per-class", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Template realisations per class with --library.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_iterations: int,
             gan_samples: int | None, epochs: int, batch_size: int, seed: int,
-            test_fraction: float, val_fraction: float, quiet: bool) -> None:
-    """Retrain the 7-class recogniser on a labelled release and register a new version.
+            test_fraction: float, val_fraction: float, library: bool, library_per_class: int,
+            quiet: bool) -> None:
+    """Retrain the O-star detector on a labelled release and register a new version.
 
-    Regenerates the LCGAN augmentation from the release's O stars (training
-    split only), trains, calibrates on a validation split and evaluates on a
-    held-out test split (all split by star).  Existing versions are kept.
+    Builds the default model's kind: a two-channel recogniser, the He II
+    evidence and an O-candidate operating point.  Regenerates the LCGAN
+    augmentation from the release's O stars (training split only), trains,
+    calibrates and chooses the operating point on a validation split, and
+    evaluates on a held-out test split (all split by star).  Existing versions
+    are kept.
     """
     from .. import train
 
@@ -280,7 +289,8 @@ def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_it
             labels_csv, release_dir, models_dir or default_models_dir(),
             gan_iterations=gan_iterations, gan_samples=gan_samples, epochs=epochs,
             batch_size=batch_size, seed=seed, test_fraction=test_fraction,
-            val_fraction=val_fraction, progress=not quiet,
+            val_fraction=val_fraction, library=library, n_library_per_class=library_per_class,
+            progress=not quiet,
         )
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(f"retrain: {exc}")
@@ -292,35 +302,70 @@ def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_it
         f"O recall {_fmt(m.get('o_recall'))}, O precision {_fmt(m.get('o_precision'))}, "
         f"T = {result['temperature']:.3f}"
     )
+    c = m.get("candidates") or {}
+    click.echo(f"O-candidate rule: {result['decision']}; on the test split: O recall {_fmt(c.get('o_recall'))}, "
+               f"{c.get('non_o_called_o', 0)} of {c.get('n_non_o', 0)} non-O spectra called O")
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("reports/evaluation"), show_default=True, help="Report directory.")
+@click.option("--protocol", type=click.Choice(["paper", "loso"]), default="paper", show_default=True,
+              help="paper: the paper's GAN-train/GAN-test protocol; loso: leave-one-star-out evaluation "
+                   "of the O-star detector (every real O star held out in turn).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report directory [default: runs/evaluation or runs/loso, git-ignored, so the "
+                   "committed reports are never overwritten by accident].")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Shared real-data directory (default ../shared/data next to the repository).")
-@click.option("--profile", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True,
-              help="Size of the evaluation (tiny: seconds, for tests; small: minutes on 2 CPU cores).")
-@click.option("--runs", type=click.IntRange(min=1), default=None, help="Runs per setting (median reported).")
+@click.option("--profile", type=click.Choice(["tiny", "small", "paper", "quick", "full"]), default=None,
+              help="Size: paper protocol tiny|small|paper [small]; loso tiny|quick|full [full].")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="Runs per setting (paper protocol).")
 @click.option("--gan-iterations", type=click.IntRange(min=1), default=None, help="GAN iterations.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
-              help="Score the GANs every so many iterations (accuracy vs iteration).")
+              help="Score the GANs every so many iterations (paper protocol).")
+@click.option("--folds", default=None, metavar="K,K,...", help="Run only these folds (loso).")
+@click.option("--models", "model_kinds", default=None, metavar="KIND,...",
+              help="Model kinds to compare (loso): cnn2, cnn1, lr2, lr1, cnn2+lcgan, cnn2+sgan.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--model-version", default=None, help="Model version for the survey evaluation.")
+@click.option("--model-version", default=None, help="Model version for the survey evaluation (paper).")
 @models_dir_option
 @click.option("--survey-release", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A survey-preset mock release (with truth.csv) to evaluate the 7-class model on.")
-def evaluate(out_dir: Path, data_dir: Path | None, profile: str, runs: int | None,
-             gan_iterations: int | None, checkpoint_every: int | None, seed: int, model_version: str | None,
+              help="A survey-preset mock release (with truth.csv) to evaluate the model on (paper).")
+def evaluate(protocol: str, out_dir: Path | None, data_dir: Path | None, profile: str | None,
+             runs: int | None, gan_iterations: int | None, checkpoint_every: int | None,
+             folds: str | None, model_kinds: str | None, seed: int, model_version: str | None,
              models_dir: Path | None, survey_release: Path | None) -> None:
-    """Run the paper's evaluation protocol and write REPORT (markdown + PNG)."""
-    from .. import evaluate as ev
-
+    """Evaluate: the paper's protocol, or the detector's leave-one-star-out table (report + figures)."""
+    out_dir = out_dir or Path("runs") / ("evaluation" if protocol == "paper" else "loso")
     try:
-        cfg = ev.EvalConfig.from_profile(profile, seed=seed).override(
-            runs=runs, gan_iterations=gan_iterations, checkpoint_every=checkpoint_every)
-        path = ev.run_evaluation(cfg, out_dir, data_dir=data_dir, survey_release=survey_release,
-                                 model_version=model_version, models_dir=models_dir)
+        if protocol == "paper":
+            from .. import evaluate as ev
+
+            if profile not in (None, "tiny", "small", "paper"):
+                raise ValueError(f"profile {profile!r} is not one of the paper protocol's (tiny, small, paper)")
+            cfg = ev.EvalConfig.from_profile(profile or "small", seed=seed).override(
+                runs=runs, gan_iterations=gan_iterations, checkpoint_every=checkpoint_every)
+            path = ev.run_evaluation(cfg, out_dir, data_dir=data_dir, survey_release=survey_release,
+                                     model_version=model_version, models_dir=models_dir)
+        else:
+            from .. import loso
+
+            if profile not in (None, "tiny", "quick", "full"):
+                raise ValueError(f"profile {profile!r} is not one of the loso protocol's (tiny, quick, full)")
+            cfg = loso.LosoConfig.from_profile(profile or "full", seed=seed)
+            if folds:
+                try:
+                    cfg.folds = tuple(int(k) for k in folds.split(","))
+                except ValueError:
+                    raise ValueError(f"--folds takes fold numbers like 0,3,7, not {folds!r}") from None
+            if model_kinds:
+                kinds = tuple(k.strip() for k in model_kinds.split(",") if k.strip())
+                bad = [k for k in kinds if k not in loso.MODEL_KINDS]
+                if bad:
+                    raise ValueError(f"unknown model kind(s) {', '.join(bad)} (one of {', '.join(loso.MODEL_KINDS)})")
+                cfg.models = kinds
+            if gan_iterations is not None:
+                cfg.gan_iterations = gan_iterations
+            path = loso.run_loso(cfg, out_dir, data_dir=data_dir, log=lambda m: click.echo(m, err=True))
     except (ValueError, FileNotFoundError) as exc:
         _fail(f"evaluate: {exc}")
     click.echo(f"report written to {path}")

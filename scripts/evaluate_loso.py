@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Leave-one-star-out evaluation of the O-star detector: ``reports/loso/report.md``.
+
+Usage::
+
+    nice -n 10 python scripts/evaluate_loso.py --out reports/loso [--profile full]
+        [--models cnn2,cnn1,lr2,lr1] [--folds 0,1,...] [--seed 0]
+    python scripts/evaluate_loso.py --out reports/loso --reanalyse    # tables/report from the saved OOF data
+
+Same as ``lamost-ostar evaluate --protocol loso`` with progress printed.  Every
+real O star of the template library is held out in turn (see
+:mod:`lamost_ostar.loso` for the protocol and the report for the data behind
+every number).  ``--reanalyse`` recomputes the temperature, operating points,
+tables and report from the ``oof_<model>.npz`` files already in ``--out``
+(e.g. after adding a model kind run separately into the same folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lamost_ostar import loso
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "loso")
+    ap.add_argument("--profile", default="full", choices=["tiny", "quick", "full"])
+    ap.add_argument("--models", default=None, help="comma-separated model kinds")
+    ap.add_argument("--folds", default=None, help="comma-separated fold numbers")
+    ap.add_argument("--gan-iterations", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--reanalyse", action="store_true")
+    args = ap.parse_args(argv)
+    if args.reanalyse:
+        prev = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
+        models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz"))
+        res = loso.analyse(args.out, models, loso.CLASSES_8)
+        for key in ("config", "o_units", "folds", "total_seconds"):
+            if key in prev:
+                res[key] = prev[key]
+        folds_file = args.out / "folds.json"
+        if "folds" not in res and folds_file.exists():
+            f = json.loads(folds_file.read_text())
+            res.update(config=f["config"], o_units=f["o_units"], folds=f["folds"])
+        (args.out / "results.json").write_text(json.dumps(res, indent=1, default=loso._json_default))
+        (args.out / "report.md").write_text(loso.render_report(res))
+        print(f"report: {args.out / 'report.md'}")
+        return
+    cfg = loso.LosoConfig.from_profile(args.profile, seed=args.seed)
+    if args.models:
+        cfg.models = tuple(args.models.split(","))
+    if args.folds:
+        cfg.folds = tuple(int(k) for k in args.folds.split(","))
+    if args.gan_iterations is not None:
+        cfg.gan_iterations = args.gan_iterations
+    path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
