@@ -111,6 +111,11 @@ __all__ = [
     "MIN_PIXELS",
     "MAX_NONFINITE_FRACTION",
     "MAX_FILE_BYTES",
+    "Reader",
+    "LamostReader",
+    "READER_GROUP",
+    "available_readers",
+    "load_reader",
 ]
 
 #: Engines accepted by :func:`read_spectrum` / :func:`read_spectra`.
@@ -1009,3 +1014,96 @@ def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
             err = _unexpected(path, exc)
             errors.append(FileError(err.path, err.reason, err.message))
     return BatchRead(spectra, errors)
+
+
+# --------------------------------------------------------------------------- readers (plugin point)
+#: Entry point group of readers (this module's :class:`LamostReader` is ``lamost``).
+READER_GROUP = "lamost_ostar.readers"
+
+
+class Reader(Protocol):
+    """What a reader plugin is (entry point group ``lamost_ostar.readers``).
+
+    A class with a ``name`` (its entry point name), a ``version`` (stored with
+    every scan) and ``read(path) -> Spectrum``, which raises a :class:`ReadError`
+    subclass (``reason`` code, one-line ``message``) for a file it cannot read.
+    Its constructor takes keyword arguments only, all optional (the scan passes
+    ``engine=`` where the reader's signature accepts it).  The spectrum's
+    wavelengths are vacuum Angstrom; ``path`` is the file as given.
+    """
+
+    name: str
+    version: str
+
+    def read(self, path: str) -> Spectrum:
+        """One spectrum, or a ReadError subclass."""
+
+
+class LamostReader:
+    """The LAMOST LRS reader (entry point ``lamost``): :func:`read_spectrum` as a reader plugin.
+
+    Parameters
+    ----------
+    engine : {"fitsio", "native", "astropy"}
+        Decoder, see the module docstring.
+    max_nonfinite_fraction : float
+        See :func:`read_spectrum`.
+    """
+
+    name = "lamost"
+    version = "lamost-1"
+
+    def __init__(self, engine: str = "fitsio", *,
+                 max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> None:
+        if engine not in _ENGINE_FUNCS:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        self.engine = engine
+        self.max_nonfinite_fraction = float(max_nonfinite_fraction)
+        self._func = _ENGINE_FUNCS[engine]
+
+    def __repr__(self) -> str:
+        return f"LamostReader(engine={self.engine!r})"
+
+    def read(self, path: str | os.PathLike) -> Spectrum:
+        """Read one file; any failure is a :class:`ReadError` (as :func:`read_spectra` reports it)."""
+        path = os.fspath(path)
+        try:
+            return self._func(path, self.max_nonfinite_fraction)
+        except ReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified from the file's bytes
+            raise _unexpected(path, exc) from None
+
+
+def available_readers() -> dict[str, str]:
+    """Registered readers: entry point name -> ``"module:attr"`` (nothing imported)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=READER_GROUP)}
+
+
+def load_reader(name: str = "lamost", **kwargs: Any) -> Any:
+    """Build the reader registered as ``name`` (or a ``"module:attr"`` reference).
+
+    Keyword arguments the reader's constructor does not accept are dropped
+    (``engine`` means something only to some readers).
+    """
+    from lamost_ostar.entrypoints import READERS, load
+
+    factory = load(READERS, name)
+    return factory(**_accepted_kwargs(factory, kwargs))
+
+
+def _accepted_kwargs(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``factory``'s signature accepts (all with ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(kwargs)
+    names = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in kwargs.items() if k in names}

@@ -7,7 +7,20 @@ This is the plugin API of :mod:`lamost_ostar`.  A *stage* is any object with
   comes back, **in input order**; a bad item gives a result with ``ok=False``
   and an ``error_reason``/``error_message``, never an exception;
 * ``model_version``: a string naming what produced the results (used to skip
-  files already done when a scan is resumed).
+  files already done when a scan is resumed; a stage without a model uses its
+  ``version``);
+* ``name``: the stage's name (its entry point name; the sinks' table name);
+* ``version``: the version of the stage's code and outputs;
+* ``outputs``: a tuple of :class:`OutputField` (name, type, unit, description)
+  declaring what each result holds besides the shared fields of
+  :class:`SpectrumResult`: the sinks (SQL catalogue, Parquet) store one table per
+  stage built from this declaration, so a plugin's results are kept without any
+  change to the core;
+* optionally ``output_values(result) -> mapping`` (output name -> value) when
+  the values are not simply the result's attributes of those names.
+
+A scan running several stages reads each file once and hands every stage the
+same :class:`lamost_ostar.io.Spectrum` records.
 
 Stages are registered as entry points in the group ``lamost_ostar.stages``
 (this package registers ``ostar`` -> :class:`OStarStage`) and loaded by name
@@ -51,24 +64,38 @@ Examples
 """
 from __future__ import annotations
 
-import importlib
 import inspect
+import json
+import math
+import re
 import threading
 import os
 from collections import defaultdict, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields as _dc_fields
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from lamost_ostar import entrypoints as _eps
 from lamost_ostar import lines as _lines
-from lamost_ostar.io import ENGINES, Spectrum, read_spectra
+from lamost_ostar.io import ENGINES, ReadError, Spectrum, read_spectra
 from lamost_ostar.models.decision import Decision
 from lamost_ostar.preprocess import model_input, prepare
 
 __all__ = [
+    "OutputField",
+    "OUTPUT_TYPES",
+    "METADATA_FIELDS",
+    "PROVENANCE_COLUMNS",
+    "RESERVED_NAMES",
+    "OSTAR_CLASSES",
+    "OSTAR_OUTPUTS",
+    "StageSpec",
+    "stage_spec",
+    "coerce",
+    "outputs_from_dataclass",
     "SpectrumResult",
     "read_items",
     "ENTRY_POINT_GROUP",
@@ -180,6 +207,312 @@ MIN_CONFIDENCE = 0.5
 DEVICES = ("auto", "cpu", "gpu")
 
 
+# --------------------------------------------------------------------------
+# output declarations (what a stage writes; the sinks build one table per stage from it)
+# --------------------------------------------------------------------------
+#: Types of an :class:`OutputField` (SQL: Float / BigInteger / Boolean / Text / JSON;
+#: Parquet: float64 / int64 / bool / string / string holding JSON).
+OUTPUT_TYPES: tuple[str, ...] = ("float", "int", "bool", "str", "json")
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,59}$")
+
+
+@dataclass(frozen=True)
+class OutputField:
+    """One declared output of a stage: a column of the stage's result table.
+
+    Parameters
+    ----------
+    name : str
+        Column name: lower-case letters, digits and ``_``, starting with a letter,
+        at most 60 characters, not one of :data:`RESERVED_NAMES`.
+    type : {"float", "int", "bool", "str", "json"}
+        Value type; values are coerced to it when stored (NaN/inf floats and
+        unparsable values become NULL).
+    unit : str, optional
+        Physical unit (astropy string, e.g. ``"Angstrom"``, ``"deg"``).
+    description : str
+        One line, shown in exports (FITS/VOTable column descriptions).
+    index : bool
+        Ask SQL sinks for an index on this column (selections on it are fast).
+    summary : bool
+        For a bool output: the scan summary prints how many results were True.
+    """
+
+    name: str
+    type: str
+    unit: str | None = None
+    description: str = ""
+    index: bool = False
+    summary: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ValueError(f"output name {self.name!r} must match {_NAME_RE.pattern}")
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"output name {self.name!r} is reserved (shared or provenance column)")
+        if self.type not in OUTPUT_TYPES:
+            raise ValueError(f"output {self.name!r}: type must be one of {OUTPUT_TYPES}, "
+                             f"got {self.type!r}")
+        if self.summary and self.type != "bool":
+            raise ValueError(f"output {self.name!r}: only bool outputs can be summary counts")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored with the catalogue's and the Parquet dataset's stage list)."""
+        return {"name": self.name, "type": self.type, "unit": self.unit,
+                "description": self.description, "index": self.index, "summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "OutputField") -> "OutputField":
+        """Inverse of :meth:`to_dict` (an OutputField passes through)."""
+        if isinstance(d, OutputField):
+            return d
+        return cls(name=d["name"], type=d["type"], unit=d.get("unit"),
+                   description=d.get("description") or "", index=bool(d.get("index", False)),
+                   summary=bool(d.get("summary", False)))
+
+
+#: Shared header metadata stored with every stage's results (the fields of
+#: :class:`SpectrumResult` after ``error_message``): (name, type, unit, description).
+_METADATA = (
+    ("obsid", "int", None, "survey observation id (LAMOST OBSID)"),
+    ("designation", "str", None, "designation (Jhhmmss.ss+ddmmss.s)"),
+    ("ra", "float", "deg", "right ascension (J2000)"),
+    ("dec", "float", "deg", "declination (J2000)"),
+    ("lmjd", "int", None, "local modified Julian day"),
+    ("planid", "str", None, "plan id"),
+    ("spid", "int", None, "spectrograph id"),
+    ("fiberid", "int", None, "fibre id"),
+    ("snr_g", "float", None, "pipeline S/N in g"),
+    ("snr_r", "float", None, "pipeline S/N in r"),
+    ("snr_i", "float", None, "pipeline S/N in i"),
+    ("pipeline_class", "str", None, "survey pipeline CLASS"),
+    ("pipeline_subclass", "str", None, "survey pipeline SUBCLASS"),
+    ("data_release", "str", None, "data release (DATA_V)"),
+    ("layout", "str", None, "file layout (image, dr1, coadd, or the reader's own)"),
+)
+#: Provenance columns of every stage's table, written by the sink:
+#: file path, scan id, model version (the resume key), stage version, code version, time.
+PROVENANCE_COLUMNS: tuple[str, ...] = ("path", "scan_id", "model_version", "stage_version",
+                                       "code_version", "created")
+#: Names an output cannot take.
+RESERVED_NAMES: frozenset[str] = frozenset(
+    {"id", "ok", "error_reason", "error_message", "stage", "dist"}
+    | set(PROVENANCE_COLUMNS) | {m[0] for m in _METADATA})
+class _SharedField(OutputField):
+    """A shared (metadata) column: a reserved name, declared by the core itself."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+#: The shared header metadata columns, as OutputFields (types for the sinks).
+METADATA_FIELDS: tuple[OutputField, ...] = tuple(_SharedField(n, t, u, d) for n, t, u, d in _METADATA)
+
+
+def coerce(value: Any, kind: str) -> Any:
+    """``value`` as an output of type ``kind`` (None for missing, NaN or unparsable values)."""
+    if value is None:
+        return None
+    try:
+        if kind == "float":
+            f = float(value)
+            return f if math.isfinite(f) else None
+        if kind == "int":
+            if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+                return None
+            return int(value)
+        if kind == "bool":
+            return bool(value)
+        if kind == "str":
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            text = str(value).strip()
+            return text or None
+        if kind == "json":
+            return json.loads(json.dumps(value, default=_json_default))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    raise ValueError(f"unknown output type {kind!r}")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+_ANNOTATION_TYPES = {"float": "float", "int": "int", "bool": "bool", "str": "str",
+                     "dict": "json", "list": "json"}
+
+
+def outputs_from_dataclass(cls: type, *, units: Mapping[str, str] | None = None,
+                           descriptions: Mapping[str, str] | None = None,
+                           index: Sequence[str] = (), summary: Sequence[str] = (),
+                           exclude: Sequence[str] = ("model_version",)) -> tuple[OutputField, ...]:
+    """Declare a result dataclass's own fields (those beyond :class:`SpectrumResult`) as outputs.
+
+    The type comes from each field's annotation (``float | None`` -> ``"float"``,
+    ``dict[...]`` -> ``"json"``); a plugin writer calls this once on its result
+    record instead of listing every field by hand.
+    """
+    base = {f.name for f in _dc_fields(SpectrumResult)}
+    units = dict(units or {})
+    descriptions = dict(descriptions or {})
+    out = []
+    for f in _dc_fields(cls):
+        if f.name in base or f.name in exclude:
+            continue
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        head = ann.replace(" ", "").split("|")[0].split("[")[0]
+        kind = _ANNOTATION_TYPES.get(head)
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: cannot tell an output type from {ann!r}")
+        out.append(OutputField(f.name, kind, units.get(f.name), descriptions.get(f.name, ""),
+                               index=f.name in index, summary=f.name in summary))
+    return tuple(out)
+
+
+@dataclass
+class StageSpec:
+    """What a sink needs to know about a stage: name, versions, declared outputs.
+
+    Built from a stage object, its class, or the JSON form a sink stored
+    (:meth:`to_dict`); see :func:`stage_spec`.
+    """
+
+    name: str
+    version: str
+    outputs: tuple[OutputField, ...] = ()
+    model_version: str | None = None
+    values: Callable[[Any], Mapping[str, Any]] | None = field(default=None, repr=False,
+                                                                compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ValueError(f"stage name {self.name!r} must match {_NAME_RE.pattern}")
+        self.outputs = tuple(OutputField.from_dict(o) for o in self.outputs)
+        seen = set()
+        for o in self.outputs:
+            if o.name in seen:
+                raise ValueError(f"stage {self.name!r} declares output {o.name!r} twice")
+            seen.add(o.name)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the declared outputs, in order."""
+        return tuple(o.name for o in self.outputs)
+
+    @property
+    def has_candidates(self) -> bool:
+        """True when the stage makes an O-candidate decision (``is_candidate`` or ``p_o``)."""
+        return bool({"is_candidate", "p_o"} & set(self.output_names))
+
+    def output_values(self, result: Any) -> dict[str, Any]:
+        """The declared outputs of one result, coerced to their types."""
+        raw = self.values(result) if self.values is not None else None
+        out = {}
+        for o in self.outputs:
+            v = raw.get(o.name) if raw is not None else _get(result, o.name)
+            out[o.name] = coerce(v, o.type)
+        return out
+
+    def metadata_values(self, result: Any) -> dict[str, Any]:
+        """The shared header metadata of one result, coerced."""
+        return {m.name: coerce(_get(result, m.name), m.type) for m in METADATA_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (no ``values`` hook)."""
+        return {"name": self.name, "version": self.version, "model_version": self.model_version,
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
+        """Inverse of :meth:`to_dict`."""
+        return cls(name=d["name"], version=d.get("version") or "", model_version=d.get("model_version"),
+                   outputs=tuple(OutputField.from_dict(o) for o in d.get("outputs") or ()))
+
+
+def stage_spec(stage: Any, name: str | None = None) -> StageSpec:
+    """The :class:`StageSpec` of a stage instance or class (a StageSpec passes through).
+
+    A stage written before outputs were declared (only ``process`` and
+    ``model_version``) gets ``name`` (its entry point name), its model version
+    as version and no outputs: the sinks then store the shared fields only.
+    """
+    if isinstance(stage, StageSpec):
+        return stage
+    if isinstance(stage, Mapping):
+        return StageSpec.from_dict(stage)
+    nm = getattr(stage, "name", None)
+    nm = nm if isinstance(nm, str) and nm else name
+    if nm is None:
+        raise ValueError(f"stage {stage!r} has no name")
+    mv = getattr(stage, "model_version", None)
+    mv = mv if isinstance(mv, str) else None
+    version = getattr(stage, "version", None)
+    version = version if isinstance(version, str) and version else (mv or "unversioned")
+    hook = getattr(stage, "output_values", None)
+    return StageSpec(name=nm, version=version, outputs=tuple(getattr(stage, "outputs", ()) or ()),
+                     model_version=mv, values=hook if callable(hook) else None)
+
+
+#: Classes of the O-star models' probability columns (``p_<class>``; X: hot non-MK impostors).
+OSTAR_CLASSES: tuple[str, ...] = ("O", "B", "A", "F", "G", "K", "M", "X")
+_EVIDENCE_BOOL = ("heii_detected", "heii_4686_emission", "metal_veto")
+_EVIDENCE_DESCRIPTIONS = {
+    "heii_ew": "weighted mean EW of the He II lines", "heii_ew_err": "error of heii_ew",
+    "hei_ew": "weighted mean EW of the He I lines", "hei_ew_err": "error of hei_ew",
+    "hei_sigma": "combined significance of He I absorption",
+    "log_wprime": "log10 EW(He I 4471) / EW(He II 4541)",
+    "n_heii_lines": "He II lines detected at >= 2 sigma",
+    "heii_detected": "He II detected by the lines module's rule",
+    "heii_4686_emission": "He II 4686 in emission",
+    "metal_veto": "a cool-star metal line is too strong for an O star",
+}
+
+
+def _evidence_field(name: str) -> "OutputField":
+    kind = "bool" if name in _EVIDENCE_BOOL else "int" if name == "n_heii_lines" else "float"
+    is_ew = name.startswith("ew_") or name in ("heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err")
+    desc = _EVIDENCE_DESCRIPTIONS.get(name)
+    if desc is None and name.startswith("ew_"):
+        line = name[3:].removesuffix("_err")
+        desc = f"box EW of {line}" + (" (1-sigma error)" if name.endswith("_err") else
+                                     ", positive for absorption")
+    return OutputField(name, kind, "Angstrom" if is_ew else None, desc or "")
+
+
+#: What :class:`OStarStage` writes: the ``results`` table's own columns, in order.
+OSTAR_OUTPUTS: tuple[OutputField, ...] = (
+    *(OutputField(f"p_{c.lower()}", "float", None,
+                  "calibrated probability of class O (training-balanced classes)" if c == "O"
+                  else f"calibrated probability of class {c}", index=c == "O")
+      for c in OSTAR_CLASSES),
+    OutputField("probs", "json", None, "class -> calibrated probability"),
+    OutputField("predicted_class", "str", None, "class with the highest calibrated probability"),
+    OutputField("flags", "int", None, "quality bit flags (stage.FLAG_*)"),
+    OutputField("posterior_o", "float", None, "probability of class O at the survey prior (O ~ 2e-5)"),
+    OutputField("is_candidate", "bool", None,
+                "the model's O-candidate decision (posterior and He II evidence)", summary=True),
+    OutputField("heii_sigma", "float", None,
+                "combined significance of He II 4200/4541/4686/5411 absorption", index=True),
+    *(_evidence_field(n) for n in EVIDENCE_FIELDS if n != "heii_sigma"),
+)
+#: The evidence outputs of :data:`OSTAR_OUTPUTS` (taken from ``StageResult.evidence``).
+_EVIDENCE_OUTPUTS: tuple[str, ...] = tuple(n for n in EVIDENCE_FIELDS if n != "heii_sigma")
+
+
 @dataclass
 class SpectrumResult:
     """The fields every stage's result shares: the input, success or error, header metadata.
@@ -274,7 +607,12 @@ class StageResult(SpectrumResult):
 
 @runtime_checkable
 class Stage(Protocol):
-    """What :mod:`lamost_ostar.scan` needs from a stage (see the module docstring)."""
+    """What :mod:`lamost_ostar.scan` needs from a stage (see the module docstring).
+
+    ``name``, ``version`` and ``outputs`` (class attributes) declare what the
+    stage writes; a stage without them still runs, its results stored with the
+    shared fields only.
+    """
 
     model_version: str | None
 
@@ -299,7 +637,7 @@ def spectrum_metadata(s: Spectrum) -> dict[str, Any]:
     )
 
 
-def read_items(items: Sequence[Any], engine: str = "fitsio"
+def read_items(items: Sequence[Any], engine: str = "fitsio", reader: Any = None
                ) -> tuple[list[Spectrum], list[int], dict[int, tuple[str, str, str]]]:
     """Read the file paths among ``items``; :class:`Spectrum` records pass through.
 
@@ -308,7 +646,13 @@ def read_items(items: Sequence[Any], engine: str = "fitsio"
     items : sequence of str, path-like or Spectrum
         One batch of a stage's inputs.
     engine : str
-        Reader engine of :func:`lamost_ostar.io.read_spectra`.
+        Reader engine of :func:`lamost_ostar.io.read_spectra` (the LAMOST reader).
+    reader : str or reader object, optional
+        A reader plugin (entry point group ``lamost_ostar.readers``) by name, or
+        an object with ``read(path) -> Spectrum`` raising
+        :class:`lamost_ostar.io.ReadError`; default: the LAMOST reader with
+        ``engine``.  Any other exception of a reader gives the reason
+        ``read_failed``.
 
     Returns
     -------
@@ -324,7 +668,27 @@ def read_items(items: Sequence[Any], engine: str = "fitsio"
     slots: list[int] = []
     failed: dict[int, tuple[str, str, str]] = {}
     path_idx = [i for i, it in enumerate(items) if not isinstance(it, Spectrum)]
-    if path_idx:
+    if isinstance(reader, str):
+        from lamost_ostar.io import load_reader
+
+        reader = load_reader(reader, engine=engine)
+    if path_idx and reader is not None:
+        for i in path_idx:
+            path = os.fspath(items[i])
+            try:
+                sp = reader.read(path)
+            except ReadError as err:
+                failed[i] = (path, err.reason, err.message)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug is one file's error
+                failed[i] = (path, "read_failed", " ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+                continue
+            if not isinstance(sp, Spectrum):
+                failed[i] = (path, "read_failed", f"reader returned {type(sp).__name__}, not a Spectrum")
+                continue
+            spectra.append(sp)
+            slots.append(i)
+    elif path_idx:
         paths = [os.fspath(items[i]) for i in path_idx]
         batch = read_spectra(paths, engine=engine)
         queues: dict[str, deque[int]] = defaultdict(deque)
@@ -468,6 +832,36 @@ class OStarStage:
     device_name : str
         Keras device used (``"cpu:0"`` or ``"gpu:0"``).
     """
+
+    #: Entry point name, and the name of the stage's table (``results`` for this stage).
+    name = "ostar"
+    #: Version of this stage's outputs (the model has its own ``model_version``).
+    version = "ostar-1"
+    #: What each result holds besides the shared fields (the ``results`` table's columns).
+    outputs = OSTAR_OUTPUTS
+
+    @staticmethod
+    def output_values(result: Any) -> dict[str, Any]:
+        """The declared outputs of a result (a StageResult, or a mapping with its keys).
+
+        ``p_<class>`` come from ``probs`` (class labels in any case; ``p_o`` from
+        the result's own ``p_o`` when set); the evidence columns from ``evidence``.
+        """
+        probs_in = _get(result, "probs") or {}
+        probs = {str(k): coerce(v, "float") for k, v in dict(probs_in).items()}
+        upper = {k.upper(): v for k, v in probs.items()}
+        row: dict[str, Any] = {f"p_{c.lower()}": upper.get(c) for c in OSTAR_CLASSES}
+        p_o = coerce(_get(result, "p_o"), "float")
+        row["p_o"] = p_o if p_o is not None else upper.get("O")
+        row["probs"] = probs or None
+        row["predicted_class"] = _get(result, "predicted_class")
+        row["flags"] = coerce(_get(result, "flags"), "int") or 0
+        for key in ("posterior_o", "is_candidate", "heii_sigma"):
+            row[key] = _get(result, key)
+        evidence = _get(result, "evidence") or {}
+        for name in _EVIDENCE_OUTPUTS:
+            row[name] = evidence.get(name) if isinstance(evidence, Mapping) else None
+        return row
 
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
@@ -651,16 +1045,5 @@ def load_stage(name: str = "ostar", **kwargs: Any) -> Any:
     LookupError
         No stage of that name is registered.
     """
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        factory = importlib.import_module(module)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-        return factory(**kwargs)
-    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not matches:
-        known = ", ".join(sorted(available_stages())) or "none"
-        raise LookupError(f"no stage named {name!r} in entry point group "
-                          f"{ENTRY_POINT_GROUP!r} (registered: {known})")
-    return matches[0].load()(**kwargs)
+    return _eps.load(ENTRY_POINT_GROUP, name)(**kwargs)
 

@@ -137,7 +137,7 @@ def test_dry_run_says_new_done_and_failed(release, files, tmp_path, monkeypatch)
     assert f"{len(files)} files: {new} new, 150 done, 10 failed before" in res.output
     assert f"{-(-new // 100)} partitions of <= 100" in res.output
     # another model version (the plugin stage's own) has nothing done
-    from plugins.heii_lines import VERSION
+    from lamost_ostar_plugins.heii_lines import VERSION
 
     res = CliRunner().invoke(main, ["scan", str(release), "--db", str(db), "--dry-run", "--stage",
                                     "heii_lines"])

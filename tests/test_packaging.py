@@ -18,7 +18,7 @@ def test_wheel_builds_cleanly_and_ships_the_data(tmp_path):
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("lamost_ostar", "plugins"):
+    for name in ("lamost_ostar", "lamost_ostar_plugins"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", "dist"],
                           cwd=src, capture_output=True, text=True, timeout=300)
@@ -31,7 +31,7 @@ def test_wheel_builds_cleanly_and_ships_the_data(tmp_path):
     (wheel,) = (src / "dist").glob("lamost_ostar-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"lamost_ostar/data/templates.npz", "lamost_ostar/data/lamost_instrument.npz",
-                "plugins/heii_lines.py", "lamost_ostar/cli/scan.py"}
+                "lamost_ostar_plugins/heii_lines.py", "lamost_ostar/cli/scan.py"}
     for version_dir in (REPO / "lamost_ostar" / "data" / "models").iterdir():
         if version_dir.is_dir():
             for f in ("model.keras", "card.json"):

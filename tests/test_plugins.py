@@ -1,4 +1,4 @@
-"""Tests for the plugin stage ``plugins.heii_lines`` (He II / He I / Balmer EWs, He II evidence)."""
+"""Tests for the plugin stage ``lamost_ostar_plugins.heii_lines`` (He II / He I / Balmer EWs, He II evidence)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lamost_ostar.io import Spectrum
 from lamost_ostar.lines import LINE_NAMES
 from lamost_ostar.preprocess import DLOGLAM, LOGLAM0, NPIX, grid_wavelength
 from lamost_ostar.stage import Stage, available_stages, load_stage
-from plugins.heii_lines import VERSION, HeIILineStage, LineResult, equivalent_widths
+from lamost_ostar_plugins.heii_lines import VERSION, HeIILineStage, LineResult, equivalent_widths
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -44,7 +44,7 @@ def _mock_spectra(mk: str, n: int, seed: int, snr_range=None, templates=None) ->
 
 
 def test_registered_entry_point_and_protocol():
-    assert available_stages()["heii_lines"] == "plugins.heii_lines:HeIILineStage"
+    assert available_stages()["heii_lines"] == "lamost_ostar_plugins.heii_lines:HeIILineStage"
     stage = load_stage("heii_lines", batch_size=3, read_engine="native")
     assert isinstance(stage, HeIILineStage)
     assert isinstance(stage, Stage)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from lamost_ostar import scan as scanmod
 from lamost_ostar.cli import main
-from plugins.heii_lines import VERSION as heii_version
+from lamost_ostar_plugins.heii_lines import VERSION as heii_version
 
 DATA = Path(__file__).resolve().parent / "data"
 GOOD = ["io_image_dr7.fits", "io_image_dr6.fits.gz", "io_dr1_gzip.fits", "io_coadd_dr9.fits.gz",

@@ -43,9 +43,10 @@ import numpy as np
 from lamost_ostar.io import Spectrum
 from lamost_ostar.lines import LINE_NAMES, measure_lines
 from lamost_ostar.preprocess import grid_wavelength, resample
-from lamost_ostar.stage import SpectrumResult, quality_flags, read_items, spectrum_metadata
+from lamost_ostar.stage import (SpectrumResult, outputs_from_dataclass, quality_flags, read_items,
+                                spectrum_metadata)
 
-__all__ = ["BLUE_BAND", "RED_BAND", "MIN_BLUE_RED_RATIO", "VERSION", "LineResult",
+__all__ = ["BLUE_BAND", "RED_BAND", "MIN_BLUE_RED_RATIO", "VERSION", "LineResult", "OUTPUTS",
            "HeIILineStage", "equivalent_widths"]
 
 #: Blue and red continuum bands [A] of the flux ratio ``blue_red_ratio``.
@@ -139,6 +140,31 @@ class LineResult(SpectrumResult):
     model_version: str | None = VERSION
 
 
+_EW_FIELDS = {f"ew_{n}{s}" for n in LINE_NAMES for s in ("", "_err")} | {
+    "heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err"}
+#: What this stage writes (its table's columns besides the shared ones).
+OUTPUTS = outputs_from_dataclass(
+    LineResult, units={n: "Angstrom" for n in _EW_FIELDS},
+    descriptions={
+        **{f"ew_{n}": f"box EW of {n} (positive for absorption)" for n in LINE_NAMES},
+        **{f"ew_{n}_err": f"1-sigma error of ew_{n}" for n in LINE_NAMES},
+        "heii_ew": "weighted mean He II EW (matched filter)", "heii_ew_err": "error of heii_ew",
+        "heii_sigma": "significance of the weighted mean He II EW (N(0,1) without He II)",
+        "hei_ew": "weighted mean He I EW", "hei_ew_err": "error of hei_ew",
+        "hei_sigma": "significance of the weighted mean He I EW",
+        "log_wprime": "log10 EW(He I 4471) / EW(He II 4541)", "log_wprime_err": "error of log_wprime",
+        "n_heii_lines": "He II lines detected at >= 2 sigma", "heii_chi2": "chi2 of the He II lines' EWs",
+        "heii_consistent": "He II lines consistent with one another",
+        "heii_contradicted": "a He II line contradicts the others",
+        "heii_4686_emission": "He II 4686 in emission",
+        "metal_veto": "a cool-star metal line is too strong for an O star",
+        "heii_hei_ratio": "EW(He II 4686) / EW(He I 4471)",
+        "heii_detected": "He II detected (lines module rule)",
+        "blue_red_ratio": "median F_lambda 4000-4200 A over 6000-6200 A",
+        "o_star_like": "heii_detected and a hot continuum",
+        "flags": "quality bit flags (stage.FLAG_*)"},
+    index=("heii_sigma",), summary=("heii_detected", "o_star_like"))
+
 #: LineResult fields filled from :meth:`lamost_ostar.lines.LineMeasurements.row`.
 _ROW_FIELDS = tuple(f"ew_{n}{s}" for n in LINE_NAMES for s in ("", "_err")) + (
     "heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err", "hei_sigma",
@@ -195,7 +221,10 @@ class HeIILineStage:
         Reader engine of :func:`lamost_ostar.io.read_spectra`.
     """
 
+    name = "heii_lines"
+    version = VERSION
     model_version = VERSION
+    outputs = OUTPUTS
 
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
