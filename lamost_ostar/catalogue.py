@@ -56,7 +56,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import logging
 import os
+import re
 import socket
 import time
 import zlib
@@ -80,8 +82,13 @@ __all__ = [
     "DEFAULT_P_O_THRESHOLD",
     "RESULT_COLUMNS",
     "SCAN_COUNT_COLUMNS",
+    "DEFAULT_STAGE",
+    "PROVENANCE_COLUMNS",
+    "STAGE_RESULT_COLUMNS",
     "Catalogue",
     "CatalogueError",
+    "parse_where",
+    "stage_table_name",
     "CatalogueWriter",
     "WriteSummary",
     "angular_distance",
@@ -94,15 +101,22 @@ __all__ = [
 DEFAULT_P_O_THRESHOLD = 0.5
 
 #: class label -> probability column in ``results`` (X: hot non-MK impostors)
-CLASS_COLUMNS: dict[str, str] = {c: f"p_{c.lower()}" for c in ("O", "B", "A", "F", "G", "K", "M", "X")}
+CLASS_COLUMNS: dict[str, str] = {c: f"p_{c.lower()}" for c in _stage.OSTAR_CLASSES}
 
+#: The ostar stage's declared outputs (``stage.OSTAR_OUTPUTS``): name -> OutputField.
+_OSTAR_FIELDS = {o.name: o for o in _stage.OSTAR_OUTPUTS}
+_KIND_OF = {"float": float, "int": int, "bool": bool, "str": str, "json": str}
 #: The O-candidate decision and the He II evidence (``stage.StageResult``):
 #: column -> kind (float, int or bool)
-DECISION_COLUMNS: dict[str, type] = {"posterior_o": float, "is_candidate": bool, "heii_sigma": float}
+DECISION_COLUMNS: dict[str, type] = {n: _KIND_OF[_OSTAR_FIELDS[n].type]
+                                     for n in ("posterior_o", "is_candidate", "heii_sigma")}
 EVIDENCE_COLUMNS: dict[str, type] = {
-    name: (bool if name in ("heii_detected", "heii_4686_emission", "metal_veto")
-           else int if name == "n_heii_lines" else float)
-    for name in _stage.EVIDENCE_FIELDS if name != "heii_sigma"}
+    name: _KIND_OF[_OSTAR_FIELDS[name].type] for name in _stage.EVIDENCE_FIELDS if name != "heii_sigma"}
+
+#: The stage whose table is ``results`` (and whose errors old catalogues hold).
+DEFAULT_STAGE = "ostar"
+#: Provenance columns of every stage table besides ``path``/``scan_id``/``created``.
+PROVENANCE_COLUMNS = _stage.PROVENANCE_COLUMNS
 
 #: scan count columns, in order
 SCAN_COUNT_COLUMNS = ("files_seen", "files_read", "files_classified", "files_failed", "files_skipped")
@@ -160,106 +174,187 @@ class CatalogueError(ValueError):
 # --------------------------------------------------------------------------- schema
 
 _SQL_KIND = {float: sa.Float, int: sa.Integer, bool: sa.Boolean}
+_BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+_TS = sa.DateTime(timezone=True)
+#: SQL type of each output type
+_OUTPUT_SQL = {"float": sa.Float, "int": sa.BigInteger, "bool": sa.Boolean, "str": sa.Text,
+               "json": lambda: _JSON}
+#: The ``results`` (ostar) table's column types from before outputs were declared.
+_RESULTS_TYPES = {"predicted_class": sa.String(8), "flags": sa.Integer(), "n_heii_lines": sa.Integer()}
+_STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
-def _candidate_clause(threshold: float = None):
-    """SQL condition "is an O candidate": the row's own decision, or for rows of
-    model versions without one (``is_candidate`` NULL) ``p_o >= threshold``."""
-    t = _RESULTS
-    thr = DEFAULT_P_O_THRESHOLD if threshold is None else float(threshold)
-    return sa.or_(t.c.is_candidate.is_(True),
-                  sa.and_(t.c.is_candidate.is_(None), sa.func.coalesce(t.c.p_o, 0.0) >= thr))
+def stage_table_name(stage: str) -> str:
+    """The table of a stage's results: ``results`` for ``ostar``, ``results_<stage>`` otherwise."""
+    if not isinstance(stage, str) or not _STAGE_NAME_RE.match(stage):
+        raise CatalogueError(f"stage name {stage!r} must be lower-case letters, digits and _ "
+                             "(at most 32, starting with a letter)")
+    return "results" if stage == DEFAULT_STAGE else f"results_{stage}"
+
+
+def _ix(table: str, *cols: str) -> str:
+    name = f"ix_{table}_{'_'.join(cols)}"
+    return name if len(name) <= 60 else f"ix_{table[:40]}_{zlib.crc32(name.encode()):08x}"
+
+
+def _metadata_columns() -> list[sa.Column]:
+    """The shared header metadata columns (``stage.METADATA_FIELDS``), with their SQL types."""
+    types = {"obsid": sa.BigInteger, "designation": sa.String(64), "ra": sa.Float(53),
+             "dec": sa.Float(53), "snr_g": sa.Float, "snr_r": sa.Float, "snr_i": sa.Float,
+             "lmjd": sa.Integer, "planid": sa.String(64), "spid": sa.Integer, "fiberid": sa.Integer,
+             "pipeline_class": sa.String(32), "pipeline_subclass": sa.String(64),
+             "data_release": sa.String(64), "layout": sa.String(16)}
+    return [sa.Column(m.name, types[m.name]) for m in _stage.METADATA_FIELDS]
+
+
+def _build_stage_table(md: sa.MetaData, table_name: str, outputs: Sequence[Any]) -> sa.Table:
+    """One stage's result table: provenance + shared metadata + the declared outputs."""
+    legacy = table_name == "results"
+    cols: list[Any] = [
+        sa.Column("id", _BIG_ID, primary_key=True, autoincrement=True),
+        sa.Column("path", sa.Text, nullable=False),
+        sa.Column("model_version", sa.String(128), nullable=False),
+        *_metadata_columns(),
+    ]
+    for o in outputs:
+        if legacy and o.name == "flags":
+            cols.append(sa.Column("flags", sa.Integer, nullable=False, server_default="0"))
+        elif legacy and o.name in _RESULTS_TYPES:
+            cols.append(sa.Column(o.name, _RESULTS_TYPES[o.name]))
+        else:
+            cols.append(sa.Column(o.name, _OUTPUT_SQL[o.type]()))
+    cols += [
+        sa.Column("scan_id", sa.Integer, sa.ForeignKey("scans.id", ondelete="SET NULL")),
+        sa.Column("created", _TS, nullable=False),
+        sa.Column("stage_version", sa.String(64)),
+        sa.Column("code_version", sa.String(64)),
+    ]
+    names = {o.name for o in outputs}
+    if legacy:
+        extra = [
+            sa.UniqueConstraint("path", "model_version", name="uq_results_path_model"),
+            sa.Index("ix_results_p_o", "p_o"),
+            sa.Index("ix_results_predicted_class", "predicted_class", "p_o"),
+            sa.Index("ix_results_dec_ra", "dec", "ra"),
+            sa.Index("ix_results_snr_g", "snr_g"),
+            sa.Index("ix_results_snr_r", "snr_r"),
+            sa.Index("ix_results_snr_i", "snr_i"),
+            sa.Index("ix_results_model_version", "model_version", "p_o"),
+            sa.Index("ix_results_scan_id", "scan_id"),
+            sa.Index("ix_results_obsid", "obsid"),
+            sa.Index("ix_results_is_candidate", "is_candidate", "posterior_o"),
+            sa.Index("ix_results_heii_sigma", "heii_sigma"),
+            # path lookups use the (path, model_version) unique index
+        ]
+        extra += [sa.Index(_ix(table_name, o.name), o.name) for o in outputs
+                  if o.index and o.name not in ("p_o", "heii_sigma")]
+    else:
+        extra = [
+            sa.UniqueConstraint("path", "model_version", name=f"uq_{table_name}_path_model"[:60]),
+            sa.Index(_ix(table_name, "dec", "ra"), "dec", "ra"),
+            sa.Index(_ix(table_name, "model_version"), "model_version"),
+            sa.Index(_ix(table_name, "scan_id"), "scan_id"),
+            sa.Index(_ix(table_name, "obsid"), "obsid"),
+            *[sa.Index(_ix(table_name, o.name), o.name) for o in outputs if o.index],
+        ]
+    del names
+    return sa.Table(table_name, md, *cols, *extra)
 
 
 def _build_metadata() -> sa.MetaData:
     md = sa.MetaData()
-    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-    json_t = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-    ts = sa.DateTime(timezone=True)
-
     sa.Table(
         "scans", md,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("started", ts, nullable=False),
-        sa.Column("finished", ts),
+        sa.Column("started", _TS, nullable=False),
+        sa.Column("finished", _TS),
         sa.Column("model_version", sa.String(128)),
         sa.Column("code_version", sa.String(64)),
-        sa.Column("parameters", json_t),
+        sa.Column("parameters", _JSON),
         sa.Column("host", sa.String(255)),
         *[sa.Column(c, sa.BigInteger, nullable=False, server_default="0") for c in SCAN_COUNT_COLUMNS],
         sa.Column("status", sa.String(32), nullable=False, server_default="running"),
-        sa.Column("summary", json_t),
+        sa.Column("summary", _JSON),
+        # the stages the scan ran: [{"name", "version", "model_version", "outputs"}, ...]
+        sa.Column("stages", _JSON),
     )
-
-    sa.Table(
-        "results", md,
-        sa.Column("id", big_id, primary_key=True, autoincrement=True),
-        sa.Column("path", sa.Text, nullable=False),
-        sa.Column("model_version", sa.String(128), nullable=False),
-        sa.Column("obsid", sa.BigInteger),
-        sa.Column("designation", sa.String(64)),
-        sa.Column("ra", sa.Float(53)),
-        sa.Column("dec", sa.Float(53)),
-        sa.Column("snr_g", sa.Float),
-        sa.Column("snr_r", sa.Float),
-        sa.Column("snr_i", sa.Float),
-        sa.Column("lmjd", sa.Integer),
-        sa.Column("planid", sa.String(64)),
-        sa.Column("spid", sa.Integer),
-        sa.Column("fiberid", sa.Integer),
-        sa.Column("pipeline_class", sa.String(32)),
-        sa.Column("pipeline_subclass", sa.String(64)),
-        sa.Column("data_release", sa.String(64)),
-        sa.Column("layout", sa.String(16)),
-        *[sa.Column(col, sa.Float) for col in CLASS_COLUMNS.values()],
-        sa.Column("probs", json_t),
-        sa.Column("predicted_class", sa.String(8)),
-        sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
-        *[sa.Column(col, _SQL_KIND[kind]) for col, kind in {**DECISION_COLUMNS, **EVIDENCE_COLUMNS}.items()],
-        sa.Column("scan_id", sa.Integer, sa.ForeignKey("scans.id", ondelete="SET NULL")),
-        sa.Column("created", ts, nullable=False),
-        sa.UniqueConstraint("path", "model_version", name="uq_results_path_model"),
-        sa.Index("ix_results_p_o", "p_o"),
-        sa.Index("ix_results_predicted_class", "predicted_class", "p_o"),
-        sa.Index("ix_results_dec_ra", "dec", "ra"),
-        sa.Index("ix_results_snr_g", "snr_g"),
-        sa.Index("ix_results_snr_r", "snr_r"),
-        sa.Index("ix_results_snr_i", "snr_i"),
-        sa.Index("ix_results_model_version", "model_version", "p_o"),
-        sa.Index("ix_results_scan_id", "scan_id"),
-        sa.Index("ix_results_obsid", "obsid"),
-        sa.Index("ix_results_is_candidate", "is_candidate", "posterior_o"),
-        sa.Index("ix_results_heii_sigma", "heii_sigma"),
-        # path lookups use the (path, model_version) unique index
-    )
-
+    _build_stage_table(md, "results", _stage.OSTAR_OUTPUTS)
     sa.Table(
         "errors", md,
-        sa.Column("id", big_id, primary_key=True, autoincrement=True),
+        sa.Column("id", _BIG_ID, primary_key=True, autoincrement=True),
         sa.Column("path", sa.Text, nullable=False),
         sa.Column("model_version", sa.String(128), nullable=False),
         sa.Column("scan_id", sa.Integer, sa.ForeignKey("scans.id", ondelete="SET NULL")),
         sa.Column("reason", sa.String(64), nullable=False),
         sa.Column("message", sa.Text),
-        sa.Column("created", ts, nullable=False),
-        sa.UniqueConstraint("path", "model_version", name="uq_errors_path_model"),
+        sa.Column("created", _TS, nullable=False),
+        sa.Column("stage", sa.String(64), nullable=False, server_default=DEFAULT_STAGE),
+        sa.UniqueConstraint("stage", "path", "model_version", name="uq_errors_stage_path_model"),
         sa.Index("ix_errors_scan_id", "scan_id"),
         sa.Index("ix_errors_reason", "reason"),
+    )
+    # the stages whose results the catalogue holds, with their declared outputs
+    sa.Table(
+        "stages", md,
+        sa.Column("stage", sa.String(64), primary_key=True),
+        sa.Column("table_name", sa.String(64), nullable=False),
+        sa.Column("stage_version", sa.String(64)),
+        sa.Column("outputs", _JSON),
+        sa.Column("created", _TS, nullable=False),
+        sa.Column("updated", _TS),
     )
     return md
 
 
-#: The catalogue schema (tables ``scans``, ``results``, ``errors``).
+#: The catalogue schema (tables ``scans``, ``results`` (the ostar stage's), ``errors``,
+#: ``stages``; each other stage's table is made from its declaration when first written).
 metadata = _build_metadata()
 _SCANS = metadata.tables["scans"]
 _RESULTS = metadata.tables["results"]
 _ERRORS = metadata.tables["errors"]
+_STAGES = metadata.tables["stages"]
+_CORE_TABLES = ("scans", "results", "errors")
+
+#: stage tables built from declarations: (table name, outputs) -> Table
+_TABLE_CACHE: dict[tuple, sa.Table] = {}
+
+
+def _stage_table(name: str, outputs: Sequence[Any]) -> sa.Table:
+    """The Table object of stage ``name`` with ``outputs`` (``results`` for ostar)."""
+    table_name = stage_table_name(name)
+    if table_name == "results":
+        return _RESULTS
+    key = (table_name, tuple((o.name, o.type, o.index) for o in outputs))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        md = sa.MetaData()
+        _SCANS.to_metadata(md)
+        table = _build_stage_table(md, table_name, outputs)
+        _TABLE_CACHE[key] = table
+    return table
+
+
+def _candidate_clause(threshold: float = None, t: sa.Table | None = None):
+    """SQL condition "is an O candidate": the row's own decision, or for rows of
+    model versions without one (``is_candidate`` NULL) ``p_o >= threshold``."""
+    t = _RESULTS if t is None else t
+    thr = DEFAULT_P_O_THRESHOLD if threshold is None else float(threshold)
+    has = set(t.c.keys())
+    if "is_candidate" in has and "p_o" in has:
+        return sa.or_(t.c.is_candidate.is_(True),
+                      sa.and_(t.c.is_candidate.is_(None), sa.func.coalesce(t.c.p_o, 0.0) >= thr))
+    if "is_candidate" in has:
+        return t.c.is_candidate.is_(True)
+    return sa.func.coalesce(t.c.p_o, 0.0) >= thr
+
 
 #: SQL of "is a candidate": the row's own decision, or for rows of model
 #: versions without one (``is_candidate`` NULL) the old rule p(O) >= 0.5.
 _CANDIDATE_SQL = (f"(is_candidate = TRUE OR (is_candidate IS NULL AND p_o >= {DEFAULT_P_O_THRESHOLD!r}))")
 _VIEW_SQL = "CREATE {verb} VIEW {ifne}candidates AS SELECT * FROM results WHERE " + _CANDIDATE_SQL
 _DDL_LOCK_KEY = zlib.crc32(b"lamost_ostar.catalogue.ddl")
+_log = logging.getLogger("lamost_ostar.catalogue")
 
 
 # --------------------------------------------------------------------------- URLs
@@ -457,7 +552,8 @@ class Catalogue:
         self.busy_timeout = float(busy_timeout)
         self._engine: Engine | None = None
         self._pid: int | None = None
-        self._scan_models: dict[int, str | None] = {}
+        self._scan_models: dict[int, tuple[str | None, dict[str, str]]] = {}
+        self._ready: set[tuple] = set()
 
     # ---- pickling / process handling
     def __getstate__(self) -> dict:
@@ -544,8 +640,8 @@ class Catalogue:
                 present = set(sa.inspect(conn).get_table_names())
         except OperationalError as exc:
             raise CatalogueError(f"cannot open {_safe_url(self.url)}: {_first_line(exc)}") from exc
-        if {"scans", "results", "errors"} <= present:
-            self._add_missing_columns(engine)
+        if set(_CORE_TABLES) <= present:
+            self._migrate(engine)
             return
         if not self.create:
             raise CatalogueError(f"{_safe_url(self.url)} holds no lamost_ostar catalogue "
@@ -566,44 +662,220 @@ class Catalogue:
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="OR REPLACE", ifne=""))
             else:
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="", ifne="IF NOT EXISTS "))
+            self._register_stage(conn, _stage.stage_spec(_stage.OStarStage), "results")
 
-    def _add_missing_columns(self, engine: Engine) -> None:
-        """Migrate a catalogue written by an older version: add the columns it lacks.
+    def _migration_needed(self, conn) -> dict[str, Any]:
+        """What an older catalogue lacks (nothing: an empty dict)."""
+        insp = sa.inspect(conn)
+        need: dict[str, Any] = {}
+        tables = set(insp.get_table_names())
+        missing = {}
+        for name in _CORE_TABLES:
+            have = {col["name"] for col in insp.get_columns(name)}
+            cols = [c for c in metadata.tables[name].columns if c.name not in have]
+            if cols:
+                missing[name] = cols
+        if missing:
+            need["columns"] = missing
+        uniques = [set(u["column_names"]) for u in insp.get_unique_constraints("errors")]
+        if {"path", "model_version"} in uniques and {"stage", "path", "model_version"} not in uniques:
+            need["errors_key"] = [u for u in insp.get_unique_constraints("errors")
+                                  if set(u["column_names"]) == {"path", "model_version"}]
+        if "stages" not in tables:
+            need["stages_table"] = True
+        return need
 
-        New result columns (e.g. the posterior, the candidate flag and the He II
-        evidence) are added as NULL-able columns with ``ALTER TABLE ... ADD
-        COLUMN``; the rows already there keep NULL in them (they were written by
-        models that did not produce those values).  Nothing is dropped or
-        rewritten.
+    def _migrate(self, engine: Engine) -> None:
+        """Bring a catalogue written by an older version up to this schema, in place.
+
+        One transaction (under the DDL lock on PostgreSQL), only when something is
+        missing:
+
+        * new columns are added as NULL-able columns with ``ALTER TABLE ... ADD
+          COLUMN`` (results: the decision/evidence columns, ``stage_version``,
+          ``code_version``; scans: ``stages``; errors: ``stage``, ``'ostar'``
+          for the rows already there); existing rows keep NULL (written by
+          models that did not produce those values);
+        * the errors table's key becomes ``(stage, path, model_version)`` (SQLite:
+          the table is rebuilt, rows and ids kept; PostgreSQL: the constraint is
+          replaced);
+        * the ``stages`` table is created, with the ostar stage's row;
+        * rows that older versions wrote for a *plugin* stage (a scan whose
+          parameters name a stage other than ``ostar``) leave ``results``: their
+          error rows are relabelled with that stage, their result rows, which
+          held only the header fields (the plugin's measurements had no
+          column), are deleted, so that a scan with that stage measures those
+          files again into the stage's own table.  A warning says how many.
         """
         with engine.connect() as conn:
-            insp = sa.inspect(conn)
-            missing = {name: [c for c in table.columns
-                              if c.name not in {col["name"] for col in insp.get_columns(name)}]
-                       for name, table in metadata.tables.items()}
-        if not any(missing.values()):
+            need = self._migration_needed(conn)
+        if not need:
             return
+        moved: dict[str, tuple[int, int]] = {}
         try:
             with engine.connect().execution_options(lamost_write=True) as conn, conn.begin():
                 if self.dialect == "postgresql":
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                need = self._migration_needed(conn)     # another process may have done it
+                if not need:
+                    return
                 insp = sa.inspect(conn)
-                for name, cols in missing.items():
+                for name, cols in need.get("columns", {}).items():
                     have = {col["name"] for col in insp.get_columns(name)}
                     for col in cols:
                         if col.name in have:
-                            continue            # another process added it meanwhile
+                            continue
                         ddl = col.type.compile(dialect=conn.dialect)
+                        if col.server_default is not None:
+                            ddl += f" NOT NULL DEFAULT '{col.server_default.arg}'"
                         conn.exec_driver_sql(f'ALTER TABLE {name} ADD COLUMN "{col.name}" {ddl}')
+                if "errors_key" in need:
+                    self._rekey_errors(conn, need["errors_key"])
+                if "stages_table" in need:
+                    _STAGES.create(conn, checkfirst=True)
+                if "errors_key" in need or "columns" in need:
+                    moved = self._move_plugin_rows(conn)
                 # the candidates view follows the new rule; indexes of the new columns
                 conn.exec_driver_sql("DROP VIEW IF EXISTS candidates")
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="", ifne=""))
-                for index in _RESULTS.indexes:
-                    index.create(conn, checkfirst=True)
+                for table in (_RESULTS, _ERRORS):
+                    for index in table.indexes:
+                        index.create(conn, checkfirst=True)
+                self._register_stage(conn, _stage.stage_spec(_stage.OStarStage), "results")
         except (OperationalError, DBAPIError) as exc:
-            added = ", ".join(c.name for cols in missing.values() for c in cols)
-            raise CatalogueError(f"{_safe_url(self.url)} was written by an older lamost_ostar and "
-                                 f"lacks columns ({added}); adding them failed: {_first_line(exc)}") from exc
+            added = ", ".join(c.name for cols in need.get("columns", {}).values() for c in cols)
+            raise CatalogueError(f"{_safe_url(self.url)} was written by an older lamost_ostar "
+                                 f"(lacks: {added or 'the stage tables'}); migrating it failed: "
+                                 f"{_first_line(exc)}") from exc
+        for name, (n_res, n_err) in moved.items():
+            _log.warning("catalogue %s: %d result rows that an older version wrote for stage %r "
+                         "without its measurements were removed from 'results' (scan with "
+                         "--stage %s to measure them again); its %d error rows are kept as that "
+                         "stage's", _safe_url(self.url), n_res, name, name, n_err)
+
+    def _rekey_errors(self, conn, old_uniques: list[dict]) -> None:
+        """Make ``(stage, path, model_version)`` the errors table's key."""
+        if self.dialect == "postgresql":
+            for u in old_uniques:
+                if u.get("name"):
+                    conn.exec_driver_sql(f'ALTER TABLE errors DROP CONSTRAINT "{u["name"]}"')
+            conn.exec_driver_sql("ALTER TABLE errors ADD CONSTRAINT uq_errors_stage_path_model "
+                                 "UNIQUE (stage, path, model_version)")
+            return
+        # SQLite cannot drop a table constraint: rebuild the table, keeping rows and ids
+        conn.exec_driver_sql("ALTER TABLE errors RENAME TO errors_before_stages")
+        for index in _ERRORS.indexes:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+        _ERRORS.create(conn)
+        cols = ", ".join(f'"{c.name}"' for c in _ERRORS.columns)
+        conn.exec_driver_sql(f"INSERT INTO errors ({cols}) SELECT {cols} FROM errors_before_stages")
+        conn.exec_driver_sql("DROP TABLE errors_before_stages")
+
+    def _move_plugin_rows(self, conn) -> dict[str, tuple[int, int]]:
+        """Rows of plugin stages that older versions wrote into ``results``/``errors`` (see _migrate)."""
+        by_stage: dict[str, list[int]] = {}
+        for sid, params in conn.execute(sa.select(_SCANS.c.id, _SCANS.c.parameters)).all():
+            if isinstance(params, str):
+                try:
+                    params = json.loads(params)
+                except ValueError:
+                    params = None
+            name = params.get("stage") if isinstance(params, Mapping) else None
+            if isinstance(name, str) and name != DEFAULT_STAGE and ":" not in name \
+                    and _STAGE_NAME_RE.match(name):
+                by_stage.setdefault(name, []).append(int(sid))
+        moved = {}
+        for name, ids in by_stage.items():
+            n_res = n_err = 0
+            for chunk in _chunks(ids, _CHUNK):
+                n_err += conn.execute(sa.update(_ERRORS).where(_ERRORS.c.scan_id.in_(chunk),
+                                                               _ERRORS.c.stage == DEFAULT_STAGE)
+                                      .values(stage=name)).rowcount or 0
+                n_res += conn.execute(sa.delete(_RESULTS).where(_RESULTS.c.scan_id.in_(chunk))
+                                      ).rowcount or 0
+            if n_res or n_err:
+                moved[name] = (n_res, n_err)
+        return moved
+
+    def _register_stage(self, conn, spec: "_stage.StageSpec", table_name: str) -> None:
+        """Insert or update the stage's row in ``stages`` (outputs: the union of all versions')."""
+        now = datetime.now(timezone.utc)
+        row = conn.execute(sa.select(_STAGES.c.outputs, _STAGES.c.stage_version)
+                           .where(_STAGES.c.stage == spec.name)).first()
+        outputs = [o.to_dict() for o in spec.outputs]
+        if row is None:
+            ins = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+            conn.execute(ins(_STAGES).on_conflict_do_nothing(index_elements=["stage"]).values(
+                stage=spec.name, table_name=table_name, stage_version=spec.version,
+                outputs=outputs, created=now, updated=now))
+            return
+        old = list(row[0] or [])
+        names = {o["name"] for o in old}
+        merged = old + [o for o in outputs if o["name"] not in names]
+        if merged != old or row[1] != spec.version:
+            conn.execute(sa.update(_STAGES).where(_STAGES.c.stage == spec.name)
+                         .values(outputs=merged, stage_version=spec.version, updated=now))
+
+    def ensure_stage(self, stage: Any) -> sa.Table:
+        """Create (or extend) the table of a stage from its declaration; return it.
+
+        ``stage`` is a stage object, class or :class:`lamost_ostar.stage.StageSpec`.
+        Cheap after the first call per process and declaration.  New outputs of a
+        later stage version are added as columns; a column whose declared type
+        changed keeps its first type (declare a new output name instead).
+        """
+        spec = _stage.stage_spec(stage)
+        table = _stage_table(spec.name, spec.outputs)
+        engine = self.engine
+        key = (spec.name, spec.version, tuple(o.name for o in spec.outputs))
+        if key in self._ready:
+            return table
+        with engine.connect() as conn:
+            insp = sa.inspect(conn)
+            ok = insp.has_table(table.name)
+            if ok:
+                have = {c["name"] for c in insp.get_columns(table.name)}
+                ok = all(c.name in have for c in table.columns)
+            if ok:
+                row = conn.execute(sa.select(_STAGES.c.outputs, _STAGES.c.stage_version)
+                                   .where(_STAGES.c.stage == spec.name)).first()
+                ok = row is not None and row[1] == spec.version and \
+                    set(spec.output_names) <= {o["name"] for o in (row[0] or [])}
+        if not ok:
+            def _do(conn):
+                if self.dialect == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                insp = sa.inspect(conn)
+                if not insp.has_table(table.name):
+                    table.create(conn, checkfirst=True)
+                else:
+                    have = {c["name"] for c in insp.get_columns(table.name)}
+                    for col in table.columns:
+                        if col.name not in have:
+                            ddl = col.type.compile(dialect=conn.dialect)
+                            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}')
+                    for index in table.indexes:
+                        index.create(conn, checkfirst=True)
+                self._register_stage(conn, spec, table.name)
+            self._write_tx(_do)
+        self._ready.add(key)
+        return table
+
+    def _table_of(self, conn, stage: str) -> sa.Table | None:
+        """The result table of a stage the catalogue holds (from ``stages``), or None."""
+        if stage == DEFAULT_STAGE:
+            return _RESULTS
+        row = conn.execute(sa.select(_STAGES.c.outputs).where(_STAGES.c.stage == stage)).first()
+        if row is None:
+            return None
+        outputs = tuple(_stage.OutputField.from_dict(o) for o in (row[0] or []))
+        return _stage_table(stage, outputs)
+
+    def stage_names(self) -> list[str]:
+        """The stages whose results this catalogue holds (``ostar`` first)."""
+        with self.engine.connect() as conn:
+            names = list(conn.execute(sa.select(_STAGES.c.stage).order_by(_STAGES.c.stage)).scalars())
+        return sorted(set(names) | {DEFAULT_STAGE}, key=lambda n: (n != DEFAULT_STAGE, n))
 
     def _write_tx(self, fn, *args: Any) -> Any:
         """Run ``fn(conn, *args)`` in one write transaction, retrying lock timeouts and deadlocks."""
@@ -623,13 +895,20 @@ class Catalogue:
     # ---- scans
     def start_scan(self, model_version: str | None = None, *, code_version: str | None = None,
                    parameters: Mapping[str, Any] | None = None, host: str | None = None,
-                   started: datetime | None = None, **extra: Any) -> int:
+                   started: datetime | None = None, stages: Sequence[Any] | None = None,
+                   **extra: Any) -> int:
         """Insert a provenance row for a new scan and return its id.
 
         Parameters
         ----------
         model_version : str, optional
-            Model version the scan classifies with.
+            Model version the scan classifies with (with several stages: the
+            first stage's).
+        stages : sequence, optional
+            The stages the scan runs (stage objects, classes, StageSpecs or their
+            ``to_dict()`` with the resolved ``model_version``); their tables are
+            created (or extended) now, before any worker writes.  Stored in the
+            scan's ``stages`` column.
         code_version : str, optional
             Defaults to ``lamost_ostar.__version__``.
         parameters : mapping, optional
@@ -643,6 +922,11 @@ class Catalogue:
         """
         if code_version is None:
             from lamost_ostar import __version__ as code_version
+        specs = [_stage.stage_spec(st) for st in (stages or ())]
+        for spec in specs:
+            self.ensure_stage(spec)
+        if model_version is None and specs:
+            model_version = specs[0].model_version
         row = {
             "started": started or datetime.now(timezone.utc),
             "model_version": model_version,
@@ -650,13 +934,15 @@ class Catalogue:
             "parameters": _jsonable({**dict(parameters or {}), **extra}),
             "host": host if host is not None else socket.gethostname(),
             "status": "running",
+            "stages": [sp.to_dict() for sp in specs] or None,
         }
 
         def _do(conn):
             return int(conn.execute(sa.insert(_SCANS).values(**row).returning(_SCANS.c.id)).scalar_one())
 
         scan_id = self._write_tx(_do)
-        self._scan_models[scan_id] = model_version
+        self._scan_models[scan_id] = (model_version, {sp.name: sp.model_version for sp in specs
+                                                      if sp.model_version})
         return scan_id
 
     def update_scan(self, scan_id: int, counts: Mapping[str, Any] | Any | None = None, *,
@@ -709,24 +995,41 @@ class Catalogue:
         self.update_scan(scan_id, counts, status=status, finished=datetime.now(timezone.utc), **more)
 
     def scans(self) -> Table:
-        """All scans with their provenance and counts, as an astropy Table (newest last)."""
+        """All scans with their provenance and counts, as an astropy Table (newest last).
+
+        ``result_rows``/``error_rows`` count the rows carrying the scan's id of its
+        first stage (the one its count columns describe; ``ostar`` for scans of
+        older versions); ``stages`` lists the stages it ran (JSON), and the
+        other stages' counts are in ``summary``.
+        """
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(_SCANS).order_by(_SCANS.c.id)).mappings().all()
-            n_res = dict(conn.execute(sa.select(_RESULTS.c.scan_id, sa.func.count())
-                                      .group_by(_RESULTS.c.scan_id)).all())
-            n_err = dict(conn.execute(sa.select(_ERRORS.c.scan_id, sa.func.count())
-                                      .group_by(_ERRORS.c.scan_id)).all())
+            primary = {r["id"]: _primary_stage(r["stages"]) for r in rows}
+            n_res: dict[int, int] = {}
+            for name in set(primary.values()):
+                t = self._table_of(conn, name)
+                if t is None:
+                    continue
+                ids = [i for i, n in primary.items() if n == name]
+                for sid, n in conn.execute(sa.select(t.c.scan_id, sa.func.count())
+                                           .where(t.c.scan_id.in_(ids)).group_by(t.c.scan_id)).all():
+                    n_res[sid] = int(n)
+            n_err = {(sid, st): int(n) for sid, st, n in conn.execute(
+                sa.select(_ERRORS.c.scan_id, _ERRORS.c.stage, sa.func.count())
+                .group_by(_ERRORS.c.scan_id, _ERRORS.c.stage)).all()}
         cols = ["id", "status", "started", "finished", "model_version", "code_version", "host",
-                *SCAN_COUNT_COLUMNS, "result_rows", "error_rows", "parameters", "summary"]
+                *SCAN_COUNT_COLUMNS, "result_rows", "error_rows", "stages", "parameters", "summary"]
         data: dict[str, list] = {c: [] for c in cols}
         for r in rows:
             for c in cols:
                 if c == "result_rows":
                     v = n_res.get(r["id"], 0)
                 elif c == "error_rows":
-                    v = n_err.get(r["id"], 0)
+                    v = n_err.get((r["id"], primary[r["id"]]), 0)
                 elif c in ("started", "finished"):
                     v = _iso(r[c])
+                elif c == "stages":
+                    v = ",".join(_stage_names_of(r["stages"])) or None
                 elif c in ("parameters", "summary"):
                     v = json.dumps(r[c], sort_keys=True) if r[c] is not None else None
                 else:
@@ -735,27 +1038,41 @@ class Catalogue:
         kinds = {"id": int, "result_rows": int, "error_rows": int, **{c: int for c in SCAN_COUNT_COLUMNS}}
         return Table([_column(c, data[c], kinds.get(c, str)) for c in cols])
 
-    def _scan_model(self, conn, scan_id: int | None) -> str | None:
+    def _scan_model(self, conn, scan_id: int | None, stage: str = DEFAULT_STAGE) -> str | None:
+        """The model version scan ``scan_id`` recorded for ``stage`` (None if unknown)."""
         if scan_id is None:
             return None
         if scan_id not in self._scan_models:
-            self._scan_models[scan_id] = conn.execute(
-                sa.select(_SCANS.c.model_version).where(_SCANS.c.id == scan_id)).scalar_one_or_none()
-        return self._scan_models[scan_id]
+            row = conn.execute(sa.select(_SCANS.c.model_version, _SCANS.c.stages)
+                               .where(_SCANS.c.id == scan_id)).first()
+            if row is None:
+                self._scan_models[scan_id] = (None, {})
+            else:
+                per = {d.get("name"): d.get("model_version") for d in (row[1] or [])
+                       if isinstance(d, Mapping) and d.get("model_version")}
+                self._scan_models[scan_id] = (row[0], per)
+        mv, per = self._scan_models[scan_id]
+        if stage in per:
+            return per[stage]
+        return mv if (stage == DEFAULT_STAGE or not per) else None
 
     # ---- writing
-    def write(self, scan_id: int | None, results: Iterable[Any]) -> WriteSummary:
-        """Write one batch of stage results in a single transaction.
+    def write(self, scan_id: int | None, results: Iterable[Any], *, stage: Any = None) -> WriteSummary:
+        """Write one batch of one stage's results in a single transaction.
 
         Parameters
         ----------
         scan_id : int or None
             The scan writing the batch (from :meth:`start_scan`).
-        results : iterable of StageResult
-            Objects with the :class:`lamost_ostar.stage.StageResult` attributes
-            (duck-typed; mappings work too).  ``ok`` results go to ``results``,
-            the others to ``errors``.  A result without ``model_version`` takes
-            the scan's model version.
+        results : iterable
+            The stage's results (duck-typed; mappings work too).  ``ok``
+            results go to the stage's table, the others to ``errors`` with the
+            stage's name.  A result without ``model_version`` takes the stage's,
+            else the scan's.
+        stage : stage object, class, StageSpec or None
+            Whose results these are: its declaration gives the columns (the
+            table is created on first use).  None: the ostar stage
+            (``results``).
 
         Returns
         -------
@@ -764,14 +1081,19 @@ class Catalogue:
             ``(path, model_version)`` are kept unchanged (idempotent).
         """
         items = list(results)
+        spec = _stage.stage_spec(_stage.OStarStage if stage is None else stage)
+        table = self.ensure_stage(spec)
         if not items:
             return WriteSummary()
         now = datetime.now(timezone.utc)
-        return self._write_tx(self._write_batch, scan_id, items, now)
+        return self._write_tx(self._write_batch, scan_id, items, now, spec, table)
 
-    def _write_batch(self, conn, scan_id, items, now) -> WriteSummary:
+    def _write_batch(self, conn, scan_id, items, now, spec, table) -> WriteSummary:
         scan_id = _as_int(scan_id)
-        default_mv = self._scan_model(conn, scan_id)
+        default_mv = spec.model_version or self._scan_model(conn, scan_id, spec.name) or spec.version
+        if spec.name == DEFAULT_STAGE and spec.model_version is None:
+            default_mv = self._scan_model(conn, scan_id, spec.name) or ""
+        code_version = _code_version()
         res_rows: dict[tuple[str, str], dict] = {}
         err_rows: dict[tuple[str, str], dict] = {}
         for item in items:
@@ -782,10 +1104,14 @@ class Catalogue:
             key = (path, mv)
             if _get(item, "ok", False):
                 if key not in res_rows:
-                    res_rows[key] = _result_row(item, path, mv, scan_id, now)
+                    row = {"path": path, "model_version": mv, "scan_id": scan_id, "created": now,
+                           "stage_version": spec.version, "code_version": code_version}
+                    row.update(spec.metadata_values(item))
+                    row.update(spec.output_values(item))
+                    res_rows[key] = row
             elif key not in err_rows:
                 err_rows[key] = {
-                    "path": path, "model_version": mv, "scan_id": scan_id,
+                    "path": path, "model_version": mv, "scan_id": scan_id, "stage": spec.name,
                     "reason": _as_str(_get(item, "error_reason")) or "unknown",
                     "message": _as_str(_get(item, "error_message")),
                     "created": now,
@@ -797,102 +1123,175 @@ class Catalogue:
         res_list = [res_rows[k] for k in sorted(res_rows)]
         err_list = [err_rows[k] for k in sorted(err_rows)]
         ins = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        in_stage = _ERRORS.c.stage == spec.name
         if res_list:
-            conn.execute(ins(_RESULTS).on_conflict_do_nothing(index_elements=["path", "model_version"]),
+            conn.execute(ins(table).on_conflict_do_nothing(index_elements=["path", "model_version"]),
                          res_list)
             # results take precedence: drop earlier error rows of files now classified
             for mv, paths in _group_paths(res_rows):
                 for chunk in _chunks(paths, _CHUNK):
-                    conn.execute(sa.delete(_ERRORS).where(_ERRORS.c.model_version == mv,
+                    conn.execute(sa.delete(_ERRORS).where(in_stage, _ERRORS.c.model_version == mv,
                                                           _ERRORS.c.path.in_(chunk)))
         if err_list:
-            conn.execute(ins(_ERRORS).on_conflict_do_nothing(index_elements=["path", "model_version"]),
-                         err_list)
+            conn.execute(ins(_ERRORS).on_conflict_do_nothing(
+                index_elements=["stage", "path", "model_version"]), err_list)
             # never keep an error for a file that already has a result
-            r = _RESULTS.alias("r")
+            r = table.alias("r")
             for mv, paths in _group_paths(err_rows):
                 for chunk in _chunks(paths, _CHUNK):
                     has_result = sa.exists().where(r.c.path == _ERRORS.c.path,
                                                    r.c.model_version == _ERRORS.c.model_version)
-                    conn.execute(sa.delete(_ERRORS).where(_ERRORS.c.model_version == mv,
+                    conn.execute(sa.delete(_ERRORS).where(in_stage, _ERRORS.c.model_version == mv,
                                                           _ERRORS.c.path.in_(chunk), has_result))
         return WriteSummary(results=len(res_list), errors=len(err_list))
 
     # ---- resume
     def done_paths(self, paths: Iterable[str], model_version: str | None, *,
-                   include_errors: bool = True, scan_id: int | None = None) -> set[str]:
-        """Return the subset of ``paths`` already done with ``model_version``.
+                   include_errors: bool = True, scan_id: int | None = None,
+                   stage: str = DEFAULT_STAGE) -> set[str]:
+        """Return the subset of ``paths`` already done by ``stage`` with ``model_version``.
 
-        A path is done when it has a result row (or, with ``include_errors``, an
-        error row) for that model version (with ``scan_id``: a row written by
-        that scan).  Queries are batched (``IN`` lists of at most 500 paths), so
-        any number of paths may be passed.
+        A path is done when it has a row in the stage's table (or, with
+        ``include_errors``, an error row of the stage) for that model version
+        (with ``scan_id``: a row written by that scan).  Queries are batched
+        (``IN`` lists of at most 500 paths), so any number of paths may be passed.
         """
         mv = model_version or ""
         wanted = list(dict.fromkeys(os.fspath(p) for p in paths))
         done: set[str] = set()
         if not wanted:
             return done
-        tables = [_RESULTS, _ERRORS] if include_errors else [_RESULTS]
         with self.engine.connect() as conn:
+            table = self._table_of(conn, stage)
+            tables = ([table] if table is not None else []) + ([_ERRORS] if include_errors else [])
             for chunk in _chunks(wanted, _CHUNK):
                 for t in tables:
                     conds = [t.c.model_version == mv, t.c.path.in_(chunk)]
+                    if t is _ERRORS:
+                        conds.append(t.c.stage == stage)
                     if scan_id is not None:
                         conds.append(t.c.scan_id == int(scan_id))
                     done.update(conn.execute(sa.select(t.c.path).where(*conds)).scalars())
         return done
 
-    def scan_counts(self, scan_id: int, threshold: float | None = None) -> dict[str, Any]:
-        """What scan ``scan_id`` wrote, counted from its rows (the truth a scan row is closed with).
+    def scan_counts(self, scan_id: int, threshold: float | None = None,
+                    stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+        """What scan ``scan_id`` wrote for ``stage``, counted from its rows (the truth a
+        scan row is closed with).
 
-        Returns ``{"results": n, "errors": n, "errors_by_reason": {reason: n}}``
-        and, with ``threshold``, ``"candidates"`` (its results that are candidates:
-        ``is_candidate``, or ``p_o >= threshold`` for rows without a decision).
+        Returns ``{"results": n, "errors": n, "errors_by_reason": {reason: n}}``,
+        with ``threshold`` and a stage that decides O candidates ``"candidates"``
+        (its results that are candidates: ``is_candidate``, or ``p_o >=
+        threshold`` for rows without a decision), and ``"counts"``: for each of
+        the stage's ``summary`` outputs, its True rows.
         """
         sid = int(scan_id)
         with self.engine.connect() as conn:
-            n_res = int(conn.execute(sa.select(sa.func.count()).select_from(_RESULTS)
-                                     .where(_RESULTS.c.scan_id == sid)).scalar_one())
+            table = self._table_of(conn, stage)
+            n_res = 0 if table is None else int(conn.execute(
+                sa.select(sa.func.count()).select_from(table).where(table.c.scan_id == sid)).scalar_one())
             by_reason = {str(r): int(n) for r, n in conn.execute(
-                sa.select(_ERRORS.c.reason, sa.func.count()).where(_ERRORS.c.scan_id == sid)
+                sa.select(_ERRORS.c.reason, sa.func.count())
+                .where(_ERRORS.c.scan_id == sid, _ERRORS.c.stage == stage)
                 .group_by(_ERRORS.c.reason)).all()}
             out: dict[str, Any] = {"results": n_res, "errors": sum(by_reason.values()),
                                    "errors_by_reason": by_reason}
-            if threshold is not None:
+            if table is None:
+                return out
+            cols = set(table.c.keys())
+            if threshold is not None and ({"is_candidate", "p_o"} & cols):
                 out["candidates"] = int(conn.execute(
-                    sa.select(sa.func.count()).select_from(_RESULTS)
-                    .where(_RESULTS.c.scan_id == sid, _candidate_clause(float(threshold)))).scalar_one())
+                    sa.select(sa.func.count()).select_from(table)
+                    .where(table.c.scan_id == sid, _candidate_clause(float(threshold), table))).scalar_one())
+            summary = [o["name"] for o in self._outputs_of(conn, stage) if o.get("summary")
+                       and o["name"] in cols and o["name"] != "is_candidate"]
+            if summary:
+                q = sa.select(*[sa.func.count().filter(table.c[n].is_(True)) for n in summary]
+                              ).where(table.c.scan_id == sid)
+                out["counts"] = dict(zip(summary, (int(v) for v in conn.execute(q).one())))
         return out
 
+    def _outputs_of(self, conn, stage: str) -> list[dict]:
+        row = conn.execute(sa.select(_STAGES.c.outputs).where(_STAGES.c.stage == stage)).first()
+        if row is None:
+            return [o.to_dict() for o in _stage.OSTAR_OUTPUTS] if stage == DEFAULT_STAGE else []
+        return list(row[0] or [])
+
     # ---- reading
-    def counts(self, model_version: str | None = None) -> dict[str, int]:
-        """Numbers of result rows, error rows and distinct (path, model_version) pairs."""
+    def counts(self, model_version: str | None = None, stage: str = DEFAULT_STAGE) -> dict[str, int]:
+        """Numbers of result rows and error rows of ``stage`` (optionally of one model version)."""
         with self.engine.connect() as conn:
+            table = self._table_of(conn, stage)
             out = {}
-            for name, t in (("results", _RESULTS), ("errors", _ERRORS)):
+            for name, t in (("results", table), ("errors", _ERRORS)):
+                if t is None:
+                    out[name] = 0
+                    continue
                 q = sa.select(sa.func.count()).select_from(t)
+                if t is _ERRORS:
+                    q = q.where(t.c.stage == stage)
                 if model_version is not None:
                     q = q.where(t.c.model_version == model_version)
                 out[name] = int(conn.execute(q).scalar_one())
         return out
 
+    def model_versions(self, stage: str = DEFAULT_STAGE, *, scan_id: int | None = None) -> dict[str, int]:
+        """Model version -> number of result rows, in the table of ``stage``."""
+        with self.engine.connect() as conn:
+            table = self._table_of(conn, stage)
+            if table is None:
+                return {}
+            q = sa.select(table.c.model_version, sa.func.count()).group_by(table.c.model_version)
+            if scan_id is not None:
+                q = q.where(table.c.scan_id == int(scan_id))
+            return {str(v): int(n) for v, n in conn.execute(q).all()}
+
+    def stages(self) -> Table:
+        """The stages this catalogue holds: table, stage version, model versions and row counts."""
+        names = self.stage_names()
+        with self.engine.connect() as conn:
+            reg = {r["stage"]: r for r in conn.execute(sa.select(_STAGES)).mappings().all()}
+            errs = dict(conn.execute(sa.select(_ERRORS.c.stage, sa.func.count())
+                                     .group_by(_ERRORS.c.stage)).all())
+        data: dict[str, list] = {c: [] for c in ("stage", "table", "stage_version", "model_versions",
+                                                  "result_rows", "error_rows", "outputs")}
+        for name in names:
+            versions = self.model_versions(name)
+            r = reg.get(name)
+            data["stage"].append(name)
+            data["table"].append(stage_table_name(name))
+            data["stage_version"].append(r["stage_version"] if r is not None else None)
+            data["model_versions"].append(", ".join(f"{v} ({n})" for v, n in sorted(versions.items()))
+                                          or None)
+            data["result_rows"].append(sum(versions.values()))
+            data["error_rows"].append(int(errs.get(name, 0)))
+            data["outputs"].append(len(r["outputs"] or []) if r is not None else 0)
+        kinds = {"result_rows": int, "error_rows": int, "outputs": int}
+        return Table([_column(c, v, kinds.get(c, str)) for c, v in data.items()])
+
     def errors(self, *, scan_id: int | None = None, model_version: str | None = None,
-               reason: str | None = None, limit: int | None = None) -> Table:
-        """Error rows (path, model_version, scan_id, reason, message, created) as a Table."""
+               reason: str | None = None, limit: int | None = None,
+               stage: str | None = None) -> Table:
+        """Error rows (path, model_version, scan_id, reason, message, created, stage) as a Table.
+
+        ``stage=None``: the errors of every stage.
+        """
         q = sa.select(_ERRORS.c.path, _ERRORS.c.model_version, _ERRORS.c.scan_id,
-                      _ERRORS.c.reason, _ERRORS.c.message, _ERRORS.c.created).order_by(_ERRORS.c.id)
+                      _ERRORS.c.reason, _ERRORS.c.message, _ERRORS.c.created,
+                      _ERRORS.c.stage).order_by(_ERRORS.c.id)
         if scan_id is not None:
             q = q.where(_ERRORS.c.scan_id == int(scan_id))
         if model_version is not None:
             q = q.where(_ERRORS.c.model_version == model_version)
         if reason is not None:
             q = q.where(_ERRORS.c.reason == reason)
+        if stage is not None:
+            q = q.where(_ERRORS.c.stage == stage)
         if limit is not None:
             q = q.limit(int(limit))
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()
-        names = ["path", "model_version", "scan_id", "reason", "message", "created"]
+        names = ["path", "model_version", "scan_id", "reason", "message", "created", "stage"]
         data = {n: [(_iso(r[i]) if n == "created" else r[i]) for r in rows] for i, n in enumerate(names)}
         return Table([_column(n, data[n], int if n == "scan_id" else str) for n in names])
 
@@ -902,8 +1301,9 @@ class Catalogue:
               model_version: str | None = None, sort: str | None = "p_o",
               descending: bool | None = None, limit: int | None = None,
               all_rows: bool = False, candidates: bool | None = None,
-              min_posterior: float | None = None, min_heii_sigma: float | None = None) -> Table:
-        """Select results as an astropy Table.
+              min_posterior: float | None = None, min_heii_sigma: float | None = None,
+              join: Sequence[str] = (), where: Sequence[str] | str = ()) -> Table:
+        """Select results of the ostar stage (table ``results``) as an astropy Table.
 
         Parameters
         ----------
@@ -941,21 +1341,32 @@ class Catalogue:
             Maximum number of rows (applied after sorting and the cone cut).
         all_rows : bool
             Every result row, not only candidates.
+        join : sequence of str, optional
+            Other stages whose results are joined on the file path (left join),
+            each ``NAME`` or ``NAME@MODEL_VERSION``; their outputs come as columns
+            ``NAME.column``.  A stage holding rows of several model versions must
+            be given one (:class:`CatalogueError` otherwise: no silent duplicates).
+        where : str or sequence of str, optional
+            Conditions, all of which must hold (see :func:`parse_where`), on this
+            stage's columns or ``NAME.column`` of another stage (joined as needed),
+            e.g. ``"heii_lines.heii_sigma > 3"``.
 
         Returns
         -------
         astropy.table.Table
-            Columns :data:`RESULT_COLUMNS` (plus ``dist`` for a cone search).
+            Columns :data:`RESULT_COLUMNS` (plus ``dist`` for a cone search, and the
+            joined stages' columns).
 
         See Also
         --------
         iter_query : the same selection in chunks of bounded size.
+        query_stage : another stage's results.
         """
         parts = list(self.iter_query(
             min_p_o=min_p_o, predicted_class=predicted_class, cone=cone, snr_min=snr_min,
             snr_max=snr_max, snr_band=snr_band, scan_id=scan_id, model_version=model_version,
             sort=sort, descending=descending, limit=limit, all_rows=all_rows, candidates=candidates,
-            min_posterior=min_posterior, min_heii_sigma=min_heii_sigma))
+            min_posterior=min_posterior, min_heii_sigma=min_heii_sigma, join=join, where=where))
         return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
 
     def iter_query(self, *, min_p_o: float | None = None,
@@ -966,7 +1377,8 @@ class Catalogue:
                    descending: bool | None = None, limit: int | None = None,
                    all_rows: bool = False, candidates: bool | None = None,
                    min_posterior: float | None = None, min_heii_sigma: float | None = None,
-                   chunk_rows: int = 10_000) -> Iterator[Table]:
+                   chunk_rows: int = 10_000, join: Sequence[str] = (),
+                   where: Sequence[str] | str = ()) -> Iterator[Table]:
         """:meth:`query` as a stream of Tables of at most ``chunk_rows`` rows.
 
         Memory stays bounded whatever the catalogue size (the rows are fetched
@@ -996,6 +1408,59 @@ class Catalogue:
             classes = [c.strip().upper() for c in classes if c and c.strip()]
             if classes:
                 conds.append(t.c.predicted_class.in_(classes))
+        meta = {"ORIGIN": "lamost_ostar catalogue"}
+        if min_p_o is not None:
+            meta["MIN_P_O"] = float(min_p_o)
+        if candidates is not None:
+            meta["CANDIDAT"] = bool(candidates)
+        cols = [_OutCol(c, t.c[c], _RESULT_KINDS[c], _UNITS.get(c), _DESCRIPTIONS.get(c))
+                for c in RESULT_COLUMNS]
+        yield from self._select(DEFAULT_STAGE, t, cols, conds, meta, cone=cone, snr_min=snr_min,
+                                snr_max=snr_max, snr_band=snr_band, scan_id=scan_id,
+                                model_version=model_version, sort=sort, descending=descending,
+                                limit=limit, chunk_rows=chunk_rows, join=join, where=where)
+
+    def query_stage(self, stage: str, **kwargs: Any) -> Table:
+        """Select the results of any stage as an astropy Table (see :meth:`iter_query_stage`)."""
+        parts = list(self.iter_query_stage(stage, **kwargs))
+        return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+
+    def iter_query_stage(self, stage: str, *, cone: tuple[float, float, float] | None = None,
+                         snr_min: float | None = None, snr_max: float | None = None,
+                         snr_band: str = "g", scan_id: int | None = None,
+                         model_version: str | None = None, sort: str | None = None,
+                         descending: bool | None = None, limit: int | None = None,
+                         join: Sequence[str] = (), where: Sequence[str] | str = (),
+                         chunk_rows: int = 10_000) -> Iterator[Table]:
+        """The results of ``stage`` (every row; select with ``where``), in chunks.
+
+        Columns: :data:`STAGE_RESULT_COLUMNS` around the stage's declared outputs
+        (with their units and descriptions), then the joined stages' columns;
+        the other arguments are those of :meth:`iter_query`.  For ``ostar`` the
+        columns are :data:`RESULT_COLUMNS`.
+        """
+        with self.engine.connect() as conn:
+            table = self._table_of(conn, stage)
+            outputs = self._outputs_of(conn, stage)
+        if table is None:
+            raise CatalogueError(f"no results of stage {stage!r} in this catalogue "
+                                 f"(stages: {', '.join(self.stage_names())})")
+        if stage == DEFAULT_STAGE:
+            cols = [_OutCol(c, table.c[c], _RESULT_KINDS[c], _UNITS.get(c), _DESCRIPTIONS.get(c))
+                    for c in RESULT_COLUMNS]
+        else:
+            cols = _stage_columns(table, outputs)
+        meta = {"ORIGIN": "lamost_ostar catalogue", "STAGE": stage}
+        yield from self._select(stage, table, cols, [], meta, cone=cone, snr_min=snr_min,
+                                snr_max=snr_max, snr_band=snr_band, scan_id=scan_id,
+                                model_version=model_version, sort=sort, descending=descending,
+                                limit=limit, chunk_rows=chunk_rows, join=join, where=where)
+
+    def _select(self, stage: str, t: sa.Table, cols: list["_OutCol"], conds: list, meta: dict, *,
+                cone, snr_min, snr_max, snr_band, scan_id, model_version, sort, descending, limit,
+                chunk_rows, join, where) -> Iterator[Table]:
+        """The shared part of the queries: S/N, scan, model, cone, joins, where, sort, limit."""
+        conds = list(conds)
         if snr_band not in ("g", "r", "i"):
             raise CatalogueError(f"S/N band must be g, r or i, not {snr_band!r}")
         snr_col = t.c[f"snr_{snr_band}"]
@@ -1024,15 +1489,68 @@ class Catalogue:
                 raise CatalogueError("limit must be >= 0")
         chunk_rows = max(1, int(chunk_rows))
 
-        sortable = set(RESULT_COLUMNS) | ({"dist"} if cone is not None else set())
+        # joins: the named stages, and those a where condition refers to
+        wheres = [where] if isinstance(where, str) else list(where or ())
+        wanted: dict[str, str | None] = {}
+        for item in join or ():
+            name, _, version = str(item).partition("@")
+            name = name.strip()
+            if name == stage:
+                raise CatalogueError(f"cannot join stage {stage!r} with itself")
+            wanted[name] = version.strip() or None
+        for text in wheres:
+            for ref in _where_stages(text):
+                if ref != stage:
+                    wanted.setdefault(ref, None)
+        source = t
+        resolvable: dict[str, tuple[Any, str]] = {}
+        for c in cols:
+            resolvable[c.name] = (c.expr, _TYPE_NAME.get(c.kind, "str"))
+            resolvable[f"{stage}.{c.name}"] = resolvable[c.name]
+        if wanted:
+            with self.engine.connect() as conn:
+                for name, version in wanted.items():
+                    other = self._table_of(conn, name)
+                    if other is None:
+                        raise CatalogueError(f"no results of stage {name!r} in this catalogue "
+                                             f"(stages: {', '.join(self.stage_names())})")
+                    if version is None:
+                        held = dict(conn.execute(sa.select(other.c.model_version, sa.func.count())
+                                                 .group_by(other.c.model_version)).all())
+                        if len(held) > 1:
+                            listing = ", ".join(f"{v} ({n} rows)" for v, n in sorted(held.items()))
+                            raise CatalogueError(
+                                f"stage {name!r} holds results of {len(held)} model versions "
+                                f"({listing}): join one of them as {name}@VERSION")
+                    a = other.alias(f"j_{name}")
+                    on = [a.c.path == t.c.path]
+                    if version is not None:
+                        on.append(a.c.model_version == version)
+                    source = source.outerjoin(a, sa.and_(*on))
+                    extra = [_OutCol(f"{name}.model_version", a.c.model_version, str, None,
+                                     f"model version of the {name} result")]
+                    for o in self._outputs_of(conn, name):
+                        if o["name"] in a.c:
+                            extra.append(_OutCol(f"{name}.{o['name']}", a.c[o["name"]],
+                                                 _KIND_OF.get(o["type"], str), o.get("unit"),
+                                                 o.get("description")))
+                    for c in extra:
+                        resolvable[c.name] = (c.expr, _TYPE_NAME.get(c.kind, "str"))
+                    cols = cols + extra
+        for text in wheres:
+            conds.append(parse_where(text, resolvable))
+
+        names = [c.name for c in cols]
+        sortable = set(names) | ({"dist"} if cone is not None else set())
         if sort is not None and sort not in sortable:
             raise CatalogueError(f"cannot sort by {sort!r}; choose one of {', '.join(sorted(sortable))}")
         if descending is None:
-            descending = sort is not None and sort.startswith(_SORT_DESCENDING_BY_DEFAULT)
+            base = sort.rsplit(".", 1)[-1] if sort else ""
+            descending = sort is not None and base.startswith(_SORT_DESCENDING_BY_DEFAULT)
 
-        q = sa.select(*[t.c[c] for c in RESULT_COLUMNS]).where(*conds)
+        q = sa.select(*[c.expr.label(f"c{i}") for i, c in enumerate(cols)]).select_from(source).where(*conds)
         if sort is not None and sort != "dist":
-            col = t.c[sort]
+            col = cols[names.index(sort)].expr
             # NULLs last in both directions; ties by id in the same direction, so an
             # index on the sort column delivers the order without a full sort
             q = q.order_by((col.desc() if descending else col.asc()).nulls_last(),
@@ -1041,14 +1559,9 @@ class Catalogue:
             q = q.order_by(t.c.id)
         if limit is not None and cone is None:
             q = q.limit(limit)
-        meta = {"ORIGIN": "lamost_ostar catalogue"}
-        if min_p_o is not None:
-            meta["MIN_P_O"] = float(min_p_o)
-        if candidates is not None:
-            meta["CANDIDAT"] = bool(candidates)
 
         if sort == "dist":  # the exact distance is known only after the fetch: sort in numpy
-            parts = list(self._fetch(q, centre, chunk_rows, meta))
+            parts = list(self._fetch(q, centre, chunk_rows, meta, cols))
             table = parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
             order = np.argsort(np.asarray(table["dist"]), kind="stable")
             table = table[order[::-1] if descending else order]
@@ -1060,7 +1573,7 @@ class Catalogue:
 
         remaining = limit
         yielded = False
-        for part in self._fetch(q, centre, chunk_rows, meta):
+        for part in self._fetch(q, centre, chunk_rows, meta, cols):
             if remaining is not None:
                 part = part[:remaining]
                 remaining -= len(part)
@@ -1070,18 +1583,18 @@ class Catalogue:
             if remaining == 0:
                 break
 
-    def _fetch(self, q, centre, chunk_rows: int, meta: dict) -> Iterator[Table]:
+    def _fetch(self, q, centre, chunk_rows: int, meta: dict, cols: list["_OutCol"]) -> Iterator[Table]:
         """Run ``q`` and yield Tables of at most ``chunk_rows`` rows (>= 1 Table, cone cut applied)."""
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(q)
             empty = True
             for rows in result.partitions(chunk_rows):
-                table = _rows_table(rows, centre, meta)
+                table = _rows_table(rows, centre, meta, cols)
                 if len(table) or empty:
                     empty = False
                     yield table
             if empty:
-                yield _rows_table([], centre, meta)
+                yield _rows_table([], centre, meta, cols)
 
     def candidates(self, min_p_o: float | None = None, **kwargs: Any) -> Table:
         """O-star candidates: the model's decision (:meth:`query` with ``candidates=True``),
@@ -1095,6 +1608,122 @@ class Catalogue:
 CatalogueWriter = Catalogue
 
 
+# --------------------------------------------------------------------------- --where
+
+_WHERE_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+    | (?P<str>'[^']*'|"[^"]*")
+    | (?P<op><=|>=|!=|<>|==|=|<|>)
+    | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)
+    )""", re.VERBOSE)
+_WHERE_OPS = {"<": "__lt__", "<=": "__le__", ">": "__gt__", ">=": "__ge__", "=": "__eq__",
+              "==": "__eq__", "!=": "__ne__", "<>": "__ne__"}
+_WHERE_HELP = ("COLUMN OP VALUE (OP one of < <= > >= = != ; VALUE a number, true, false or a "
+               "quoted string) or COLUMN IS [NOT] NULL, joined by AND")
+
+
+def _where_tokens(text: str) -> list[tuple[str, str]]:
+    out = []
+    pos = 0
+    text = str(text)
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _WHERE_TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            raise CatalogueError(f"--where {text!r}: cannot read {text[pos:].strip()[:20]!r} "
+                                 f"(write {_WHERE_HELP})")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def _where_stages(text: str) -> set[str]:
+    """Stage names a where expression refers to (``stage.column``)."""
+    return {v.split(".", 1)[0] for k, v in _where_tokens(text) if k == "name" and "." in v}
+
+
+def parse_where(text: str, columns: Mapping[str, tuple[Any, str]]):
+    """A SQL condition from a small, safe expression language (no SQL is ever pasted).
+
+    ``text`` is one or more comparisons joined by ``AND``::
+
+        heii_lines.heii_sigma > 3 AND snr_g >= 10
+        heii_lines.o_star_like = true
+        predicted_class = 'O'
+        posterior_o IS NOT NULL
+
+    Column names are looked up in ``columns`` (name -> (SQL column, type name));
+    values become bound parameters of the column's type.
+
+    Raises
+    ------
+    CatalogueError
+        Unknown column, bad syntax, or a value that does not fit the column.
+    """
+    toks = _where_tokens(text)
+    if not toks:
+        raise CatalogueError(f"--where {text!r} is empty (write {_WHERE_HELP})")
+    clauses = []
+    i = 0
+
+    def bad(why: str) -> CatalogueError:
+        return CatalogueError(f"--where {text!r}: {why} (write {_WHERE_HELP})")
+
+    while True:
+        if i >= len(toks) or toks[i][0] != "name" or toks[i][1].lower() in ("and", "is", "not", "null"):
+            raise bad("a column name was expected")
+        name = toks[i][1]
+        if name not in columns:
+            near = sorted(c for c in columns if "." in c) if "." in name else \
+                sorted(c for c in columns if "." not in c)
+            raise bad(f"unknown column {name!r} (columns: {', '.join(near[:60])})")
+        col, kind = columns[name]
+        i += 1
+        if i < len(toks) and toks[i] == ("name", toks[i][1]) and toks[i][1].lower() == "is":
+            negate = i + 1 < len(toks) and toks[i + 1][0] == "name" and toks[i + 1][1].lower() == "not"
+            j = i + 2 if negate else i + 1
+            if j >= len(toks) or toks[j][0] != "name" or toks[j][1].lower() != "null":
+                raise bad("IS must be followed by NULL or NOT NULL")
+            clauses.append(col.is_not(None) if negate else col.is_(None))
+            i = j + 1
+        else:
+            if i >= len(toks) or toks[i][0] != "op":
+                raise bad(f"an operator was expected after {name!r}")
+            op = toks[i][1]
+            i += 1
+            if i >= len(toks):
+                raise bad(f"a value was expected after {op!r}")
+            vkind, raw = toks[i]
+            i += 1
+            if vkind == "num":
+                if kind not in ("float", "int"):
+                    raise bad(f"{name} is a {kind} column, not a number")
+                value: Any = float(raw) if kind == "float" or any(ch in raw for ch in ".eE") else int(raw)
+            elif vkind == "str":
+                if kind != "str":
+                    raise bad(f"{name} is a {kind} column, not a string")
+                value = raw[1:-1]
+            elif vkind == "name" and raw.lower() in ("true", "false"):
+                if kind != "bool":
+                    raise bad(f"{name} is a {kind} column, not true/false")
+                value = raw.lower() == "true"
+            else:
+                raise bad(f"{raw!r} is not a value")
+            if kind == "bool" and op not in ("=", "==", "!=", "<>"):
+                raise bad(f"{name} is true/false: use = or !=")
+            clauses.append(getattr(col, _WHERE_OPS[op])(value))
+        if i >= len(toks):
+            break
+        if toks[i][0] == "name" and toks[i][1].lower() == "and":
+            i += 1
+            continue
+        raise bad(f"AND was expected before {toks[i][1]!r} (OR is not supported: run two queries)")
+    return sa.and_(*clauses)
+
+
 # --------------------------------------------------------------------------- helpers
 
 _RESULT_KINDS: dict[str, type] = {
@@ -1106,10 +1735,60 @@ _RESULT_KINDS: dict[str, type] = {
 _UNITS = {"ra": "deg", "dec": "deg"}
 
 
-def _rows_table(rows: Sequence, centre: tuple[float, float, float] | None, meta: dict) -> Table:
+@dataclass
+class _OutCol:
+    """One column of a query's output: label, SQL expression, kind, unit, description."""
+
+    name: str
+    expr: Any
+    kind: type
+    unit: str | None = None
+    description: str | None = None
+
+
+_TYPE_NAME = {float: "float", int: "int", bool: "bool", str: "str"}
+
+#: Columns of a plugin stage's query output, before and after its declared outputs.
+STAGE_RESULT_COLUMNS = (("path", "obsid", "designation", "ra", "dec"),
+                        ("snr_g", "snr_r", "snr_i", "lmjd", "planid", "spid", "fiberid",
+                         "pipeline_class", "pipeline_subclass", "data_release", "layout",
+                         "model_version", "stage_version", "code_version", "scan_id", "id"))
+_META_KINDS = {m.name: _KIND_OF[m.type] for m in _stage.METADATA_FIELDS}
+_META_DESC = {m.name: m.description for m in _stage.METADATA_FIELDS}
+
+
+def _stage_columns(table: sa.Table, outputs: Sequence[Mapping[str, Any]]) -> list[_OutCol]:
+    head, tail = STAGE_RESULT_COLUMNS
+    kinds = {**_META_KINDS, "path": str, "model_version": str, "stage_version": str,
+             "code_version": str, "scan_id": int, "id": int}
+    cols = [_OutCol(c, table.c[c], kinds[c], _UNITS.get(c), _DESCRIPTIONS.get(c) or _META_DESC.get(c))
+            for c in head]
+    for o in outputs:
+        if o["name"] in table.c:
+            cols.append(_OutCol(o["name"], table.c[o["name"]], _KIND_OF.get(o["type"], str),
+                                o.get("unit"), o.get("description")))
+    cols += [_OutCol(c, table.c[c], kinds[c], _UNITS.get(c),
+                     _DESCRIPTIONS.get(c) or _META_DESC.get(c)) for c in tail]
+    return cols
+
+
+def _rows_table(rows: Sequence, centre: tuple[float, float, float] | None, meta: dict,
+                cols: Sequence[_OutCol]) -> Table:
     """Result rows -> Table; with a cone centre, keep rows within the radius and add ``dist``."""
-    data = {c: [r[i] for r in rows] for i, c in enumerate(RESULT_COLUMNS)}
-    table = Table([_column(c, data[c], _RESULT_KINDS[c]) for c in RESULT_COLUMNS], meta=dict(meta))
+    data = {c.name: [r[i] for r in rows] for i, c in enumerate(cols)}
+    out = []
+    for c in cols:
+        values = data[c.name]
+        if c.kind is str:
+            values = [v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True)
+                      for v in values]
+        col = _column(c.name, values, c.kind)
+        if c.unit:
+            col.unit = c.unit
+        if c.description:
+            col.description = c.description
+        out.append(col)
+    table = Table(out, meta=dict(meta))
     if centre is not None:
         c_ra, c_dec, c_rad = centre
         ra = np.array([np.nan if v is None else v for v in data["ra"]], dtype=np.float64)
@@ -1123,41 +1802,32 @@ def _rows_table(rows: Sequence, centre: tuple[float, float, float] | None, meta:
     return table
 
 
-def _result_row(item: Any, path: str, mv: str, scan_id: int | None, now: datetime) -> dict:
-    probs_in = _get(item, "probs") or {}
-    probs = {str(k): _as_float(v) for k, v in dict(probs_in).items()}
-    row = {
-        "path": path, "model_version": mv, "scan_id": scan_id, "created": now,
-        "obsid": _as_int(_get(item, "obsid")),
-        "designation": _as_str(_get(item, "designation")),
-        "ra": _as_float(_get(item, "ra")), "dec": _as_float(_get(item, "dec")),
-        "snr_g": _as_float(_get(item, "snr_g")), "snr_r": _as_float(_get(item, "snr_r")),
-        "snr_i": _as_float(_get(item, "snr_i")),
-        "lmjd": _as_int(_get(item, "lmjd")), "planid": _as_str(_get(item, "planid")),
-        "spid": _as_int(_get(item, "spid")), "fiberid": _as_int(_get(item, "fiberid")),
-        "pipeline_class": _as_str(_get(item, "pipeline_class")),
-        "pipeline_subclass": _as_str(_get(item, "pipeline_subclass")),
-        "data_release": _as_str(_get(item, "data_release")),
-        "layout": _as_str(_get(item, "layout")),
-        "probs": probs or None,
-        "predicted_class": _as_str(_get(item, "predicted_class")),
-        "flags": _as_int(_get(item, "flags")) or 0,
-    }
-    upper = {k.upper(): v for k, v in probs.items()}
-    for cls, col in CLASS_COLUMNS.items():
-        row[col] = upper.get(cls)
-    p_o = _as_float(_get(item, "p_o"))
-    row["p_o"] = p_o if p_o is not None else upper.get("O")
-    row["posterior_o"] = _as_float(_get(item, "posterior_o"))
-    cand = _get(item, "is_candidate")
-    row["is_candidate"] = None if cand is None else bool(cand)
-    row["heii_sigma"] = _as_float(_get(item, "heii_sigma"))
-    evidence = _get(item, "evidence") or {}
-    for col, kind in EVIDENCE_COLUMNS.items():
-        v = evidence.get(col) if isinstance(evidence, Mapping) else None
-        row[col] = (None if v is None else bool(v)) if kind is bool else \
-            (_as_int(v) if kind is int else _as_float(v))
-    return row
+_CODE_VERSION: str | None = None
+
+
+def _code_version() -> str:
+    """This process's ``lamost_ostar.code_version()`` (computed once: it runs git)."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import lamost_ostar
+
+        _CODE_VERSION = lamost_ostar.code_version()
+    return _CODE_VERSION
+
+
+def _stage_names_of(stages: Any) -> list[str]:
+    if isinstance(stages, str):
+        try:
+            stages = json.loads(stages)
+        except ValueError:
+            return []
+    return [d["name"] for d in (stages or []) if isinstance(d, Mapping) and d.get("name")]
+
+
+def _primary_stage(stages: Any) -> str:
+    """The stage a scans row's count columns describe: its first, else ostar (older scans)."""
+    names = _stage_names_of(stages)
+    return names[0] if names else DEFAULT_STAGE
 
 
 _COUNT_ALIASES = {"seen": "files_seen", "files": "files_seen", "read": "files_read",

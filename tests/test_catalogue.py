@@ -572,3 +572,210 @@ def test_scan_counts_and_done_paths_of_one_scan(tmp_path):
     assert cat.done_paths(["p1", "p2", "p3", "p4"], "v", scan_id=b) == {"p3", "p4"}
     assert cat.done_paths(["p1", "p2", "p3"], "v") == {"p1", "p2", "p3"}
     cat.close()
+
+
+# --------------------------------------------------------------------------- stages: one table each
+
+from lamost_ostar.stage import OutputField, StageSpec  # noqa: E402
+
+LINES = StageSpec(name="lines_test", version="lines_test-1", model_version="lines_test-1", outputs=(
+    OutputField("ew_heii_4541", "float", "Angstrom", "He II 4541 EW"),
+    OutputField("heii_sigma", "float", None, "He II significance", index=True),
+    OutputField("heii_detected", "bool", None, "He II detected", summary=True),
+    OutputField("n_lines", "int"), OutputField("note", "str"), OutputField("extra", "json")))
+
+
+def _line(i: int, ok: bool = True, prefix: str = "/data/spec", **kw) -> dict:
+    path = f"{prefix}-{i:06d}.fits.gz"
+    if not ok:
+        return {"path": path, "ok": False, "error_reason": "no_line_coverage", "error_message": "x"}
+    return {"path": path, "ok": True, "obsid": 100000 + i, "ra": 10.0 + i, "dec": 1.0, "snr_g": 20.0,
+            "ew_heii_4541": 0.1 * i, "heii_sigma": float(i), "heii_detected": i >= 4,
+            "n_lines": i % 3, "note": f"n{i}", "extra": {"i": i}, **kw}
+
+
+def test_a_plugin_stage_gets_its_own_table(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan(stages=[StageSpec.from_dict(LINES.to_dict())])
+    assert cat.stage_names() == ["ostar", "lines_test"]
+    cat.write(sid, [_line(i) for i in range(6)] + [_line(9, ok=False)], stage=LINES)
+    cat.write(sid, [make_result(i) for i in range(3)])                     # ostar, same files
+    assert cat.counts(stage="lines_test") == {"results": 6, "errors": 1}
+    assert cat.counts() == {"results": 3, "errors": 0}                    # nothing doubled
+    assert len(cat.query(all_rows=True)) == 3
+    t = cat.query_stage("lines_test", sort="heii_sigma", descending=True)
+    assert list(t["heii_sigma"]) == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert t["ew_heii_4541"].unit == "Angstrom" and t["heii_sigma"].description == "He II significance"
+    assert list(t["heii_detected"]) == [True, True, False, False, False, False]
+    assert t["model_version"][0] == "lines_test-1" and t["stage_version"][0] == "lines_test-1"
+    assert t["code_version"][0] and t["scan_id"][0] == sid
+    assert t["extra"][0] == '{"i": 5}' and t["note"][0] == "n5" and t["n_lines"][0] == 2
+    # resume is per stage; errors carry their stage
+    paths = [_line(i)["path"] for i in range(10)]
+    assert cat.done_paths(paths, "lines_test-1", stage="lines_test") == set(paths[:6]) | {paths[9]}
+    assert cat.done_paths(paths, "v1") == set(paths[:3])
+    assert list(cat.errors(stage="lines_test")["stage"]) == ["lines_test"]
+    assert cat.scan_counts(sid, threshold=0.5, stage="lines_test") == {
+        "results": 6, "errors": 1, "errors_by_reason": {"no_line_coverage": 1},
+        "counts": {"heii_detected": 2}}
+    assert "candidates" in cat.scan_counts(sid, threshold=0.5)
+    st = cat.stages()
+    assert list(st["stage"]) == ["ostar", "lines_test"] and list(st["result_rows"]) == [3, 6]
+    assert st["table"][1] == "results_lines_test" and st["model_versions"][1] == "lines_test-1 (6)"
+    # a result of this stage that later succeeds replaces its error; an error never shadows a result
+    cat.write(sid, [_line(9)], stage=LINES)
+    cat.write(sid, [_line(0, ok=False)], stage=LINES)
+    assert cat.counts(stage="lines_test") == {"results": 7, "errors": 0}
+    cat.close()
+
+
+def test_joins_and_where(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan("v1")
+    cat.write(sid, [make_result(i, p_o=0.9 if i < 4 else 0.1) for i in range(8)])
+    cat.write(sid, [_line(i) for i in range(0, 8, 2)], stage=LINES)        # every other file
+    t = cat.query(all_rows=True, join=["lines_test"], sort="obsid")
+    assert len(t) == 8 and "lines_test.heii_sigma" in t.colnames
+    assert list(t["lines_test.heii_sigma"].mask) == [False, True] * 4
+    t = cat.query(all_rows=True, where="lines_test.heii_sigma > 3", sort="obsid")   # joined for it
+    assert list(t["obsid"]) == [100004, 100006]
+    t = cat.query(where=["lines_test.heii_detected = true", "p_o >= 0.5"])
+    assert len(t) == 0
+    t = cat.query(all_rows=True, where="lines_test.heii_sigma >= 2 AND p_o < 0.5")
+    assert sorted(t["obsid"]) == [100004, 100006]
+    t = cat.query_stage("lines_test", join=["ostar"], where="ostar.p_o > 0.5", sort="id")
+    assert list(t["obsid"]) == [100000, 100002] and "ostar.predicted_class" in t.colnames
+    assert len(cat.query_stage("lines_test", where="note = 'n2'")) == 1
+    assert len(cat.query_stage("lines_test", where="extra IS NOT NULL")) == 4
+    assert len(cat.query_stage("lines_test", cone=(12.0, 1.0, 0.5))) == 1
+    for bad, msg in (("heii_sigma > 1; DROP TABLE results", "cannot read"),
+                     ("nosuch > 1", "unknown column"), ("lines_test.nosuch > 1", "unknown column"),
+                     ("p_o > 'x'", "not a string"), ("p_o > 1 OR p_o < 0", "OR is not"),
+                     ("p_o", "operator"), ("ostar.p_o > 1", None)):
+        if msg is None:
+            cat.query(all_rows=True, where=bad)                             # own stage's prefix
+            continue
+        with pytest.raises(CatalogueError, match=msg):
+            cat.query(all_rows=True, where=bad)
+    with pytest.raises(CatalogueError, match="no results of stage 'nope'"):
+        cat.query(all_rows=True, join=["nope"])
+    # two model versions of the joined stage: say which, never duplicate rows silently
+    other = StageSpec(name="lines_test", version="lines_test-2", model_version="lines_test-2",
+                      outputs=LINES.outputs)
+    cat.write(sid, [_line(0)], stage=other)
+    with pytest.raises(CatalogueError, match=r"lines_test-1 \(4 rows\), lines_test-2 \(1 rows\)"):
+        cat.query(all_rows=True, join=["lines_test"])
+    assert len(cat.query(all_rows=True, join=["lines_test@lines_test-2"])) == 8
+    assert cat.model_versions("lines_test") == {"lines_test-1": 4, "lines_test-2": 1}
+    with cat.engine.connect() as conn:   # the results table itself was never touched by the plugin
+        assert conn.execute(sa.text("select count(*) from results")).scalar_one() == 8
+    cat.close()
+
+
+def test_a_new_stage_version_adds_its_new_outputs(tmp_path):
+    cat = Catalogue(tmp_path / "c.sqlite")
+    cat.write(None, [_line(1)], stage=LINES)
+    v2 = StageSpec(name="lines_test", version="lines_test-2", model_version="lines_test-2",
+                   outputs=LINES.outputs + (OutputField("ew_hbeta", "float", "Angstrom"),))
+    cat.write(None, [_line(2, ew_hbeta=3.5)], stage=v2)
+    t = cat.query_stage("lines_test", sort="id")
+    assert list(t["ew_hbeta"].mask) == [True, False] and t["ew_hbeta"][1] == 3.5
+    clone = Catalogue(tmp_path / "c.sqlite", create=False)                 # a fresh process view
+    assert "ew_hbeta" in clone.query_stage("lines_test").colnames
+    clone.close()
+    cat.close()
+
+
+def _old_schema(path) -> None:
+    """A catalogue as the previous release wrote it: a plugin stage's rows mixed into results/errors."""
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE scans (id INTEGER PRIMARY KEY, started TIMESTAMP NOT NULL, finished TIMESTAMP, "
+            "model_version VARCHAR(128), code_version VARCHAR(64), parameters JSON, host VARCHAR(255), "
+            "files_seen BIGINT DEFAULT 0 NOT NULL, files_read BIGINT DEFAULT 0 NOT NULL, "
+            "files_classified BIGINT DEFAULT 0 NOT NULL, files_failed BIGINT DEFAULT 0 NOT NULL, "
+            "files_skipped BIGINT DEFAULT 0 NOT NULL, status VARCHAR(32) DEFAULT 'running' NOT NULL, summary JSON)")
+        cols = ", ".join(f"{c} FLOAT" for c in ("p_o", "p_b", "p_a", "p_f", "p_g", "p_k", "p_m", "p_x"))
+        conn.exec_driver_sql(
+            "CREATE TABLE results (id INTEGER PRIMARY KEY, path TEXT NOT NULL, model_version VARCHAR(128) NOT NULL, "
+            "obsid BIGINT, designation VARCHAR(64), ra FLOAT, dec FLOAT, snr_g FLOAT, snr_r FLOAT, snr_i FLOAT, "
+            "lmjd INTEGER, planid VARCHAR(64), spid INTEGER, fiberid INTEGER, pipeline_class VARCHAR(32), "
+            f"pipeline_subclass VARCHAR(64), data_release VARCHAR(64), layout VARCHAR(16), {cols}, probs JSON, "
+            "predicted_class VARCHAR(8), flags INTEGER DEFAULT 0 NOT NULL, posterior_o FLOAT, is_candidate BOOLEAN, "
+            "heii_sigma FLOAT, scan_id INTEGER REFERENCES scans (id) ON DELETE SET NULL, "
+            "created TIMESTAMP NOT NULL, UNIQUE (path, model_version))")
+        conn.exec_driver_sql("CREATE INDEX ix_results_scan_id ON results (scan_id)")
+        conn.exec_driver_sql(
+            "CREATE TABLE errors (id INTEGER PRIMARY KEY, path TEXT NOT NULL, model_version VARCHAR(128) NOT NULL, "
+            "scan_id INTEGER, reason VARCHAR(64) NOT NULL, message TEXT, created TIMESTAMP NOT NULL, "
+            "UNIQUE (path, model_version))")
+        conn.exec_driver_sql("CREATE INDEX ix_errors_scan_id ON errors (scan_id)")
+        conn.exec_driver_sql("CREATE INDEX ix_errors_reason ON errors (reason)")
+        conn.exec_driver_sql("CREATE VIEW candidates AS SELECT * FROM results WHERE p_o >= 0.5")
+        conn.exec_driver_sql("INSERT INTO scans (id, started, model_version, parameters) VALUES "
+                             "(1, '2026-11-25 10:00:00', 'v1', '{\"stage\": \"ostar\"}'), "
+                             "(2, '2026-11-25 11:00:00', 'lines_test-1', '{\"stage\": \"lines_test\"}')")
+        for i, (mv, sid) in enumerate([("v1", 1), ("v1", 1), ("lines_test-1", 2), ("lines_test-1", 2)]):
+            conn.exec_driver_sql(
+                "INSERT INTO results (path, model_version, p_o, predicted_class, scan_id, created, obsid) "
+                f"VALUES ('/d/{i % 2}.fits', '{mv}', 0.8, 'O', {sid}, '2026-11-25 10:00:00', {i})")
+        conn.exec_driver_sql("INSERT INTO errors (path, model_version, scan_id, reason, created) VALUES "
+                             "('/d/bad.fits', 'v1', 1, 'corrupt', '2026-11-25 10:00:00'), "
+                             "('/d/bad.fits', 'lines_test-1', 2, 'corrupt', '2026-11-25 11:00:00')")
+    engine.dispose()
+
+
+def test_an_old_catalogue_with_a_plugins_rows_is_migrated(tmp_path, caplog):
+    path = tmp_path / "old.sqlite"
+    _old_schema(path)
+    with caplog.at_level("WARNING", logger="lamost_ostar.catalogue"):
+        cat = Catalogue(str(path), create=False)
+        table = cat.query(all_rows=True)
+    # the ostar rows stay; the plugin's header-only rows are gone (they had no measurement)
+    assert sorted(table["obsid"]) == [0, 1] and set(table["model_version"]) == {"v1"}
+    assert "2 result rows" in caplog.text and "lines_test" in caplog.text
+    errs = cat.errors()
+    assert sorted(zip(errs["stage"], errs["model_version"])) == [("lines_test", "lines_test-1"),
+                                                                 ("ostar", "v1")]
+    # resume per stage: for the plugin, only its failed file counts as done
+    files = ["/d/0.fits", "/d/1.fits", "/d/bad.fits"]
+    assert cat.done_paths(files, "v1") == set(files)
+    assert cat.done_paths(files, "lines_test-1", stage="lines_test") == {"/d/bad.fits"}
+    cat.write(None, [_line(0, prefix="/d/x")], stage=LINES)   # the plugin's table now
+    cat.write(None, [{"path": "/d/bad.fits", "ok": False, "error_reason": "corrupt",
+                      "model_version": "v1"}])               # the old key (path, model_version) is gone:
+    cat.write(None, [{"path": "/d/bad.fits", "ok": False, "error_reason": "corrupt",
+                      "model_version": "lines_test-1"}], stage=LINES)
+    assert len(cat.errors()) == 2                              # ... and nothing was doubled
+    with cat.engine.connect() as conn:
+        uniques = [set(u["column_names"]) for u in sa.inspect(conn).get_unique_constraints("errors")]
+        assert uniques == [{"stage", "path", "model_version"}]
+        idx = {i["name"] for i in sa.inspect(conn).get_indexes("errors")}
+        assert {"ix_errors_scan_id", "ix_errors_reason"} <= idx
+    cat.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lamost_ostar.catalogue"):
+        Catalogue(str(path)).close()                           # opening again changes nothing
+        assert len(Catalogue(str(path)).query(all_rows=True)) == 2
+    assert "removed" not in caplog.text
+
+
+def test_an_old_postgresql_catalogue_is_rekeyed(pg_url):
+    """The errors key (path, model_version) becomes (stage, path, model_version) on PostgreSQL too."""
+    cat = Catalogue(pg_url)
+    cat.write(cat.start_scan("v1"), [make_result(1, ok=False)])
+    with cat.engine.begin() as conn:   # undo to the previous release's errors table
+        conn.exec_driver_sql("ALTER TABLE errors DROP CONSTRAINT uq_errors_stage_path_model")
+        conn.exec_driver_sql("ALTER TABLE errors DROP COLUMN stage")
+        conn.exec_driver_sql("ALTER TABLE errors ADD CONSTRAINT uq_errors_path_model UNIQUE (path, model_version)")
+        conn.exec_driver_sql("DROP TABLE stages")
+    cat.close()
+    cat = Catalogue(pg_url)
+    assert list(cat.errors()["stage"]) == ["ostar"]
+    cat.write(None, [{"path": make_result(1).path, "ok": False, "error_reason": "corrupt",
+                      "model_version": "v1"}], stage=StageSpec(name="other", version="o-1",
+                                                                model_version="v1"))
+    assert sorted(cat.errors()["stage"]) == ["ostar", "other"]
+    assert cat.stage_names() == ["ostar", "other"]
+    cat.close()
