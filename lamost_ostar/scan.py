@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -60,29 +60,47 @@ FITS_SUFFIXES: tuple[str, ...] = (".fits", ".fits.gz", ".fit", ".fit.gz")
 
 
 class ResultSink(Protocol):
-    """What the scan needs from a result store (e.g. ``catalogue.CatalogueWriter``).
+    """What the scan needs from a result store (a *sink*; entry point group ``lamost_ostar.sinks``).
 
-    The object must be picklable: it is shipped once to every worker.
+    A sink is built as ``Sink(target)`` (a URL, a file or a folder: ``--db`` or
+    ``--out`` of ``lamost-ostar scan``) and must be picklable: it is shipped once
+    to every worker.  ``stage`` arguments name a stage (its table); ``write``
+    gets the stage's :class:`lamost_ostar.stage.StageSpec` (name, version,
+    model version, declared ``outputs`` and ``output_values``), from which the
+    sink builds the stage's columns.  ``catalogue.CatalogueWriter`` (``sql``) and
+    ``lamost_ostar_plugins.parquet.ParquetSink`` (``parquet``) implement it.
     """
 
     def start_scan(self, model_version: str | None = None, *, code_version: str | None = None,
-                   parameters: dict[str, Any] | None = None) -> Any:
-        """Record a new scan (provenance row) and return its id."""
+                   parameters: dict[str, Any] | None = None,
+                   stages: Sequence[Mapping[str, Any]] | None = None) -> Any:
+        """Record a new scan (provenance) and return its id.
 
-    def done_paths(self, paths: Sequence[str], model_version: str) -> set[str]:
-        """Subset of ``paths`` already stored for ``model_version``."""
+        ``stages``: the declarations (``StageSpec.to_dict()`` with the resolved
+        ``model_version``) of the stages the scan runs, first stage first.
+        """
 
-    def write(self, scan_id: Any, results: Sequence[Any]) -> Any:
-        """Store stage results (one transaction, idempotent)."""
+    def done_paths(self, paths: Sequence[str], model_version: str | None, *,
+                   include_errors: bool = True, scan_id: Any = None,
+                   stage: str = "ostar") -> set[str]:
+        """Subset of ``paths`` already stored by ``stage`` for ``model_version`` (a result
+        row, or with ``include_errors`` an error row; with ``scan_id``: written by that scan)."""
+
+    def write(self, scan_id: Any, results: Sequence[Any], *, stage: Any = None) -> Any:
+        """Store one stage's results in bulk (idempotent); ``stage=None`` is the ostar stage."""
 
     def finish_scan(self, scan_id: Any, counts: dict[str, int] | None = None,
                     status: str = "finished") -> Any:
         """Close the scan's provenance row with its counts, status and end time.
 
         Counts keys: ``files_seen, files_read, files_classified, files_failed,
-        files_skipped``.  A sink may also offer ``update_scan(scan_id, counts)``,
+        files_skipped`` (of the first stage; with several stages their own under
+        ``stages``).  A sink may also offer ``update_scan(scan_id, counts)``,
         which the scan then calls every few seconds (progress of a long scan,
-        counts survive a killed scan).
+        counts survive a killed scan), and ``scan_counts(scan_id, threshold,
+        stage)`` (``{"results", "errors", "errors_by_reason"[, "candidates",
+        "counts"]}`` of the rows carrying the scan's id), which makes the final
+        counts those of the rows written.
         """
 
 
@@ -207,8 +225,8 @@ def count_paths(sources: Iterable[str | os.PathLike]) -> int:
 
 
 def survey_paths(sources: Iterable[str | os.PathLike], sink: Any, model_version: str | None, *,
-                 stop_at_new: bool = False, chunk: int = 2000) -> dict[str, int]:
-    """What a scan of ``sources`` with ``model_version`` would find, asked in the client.
+                 stop_at_new: bool = False, chunk: int = 2000, stage: str = "ostar") -> dict[str, int]:
+    """What a scan of ``sources`` with ``stage`` at ``model_version`` would find, asked in the client.
 
     Returns ``{"files", "new", "done", "failed"}``: files with no row for that
     model version (``new``), with a result row (``done``) and with an error row
@@ -218,8 +236,9 @@ def survey_paths(sources: Iterable[str | os.PathLike], sink: Any, model_version:
     """
     counts = {"files": 0, "new": 0, "done": 0, "failed": 0}
     for part in iter_partitions(iter_paths(sources), chunk):
-        done_any = sink.done_paths(part, model_version)
-        done_ok = sink.done_paths(part, model_version, include_errors=False) if done_any else set()
+        done_any = sink.done_paths(part, model_version, stage=stage)
+        done_ok = sink.done_paths(part, model_version, include_errors=False,
+                                  stage=stage) if done_any else set()
         counts["files"] += len(part)
         counts["done"] += sum(1 for p in part if p in done_ok)
         counts["failed"] += sum(1 for p in part if p in done_any and p not in done_ok)
@@ -269,37 +288,50 @@ from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
 
 
 class ScanWorkerPlugin(_WorkerPlugin):
-    """Holds one stage and one sink per Dask worker.
+    """Holds the stages, the reader and the sink of a scan, once per Dask worker.
 
-    The stage is built lazily (first task), with :func:`lamost_ostar.stage.load_stage`,
-    so the model is loaded once per worker process and never in the client.
+    The stages are built lazily (first task), with :func:`lamost_ostar.stage.load_stage`,
+    so a model is loaded once per worker process and never in the client.
 
     Parameters
     ----------
-    stage_name : str
-        Entry point name in group ``lamost_ostar.stages`` (or ``"module:attr"``).
+    stage_name : str or sequence of str
+        Entry point name(s) in group ``lamost_ostar.stages`` (or ``"module:attr"``).
     stage_kwargs : dict
-        Keyword arguments for the stage constructor.
+        Keyword arguments for the stage constructors (each stage gets those its
+        signature accepts).
     sink : ResultSink
         Result store, pickled once to each worker.
     name : str, optional
         Plugin name (unique per scan by default).
+    reader : str
+        Reader entry point name (group ``lamost_ostar.readers``) or ``"module:attr"``.
+    reader_kwargs : dict, optional
+        Keyword arguments for the reader (those its signature accepts).
     """
 
     idempotent = False
 
-    def __init__(self, stage_name: str, stage_kwargs: dict[str, Any], sink: Any,
-                 name: str | None = None) -> None:
-        self.stage_name = stage_name
+    def __init__(self, stage_name: str | Sequence[str], stage_kwargs: dict[str, Any], sink: Any,
+                 name: str | None = None, reader: str = "lamost",
+                 reader_kwargs: dict[str, Any] | None = None) -> None:
+        self.stage_names = [stage_name] if isinstance(stage_name, str) else list(stage_name)
+        self.stage_name = self.stage_names[0]
         self.stage_kwargs = dict(stage_kwargs)
         self.sink = sink
+        self.reader_name = reader
+        self.reader_kwargs = dict(reader_kwargs or {})
         self.name = name or f"lamost_ostar-scan-{uuid.uuid4().hex[:12]}"
-        self._stage = None
+        self._stages: dict[str, Any] = {}
+        self._specs: dict[str, Any] = {}
+        self._reader = None
         self._lock: threading.Lock | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_stage"] = None
+        state["_stages"] = {}
+        state["_specs"] = {}
+        state["_reader"] = None
         state["_lock"] = None
         return state
 
@@ -307,29 +339,62 @@ class ScanWorkerPlugin(_WorkerPlugin):
         self._lock = threading.Lock()
 
     def teardown(self, worker: Any) -> None:  # noqa: D102
-        self._stage = None
+        self._stages = {}
+        self._specs = {}
 
-    def get_stage(self, model_version: str | None = None) -> Any:
-        """The worker's stage, built on first use (thread-safe).
+    def get_stage(self, model_version: str | None = None, stage_name: str | None = None) -> Any:
+        """A stage of the worker, built on first use (thread-safe).
 
         With ``model_version``, a stage of another version is replaced by one
         of that version (the scan pins the version resolved by the first stage
         built, so the model is normally loaded once per worker).
         """
+        name = stage_name or self.stage_name
         if self._lock is None:
             self._lock = threading.Lock()
         with self._lock:
-            stage = self._stage
+            stage = self._stages.get(name)
             if stage is None or (model_version is not None
                                  and getattr(stage, "model_version", None) != model_version):
-                from lamost_ostar.stage import load_stage
+                from lamost_ostar.entrypoints import STAGES, load
+                from lamost_ostar.io import _accepted_kwargs
+                from lamost_ostar.stage import stage_spec
 
                 kwargs = dict(self.stage_kwargs)
                 if model_version is not None:
                     kwargs["model_version"] = model_version
-                self._stage = None
-                self._stage = load_stage(self.stage_name, **kwargs)
-            return self._stage
+                self._stages.pop(name, None)
+                factory = load(STAGES, name)
+                stage = factory(**_accepted_kwargs(factory, kwargs))
+                if model_version is not None and getattr(stage, "model_version", None) != model_version:
+                    raise RuntimeError(f"stage {name!r} on this worker gives model version "
+                                       f"{getattr(stage, 'model_version', None)!r}, the scan uses "
+                                       f"{model_version!r}")
+                self._stages[name] = stage
+                self._specs[name] = stage_spec(stage, name=_fallback_name(name))
+            return stage
+
+    def get_spec(self, stage_name: str) -> Any:
+        """The :class:`~lamost_ostar.stage.StageSpec` of a stage already built."""
+        return self._specs[stage_name]
+
+    def get_reader(self) -> Any:
+        """The worker's reader, built on first use."""
+        if self._reader is None:
+            from lamost_ostar.io import load_reader
+
+            self._reader = load_reader(self.reader_name, **self.reader_kwargs)
+        return self._reader
+
+
+def _fallback_name(stage_ref: str) -> str:
+    """The table name of a stage that declares no ``name``: its entry point name, or for a
+    ``module:Class`` reference the class name in lower case."""
+    import re
+
+    base = stage_ref.rsplit(":", 1)[-1].rsplit(".", 1)[-1].lower() if ":" in stage_ref else stage_ref
+    base = re.sub(r"[^a-z0-9_]", "_", base).lstrip("_0123456789") or "stage"
+    return base[:32]
 
 
 def _worker_plugin(plugin_name: str) -> ScanWorkerPlugin:
@@ -343,30 +408,58 @@ def _worker_plugin(plugin_name: str) -> ScanWorkerPlugin:
 
 
 def stage_info(plugin_name: str) -> dict[str, Any]:
-    """Worker task: build the stage and report its model version and device."""
+    """Worker task: build the stages (and the reader); report their declarations, model versions
+    and the device."""
     import sys
 
-    stage = _worker_plugin(plugin_name).get_stage()
-    keras = sys.modules.get("keras")  # only if the stage uses Keras
+    plugin = _worker_plugin(plugin_name)
+    stages = []
+    device = None
+    for name in plugin.stage_names:
+        stage = plugin.get_stage(stage_name=name)
+        device = device or getattr(stage, "device_name", None)
+        spec = plugin.get_spec(name)
+        stages.append({**spec.to_dict(), "entry_point": name,
+                       "model_version": getattr(stage, "model_version", None) or spec.version})
+    reader = plugin.get_reader()
+    keras = sys.modules.get("keras")  # only if a stage uses Keras
     return {
-        "model_version": getattr(stage, "model_version", None),
-        "device": getattr(stage, "device_name", None),
+        "model_version": stages[0]["model_version"],
+        "stages": stages,
+        "reader": {"name": getattr(reader, "name", plugin.reader_name),
+                   "version": getattr(reader, "version", None)},
+        "device": device,
         "keras_backend": keras.backend.backend() if keras is not None else None,
     }
 
 
 def _is_candidate(result: Any, threshold: float) -> bool:
     """A result's O-candidate verdict: its ``is_candidate``, else ``p_o >= threshold``."""
-    verdict = getattr(result, "is_candidate", None)
+    verdict = getattr(result, "is_candidate", None) if not isinstance(result, dict) else \
+        result.get("is_candidate")
     if verdict is not None:
         return bool(verdict)
-    p = getattr(result, "p_o", None)
+    p = getattr(result, "p_o", None) if not isinstance(result, dict) else result.get("p_o")
     return p is not None and p >= threshold
+
+
+def _ok(result: Any) -> bool:
+    return bool(result.get("ok") if isinstance(result, dict) else result.ok)
+
+
+def _reason(result: Any) -> str:
+    r = result.get("error_reason") if isinstance(result, dict) else getattr(result, "error_reason", None)
+    return r or "unknown"
 
 
 @dataclass
 class PartitionSummary:
-    """Counts for one partition (or, summed, for a whole scan)."""
+    """Counts of one stage for one partition (or, summed, for a whole scan).
+
+    ``n_candidates`` counts O candidates for a stage that decides them
+    (``is_candidate`` / ``p_o``); ``counts`` the True results of the stage's
+    ``summary`` outputs (e.g. ``heii_detected``).
+    """
 
     n_files: int = 0
     n_skipped: int = 0
@@ -375,18 +468,21 @@ class PartitionSummary:
     n_candidates: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, n_files: int, n_skipped: int, results: Sequence[Any],
-                     threshold: float, seconds: float = 0.0) -> "PartitionSummary":
+                     threshold: float, seconds: float = 0.0,
+                     summary_fields: Sequence[str] = ()) -> "PartitionSummary":
         """Summarise stage results (objects with ``ok``, ``error_reason``; ``p_o`` optional)."""
-        ok = [r for r in results if r.ok]
-        reasons = Counter(getattr(r, "error_reason", None) or "unknown"
-                          for r in results if not r.ok)
+        ok = [r for r in results if _ok(r)]
+        reasons = Counter(_reason(r) for r in results if not _ok(r))
         cands = sum(1 for r in ok if _is_candidate(r, threshold))
+        counts = {f: sum(1 for r in ok if (r.get(f) if isinstance(r, dict) else getattr(r, f, None)))
+                  for f in summary_fields}
         return cls(n_files=n_files, n_skipped=n_skipped, n_classified=len(ok),
                    n_errors=len(results) - len(ok), n_candidates=cands,
-                   errors_by_reason=dict(reasons), seconds=seconds)
+                   errors_by_reason=dict(reasons), seconds=seconds, counts=counts)
 
     def add(self, other: "PartitionSummary") -> None:
         """Accumulate ``other`` into this summary."""
@@ -398,11 +494,18 @@ class PartitionSummary:
         self.seconds += other.seconds
         for k, v in other.errors_by_reason.items():
             self.errors_by_reason[k] = self.errors_by_reason.get(k, 0) + v
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+
+def _summary_fields(spec: Any) -> tuple[str, ...]:
+    return tuple(o.name for o in spec.outputs if o.summary and o.name != "is_candidate")
 
 
 def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
-                      model_version: str | None, threshold: float) -> PartitionSummary:
-    """Worker task: skip done files, run the stage, write the results in bulk.
+                      model_version: str | Mapping[str, str | None] | None,
+                      threshold: float) -> dict[str, PartitionSummary]:
+    """Worker task: per stage, skip its done files; read the others once; run each stage; write.
 
     Parameters
     ----------
@@ -412,26 +515,74 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
         Name of the :class:`ScanWorkerPlugin` registered for this scan.
     scan_id
         Id returned by ``sink.start_scan``.
-    model_version : str or None
-        Resolved model version (used for the resume check).
+    model_version : str, mapping or None
+        Resolved model version of each stage (``{stage: version}``; a string
+        for a scan of one stage), used for the resume check.
     threshold : float
         p(O) threshold, only for the candidate count.
 
     Returns
     -------
-    PartitionSummary
+    dict
+        Stage name (the stage's table name) -> :class:`PartitionSummary`.
+
+    Notes
+    -----
+    Each file is read once, with the scan's reader, whatever the number of
+    stages; the stages get :class:`lamost_ostar.io.Spectrum` records, in
+    chunks of ``batch_size``.  A stage's results are written in one bulk
+    ``sink.write`` per partition.
     """
+    from lamost_ostar.stage import read_items
+
     t0 = time.perf_counter()
     plugin = _worker_plugin(plugin_name)
-    stage = plugin.get_stage(model_version)
+    if not isinstance(model_version, Mapping):
+        model_version = {plugin.stage_names[0]: model_version} if len(plugin.stage_names) == 1 \
+            else {n: None for n in plugin.stage_names}
     sink = plugin.sink
-    done = sink.done_paths(paths, model_version) if model_version is not None else set()
-    todo = [p for p in paths if p not in done]
-    results = stage.process(todo) if todo else []
-    if results:
-        sink.write(scan_id, results)
-    return PartitionSummary.from_results(len(paths), len(paths) - len(todo), results,
-                                         threshold, time.perf_counter() - t0)
+    stages = []
+    for ref in plugin.stage_names:
+        mv = model_version.get(ref)
+        stage = plugin.get_stage(mv, stage_name=ref)
+        spec = plugin.get_spec(ref)
+        mv = mv if mv is not None else getattr(stage, "model_version", None)
+        done = sink.done_paths(paths, mv, stage=spec.name) if mv is not None else set()
+        stages.append((stage, spec, mv, {p for p in paths if p not in done}))
+    todo = [p for p in paths if any(p in t for *_, t in stages)]
+    results: list[list[Any]] = [[] for _ in stages]
+    batch = max(1, int(plugin.stage_kwargs.get("batch_size", 256)))
+    reader = plugin.get_reader()
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        spectra, slots, failed = read_items(chunk, reader=reader)
+        by_path = {chunk[i]: sp for i, sp in zip(slots, spectra)}
+        fails = {chunk[i]: (reason, msg) for i, (_, reason, msg) in failed.items()}
+        for k, (stage, spec, mv, wanted) in enumerate(stages):
+            mine = [p for p in chunk if p in wanted]
+            if not mine:
+                continue
+            readable = [by_path[p] for p in mine if p in by_path]
+            got_list = list(stage.process(readable)) if readable else []
+            if len(got_list) != len(readable):
+                raise RuntimeError(f"stage {spec.name!r} returned {len(got_list)} results for "
+                                   f"{len(readable)} spectra (one per item, in order, is the protocol)")
+            got = iter(got_list)
+            for p in mine:
+                if p in by_path:
+                    results[k].append(next(got))
+                else:
+                    reason, msg = fails.get(p, ("unreadable", "no result from the reader"))
+                    results[k].append({"path": p, "ok": False, "error_reason": reason,
+                                       "error_message": msg, "model_version": mv})
+    out: dict[str, PartitionSummary] = {}
+    for k, (stage, spec, mv, wanted) in enumerate(stages):
+        if results[k]:
+            sink.write(scan_id, results[k], stage=spec)
+        out[spec.name] = PartitionSummary.from_results(
+            len(paths), len(paths) - len(wanted), results[k], threshold,
+            time.perf_counter() - t0, _summary_fields(spec))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -439,7 +590,13 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
 # --------------------------------------------------------------------------
 @dataclass
 class ScanSummary:
-    """What a scan did, for the terminal and for the provenance row."""
+    """What a scan did, for the terminal and for the provenance row.
+
+    ``totals`` are the counts of the first stage (all of them for a scan of one
+    stage); ``stage_totals`` those of every stage, keyed by stage name, and
+    ``stages`` their declarations (``StageSpec.to_dict()`` with the model
+    version).
+    """
 
     scan_id: Any
     model_version: str | None
@@ -453,6 +610,9 @@ class ScanSummary:
     keras_backend: str | None = None
     n_workers: int = 0
     interrupted: bool = False
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    stage_totals: dict[str, PartitionSummary] = field(default_factory=dict)
+    reader: str | None = None
 
     @property
     def rate(self) -> float:
@@ -462,57 +622,105 @@ class ScanSummary:
     @property
     def processed_rate(self) -> float:
         """Files read and classified or failed (not skipped) per second of wall time."""
-        n = self.totals.n_classified + self.totals.n_errors
+        n = self._n_read()
         return n / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def steady_rate(self) -> float:
         """Files read and classified or failed per second after start-up
         (cluster start, first model load)."""
-        n = self.totals.n_classified + self.totals.n_errors
+        n = self._n_read()
         dt = self.elapsed_s - self.startup_s
         return n / dt if dt > 0 else 0.0
 
+    def _n_read(self) -> int:
+        """Files read (by at least one stage: the most any stage read)."""
+        all_totals = list(self.stage_totals.values()) or [self.totals]
+        return max(t.n_classified + t.n_errors for t in all_totals)
+
+    def _stage_list(self) -> list[tuple[dict[str, Any], PartitionSummary]]:
+        if not self.stages:
+            return [({"name": "ostar", "model_version": self.model_version,
+                      "outputs": [{"name": "is_candidate"}]}, self.totals)]
+        return [(d, self.stage_totals.get(d["name"], PartitionSummary())) for d in self.stages]
+
     def counts(self) -> dict[str, Any]:
-        """Counts and summary for the provenance row (``sink.finish_scan``)."""
-        return {**_scan_counts(self.totals), "n_candidates": self.totals.n_candidates,
-                "threshold": self.threshold,
-                "errors_by_reason": dict(self.totals.errors_by_reason),
-                "elapsed_s": round(self.elapsed_s, 3),
-                "spectra_per_s": round(self.processed_rate, 3),
-                "startup_s": round(self.startup_s, 3),
-                "failed_partitions": self.n_failed_partitions,
-                "unwritten_files": self.n_unwritten_files}
+        """Counts and summary for the provenance row (``sink.finish_scan``): the first
+        stage's in the count columns, every stage's under ``stages``."""
+        out = {**_scan_counts(self.totals), "threshold": self.threshold,
+               "errors_by_reason": dict(self.totals.errors_by_reason),
+               "elapsed_s": round(self.elapsed_s, 3),
+               "spectra_per_s": round(self.processed_rate, 3),
+               "startup_s": round(self.startup_s, 3),
+               "failed_partitions": self.n_failed_partitions,
+               "unwritten_files": self.n_unwritten_files}
+        first = self._stage_list()[0][0]
+        if _decides_candidates(first):
+            out["n_candidates"] = self.totals.n_candidates
+        if self.totals.counts:
+            out["counts"] = dict(self.totals.counts)
+        if len(self.stages) > 1:
+            out["stages"] = {d["name"]: {**_scan_counts(t), "errors_by_reason": dict(t.errors_by_reason),
+                                         **({"n_candidates": t.n_candidates} if _decides_candidates(d)
+                                            else {}), **({"counts": dict(t.counts)} if t.counts else {})}
+                             for d, t in self._stage_list()}
+        return out
 
     def format(self) -> str:
-        """One-screen, human-readable summary."""
+        """One-screen, human-readable summary: what each stage produced."""
         t = self.totals
+        listed = self._stage_list()
+        one = len(listed) == 1
+        workers = f"{self.n_workers} worker{'' if self.n_workers == 1 else 's'}"
+        if one:
+            what = listed[0][0]
+            head = (f"model {what.get('model_version')}" if what["name"] == "ostar"
+                    else f"stage {what['name']} {what.get('model_version') or what.get('version')}")
+        else:
+            head = "stages " + ", ".join(f"{d['name']} ({d.get('model_version') or d.get('version')})"
+                                         for d, _ in listed)
         lines = [
-            f"scan {self.scan_id}: model {self.model_version} "
-            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {self.n_workers} "
-            f"worker{'' if self.n_workers == 1 else 's'})"
+            f"scan {self.scan_id}: {head} "
+            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {workers})"
             + ("  [INTERRUPTED]" if self.interrupted else ""),
             f"  files seen          {t.n_files:>10,d}",
-            f"  skipped (done)      {t.n_skipped:>10,d}",
-            f"  classified          {t.n_classified:>10,d}",
-            f"  errors              {t.n_errors:>10,d}",
         ]
-        for reason, n in sorted(t.errors_by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"    {reason:<18}{n:>10,d}")
+        for d, st in listed:
+            indent = "  " if one else "    "
+            if not one:
+                lines.append(f"  {d['name']}")
+            done_word = "classified" if _decides_candidates(d) else "measured"
+            w = 22 - len(indent)
+            lines += [f"{indent}{'skipped (done)':<{w}}{st.n_skipped:>10,d}",
+                      f"{indent}{done_word:<{w}}{st.n_classified:>10,d}",
+                      f"{indent}{'errors':<{w}}{st.n_errors:>10,d}"]
+            for reason, n in sorted(st.errors_by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"{indent}  {reason:<{w - 2}}{n:>10,d}")
+            if _decides_candidates(d):
+                lines.append(f"{indent}{'O candidates':<{w}}{st.n_candidates:>10,d}   "
+                             f"(the model's decision; p(O) >= {self.threshold:g} for models "
+                             "without one)")
+            for name, n in st.counts.items():
+                lines.append(f"{indent}{name:<{w}}{n:>10,d}")
         lines += [
-            f"  O candidates        {t.n_candidates:>10,d}   (the model's decision; p(O) >= "
-            f"{self.threshold:g} for models without one)",
             f"  elapsed             {self.elapsed_s:>10.1f} s   "
             f"(start-up: cluster + model load {self.startup_s:.1f} s)",
-            f"  rate                {self.processed_rate:>10.1f} spectra/s read+classified"
-            f"  ({self.steady_rate:.1f}/s after start-up; "
-            f"{self.rate:.1f} files/s incl. skipped)",
+            f"  rate                {self.processed_rate:>10.1f} spectra/s read+"
+            + ("classified" if one and _decides_candidates(listed[0][0]) else "processed")
+            + f"  ({self.steady_rate:.1f}/s after start-up; {self.rate:.1f} files/s incl. skipped)",
         ]
         if self.n_failed_partitions:
             lines.append(f"  FAILED partitions   {self.n_failed_partitions:>10,d}   "
                          f"({self.n_unwritten_files:,d} files not stored; "
                          "run the scan again to resume)")
         return "\n".join(lines)
+
+
+def _decides_candidates(stage: Mapping[str, Any]) -> bool:
+    """Whether a stage (its declaration) makes an O-candidate decision (is_candidate or p_o)."""
+    names = {o["name"] if isinstance(o, Mapping) else getattr(o, "name", None)
+             for o in stage.get("outputs") or ()}
+    return bool({"is_candidate", "p_o"} & names)
 
 
 def _scan_counts(t: PartitionSummary) -> dict[str, int]:
@@ -603,9 +811,8 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
 
 def _failure_results(paths: Sequence[str], reason: str, message: str,
                      model_version: str | None) -> list[Any]:
-    from lamost_ostar.stage import StageResult
-
-    return [StageResult.failure(p, reason, message, model_version) for p in paths]
+    return [{"path": p, "ok": False, "error_reason": reason, "error_message": message,
+             "model_version": model_version} for p in paths]
 
 
 def run_scan(
@@ -616,8 +823,8 @@ def run_scan(
     scheduler: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
-    stage: str = "ostar",
-    model_version: str | None = None,
+    stage: str | Sequence[str] = "ostar",
+    model_version: str | Mapping[str, str | None] | None = None,
     models_dir: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 256,
@@ -632,6 +839,7 @@ def run_scan(
     worker_log: str | None = None,
     memory_limit: str | float | None = "auto",
     interrupt_grace_s: float = 30.0,
+    reader: str = "lamost",
 ) -> ScanSummary:
     """Scan files with a stage on Dask and store every result through ``sink``.
 
@@ -645,11 +853,21 @@ def run_scan(
         Use this client (not closed here).  Otherwise one is made with
         :func:`make_client` from ``scheduler``, ``n_workers`` and
         ``threads_per_worker`` and closed at the end.
-    stage : str
-        Stage entry point name (group ``lamost_ostar.stages``).
-    model_version, models_dir, device, batch_size, read_engine
-        Passed to the stage (``read_engine`` only when not the default fitsio); ``model_version=None`` is resolved once on a
-        worker and pinned for the whole scan.
+    stage : str or sequence of str
+        Stage entry point name(s) (group ``lamost_ostar.stages``).  With several,
+        each file is read once and every stage processes the same records;
+        each stage writes its own table and resumes on its own (a file done for
+        one stage but not another is processed for the other only).
+    model_version : str or mapping, optional
+        A model version passed to every stage that accepts ``model_version``,
+        or ``{stage: version}``.  None is resolved once on a worker (per stage)
+        and pinned for the whole scan.
+    models_dir, device, batch_size, read_engine
+        Passed to the stages that accept them (``read_engine`` only when not the
+        default fitsio; it is also the LAMOST reader's ``engine``).
+    reader : str
+        Reader entry point name (group ``lamost_ostar.readers``; ``lamost``) or
+        ``"module:attr"``; the scan reads every file with it.
     partition_size : int
         Files per Dask task.
     threshold : float
@@ -736,21 +954,38 @@ def run_scan(
         n_workers_seen = len(client.nthreads())
         if max_in_flight is None:
             max_in_flight = 2 * nthreads
-        stage_kwargs = {"model_version": model_version, "device": device,
-                        "batch_size": batch_size}
+        stage_refs = [stage] if isinstance(stage, str) else list(stage)
+        if not stage_refs or len(set(stage_refs)) != len(stage_refs):
+            raise ValueError(f"stages must be given once each, got {stage_refs}")
+        per_stage = dict(model_version) if isinstance(model_version, Mapping) else None
+        stage_kwargs = {"model_version": None if per_stage is not None else model_version,
+                        "device": device, "batch_size": batch_size}
         if models_dir is not None:
             stage_kwargs["models_dir"] = os.fspath(models_dir)
         if read_engine != "fitsio":
             stage_kwargs["read_engine"] = read_engine
-        plugin = ScanWorkerPlugin(stage, stage_kwargs, sink)
+        plugin = ScanWorkerPlugin(stage_refs, stage_kwargs, sink, reader=reader,
+                                  reader_kwargs={"engine": read_engine})
         client.register_plugin(plugin, name=plugin.name)
 
-        # Resolve the model version once (builds the stage on one worker) and pin it.
+        # Resolve the model versions once (builds the stages on one worker) and pin them.
+        if per_stage is not None:
+            for ref in stage_refs:
+                if per_stage.get(ref) is not None:
+                    pin = client.submit(_pin_stage, plugin.name, ref, per_stage[ref], pure=False)
+                    pin.result()
         info = client.submit(stage_info, plugin.name, pure=False).result()
-        resolved = info["model_version"]
+        stage_defs = info["stages"]
+        names = [d["name"] for d in stage_defs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two stages write the same table: {names}")
+        resolved_all = {d["entry_point"]: d["model_version"] for d in stage_defs}
+        resolved = stage_defs[0]["model_version"]
+        by_name = {d["name"]: d for d in stage_defs}
 
         parameters = {
-            "sources": sources, "stage": stage, "device": device,
+            "sources": sources, "stage": stage_refs[0] if len(stage_refs) == 1 else stage_refs,
+            "reader": info.get("reader"), "device": device,
             "batch_size": batch_size, "read_engine": read_engine,
             "partition_size": partition_size,
             "threshold": threshold, "scheduler": scheduler or "local",
@@ -761,9 +996,11 @@ def run_scan(
         with _interrupts_deferred() as held:  # a scan row is either not there or gets closed
             scan_id = sink.start_scan(model_version=resolved,
                                       code_version=lamost_ostar.code_version(),
-                                      parameters=parameters)
+                                      parameters=parameters,
+                                      stages=[{k: v for k, v in d.items() if k != "entry_point"}
+                                              for d in stage_defs])
 
-        totals = PartitionSummary()
+        totals = {d["name"]: PartitionSummary() for d in stage_defs}
         n_failed = 0
         n_unwritten = 0
         failed_paths: list[str] = []
@@ -786,7 +1023,7 @@ def run_scan(
             index = itertools.count()
 
             def submit(paths: list[str]) -> None:
-                fut = client.submit(process_partition, paths, plugin.name, scan_id, resolved,
+                fut = client.submit(process_partition, paths, plugin.name, scan_id, resolved_all,
                                     threshold, pure=False, retries=1,
                                     key=f"lamost_ostar-part-{scan_id}-{next(index)}")
                 pending[fut] = paths
@@ -801,26 +1038,27 @@ def run_scan(
                 if fut.status == "finished":
                     part = fut.result()
                 else:
-                    part, n_bad = _handle_failed(fut, paths, sink, scan_id, resolved,
+                    part, n_bad = _handle_failed(fut, paths, sink, scan_id, stage_defs,
                                                  threshold, submit)
                     n_failed += n_bad
                     if n_bad:
                         n_unwritten += len(paths)
                         failed_paths.extend(paths)
-                totals.add(part)
+                _add_parts(totals, part)
                 del pending[fut]  # only once counted: an interrupt here loses nothing
                 fut.release()
                 del fut
                 if pbar is not None:
                     if counter is not None and counter.finished and pbar.total is None:
                         pbar.total = counter.count
-                    pbar.update(part.n_files)
-                    pbar.set_postfix(ok=totals.n_classified, err=totals.n_errors,
-                                     skip=totals.n_skipped, refresh=False)
+                    first = totals[names[0]]
+                    pbar.update(max([p.n_files for p in part.values()] or [0]))
+                    pbar.set_postfix(ok=first.n_classified, err=first.n_errors,
+                                     skip=first.n_skipped, refresh=False)
                 for nxt in itertools.islice(partitions, 1):
                     submit(nxt)
                 if update is not None and time.monotonic() - last_update > update_every_s:
-                    update(scan_id, _scan_counts(totals))
+                    update(scan_id, _progress_counts(totals, names))
                     last_update = time.monotonic()
         except KeyboardInterrupt:
             interrupted = True
@@ -838,9 +1076,13 @@ def run_scan(
                 client.cancel(list(pending))
         with _interrupts_deferred():
             unacked = [p for paths in pending.values() for p in paths] + failed_paths
-            totals = _final_totals(sink, scan_id, resolved, totals, unacked, threshold)
+            totals = {name: _final_totals(sink, scan_id, by_name[name]["model_version"], t, unacked,
+                                          threshold, stage=name)
+                      for name, t in totals.items()}
             summary = ScanSummary(
-                scan_id=scan_id, model_version=resolved, threshold=threshold, totals=totals,
+                scan_id=scan_id, model_version=resolved, threshold=threshold,
+                totals=totals[names[0]], stages=stage_defs, stage_totals=totals,
+                reader=(info.get("reader") or {}).get("name"),
                 elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
                 n_failed_partitions=n_failed,
                 n_unwritten_files=n_unwritten,
@@ -883,7 +1125,7 @@ def _close_quietly(client: Any, cluster: Any) -> None:
             instances.discard(cluster)
 
 
-def _drain(pending: dict[Any, list[str]], totals: PartitionSummary, grace_s: float) -> None:
+def _drain(pending: dict[Any, list[str]], totals: dict[str, PartitionSummary], grace_s: float) -> None:
     """After an interrupt: count the partitions in flight that finish within ``grace_s``.
 
     A second interrupt stops the wait.  Partitions that finish are removed from
@@ -896,7 +1138,7 @@ def _drain(pending: dict[Any, list[str]], totals: PartitionSummary, grace_s: flo
     try:
         for fut in as_completed(list(pending), timeout=grace_s):
             if fut.status == "finished":
-                totals.add(fut.result())
+                _add_parts(totals, fut.result())
                 del pending[fut]
     except KeyboardInterrupt:
         return
@@ -904,8 +1146,28 @@ def _drain(pending: dict[Any, list[str]], totals: PartitionSummary, grace_s: flo
         return
 
 
+def _add_parts(totals: dict[str, PartitionSummary], part: Mapping[str, PartitionSummary]) -> None:
+    """Accumulate one partition's per-stage counts."""
+    for name, p in part.items():
+        totals.setdefault(name, PartitionSummary()).add(p)
+
+
+def _progress_counts(totals: dict[str, PartitionSummary], names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(_scan_counts(totals[names[0]]))
+    if len(names) > 1:
+        out["stages"] = {n: _scan_counts(totals[n]) for n in names}
+    return out
+
+
+def _pin_stage(plugin_name: str, stage_ref: str, model_version: str) -> str:
+    """Worker task: build a stage with a given model version (so that stage_info reports it)."""
+    stage = _worker_plugin(plugin_name).get_stage(model_version, stage_name=stage_ref)
+    return getattr(stage, "model_version", None)
+
+
 def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: PartitionSummary,
-                  unacked_paths: Sequence[str], threshold: float) -> PartitionSummary:
+                  unacked_paths: Sequence[str], threshold: float,
+                  stage: str = "ostar") -> PartitionSummary:
     """The scan's final counts, from the rows carrying its id when the sink can count them.
 
     ``acked`` holds what the finished partitions reported; ``unacked_paths``
@@ -916,11 +1178,12 @@ def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: Par
     if counter is None:
         return acked
     try:
-        rows = counter(scan_id, threshold=threshold)
+        rows = counter(scan_id, threshold=threshold, stage=stage)
         extra = 0
         if unacked_paths:
             try:
-                extra = len(sink.done_paths(list(unacked_paths), model_version, scan_id=scan_id))
+                extra = len(sink.done_paths(list(unacked_paths), model_version, scan_id=scan_id,
+                                            stage=stage))
             except TypeError:  # a sink without the scan_id filter
                 extra = 0
     except Exception:  # noqa: BLE001 - the store cannot answer: keep what the partitions said
@@ -932,7 +1195,7 @@ def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: Par
         n_errors=int(rows["errors"]),
         n_candidates=int(rows.get("candidates", acked.n_candidates)),
         errors_by_reason=dict(rows.get("errors_by_reason", acked.errors_by_reason)),
-        seconds=acked.seconds)
+        seconds=acked.seconds, counts=dict(rows.get("counts", acked.counts)))
 
 
 @contextlib.contextmanager
@@ -1012,31 +1275,39 @@ class _LogsToFile:
 
 
 def _handle_failed(fut: Any, paths: list[str], sink: Any, scan_id: Any,
-                   model_version: str | None, threshold: float, submit: Any) -> tuple[PartitionSummary, int]:
+                   stages: Sequence[Mapping[str, Any]], threshold: float,
+                   submit: Any) -> tuple[dict[str, PartitionSummary], int]:
     """A partition task failed.
 
     When workers died running it (``KilledWorker``: e.g. a segfault in a C
     reader on one malformed file), a multi-file partition is split in two and
     resubmitted, so the culprit is isolated; a single file that still kills
-    workers gets an error row ``worker_crash`` so that every file is accounted
-    for.  Any other failure (database down, model error) is systemic: the
-    partition's files are left unwritten (a later run of the scan resumes
-    them) and counted as a failed partition.
+    workers gets an error row ``worker_crash`` for every stage (a stage that
+    already has a result for it keeps the result) so that every file is
+    accounted for.  Any other failure (database down, model error) is
+    systemic: the partition's files are left unwritten (a later run of the
+    scan resumes them) and counted as a failed partition.
     """
     from distributed.scheduler import KilledWorker
+
+    from lamost_ostar.stage import StageSpec
 
     try:
         exc = fut.exception()
     except Exception as err:  # pragma: no cover - e.g. cancelled
         exc = err
     if not isinstance(exc, KilledWorker):
-        return PartitionSummary(), 1
+        return {}, 1
     if len(paths) > 1:
         mid = len(paths) // 2
         submit(paths[:mid])
         submit(paths[mid:])
-        return PartitionSummary(), 0
+        return {}, 0
     message = f"worker died {type(exc).__name__}: {exc}".splitlines()[0][:500]
-    results = _failure_results(paths, "worker_crash", message, model_version)
-    sink.write(scan_id, results)
-    return PartitionSummary.from_results(len(paths), 0, results, threshold), 0
+    out = {}
+    for d in stages:
+        spec = StageSpec.from_dict({k: v for k, v in d.items() if k != "entry_point"})
+        results = _failure_results(paths, "worker_crash", message, d.get("model_version"))
+        sink.write(scan_id, results, stage=spec)
+        out[spec.name] = PartitionSummary.from_results(len(paths), 0, results, threshold)
+    return out, 0

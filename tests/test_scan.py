@@ -133,9 +133,13 @@ def test_scan_resume_is_idempotent(tmp_path, release, client):
     second = scanmod.run_scan([release], cat, client=client, stage="heii_lines",
                               partition_size=4, progress=False)
     assert second.totals.n_skipped == n and second.totals.n_classified == 0
-    res, err = _rows(cat, "results"), _rows(cat, "errors")
+    res, err = _rows(cat, "results_heii_lines"), _rows(cat, "errors")
     assert len(res) == len(GOOD) and len(err) == len(BAD)
     assert len(set(res) | set(err)) == n
+    assert _rows(cat, "results") == []          # the plugin's rows are in its own table only
+    t = cat.query_stage("heii_lines")
+    assert len(t) == len(GOOD) and not t["heii_sigma"].mask.any() and "o_star_like" in t.colnames
+    assert "O candidates" not in first.format() and "heii_detected" in first.format()
     scans = cat.scans()
     assert list(scans["status"]) == ["finished", "finished"]
     assert list(scans["files_seen"]) == [n, n] and list(scans["files_skipped"]) == [0, n]
@@ -186,8 +190,29 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert list(scans["model_version"]) == [version, version]
 
 
+class CrashReader:
+    """A reader plugin that dies on files named ``*crash*`` (like a segfault in a C library)."""
+
+    name = "crash"
+    version = "crash-reader-1"
+
+    def read(self, path):
+        import os
+
+        import numpy as np
+
+        from lamost_ostar.io import Spectrum
+
+        if "crash" in str(path):
+            os._exit(1)
+        n = 10
+        return Spectrum(flux=np.ones(n, np.float32), ivar=np.ones(n, np.float32),
+                        wavelength=np.linspace(4000, 5000, n), andmask=np.zeros(n, np.int32),
+                        ormask=np.zeros(n, np.int32), path=str(path), layout="test")
+
+
 class CrashStage:
-    """A stage whose process dies on files named ``*crash*`` (like a segfault in C)."""
+    """A stage without declared name/outputs (an older plugin): a result for every spectrum."""
 
     model_version = "crash-1"
 
@@ -195,13 +220,9 @@ class CrashStage:
         pass
 
     def process(self, items):
-        import os
-
         from lamost_ostar.stage import StageResult
 
-        if any("crash" in str(p) for p in items):
-            os._exit(1)
-        return [StageResult(str(p), True, p_o=0.0) for p in items]
+        return [StageResult(str(getattr(p, "path", p)), True, p_o=0.0) for p in items]
 
 
 def test_a_file_that_kills_workers_is_isolated(tmp_path):
@@ -213,13 +234,13 @@ def test_a_file_that_kills_workers_is_isolated(tmp_path):
     cat = _catalogue(tmp_path)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         summary = scanmod.run_scan([tmp_path / "rel"], cat, n_workers=1, memory_limit=None,
-                                   stage="test_scan:CrashStage", partition_size=4,
-                                   progress=False)
+                                   stage="test_scan:CrashStage", reader="test_scan:CrashReader",
+                                   partition_size=4, progress=False)
     assert summary.totals.n_files == 7 and summary.n_failed_partitions == 0
     assert summary.totals.errors_by_reason == {"worker_crash": 1}
     err = _rows(cat, "errors")
     assert [Path(p).name for p, _ in err] == ["s3_crash.fits"]
-    assert len(_rows(cat, "results")) == 6
+    assert len(_rows(cat, "results_crashstage")) == 6   # a stage without a name: its class name
 
 
 def test_final_counts_are_the_rows_the_scan_wrote(tmp_path):
@@ -266,3 +287,65 @@ def test_local_cluster_does_not_warn_when_port_8787_is_taken():
         assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
     finally:
         holder.close()
+
+
+class CountingReader:
+    """The LAMOST reader, noting each file it reads in ``<release>/../reads.log``."""
+
+    name = "counting"
+    version = "counting-1"
+
+    def __init__(self, engine="fitsio"):
+        from lamost_ostar.io import LamostReader
+
+        self._inner = LamostReader(engine)
+
+    def read(self, path):
+        log = Path(path).parents[3] / "reads.log"
+        with open(log, "a") as fh:
+            fh.write(f"{path}\n")
+        return self._inner.read(path)
+
+
+def test_two_stages_one_read_each_and_resume_per_stage(tmp_path, release, client):
+    from test_stage import save_tiny_model
+
+    rel = tmp_path / "data" / "release"
+    shutil.copytree(release, rel)
+    models = tmp_path / "models"
+    version = save_tiny_model(models)
+    cat = _catalogue(tmp_path)
+    n = len(GOOD) + len(BAD)
+    first = scanmod.run_scan([rel], cat, client=client, stage=["ostar", "heii_lines"],
+                             reader="test_scan:CountingReader", models_dir=models, device="cpu",
+                             partition_size=4, batch_size=3, progress=False)
+    reads = (tmp_path / "data" / "reads.log").read_text().split()
+    assert len(reads) == n and len(set(reads)) == n                  # each file read once
+    assert set(first.stage_totals) == {"ostar", "heii_lines"} and first.model_version == version
+    for name in ("ostar", "heii_lines"):
+        t = first.stage_totals[name]
+        assert (t.n_files, t.n_skipped, t.n_errors) == (n, 0, len(BAD))
+    text = first.format()
+    assert "ostar" in text and "heii_lines" in text and text.count("O candidates") == 1
+    assert len(_rows(cat, "results")) == len(GOOD) == len(_rows(cat, "results_heii_lines"))
+    (row,) = cat.scans()
+    assert row["stages"] == "ostar,heii_lines" and row["result_rows"] == len(GOOD)
+    assert '"heii_lines"' in row["summary"] and row["files_classified"] == len(GOOD)
+
+    # two files lose their heii_lines rows: the next scan measures those two for heii_lines only
+    gone = sorted(p for p, _ in _rows(cat, "results_heii_lines"))[:2]
+    import sqlalchemy as sa
+
+    with cat.engine.begin() as conn:
+        conn.execute(sa.text("delete from results_heii_lines where path in (:a, :b)"),
+                     {"a": gone[0], "b": gone[1]})
+    (tmp_path / "data" / "reads.log").unlink()
+    again = scanmod.run_scan([rel], cat, client=client, stage=["ostar", "heii_lines"],
+                             reader="test_scan:CountingReader", models_dir=models, device="cpu",
+                             model_version={"ostar": version}, progress=False)
+    assert sorted((tmp_path / "data" / "reads.log").read_text().split()) == gone
+    assert again.stage_totals["ostar"].n_skipped == n
+    assert again.stage_totals["heii_lines"].n_classified == 2
+    assert len(_rows(cat, "results_heii_lines")) == len(GOOD) and len(_rows(cat, "results")) == len(GOOD)
+    joined = cat.query(all_rows=True, join=["heii_lines"])
+    assert len(joined) == len(GOOD) and not joined["heii_lines.heii_sigma"].mask.any()
