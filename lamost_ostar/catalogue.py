@@ -871,6 +871,11 @@ class Catalogue:
         outputs = tuple(_stage.OutputField.from_dict(o) for o in (row[0] or []))
         return _stage_table(stage, outputs)
 
+    def stage_outputs(self, stage: str) -> list["_stage.OutputField"]:
+        """The declared outputs of a stage this catalogue holds (union over its versions)."""
+        with self.engine.connect() as conn:
+            return [_stage.OutputField.from_dict(o) for o in self._outputs_of(conn, stage)]
+
     def stage_names(self) -> list[str]:
         """The stages whose results this catalogue holds (``ostar`` first)."""
         with self.engine.connect() as conn:

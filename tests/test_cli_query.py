@@ -294,3 +294,65 @@ def test_decision_columns_select_and_export(tmp_path):
     assert got["f0.fits"]["is_candidate"] == "True" and got["f1.fits"]["is_candidate"] == "False"
     assert float(got["f2.fits"]["heii_sigma"]) == 2.9 and "posterior_o" in got["f0.fits"]
     _assert_one_line_error(run("--db", path, "--min-posterior", "3"), "--min-posterior")
+
+
+# ------------------------------------------------------------------ stages: --stage, --with, --where
+
+def _with_lines(db: str) -> None:
+    """Add a plugin stage's results (every other file) and a second ostar model version."""
+    from lamost_ostar.stage import OutputField, StageSpec
+
+    spec = StageSpec(name="lines_x", version="lines_x-1", model_version="lines_x-1", outputs=(
+        OutputField("heii_sigma", "float", None, "He II significance", index=True),
+        OutputField("o_star_like", "bool", summary=True), OutputField("ew_hbeta", "float", "Angstrom")))
+    with Catalogue(db) as cat:
+        cat.write(cat.start_scan(stages=[spec]),
+                  [{"path": f"/rel/spec-{i:04d}.fits.gz", "ok": True, "obsid": 5000 + i,
+                    "heii_sigma": float(i), "o_star_like": i == 1, "ew_hbeta": 2.0}
+                   for i in (1, 3, 5)] + [{"path": "/rel/bad-7.fits", "ok": False,
+                                           "error_reason": "no_line_coverage"}], stage=spec)
+
+
+def test_stage_with_and_where(db):
+    _with_lines(db)
+
+    def csv_rows(*args):
+        res = run("--db", db, "--format", "csv", *args)
+        assert res.exit_code == 0, res.output
+        return list(csv.DictReader(io.StringIO(res.stdout)))
+
+    assert len(csv_rows("--all")) == 6                                  # ostar rows only: no doubling
+    rows = csv_rows("--all", "--with", "lines_x", "--sort", "obsid")
+    assert [r["lines_x.heii_sigma"] for r in rows] == ["1.0", "", "3.0", "", "5.0", ""]
+    rows = csv_rows("--all", "--where", "lines_x.heii_sigma > 2", "--sort", "obsid")
+    assert [r["obsid"] for r in rows] == ["5003", "5005"]
+    rows = csv_rows("--where", "lines_x.heii_sigma >= 1")               # candidates (p_o >= 0.5) too
+    assert sorted(r["obsid"] for r in rows) == ["5001", "5003"]
+    rows = csv_rows("--stage", "lines_x", "--where", "o_star_like = true")
+    assert [r["obsid"] for r in rows] == ["5001"] and "ew_hbeta" in rows[0] and "p_o" not in rows[0]
+    rows = csv_rows("--stage", "lines_x", "--with", "ostar", "--where", "ostar.p_o > 0.9")
+    assert [r["obsid"] for r in rows] == ["5001"]
+    res = run("--db", db, "--stage", "lines_x")                           # terminal: key outputs shown
+    assert res.exit_code == 0 and "heii_sigma" in res.stdout and "o_star_like" in res.stdout
+    assert "3 rows (stage lines_x: every result)" in res.stderr
+    res = run("--db", db, "--stages")
+    assert res.exit_code == 0 and "lines_x-1 (3)" in res.stdout and "results_lines_x" in res.stdout
+    res = run("--db", db, "--errors", "--stage", "lines_x", "--format", "csv")
+    assert [r["reason"] for r in csv.DictReader(io.StringIO(res.stdout))] == ["no_line_coverage"]
+    _assert_one_line_error(run("--db", db, "--stage", "nope"), "no results of stage 'nope'")
+    _assert_one_line_error(run("--db", db, "--stage", "lines_x", "--min-p-o", "0.5"), "--where")
+    _assert_one_line_error(run("--db", db, "--where", "lines_x.heii_sigma > 1; drop table results"),
+                           "cannot read")
+    _assert_one_line_error(run("--db", db, "--where", "nosuch = 1"), "unknown column 'nosuch'")
+    assert len(csv_rows("--all")) == 6                                   # still there
+
+
+def test_two_model_versions_are_named_not_duplicated(db):
+    with Catalogue(db) as cat:
+        cat.write(cat.start_scan("v2"), [_result(1, model_version="v2", p_o=0.99, pred="O")])
+    res = run("--db", db, "--all")
+    _assert_one_line_error(res, "stage ostar holds results of 2 model versions: v1 (6 rows), v2 (1 rows)")
+    assert res.exit_code == 2 and "--model" in res.output
+    assert run("--db", db, "--all", "--model", "v2", "--format", "csv").stdout.count("\n") == 2
+    assert run("--db", db, "--all", "--scan", "1", "--format", "csv").stdout.count("\n") == 7
+    assert run("--db", db, "--all", "--all-versions", "--format", "csv").stdout.count("\n") == 8

@@ -77,9 +77,13 @@ print(json.dumps({"code": res.exit_code, "output": res.output, "seconds": time.p
     (["--model", "nosuch"], {}, "no model version 'nosuch'"),
     (["--device", "gpu"], {"CUDA_VISIBLE_DEVICES": "-1"}, "--device gpu"),
     (["--stage", "nope"], {}, "no stage named 'nope'"),
+    (["--stage", "ostar", "--stage", "nope"], {}, "no stage named 'nope'"),
+    (["--reader", "nope"], {}, "no reader named 'nope'"),
+    (["--sink", "nope"], {}, "no sink named 'nope'"),
+    (["--sink", "parquet"], {}, "--sink parquet needs --out"),
     (["--db", "mysql://u@h/x"], {}, "unsupported database"),
     (["--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"], {}, "cannot open"),
-], ids=["model", "gpu", "stage", "db-url", "db-server"])
+], ids=["model", "gpu", "stage", "stages", "reader", "sink", "sink-target", "db-url", "db-server"])
 def test_bad_arguments_fail_before_any_worker(release, tmp_path, env, args, extra_env, fragment):
     """One line, no worker, no TensorFlow or Dask import, in well under the ~20 s a cluster takes."""
     db = ["--db", str(tmp_path / "c.sqlite")] if "--db" not in args else []
@@ -141,7 +145,14 @@ def test_dry_run_says_new_done_and_failed(release, files, tmp_path, monkeypatch)
 
     res = CliRunner().invoke(main, ["scan", str(release), "--db", str(db), "--dry-run", "--stage",
                                     "heii_lines"])
-    assert f"{len(files)} new, 0 done" in res.output and f"model {VERSION}" in res.output
+    assert f"{len(files)} new, 0 done" in res.output and f"stage heii_lines {VERSION}" in res.output
+    # two stages: each is counted on its own (the ostar rows do not make heii_lines done)
+    res = CliRunner().invoke(main, ["scan", str(release), "--db", str(db), "--dry-run", "--stage",
+                                    "ostar", "--stage", "heii_lines", "--partition-size", "100"])
+    lines = res.output.splitlines()
+    assert lines[0].startswith(f"{len(files)} files: {new} new, 150 done") and "model" in lines[0]
+    assert lines[1].startswith(f"{len(files)} files: {len(files)} new, 0 done")
+    assert f"{-(-len(files) // 100)} partitions of <= 100" in lines[2]
 
 
 def test_resumed_scan_with_nothing_left_starts_no_worker(release, files, tmp_path, monkeypatch):

@@ -10,6 +10,9 @@ Examples
     lamost-ostar query --db catalogue.sqlite --not-candidates --min-p-o 0.99   # what the rule rejected
     lamost-ostar query --db postgresql+psycopg://user@host/db --all --scan 3 -o all.csv
     lamost-ostar query --db catalogue.sqlite --scans                 # scan provenance
+    lamost-ostar query --db catalogue.sqlite --stages                # stages, versions, row counts
+    lamost-ostar query --db catalogue.sqlite --with heii_lines --where "heii_lines.heii_sigma > 3"
+    lamost-ostar query --db catalogue.sqlite --stage heii_lines --where "o_star_like = true"
 """
 from __future__ import annotations
 
@@ -120,7 +123,8 @@ def _emit(table, fmt: str, output: str | None, overwrite: bool, terminal_columns
         table.write(path, format=_ASTROPY_FORMAT[fmt], overwrite=overwrite)
 
 
-def _check_selection(cat, classes: list[str], scan_id: int | None, model_version: str | None) -> None:
+def _check_selection(cat, classes: list[str], scan_id: int | None, model_version: str | None,
+                     stage: str = "ostar") -> None:
     """Refuse a selection that names a class, scan or model the catalogue cannot hold.
 
     An unknown class is an error; an unknown scan id or model version says
@@ -148,7 +152,13 @@ def _check_selection(cat, classes: list[str], scan_id: int | None, model_version
                 held = ", ".join(map(str, ids)) if ids else "none"
                 raise click.ClickException(f"no scan {scan_id} in this catalogue (scans: {held}; "
                                            "see --scans)")
-        if model_version is not None:
+        if model_version is not None and stage != "ostar":
+            versions = set(cat.model_versions(stage))
+            if model_version not in versions:
+                held = ", ".join(sorted(versions)) if versions else "none"
+                raise click.ClickException(f"no model version {model_version!r} of stage {stage} in "
+                                           f"this catalogue (model versions: {held})")
+        elif model_version is not None:
             versions: set[str] = set()
             for t in (scans, results, errors):  # the scans table answers almost always
                 versions.update(v for v in conn.execute(sa.select(t.c.model_version).distinct()).scalars()
@@ -186,8 +196,9 @@ def _check_selection(cat, classes: list[str], scan_id: int | None, model_version
 @click.option("--scan", "scan_id", type=int, default=None, metavar="ID", help="Rows of this scan.")
 @click.option("--model", "model_version", default=None, metavar="VERSION",
               help="Rows of this model version.")
-@click.option("--sort", default="p_o", show_default=True, metavar="COLUMN",
-              help="Sort column (p_*/snr_* descending, others ascending by default).")
+@click.option("--sort", default=None, metavar="COLUMN",
+              help="Sort column, also NAME.column of a joined stage (p_*/snr_* descending, others "
+                   "ascending by default) [default: p_o for ostar, else row order].")
 @click.option("--ascending/--descending", "ascending", default=None,
               help="Override the sort direction.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N", help="At most N rows.")
@@ -201,13 +212,29 @@ def _check_selection(cat, classes: list[str], scan_id: int | None, model_version
               help="List the scans (provenance and counts) instead of results.")
 @click.option("--errors", "list_errors", is_flag=True,
               help="List the error rows (unreadable files and reasons) instead of results.")
+@click.option("--stage", "stage", default="ostar", show_default=True, metavar="NAME",
+              help="Query this stage's results (e.g. heii_lines; see --stages).  Only ostar has "
+                   "O candidates: other stages give every row, selected with --where.")
+@click.option("--with", "joins", multiple=True, metavar="NAME[@VERSION]",
+              help="Join another stage's results on the file (columns NAME.column); repeatable.")
+@click.option("--where", "wheres", multiple=True, metavar="EXPR",
+              help="Keep rows where EXPR holds, e.g. \"heii_lines.heii_sigma > 3\" or "
+                   "\"snr_g >= 10 AND predicted_class = 'O'\" (COLUMN OP VALUE, OP one of "
+                   "< <= > >= = !=, or COLUMN IS [NOT] NULL; joined by AND; repeatable).  A "
+                   "NAME.column of another stage joins it.")
+@click.option("--all-versions", is_flag=True,
+              help="Return rows of every model version when the stage holds several (a file "
+                   "then has a row per version) [default: refuse and list the versions].")
+@click.option("--stages", "list_stages", is_flag=True,
+              help="List the stages the catalogue holds, with their model versions and row counts.")
 def query(db, min_p_o, min_posterior, min_heii_sigma, candidates, classes, cone, snr_min, snr_max, snr_band,
           scan_id, model_version, sort, ascending, limit, all_rows, output, fmt, overwrite, list_scans,
-          list_errors):
+          list_errors, stage, joins, wheres, all_versions, list_stages):
     """Select O-star candidates (or every result with --all) from a catalogue.
 
     Prints a table on the terminal, or writes CSV, FITS, VOTable or ECSV files
-    that open in TOPCAT, pandas and astropy.
+    that open in TOPCAT, pandas and astropy.  --stage, --with and --where reach
+    the other stages' results (one table per stage).
     """
     import sqlalchemy.exc
 
@@ -232,25 +259,52 @@ def query(db, min_p_o, min_posterior, min_heii_sigma, candidates, classes, cone,
             raise click.BadParameter(f"radius {radius:g} must be in (0, 180] degrees",
                                      param_hint="'--cone'")
     class_list = [c.strip().upper() for item in classes for c in item.split(",") if c.strip()]
+    if stage != "ostar":
+        used = [name for name, v in (("--min-p-o", min_p_o), ("--min-posterior", min_posterior),
+                                     ("--min-heii-sigma", min_heii_sigma), ("--class", class_list or None),
+                                     ("--candidates/--not-candidates", candidates)) if v is not None]
+        if used:
+            raise click.UsageError(f"{', '.join(used)} select the ostar stage's results; for stage "
+                                   f"{stage} use --where (e.g. --where \"heii_sigma > 3\")")
+    if sort is None:
+        sort = "p_o" if stage == "ostar" else None
 
     n_rows = None
     cat = None
     try:
         cat = Catalogue(db, create=False)
-        _check_selection(cat, class_list, scan_id, model_version)
-        if list_scans:
+        if stage not in cat.stage_names() and not (list_scans or list_errors or list_stages):
+            raise click.ClickException(f"no results of stage {stage!r} in this catalogue "
+                                       f"(stages: {', '.join(cat.stage_names())}; see --stages)")
+        _check_selection(cat, class_list, scan_id, model_version, stage)
+        if list_stages:
+            table = cat.stages()
+            cols = [c for c in table.colnames if c != "outputs"]
+        elif list_scans:
             table, cols = cat.scans(), _TERMINAL_SCAN_COLUMNS
         elif list_errors:
-            table = cat.errors(scan_id=scan_id, model_version=model_version, limit=limit)
+            table = cat.errors(scan_id=scan_id, model_version=model_version, limit=limit,
+                               stage=None if stage == "ostar" else stage)
             cols = table.colnames
         else:
-            selection = dict(min_p_o=min_p_o, predicted_class=class_list or None, cone=cone,
-                             snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
-                             scan_id=scan_id, model_version=model_version, sort=sort,
-                             descending=None if ascending is None else not ascending,
-                             limit=limit, all_rows=all_rows, candidates=candidates,
-                             min_posterior=min_posterior, min_heii_sigma=min_heii_sigma)
-            cols = _TERMINAL_COLUMNS
+            if model_version is None and scan_id is None and not all_versions:
+                _refuse_ambiguous(cat, stage)
+            common = dict(cone=cone, snr_min=snr_min, snr_max=snr_max, snr_band=snr_band,
+                          scan_id=scan_id, model_version=model_version, sort=sort,
+                          descending=None if ascending is None else not ascending, limit=limit,
+                          join=list(joins), where=list(wheres))
+            cols = _terminal_columns(cat, stage, joins, wheres)
+        if not (list_stages or list_scans or list_errors) and stage != "ostar":
+            if fmt == "csv":
+                n_rows = _stream_csv(cat.iter_query_stage(stage, **common), output, overwrite)
+            else:
+                table = cat.query_stage(stage, **common)
+        elif list_stages or list_scans or list_errors:
+            pass
+        else:
+            selection = dict(min_p_o=min_p_o, predicted_class=class_list or None,
+                             all_rows=all_rows, candidates=candidates,
+                             min_posterior=min_posterior, min_heii_sigma=min_heii_sigma, **common)
             if fmt == "csv":  # streamed: memory stays bounded for any catalogue size
                 n_rows = _stream_csv(cat.iter_query(**selection), output, overwrite)
             else:
@@ -270,11 +324,58 @@ def query(db, min_p_o, min_posterior, min_heii_sigma, candidates, classes, cone,
         if cat is not None:
             cat.close()
     if output is not None:
-        what = "scans" if list_scans else ("errors" if list_errors else "rows")
+        what = "scans" if list_scans else ("errors" if list_errors else
+                                           ("stages" if list_stages else "rows"))
         click.echo(f"wrote {n_rows} {what} to {output} ({fmt})", err=True)
-    elif fmt == "table" and not (list_scans or list_errors):
-        click.echo(f"{n_rows} rows ({_scope(all_rows, candidates, min_p_o, min_posterior, min_heii_sigma)})",
-                   err=True)
+    elif fmt == "table" and not (list_scans or list_errors or list_stages):
+        scope = (_scope(all_rows, candidates, min_p_o, min_posterior, min_heii_sigma) if stage == "ostar"
+                 else f"stage {stage}: every result")
+        if wheres:
+            scope += ", where " + " AND ".join(wheres)
+        click.echo(f"{n_rows} rows ({scope})", err=True)
+
+
+def _refuse_ambiguous(cat, stage: str) -> None:
+    """Refuse a selection over rows of several model versions of one stage (a file would
+    come once per version): say which versions the catalogue holds."""
+    held = cat.model_versions(stage)
+    if len(held) > 1:
+        listing = ", ".join(f"{v} ({n:,d} rows)" for v, n in sorted(held.items()))
+        err = click.ClickException(
+            f"stage {stage} holds results of {len(held)} model versions: {listing}; choose one with "
+            "--model VERSION (or --scan ID), or pass --all-versions for every row")
+        err.exit_code = 2
+        raise err
+
+
+def _terminal_columns(cat, stage: str, joins, wheres) -> list[str]:
+    """Columns shown on the terminal: the stage's usual ones, then the joined stages' key outputs
+    and every column a --where names."""
+    from lamost_ostar.catalogue import _where_stages
+
+    if stage == "ostar":
+        cols = list(_TERMINAL_COLUMNS)
+    else:
+        outs = cat.stage_outputs(stage)
+        key = [o.name for o in outs if o.index or o.summary] or [o.name for o in outs[:6]]
+        cols = ["obsid", "designation", "ra", "dec", *key, "snr_g", "model_version", "dist", "path"]
+    others = [j.partition("@")[0] for j in joins]
+    for text in wheres:
+        others += sorted(_where_stages(text))
+    for other in dict.fromkeys(o for o in others if o != stage):
+        try:
+            outs = cat.stage_outputs(other)
+        except Exception:  # noqa: BLE001 - the query itself reports an unknown stage
+            continue
+        key = [o.name for o in outs if o.index or o.summary] or [o.name for o in outs[:4]]
+        cols[-2:-2] = [f"{other}.{k}" for k in key]
+    import re
+
+    for text in wheres:
+        for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?", text):
+            if name not in cols and name.lower() not in ("and", "is", "not", "null", "true", "false"):
+                cols.insert(len(cols) - 2, name)
+    return cols
 
 
 def _scope(all_rows, candidates, min_p_o, min_posterior, min_heii_sigma) -> str:

@@ -8,9 +8,13 @@ Examples
     lamost-ostar scan release/ --db postgresql+psycopg://postgres@127.0.0.1:5432/test
     lamost-ostar scan @files.txt --scheduler tcp://10.0.0.1:8786 --device gpu
     lamost-ostar scan release/ --dry-run            # count the files only
+    lamost-ostar scan release/ --stage ostar --stage heii_lines    # two stages, one read per file
+    lamost-ostar scan release/ --sink parquet --out results/       # a Parquet dataset
+    lamost-ostar scan sdss/ --reader sdss --stage heii_lines       # another survey's reader
 
 A scan killed at any point and started again skips the files already done with
-the same model version, so every file ends up in the catalogue exactly once.
+the same model version, per stage, so every file ends up in each stage's table
+exactly once.
 """
 from __future__ import annotations
 
@@ -69,8 +73,16 @@ def _one_line(exc: BaseException) -> str:
               show_default=True, help="Inference device (auto: GPU if the Keras backend sees one).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="p(O) of an O candidate (summary only; every result is stored).")
-@click.option("--stage", "stage_name", default="ostar", show_default=True,
-              help="Stage entry point name (group lamost_ostar.stages).")
+@click.option("--stage", "stage_names", multiple=True, metavar="NAME",
+              help="Stage entry point name (group lamost_ostar.stages); repeat it to run several "
+                   "stages on one read of each file [default: ostar].")
+@click.option("--reader", "reader_name", default="lamost", show_default=True, metavar="NAME",
+              help="Reader entry point name (group lamost_ostar.readers).")
+@click.option("--sink", "sink_name", default="sql", show_default=True, metavar="NAME",
+              help="Where the results go: a sink entry point name (group lamost_ostar.sinks): "
+                   "sql (the catalogue, --db) or parquet (a folder, --out).")
+@click.option("--out", "out", default=None, metavar="TARGET",
+              help="The sink's target: a folder for parquet (for sql, overrides --db).")
 @click.option("--max-in-flight", type=click.IntRange(min=1), default=None,
               help="Partitions in flight at once [default: 2 per worker thread].")
 @click.option("--progress/--no-progress", default=None,
@@ -78,21 +90,24 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-         partition_size, batch_size, read_engine, device, threshold, stage_name, max_in_flight, progress,
-         dry_run) -> None:
+         partition_size, batch_size, read_engine, device, threshold, stage_names, reader_name,
+         sink_name, out, max_in_flight, progress, dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
     PATH is a release directory (walked for *.fits and *.fits.gz), a single file,
     or @LIST (a text file with one path per line, relative to the list's folder).
-    Every file gets a result row or an error row; files already done with the
-    same model version are skipped, so an interrupted scan resumes.
+    Every file gets a result row or an error row per stage; files already done
+    with the same model version are skipped (per stage), so an interrupted scan
+    resumes.  Several --stage options run the stages on one read of each file,
+    each into its own table.
     """
     stop = _SignalToInterrupt()
     try:
         with stop:
             _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers,
                   threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
-                  stage_name, max_in_flight, progress, dry_run)
+                  list(stage_names) or ["ostar"], max_in_flight, progress, dry_run,
+                  reader_name=reader_name, sink_name=sink_name, out=out)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
         click.echo("interrupted during start-up (nothing scanned): run the same command again",
                    err=True)
@@ -100,8 +115,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 
 
 def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-          partition_size, batch_size, read_engine, device, threshold, stage_name, max_in_flight,
-          progress, dry_run) -> None:
+          partition_size, batch_size, read_engine, device, threshold, stage_names, max_in_flight,
+          progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None) -> None:
     # TensorFlow, should anything import it in this process (e.g. to unpickle a
     # worker's error), keeps its C++ start-up chatter off the terminal
     for key, value in _CLIENT_ENV.items():
@@ -118,8 +133,19 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
             os.path.expanduser("~"), ".lamost_ostar", "models")
 
     # -- checks that need no worker (and no TensorFlow): well under a second
-    _check_stage(stage_name)
-    version = _check_model(stage_name, model_version, models_dir, local)
+    if len(set(stage_names)) != len(stage_names):
+        raise click.ClickException(f"--stage given twice: {', '.join(stage_names)}")
+    for name in stage_names:
+        _check_stage(name)
+    _check_plugin("lamost_ostar.readers", "reader", reader_name)
+    _check_plugin("lamost_ostar.sinks", "sink", sink_name)
+    if model_version is not None and "ostar" not in stage_names:
+        raise click.ClickException("--model is the ostar stage's model version: add --stage ostar")
+    versions = {name: _check_model(name, model_version if name == "ostar" else None, models_dir, local)
+                for name in stage_names}
+    target = out if out is not None else (db if sink_name == "sql" else None)
+    if target is None:
+        raise click.ClickException(f"--sink {sink_name} needs --out (e.g. a folder)")
     if local and device == "gpu":
         why = _no_gpu_reason()
         if why:
@@ -128,22 +154,36 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
     if dry_run:
         from lamost_ostar import scan as scanmod
 
-        _dry_run(scanmod, paths, db, version, partition_size)
+        _dry_run(scanmod, paths, target, versions, partition_size, sink_name)
         return
 
-    sink = _open_catalogue(db)
+    sink = _open_sink(sink_name, target)
     from lamost_ostar import scan as scanmod  # imports Dask: after the checks
 
-    if version is not None:  # a resumed scan with nothing left starts no worker
-        try:
-            left = scanmod.survey_paths(paths, sink, version, stop_at_new=True)
-        except OSError as exc:
-            raise click.ClickException(_one_line(exc)) from None
-        if not left["new"]:
+    if all(v is not None for v in versions.values()):  # a resumed scan with nothing left starts no worker
+        lefts = {}
+        for name, version in versions.items():
+            try:
+                lefts[name] = scanmod.survey_paths(paths, sink, version, stop_at_new=True,
+                                                   stage=_table_stage(name))
+            except OSError as exc:
+                raise click.ClickException(_one_line(exc)) from None
+            if lefts[name]["new"]:
+                break
+        if not any(left["new"] for left in lefts.values()):
+            left = next(iter(lefts.values()))
             what = "file" if left["files"] == 1 else "files"
-            click.echo(f"nothing to do: all {left['files']:,d} {what} already have a row for model "
-                       f"{version} in {db} ({left['done']:,d} results, {left['failed']:,d} errors); "
-                       "no scan started")
+            if len(versions) == 1:
+                (name, version), = versions.items()
+                whose = f"model {version}" if name == "ostar" else f"stage {name} {version}"
+                click.echo(f"nothing to do: all {left['files']:,d} {what} already have a row for "
+                           f"{whose} in {target} ({left['done']:,d} results, {left['failed']:,d} "
+                           "errors); no scan started")
+            else:
+                each = "; ".join(f"{n} {versions[n]}: {lf['done']:,d} results, {lf['failed']:,d} errors"
+                                 for n, lf in lefts.items())
+                click.echo(f"nothing to do: all {left['files']:,d} {what} already have a row for every "
+                           f"stage in {target} ({each}); no scan started")
             return
     if progress is None:
         progress = sys.stderr.isatty()
@@ -152,8 +192,12 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
         with _CStderrTo(worker_log):
             summary = scanmod.run_scan(
                 paths, sink, scheduler=scheduler, n_workers=n_workers,
-                threads_per_worker=threads_per_worker, stage=stage_name,
-                model_version=version if version is not None else model_version,
+                threads_per_worker=threads_per_worker,
+                stage=stage_names[0] if len(stage_names) == 1 else stage_names,
+                model_version=({n: v for n, v in versions.items()} if len(stage_names) > 1 else
+                               (versions[stage_names[0]] if versions[stage_names[0]] is not None
+                                else model_version)),
+                reader=reader_name,
                 models_dir=models_dir, device=device,
                 batch_size=batch_size, read_engine=read_engine, partition_size=partition_size,
                 threshold=threshold, max_in_flight=max_in_flight, progress=progress,
@@ -389,40 +433,101 @@ def _no_gpu_reason() -> str | None:
     return "no GPU on this machine (no NVIDIA or ROCm device found)"
 
 
-def _dry_run(scanmod: Any, paths, db: str, version: str | None, partition_size: int) -> None:
-    """Count the files and, with a known model version and an existing catalogue, what is done."""
-    cat = None
+def _table_stage(stage_ref: str) -> str:
+    """The table name a stage writes (its declared name; for an entry point, that name)."""
+    if ":" not in stage_ref:
+        return stage_ref
     try:
-        from lamost_ostar.catalogue import Catalogue, CatalogueError
+        from lamost_ostar.entrypoints import load_object
 
-        if version is not None:
-            try:
-                cat = Catalogue(db, create=False)
-                cat.engine  # noqa: B018 - an absent file or schema: every file is new
-            except CatalogueError:
-                cat = None
-            except Exception as exc:  # noqa: BLE001
-                raise click.ClickException(f"cannot open catalogue {db}: {_one_line(exc)}") from None
-        if cat is not None:
-            c = scanmod.survey_paths(paths, cat, version)
-        else:
-            n = sum(1 for _ in scanmod.iter_paths(paths))
-            c = {"files": n, "new": n, "done": 0, "failed": 0}
+        name = getattr(load_object(stage_ref), "name", None)
+        if isinstance(name, str):
+            return name
+    except Exception:  # noqa: BLE001 - the workers will report it
+        pass
+    from lamost_ostar.scan import _fallback_name
+
+    return _fallback_name(stage_ref)
+
+
+def _dry_run(scanmod: Any, paths, target: str, versions: dict[str, str | None], partition_size: int,
+             sink_name: str = "sql") -> None:
+    """Count the files and, with known model versions and an existing sink, what is done."""
+    sink = None
+    try:
+        if any(v is not None for v in versions.values()):
+            sink = _existing_sink(sink_name, target)
+        counts = {}
+        n_files = None
+        for name, version in versions.items():
+            if sink is not None and version is not None:
+                counts[name] = scanmod.survey_paths(paths, sink, version, stage=_table_stage(name))
+            else:
+                if n_files is None:
+                    n_files = sum(1 for _ in scanmod.iter_paths(paths))
+                counts[name] = {"files": n_files, "new": n_files, "done": 0, "failed": 0}
     except OSError as exc:
         raise click.ClickException(_one_line(exc)) from None
     finally:
-        if cat is not None:
-            cat.close()
-    n = c["files"]
-    parts = -(-c["new"] // partition_size)
-    if version is None:
-        where = "model version resolved by the workers: pass --model to count the files done"
-    else:
-        where = f"model {version}"
-    click.echo(f"{n:,d} files: {c['new']:,d} new, {c['done']:,d} done, {c['failed']:,d} failed before "
-               f"(error row; not retried) for {where}")
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
+    new = 0
+    for name, c in counts.items():
+        version = versions[name]
+        if version is None:
+            where = ("model version resolved by the workers: pass --model to count the files done"
+                     if name == "ostar" else f"stage {name} (version resolved by the workers)")
+        else:
+            where = f"model {version}" if name == "ostar" else f"stage {name} {version}"
+        click.echo(f"{c['files']:,d} files: {c['new']:,d} new, {c['done']:,d} done, {c['failed']:,d} "
+                   f"failed before (error row; not retried) for {where}")
+        new = max(new, c["new"])
+    parts = -(-new // partition_size)
     click.echo(f"{parts:,d} partitions of <= {partition_size} to classify "
-               f"(dry run: nothing classified, nothing written to {db})")
+               f"(dry run: nothing classified, nothing written to {target})")
+
+
+def _existing_sink(sink_name: str, target: str) -> Any:
+    """The sink at ``target`` when it already holds something, else None (every file is new)."""
+    if sink_name == "sql":
+        from lamost_ostar.catalogue import Catalogue, CatalogueError
+
+        try:
+            cat = Catalogue(target, create=False)
+            cat.engine  # noqa: B018 - an absent file or schema: every file is new
+            return cat
+        except CatalogueError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise click.ClickException(f"cannot open catalogue {target}: {_one_line(exc)}") from None
+    if "://" not in target and not os.path.exists(target):
+        return None
+    return _open_sink(sink_name, target)
+
+
+def _check_plugin(group: str, kind: str, name: str) -> None:
+    """A reader or sink is registered (entry points only: nothing is imported)."""
+    if ":" in name:
+        return
+    from lamost_ostar.entrypoints import names
+
+    known = names(group)
+    if name not in known:
+        raise click.ClickException(f"no {kind} named {name!r} (registered: {', '.join(known) or 'none'})")
+
+
+def _open_sink(sink_name: str, target: str) -> Any:
+    """The sink, checked now (bad URL, server or folder -> one-line error)."""
+    if sink_name == "sql":
+        return _open_catalogue(target)
+    from lamost_ostar.entrypoints import SINKS, load
+
+    try:
+        sink = load(SINKS, sink_name)(target)
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"cannot open sink {sink_name} at {target}: {_one_line(exc)}") from None
+    return sink
 
 
 def _open_catalogue(db: str) -> Any:
