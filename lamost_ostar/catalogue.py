@@ -546,6 +546,10 @@ class Catalogue:
         Seconds a SQLite writer waits for the write lock (WAL mode).
     """
 
+    #: Sink entry point name (group ``lamost_ostar.sinks``) and schema version.
+    name = "sql"
+    version = "sql-1"
+
     def __init__(self, db: str | os.PathLike | URL, *, create: bool = True, busy_timeout: float = 60.0):
         self.url: URL = normalise_url(db)
         self.create = bool(create)

@@ -31,7 +31,16 @@ def test_wheel_builds_cleanly_and_ships_the_data(tmp_path):
     (wheel,) = (src / "dist").glob("lamost_ostar-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"lamost_ostar/data/templates.npz", "lamost_ostar/data/lamost_instrument.npz",
-                "lamost_ostar_plugins/heii_lines.py", "lamost_ostar/cli/scan.py"}
+                "lamost_ostar_plugins/heii_lines.py", "lamost_ostar_plugins/parquet.py",
+                "lamost_ostar/cli/scan.py", "lamost_ostar/cli/plugins.py"}
+    # no generic top-level package (it used to install one called "plugins")
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"lamost_ostar", "lamost_ostar_plugins"}, tops
+    eps = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for line in ("heii_lines = lamost_ostar_plugins.heii_lines:HeIILineStage",
+                 "lamost = lamost_ostar.io:LamostReader", "sql = lamost_ostar.catalogue:CatalogueWriter",
+                 "parquet = lamost_ostar_plugins.parquet:ParquetSink"):
+        assert line in eps, eps
     for version_dir in (REPO / "lamost_ostar" / "data" / "models").iterdir():
         if version_dir.is_dir():
             for f in ("model.keras", "card.json"):
