@@ -341,3 +341,55 @@ def test_sigterm_mid_scan_and_ctrl_c_during_start_up(release, files, tmp_path, e
         "interrupted during start-up (nothing scanned): run the same command again"], err
     assert not any(n in out + err for n in NOISE), (out, err)
     assert _scan_rows(db2) == []
+
+
+# ------------------------------------------------------------------ stages and sinks from the command line
+def test_plugin_stage_then_two_stages_then_parquet(tmp_path, monkeypatch):
+    """The issue's story: a plugin stage keeps its results (its own table, a summary of what it
+    measured), a second stage in the same catalogue does not double ``query --all``, several stages
+    run in one pass, and the Parquet sink writes a dataset."""
+    import csv
+    import io
+
+    from lamost_ostar.mock import MockConfig, write_release
+
+    rel = tmp_path / "rel"
+    write_release(rel, MockConfig(n=24, preset="balanced", seed=11, broken_rate=0.1), workers=1)
+    monkeypatch.setenv("LAMOST_OSTAR_MODELS", str(tmp_path / "none"))
+    monkeypatch.setenv("LAMOST_OSTAR_LOG_DIR", str(tmp_path / "logs"))
+    db = str(tmp_path / "cat.sqlite")
+    common = ["--workers", "1", "--no-progress", "--partition-size", "8", "--batch-size", "8"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["scan", str(rel), "--db", db, "--stage", "heii_lines", *common])
+    assert res.exit_code == 0, res.output
+    assert "O candidates" not in res.output and "heii_detected" in res.output and "measured" in res.output
+    q = runner.invoke(main, ["query", "--db", db, "--stage", "heii_lines", "--format", "csv"])
+    lines = list(csv.DictReader(io.StringIO(q.stdout)))
+    assert lines and all(r["heii_sigma"] != "" and r["o_star_like"] in ("True", "False") for r in lines)
+    n_heii = len(lines)
+
+    res = runner.invoke(main, ["scan", str(rel), "--db", db, "--stage", "ostar", "--stage", "heii_lines",
+                               *common])
+    assert res.exit_code == 0, res.output
+    assert "O candidates" in res.output and "heii_lines" in res.output
+    every = runner.invoke(main, ["query", "--db", db, "--all", "--format", "csv"])
+    ostar_rows = list(csv.DictReader(io.StringIO(every.stdout)))
+    assert ostar_rows and len({r["path"] for r in ostar_rows}) == len(ostar_rows)   # one row per file
+    joined = runner.invoke(main, ["query", "--db", db, "--all", "--with", "heii_lines", "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(joined.stdout)))
+    assert len(rows) == len(ostar_rows) and sum(r["heii_lines.heii_sigma"] != "" for r in rows) == n_heii
+    again = runner.invoke(main, ["scan", str(rel), "--db", db, "--stage", "ostar", "--stage", "heii_lines",
+                                 *common])
+    assert again.exit_code == 0 and again.output.startswith("nothing to do"), again.output
+
+    out = tmp_path / "pq"
+    res = runner.invoke(main, ["scan", str(rel), "--sink", "parquet", "--out", str(out), "--stage",
+                               "heii_lines", *common])
+    assert res.exit_code == 0, res.output
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(out / "results" / "heii_lines", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == n_heii and set(table.column("scan").to_pylist()) == {1}
+    dry = runner.invoke(main, ["scan", str(rel), "--sink", "parquet", "--out", str(out), "--stage",
+                               "heii_lines", "--dry-run"])
+    assert f"{n_heii} done" in dry.output, dry.output
