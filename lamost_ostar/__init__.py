@@ -1,10 +1,13 @@
 """lamost_ostar: find O-type stars in LAMOST low-resolution spectra.
 
-The pipeline, top to bottom: :mod:`lamost_ostar.io` (file -> Spectrum),
+The pipeline, top to bottom: :mod:`lamost_ostar.entrypoints` (the plugin groups: readers,
+stages, sinks), :mod:`lamost_ostar.io` (file -> Spectrum; the reader ``lamost``),
 :mod:`lamost_ostar.preprocess` (-> fixed-grid arrays), :mod:`lamost_ostar.models`
 (LCGAN, SGAN, recogniser, SVM metrics), :mod:`lamost_ostar.stage` (the plugin API),
 :mod:`lamost_ostar.scan` (Dask over a release), :mod:`lamost_ostar.catalogue`
-(SQL candidate catalogue) and :mod:`lamost_ostar.cli` (click commands).
+(SQL candidate catalogue, one table per stage; the sink ``sql``) and
+:mod:`lamost_ostar.cli` (click commands).  The plugins shipped with the package
+live in ``lamost_ostar_plugins`` and are found by entry point only.
 """
 import subprocess
 from importlib.metadata import PackageNotFoundError, version as _version

@@ -1,21 +1,33 @@
 """SQL candidate catalogue: scans, per-spectrum results and per-file errors.
 
 The catalogue is a SQLAlchemy 2 database, a SQLite file by default (no server
-needed) or PostgreSQL by URL.  It has three tables:
+needed) or PostgreSQL by URL.  It holds one result table per stage, built from
+the stage's declared outputs (:class:`lamost_ostar.stage.OutputField`), so a
+plugin someone else writes stores its results without any change here:
 
 ``scans``
     One provenance row per scan: start/end time, model version, code version,
-    parameters (JSON), host, file counts and status.
+    parameters (JSON), host, the stages it ran (JSON), file counts and status.
 ``results``
-    One row per ``(path, model_version)``: the spectrum's identifiers, position,
-    S/N, pipeline class, the calibrated class probabilities (one column per
-    class ``p_o`` ... ``p_m``, NULL where the model has no such class, plus the
-    full ``probs`` JSON), the predicted class and quality flags.  **Every**
-    classified spectrum is stored, not only candidates, so a threshold is applied
-    at query time and changing it needs no rescan.
+    The ``ostar`` stage's table.  One row per ``(path, model_version)``: the
+    provenance columns (``path``, ``scan_id``, ``model_version``,
+    ``stage_version``, ``code_version``, ``created``), the spectrum's header
+    metadata (identifiers, position, S/N, pipeline class), and the stage's
+    outputs: the calibrated class probabilities (one column per class ``p_o``
+    ... ``p_x``, NULL where the model has no such class, plus the full ``probs``
+    JSON), the predicted class, quality flags, the O-candidate decision and the
+    He II evidence.  **Every** classified spectrum is stored, not only
+    candidates, so a threshold is applied at query time and changing it needs
+    no rescan.
+``results_<stage>``
+    Any other stage's table (e.g. ``results_heii_lines``): provenance, header
+    metadata, and that stage's declared outputs.
 ``errors``
-    One row per ``(path, model_version)`` that could not be classified, with a
-    short ``reason`` code and a one-line message.
+    One row per ``(stage, path, model_version)`` that could not be processed,
+    with a short ``reason`` code and a one-line message.
+``stages``
+    The stages whose results the catalogue holds: table name, stage version and
+    declared outputs (JSON), so queries need no plugin installed.
 
 and a view ``candidates`` (results with ``p_o >= DEFAULT_P_O_THRESHOLD``) for
 SQL users; :meth:`Catalogue.query` applies any threshold.

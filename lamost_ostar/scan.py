@@ -5,13 +5,18 @@ stream of paths into partitions of ``partition_size`` files and submits them
 to a Dask cluster with a bounded number of partitions in flight, so memory
 does not grow with the number of files.  On the worker, each partition is:
 
-1. filtered through ``sink.done_paths(paths, model_version)`` (resume: files
-   already done with the same model version are skipped),
-2. processed by the stage (read -> preprocess -> batched inference), and
-3. written in bulk with ``sink.write(scan_id, results)``.
+1. filtered, per stage, through ``sink.done_paths(paths, model_version,
+   stage=name)`` (resume: files already done by that stage with the same model
+   version are skipped),
+2. read once with the scan's reader (entry point group ``lamost_ostar.readers``,
+   ``lamost`` by default), in chunks of ``batch_size``,
+3. processed by every stage that still needs each file (the stages get the same
+   :class:`lamost_ostar.io.Spectrum` records; preprocess -> batched inference),
+4. written in bulk, one ``sink.write(scan_id, results, stage=spec)`` per stage.
 
-The stage and the sink live once per worker in a :class:`ScanWorkerPlugin`, so
-the model is loaded once per worker process, not once per partition.
+The stages, the reader and the sink live once per worker in a
+:class:`ScanWorkerPlugin`, so a model is loaded once per worker process, not
+once per partition.
 
 This module never imports :mod:`lamost_ostar.catalogue`: the *sink* is passed
 in and only needs the methods of :class:`ResultSink`.  Nor does it import
