@@ -310,6 +310,43 @@ class _SharedField(OutputField):
 METADATA_FIELDS: tuple[OutputField, ...] = tuple(_SharedField(n, t, u, d) for n, t, u, d in _METADATA)
 
 
+def _to_float(v: Any) -> float | None:
+    if v is None:
+        return None
+    if type(v) is float:
+        return v if math.isfinite(v) else None
+    return coerce(v, "float")
+
+
+def _to_int(v: Any) -> int | None:
+    if v is None:
+        return None
+    if type(v) is int:
+        return v
+    return coerce(v, "int")
+
+
+def _to_bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+def _to_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if type(v) is str:
+        v = v.strip()
+        return v or None
+    return coerce(v, "str")
+
+
+def _to_json(v: Any) -> Any:
+    return None if v is None else coerce(v, "json")
+
+
+#: output type -> converter (fast paths for values that already have the type)
+_CONVERT = {"float": _to_float, "int": _to_int, "bool": _to_bool, "str": _to_str, "json": _to_json}
+
+
 def coerce(value: Any, kind: str) -> Any:
     """``value`` as an output of type ``kind`` (None for missing, NaN or unparsable values)."""
     if value is None:
@@ -420,16 +457,21 @@ class StageSpec:
 
     def output_values(self, result: Any) -> dict[str, Any]:
         """The declared outputs of one result, coerced to their types."""
-        raw = self.values(result) if self.values is not None else None
-        out = {}
-        for o in self.outputs:
-            v = raw.get(o.name) if raw is not None else _get(result, o.name)
-            out[o.name] = coerce(v, o.type)
-        return out
+        conv = self.__dict__.get("_conv")
+        if conv is None:
+            conv = self.__dict__["_conv"] = tuple((o.name, _CONVERT[o.type]) for o in self.outputs)
+        if self.values is not None:
+            raw = self.values(result)
+            return {name: f(raw.get(name)) for name, f in conv}
+        if isinstance(result, Mapping):
+            return {name: f(result.get(name)) for name, f in conv}
+        return {name: f(getattr(result, name, None)) for name, f in conv}
 
     def metadata_values(self, result: Any) -> dict[str, Any]:
         """The shared header metadata of one result, coerced."""
-        return {m.name: coerce(_get(result, m.name), m.type) for m in METADATA_FIELDS}
+        if isinstance(result, Mapping):
+            return {name: f(result.get(name)) for name, f in _META_CONV}
+        return {name: f(getattr(result, name, None)) for name, f in _META_CONV}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (no ``values`` hook)."""
@@ -441,6 +483,9 @@ class StageSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(name=d["name"], version=d.get("version") or "", model_version=d.get("model_version"),
                    outputs=tuple(OutputField.from_dict(o) for o in d.get("outputs") or ()))
+
+
+_META_CONV = tuple((m.name, _CONVERT[m.type]) for m in METADATA_FIELDS)
 
 
 def stage_spec(stage: Any, name: str | None = None) -> StageSpec:
@@ -509,6 +554,7 @@ OSTAR_OUTPUTS: tuple[OutputField, ...] = (
                 "combined significance of He II 4200/4541/4686/5411 absorption", index=True),
     *(_evidence_field(n) for n in EVIDENCE_FIELDS if n != "heii_sigma"),
 )
+_P_COLUMNS = tuple((c, f"p_{c.lower()}") for c in OSTAR_CLASSES)
 #: The evidence outputs of :data:`OSTAR_OUTPUTS` (taken from ``StageResult.evidence``).
 _EVIDENCE_OUTPUTS: tuple[str, ...] = tuple(n for n in EVIDENCE_FIELDS if n != "heii_sigma")
 
@@ -848,14 +894,14 @@ class OStarStage:
         the result's own ``p_o`` when set); the evidence columns from ``evidence``.
         """
         probs_in = _get(result, "probs") or {}
-        probs = {str(k): coerce(v, "float") for k, v in dict(probs_in).items()}
+        probs = {str(k): _to_float(v) for k, v in probs_in.items()}
         upper = {k.upper(): v for k, v in probs.items()}
-        row: dict[str, Any] = {f"p_{c.lower()}": upper.get(c) for c in OSTAR_CLASSES}
-        p_o = coerce(_get(result, "p_o"), "float")
+        row: dict[str, Any] = {col: upper.get(c) for c, col in _P_COLUMNS}
+        p_o = _to_float(_get(result, "p_o"))
         row["p_o"] = p_o if p_o is not None else upper.get("O")
         row["probs"] = probs or None
         row["predicted_class"] = _get(result, "predicted_class")
-        row["flags"] = coerce(_get(result, "flags"), "int") or 0
+        row["flags"] = _to_int(_get(result, "flags")) or 0
         for key in ("posterior_o", "is_candidate", "heii_sigma"):
             row[key] = _get(result, key)
         evidence = _get(result, "evidence") or {}
