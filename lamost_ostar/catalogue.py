@@ -98,7 +98,8 @@ CLASS_COLUMNS: dict[str, str] = {c: f"p_{c.lower()}" for c in ("O", "B", "A", "F
 
 #: The O-candidate decision and the He II evidence (``stage.StageResult``):
 #: column -> kind (float, int or bool)
-DECISION_COLUMNS: dict[str, type] = {"posterior_o": float, "is_candidate": bool, "heii_sigma": float}
+DECISION_COLUMNS: dict[str, type] = {"posterior_o": float, "is_candidate": bool, "heii_sigma": float,
+                                     "o_score": float}
 EVIDENCE_COLUMNS: dict[str, type] = {
     name: (bool if name in ("heii_detected", "heii_4686_emission", "metal_veto")
            else int if name == "n_heii_lines" else float)
@@ -135,6 +136,7 @@ _DESCRIPTIONS = {
     "posterior_o": "probability of class O at the survey prior (O ~ 2e-5)",
     "is_candidate": "the model's O-candidate decision (posterior and He II evidence)",
     "heii_sigma": "combined significance of He II 4200/4541/4686/5411 absorption",
+    "o_score": "decision score: log10 survey-prior odds of O + weight x He II sigma",
     "heii_ew": "weighted mean EW of the He II lines [A]",
     "hei_sigma": "combined significance of He I absorption",
     "log_wprime": "log10 EW(He I 4471) / EW(He II 4541)",
@@ -1152,6 +1154,7 @@ def _result_row(item: Any, path: str, mv: str, scan_id: int | None, now: datetim
     cand = _get(item, "is_candidate")
     row["is_candidate"] = None if cand is None else bool(cand)
     row["heii_sigma"] = _as_float(_get(item, "heii_sigma"))
+    row["o_score"] = _as_float(_get(item, "o_score"))
     evidence = _get(item, "evidence") or {}
     for col, kind in EVIDENCE_COLUMNS.items():
         v = evidence.get(col) if isinstance(evidence, Mapping) else None
