@@ -111,7 +111,7 @@ SCAN_COUNT_COLUMNS = ("files_seen", "files_read", "files_classified", "files_fai
 #: Result columns returned by :meth:`Catalogue.query`, in order.
 RESULT_COLUMNS = (
     "path", "obsid", "designation", "ra", "dec", "predicted_class", "is_candidate", "p_o",
-    "posterior_o", "heii_sigma",
+    "posterior_o", "heii_sigma", "o_score",
     "p_b", "p_a", "p_f", "p_g", "p_k", "p_m", "p_x",
     "snr_g", "snr_r", "snr_i", "lmjd", "planid", "spid", "fiberid",
     "pipeline_class", "pipeline_subclass", "data_release", "layout",
