@@ -121,7 +121,7 @@ _KIND_OF = {"float": float, "int": int, "bool": bool, "str": str, "json": str}
 #: The O-candidate decision and the He II evidence (``stage.StageResult``):
 #: column -> kind (float, int or bool)
 DECISION_COLUMNS: dict[str, type] = {n: _KIND_OF[_OSTAR_FIELDS[n].type]
-                                     for n in ("posterior_o", "is_candidate", "heii_sigma")}
+                                     for n in ("posterior_o", "is_candidate", "heii_sigma", "o_score")}
 EVIDENCE_COLUMNS: dict[str, type] = {
     name: _KIND_OF[_OSTAR_FIELDS[name].type] for name in _stage.EVIDENCE_FIELDS if name != "heii_sigma"}
 
@@ -136,7 +136,7 @@ SCAN_COUNT_COLUMNS = ("files_seen", "files_read", "files_classified", "files_fai
 #: Result columns returned by :meth:`Catalogue.query`, in order.
 RESULT_COLUMNS = (
     "path", "obsid", "designation", "ra", "dec", "predicted_class", "is_candidate", "p_o",
-    "posterior_o", "heii_sigma",
+    "posterior_o", "heii_sigma", "o_score",
     "p_b", "p_a", "p_f", "p_g", "p_k", "p_m", "p_x",
     "snr_g", "snr_r", "snr_i", "lmjd", "planid", "spid", "fiberid",
     "pipeline_class", "pipeline_subclass", "data_release", "layout",
@@ -161,6 +161,7 @@ _DESCRIPTIONS = {
     "posterior_o": "probability of class O at the survey prior (O ~ 2e-5)",
     "is_candidate": "the model's O-candidate decision (posterior and He II evidence)",
     "heii_sigma": "combined significance of He II 4200/4541/4686/5411 absorption",
+    "o_score": "decision score: log10 survey-prior odds of O + weight x He II sigma",
     "heii_ew": "weighted mean EW of the He II lines [A]",
     "hei_sigma": "combined significance of He I absorption",
     "log_wprime": "log10 EW(He I 4471) / EW(He II 4541)",

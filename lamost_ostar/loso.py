@@ -48,7 +48,8 @@ __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "
            "evidence", "EVIDENCE_KEYS"]
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2+lcgan", "cnn2+sgan")
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2+lcgan", "cnn2+sgan",
+                                 "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
 SNR_BINS: tuple[tuple[float, float], ...] = ((5, 10), (10, 20), (20, 50), (50, 1e9))
@@ -80,7 +81,15 @@ class LosoConfig:
     o_per_star, b_per_star, x_per_star : int
         Test realisations per held-out O / B / X star.
     survey_per_fold : int
-        Survey-preset non-O spectra per fold.
+        Survey-preset non-O spectra per fold (when ``survey_per_class`` is None).
+    survey_per_class : dict or None
+        Survey sample drawn stratified: spectra per class per fold (the false-O
+        rate is re-weighted to the survey fractions :data:`SURVEY_NON_O`), so
+        that the classes O candidates come from (B, A) are sampled densely
+        enough for a rate of 1e-4.
+    save_models : bool
+        Save each fold's fitted models under ``models/`` (re-scoring without
+        re-training).
     folds : tuple of int or None
         Run only these folds (None: all).
     gan_iterations, gan_samples, gan_snr : int, int, float
@@ -101,6 +110,9 @@ class LosoConfig:
     b_per_star: int = 40
     x_per_star: int = 40
     survey_per_fold: int = 12000
+    survey_per_class: dict | None = field(default_factory=lambda: {
+        "B": 3000, "A": 2000, "F": 2000, "G": 1500, "K": 1000, "M": 500, "X": 200})
+    save_models: bool = True
     folds: tuple[int, ...] | None = None
     gan_iterations: int = 1000
     gan_samples: int = 300
@@ -115,7 +127,9 @@ class LosoConfig:
         if name == "tiny":
             return cls(recipe=DetectorRecipe(n_per_class=12), models=("cnn2", "lr2"), epochs=1,
                        batch_size=16, n_val_per_class=4, o_per_star=8, b_per_star=2, x_per_star=2,
-                       survey_per_fold=40, folds=(0,), gan_iterations=2, gan_samples=6, seed=seed,
+                       survey_per_fold=40, survey_per_class={"B": 8, "A": 8, "F": 8, "G": 8, "K": 4,
+                                                             "M": 2, "X": 2},
+                       folds=(0,), gan_iterations=2, gan_samples=6, save_models=False, seed=seed,
                        profile=name)
         if name == "quick":
             return cls(folds=(0, 1, 2), seed=seed, profile=name)
@@ -208,10 +222,13 @@ def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
     from .mock import MockConfig
 
     present = [c for c in SURVEY_NON_O if np.any(np.asarray(test_lib.mk) == c)]
-    if present and cfg.survey_per_fold > 0:
-        frac = np.array([SURVEY_NON_O[c] for c in present])
-        counts = np.floor(frac / frac.sum() * cfg.survey_per_fold).astype(int)
-        counts[np.argmax(frac)] += cfg.survey_per_fold - counts.sum()
+    if present and (cfg.survey_per_class or cfg.survey_per_fold > 0):
+        if cfg.survey_per_class:
+            counts = np.array([int(cfg.survey_per_class.get(c, 0)) for c in present])
+        else:
+            frac = np.array([SURVEY_NON_O[c] for c in present])
+            counts = np.floor(frac / frac.sum() * cfg.survey_per_fold).astype(int)
+            counts[np.argmax(frac)] += cfg.survey_per_fold - counts.sum()
         mk = [c for c, m in zip(present, counts) for _ in range(int(m))]
         ids = dict(zip(np.asarray(test_lib.name).astype(str), library_star_ids(test_lib)))
         parts = []
@@ -249,17 +266,19 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
 # --------------------------------------------------------------------------
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
                  cfg: LosoConfig, classes: Sequence[str], seed: int, log,
-                 gan_input: LabelledSpectra | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                 gan_input: LabelledSpectra | None = None,
+                 save_to: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Train one model kind on ``train`` and return the logits of every test set."""
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2"):
+    if base in ("cnn1", "cnn2", "cnn2d"):
         import keras
 
         from .models import recogniser
 
         ch = 1 if base == "cnn1" else 2
+        build = {"head": "dense"} if base == "cnn2d" else None
         if "+" in kind:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])
@@ -267,10 +286,12 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         model, hist = recogniser.train_recogniser(
             train.inputs(ch), train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
-            n_classes=len(classes))
+            n_classes=len(classes), build_kwargs=build)
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
                     val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
         predict = lambda d: recogniser.predict_logits(model, d.inputs(ch))   # noqa: E731
+        if save_to is not None:
+            model.save(save_to.with_suffix(".keras"))
     elif base in ("lr1", "lr2"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -284,6 +305,9 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
         clf.fit(scaler.transform(feats(train)), train.y(classes))
         info["n_iter"] = int(np.max(clf.n_iter_))
+        if save_to is not None:
+            np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,
+                                classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_)
         full = np.full((1, len(classes)), -1e4)
 
         def predict(d):
@@ -379,8 +403,12 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
         info = {"fold": k, "o_unit": o_units[k], "test_stars": sorted(held), "data_seconds": t_data,
                 "train": train.describe(), "models": {}}
         for m in cfg.models:
+            save_to = None
+            if cfg.save_models:
+                (out / "models").mkdir(exist_ok=True)
+                save_to = out / "models" / f"fold{k:02d}_{_safe(m)}"
             logits, minfo = _fit_predict(m, train, val, tests, cfg, classes, seed=cfg.seed * 1000 + k, log=log,
-                                         gan_input=gan_input)
+                                         gan_input=gan_input, save_to=save_to)
             info["models"][m] = minfo
             for name, z in logits.items():
                 d = tests[name]
@@ -488,11 +516,43 @@ def _subtype(sub: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Sharpening powers of the probabilities tried with the thresholds (decision
+#: temperature = calibration temperature / power).
+SHARPEN_GRID: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+
+
+def _select(probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes, subset, max_fpm, **grid) -> dict:
+    """The best operating point over the sharpening grid, on the spectra in ``subset``."""
+    from .models.decision import Decision, choose_operating_point
+
+    best = None
+    o = classes.index("O")
+    for k in grid.pop("sharpen_grid", SHARPEN_GRID):
+        post = Decision.balanced(classes, sharpen=k).posterior(probs)[:, o]
+        so, ss, sr, sb = (subset & m for m in (is_o, surv, real, b_ok))
+        op = choose_operating_point(post[so], heii[so], star[so], o_ok[so], post[ss], heii[ss], w[ss],
+                                    post[sr], heii[sr], b_posterior=post[sb], b_heii=heii[sb],
+                                    max_b_rate=0.05, max_false_per_million=max_fpm, **grid)
+        op["sharpen"] = float(k)
+        key = (op.get("feasible", False), op.get("star_averaged_recall", -1.0), -op.get("false_per_million", 1e9))
+        if best is None or key > best[0]:
+            best = (key, op)
+    return best[1]
+
+
 def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             max_false_per_million: float = 100.0) -> dict:
-    """Tables and operating points from the saved out-of-fold arrays."""
+    """Tables and operating points from the saved out-of-fold arrays.
+
+    Three rules are tabulated besides the arg-max: ``operating_point`` (the
+    rule chosen on all out-of-fold data: what a model trained on every star
+    ships), ``nested`` (for every fold the rule chosen on the *other* folds,
+    applied to it: the figure that does not profit from choosing the
+    thresholds on the same stars), and ``no_he_ii`` (the best posterior-only
+    cut).
+    """
     from .models.calibration import fit_temperature
-    from .models.decision import Decision, choose_operating_point
+    from .models.decision import Decision
 
     out = Path(out_dir)
     res: dict[str, Any] = {"models": {}}
@@ -505,44 +565,52 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         y = np.array([classes.index(c) if c in classes else -1 for c in d["label"]])
         sets = d["set"].astype(str)
         ok_fit = np.isin(sets, ["o", "b", "x", "survey"]) & (y >= 0) & np.all(np.isfinite(d["logits"]), axis=1)
-        # temperature on held-out spectra, each set and class weighted equally
+        # temperature on held-out spectra
         bal = np.flatnonzero(ok_fit)
         t = float(fit_temperature(d["logits"][bal], y[bal])) if bal.size else 1.0
         probs = _softmax(d["logits"], t)
-        dec = Decision.balanced(classes)
-        post = dec.posterior(probs)[:, classes.index("O")]
         heii = d.get("heii_sigma", np.full(len(y), np.nan)).astype(float)
         snr = d.get("snr_g", np.full(len(y), np.nan)).astype(float)
         ebv = d.get("ebv_total", np.full(len(y), np.nan)).astype(float)
         star = d["star"].astype(str)
+        fold = d["fold"].astype(int)
         is_o, is_b, is_x = sets == "o", sets == "b", sets == "x"
         surv, real = sets == "survey", sets == "lamost"
         argmax_o = probs.argmax(axis=1) == classes.index("O")
         o_ok = is_o & (snr >= 10)
+        b_ok = is_b & (snr >= 10)
         # survey weights: every class at its survey fraction over the whole run
         w = np.zeros(len(y))
         for c, f in SURVEY_NON_O.items():
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
-        b_ok = is_b & (snr >= 10)
-        common = dict(b_posterior=post[b_ok], b_heii=heii[b_ok], max_b_rate=0.05,
-                      max_false_per_million=max_false_per_million)
-        op = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
-                                    post[surv], heii[surv], w[surv], post[real], heii[real], **common)
-        op_cnn = choose_operating_point(post[is_o], heii[is_o], star[is_o], o_ok[is_o],
-                                        post[surv], heii[surv], w[surv], post[real], heii[real],
-                                        heii_grid=(None,), **common)
+        args = (probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes)
+        everything = np.ones(len(y), bool)
+        op = _select(*args, everything, max_false_per_million)
+        op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
         rules = {"argmax": argmax_o}
         for name, p in (("operating_point", op), ("no_he_ii", op_cnn)):
-            if p.get("min_posterior") is None:
+            if p.get("min_score") is None and p.get("min_posterior") is None:
                 continue
-            c = post >= p["min_posterior"]
-            if p.get("min_heii_sigma") is not None:
-                # the same posterior threshold without the He II test: what the combination buys
-                rules["operating_point_posterior_only"] = c.copy()
-                c &= np.isfinite(heii) & (heii >= p["min_heii_sigma"])
-            rules[name] = c
+            rule = Decision.from_operating_point(classes, p)
+            rules[name] = rule.apply(probs, heii).is_candidate
+            if name == "operating_point" and (rule.heii_weight or rule.min_heii_sigma is not None):
+                # the same threshold without the He II evidence: what the combination buys
+                rules["operating_point_posterior_only"] = \
+                    rule.posterior(probs)[:, classes.index("O")] >= p["min_posterior"]
+        # nested: each fold judged by the rule chosen on the other folds
+        nested = np.zeros(len(y), bool)
+        nested_ops = {}
+        if len(np.unique(fold)) > 1:
+            for f in np.unique(fold):
+                p = _select(*args, fold != f, max_false_per_million)
+                nested_ops[int(f)] = p
+                if p.get("min_score") is None and p.get("min_posterior") is None:
+                    continue
+                rule = Decision.from_operating_point(classes, p)
+                nested[fold == f] = rule.apply(probs[fold == f], heii[fold == f]).is_candidate
+            rules["nested"] = nested
         tables = {}
         for rname, cand in rules.items():
             tables[rname] = _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv,
@@ -555,6 +623,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             med[_bin_label(lo, hi)] = {"n": int(sel.sum()),
                                        "median_p_o": float(np.median(probs[sel, classes.index("O")])) if sel.any() else None}
         res["models"][m] = {"temperature": t, "operating_point": op, "operating_point_without_he_ii": op_cnn,
+                            "nested_operating_points": nested_ops,
                             "tables": tables, "p_o_by_ebv": med,
                             "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
     return res
@@ -639,22 +708,26 @@ def render_report(results: dict) -> str:
               "survey mix (B 3 %, A 8 %, F 28 %, G 33 %, K 21 %, M 7 %, X 0.3 %); real LAMOST = the fold's",
               "shared real LAMOST files (all non-O). Recall 'S/N >= 10' counts O spectra with S/N(g) >= 10.", ""]
     models = results.get("models", {})
-    lines += ["## Summary (operating point chosen on these out-of-fold data: false O <= 100 per million and",
-              "0 real LAMOST candidates, maximising the star-averaged O recall at S/N >= 10)", "",
+    lines += ["## Summary",
+              "",
+              "Operating point: chosen on these out-of-fold data (false O <= 100 per million, 0 real LAMOST",
+              "candidates, <= 5 % of B at S/N >= 10 called O, maximising the star-averaged O recall at S/N >= 10);",
+              "the **nested** row judges every fold by the rule chosen on the other folds only -- the figure",
+              "that does not profit from choosing thresholds on the stars it is scored on.", "",
               "| model | rule | O recall, star-avg, S/N>=10 | O recall, star-avg, all | B->O | B0-B1->O | X->O | false O per million | real LAMOST candidates |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, r in models.items():
-        for rule in ("argmax", "no_he_ii", "operating_point"):
+        for rule in ("argmax", "no_he_ii", "operating_point", "nested"):
             t = r["tables"].get(rule)
             if t is None:
                 continue
-            op = r["operating_point"] if rule == "operating_point" else r.get("operating_point_without_he_ii", {})
+            op = r["operating_point"] if rule in ("operating_point", "nested") else \
+                r.get("operating_point_without_he_ii", {})
             desc = {"argmax": "arg-max class O",
-                    "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g}",
-                    "operating_point": (f"posterior >= {op.get('min_posterior', float('nan')):.3g}"
-                                        + (f", He II >= {op['min_heii_sigma']:g} sigma"
-                                           if op.get("min_heii_sigma") is not None else ""))}[rule]
-            if rule != "argmax" and not op.get("feasible", True):
+                    "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g} (sharpen {op.get('sharpen', 1):g})",
+                    "operating_point": _rule_words(op),
+                    "nested": "**nested**: each fold by the rule chosen on the other folds"}[rule]
+            if rule not in ("argmax", "nested") and not op.get("feasible", True):
                 desc += " (targets not met)"
             lines.append(f"| {m} | {desc} | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "
                          f"{_pct(t['o_recall_star_averaged'])} | {_pct(t['b_to_o'])} | {_pct(t['b0_b1_to_o'])} | "
@@ -689,6 +762,19 @@ def render_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rule_words(op: dict) -> str:
+    """The operating point's rule in a few words."""
+    if op.get("min_score") is None:
+        words = f"posterior >= {op.get('min_posterior', float('nan')):.3g}"
+    else:
+        words = f"log odds + {op.get('heii_weight', 0):g} x He II sigma >= {op['min_score']:.2f}"
+    if op.get("sharpen", 1.0) != 1.0:
+        words += f" (sharpen {op['sharpen']:g})"
+    if op.get("min_heii_sigma") is not None:
+        words += f", He II >= {op['min_heii_sigma']:g} sigma"
+    return words
+
+
 def _comparison_sections(models: dict) -> list[str]:
     """One- vs two-channel by E(B-V), and what the He II test adds to the posterior cut."""
     out: list[str] = []
@@ -720,8 +806,9 @@ def _comparison_sections(models: dict) -> list[str]:
                     f"{a['real_lamost_candidates']} -> {b['real_lamost_candidates']} |")
     if rows:
         out += ["## What the He II evidence adds", "",
-                "At each model's operating-point posterior threshold: without -> with the He II test "
-                "(the false-O reduction and the recall cost of the combination).", "",
+                "At each model's operating point: the posterior cut alone at the score threshold's "
+                "posterior (He II sigma 0) -> the rule with the He II evidence (the false-O reduction "
+                "and the recall cost or gain of the combination).", "",
                 "| model | O recall star-avg S/N>=10 | false O per million | B->O | B0-B1->O | X->O | real LAMOST |",
                 "|---|---|---|---|---|---|---|", *rows, ""]
     return out

@@ -552,6 +552,8 @@ OSTAR_OUTPUTS: tuple[OutputField, ...] = (
                 "the model's O-candidate decision (posterior and He II evidence)", summary=True),
     OutputField("heii_sigma", "float", None,
                 "combined significance of He II 4200/4541/4686/5411 absorption", index=True),
+    OutputField("o_score", "float", None,
+                "decision score: log10 survey-prior odds of O + weight x He II sigma"),
     *(_evidence_field(n) for n in EVIDENCE_FIELDS if n != "heii_sigma"),
 )
 _P_COLUMNS = tuple((c, f"p_{c.lower()}") for c in OSTAR_CLASSES)
@@ -637,6 +639,9 @@ class StageResult(SpectrumResult):
     evidence : dict or None
         The line evidence, keys :data:`EVIDENCE_FIELDS`: combined He II / He I
         EWs and significances, log W', line EWs [A] and errors.
+    o_score : float or None
+        The decision's O score (log10 survey-prior odds + weight x He II
+        sigma; :mod:`lamost_ostar.models.decision`), None for rules without one.
     """
 
     probs: dict[str, float] | None = None
@@ -648,6 +653,7 @@ class StageResult(SpectrumResult):
     is_candidate: bool | None = None
     heii_sigma: float | None = None
     evidence: dict[str, Any] | None = None
+    o_score: float | None = None
 
 
 
@@ -902,7 +908,7 @@ class OStarStage:
         row["probs"] = probs or None
         row["predicted_class"] = _get(result, "predicted_class")
         row["flags"] = _to_int(_get(result, "flags")) or 0
-        for key in ("posterior_o", "is_candidate", "heii_sigma"):
+        for key in ("posterior_o", "is_candidate", "heii_sigma", "o_score"):
             row[key] = _get(result, key)
         evidence = _get(result, "evidence") or {}
         for name in _EVIDENCE_OUTPUTS:
@@ -1029,9 +1035,7 @@ class OStarStage:
         flags |= np.where(np.asarray(meas.heii_4686_emission, bool), FLAG_HEII_EMISSION, 0)
         evid = evidence_records(meas)
         has_o = "O" in self.decision.classes and self.decision.classes == list(self.classes)
-        verdict = (self.decision.apply(np.where(probs_ok[:, None], probs, 0.0),
-                                       heii if self.decision.min_heii_sigma is not None else None)
-                   if has_o else None)
+        verdict = self.decision.apply(np.where(probs_ok[:, None], probs, 0.0), heii) if has_o else None
 
         out: list[StageResult] = []
         for k, s in enumerate(spectra):
@@ -1057,6 +1061,8 @@ class OStarStage:
                 is_candidate=None if verdict is None else bool(verdict.is_candidate[k]),
                 heii_sigma=float(heii[k]) if np.isfinite(heii[k]) else None,
                 evidence=evid[k],
+                o_score=(None if verdict is None or verdict.score is None or not np.isfinite(verdict.score[k])
+                         else float(verdict.score[k])),
             ))
         return out
 

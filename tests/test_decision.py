@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lamost_ostar.models.decision import (SURVEY_PRIOR, Decision, choose_operating_point,
+from lamost_ostar.models.decision import (SURVEY_PRIOR, Decision, choose_operating_point, o_score,
                                           prior_adjust)
 
 CLASSES = ["O", "B", "A", "F", "G", "K", "M", "X"]
@@ -63,10 +63,30 @@ def test_operating_point_meets_the_constraints():
                                 real_post, real_heii, max_false_per_million=100)
     assert op["feasible"]
     assert op["false_per_million"] <= 100 and op["real_candidates"] == 0
-    assert op["min_heii_sigma"] is not None            # He II is what makes the target reachable
+    assert op["min_heii_sigma"] is not None or op["heii_weight"] > 0   # He II makes the target reachable
+    d = Decision.from_operating_point(CLASSES, op)
+    # the rule's score reproduces the operating point's recall on the O spectra
+    score = o_score(o_post, o_heii, d.heii_weight)
+    cand = score >= d.min_score
+    if d.min_heii_sigma is not None:
+        cand &= o_heii >= d.min_heii_sigma
+    assert cand.mean() == pytest.approx(op["recall_all"], abs=1e-9)
     cnn_only = choose_operating_point(o_post, o_heii, o_star, np.ones(n_o, bool), neg_post, neg_heii, None,
-                                      real_post, real_heii, max_false_per_million=100, heii_grid=(None,))
+                                      real_post, real_heii, max_false_per_million=100, heii_grid=(None,),
+                                      weight_grid=(0.0,))
     assert op["star_averaged_recall"] > cnn_only["star_averaged_recall"]
+
+
+def test_score_rule_lets_strong_he_ii_outweigh_a_b_like_network():
+    d = Decision.balanced(CLASSES, heii_weight=0.75, min_score=0.0)
+    probs = np.zeros((3, 8))
+    probs[:, 0] = [0.8, 0.8, 0.9999]
+    probs[:, 1] = 1 - probs[:, 0]
+    out = d.apply(probs, np.array([8.0, 0.5, np.nan]))
+    # posterior odds ~ 4/1500: -2.57 dex; + 0.75 x 8 -> candidate; + 0.75 x 0.5 -> not; NaN counts 0
+    assert out.is_candidate.tolist() == [True, False, True]
+    assert out.score[0] == pytest.approx(np.log10(4 * 2e-5 / 0.03 / (1 - 4 * 2e-5 / 0.03)) + 6, abs=0.01)
+    assert "He II sigma" in d.describe()
 
 
 def test_decision_imports_no_keras():

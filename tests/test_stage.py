@@ -63,7 +63,7 @@ def test_stage_result_contract_fields():
                      "ra", "dec", "lmjd", "planid", "spid", "fiberid", "snr_g", "snr_r",
                      "snr_i", "pipeline_class", "pipeline_subclass", "data_release", "layout",
                      "probs", "p_o", "predicted_class", "flags", "model_version",
-                     "posterior_o", "is_candidate", "heii_sigma", "evidence"]
+                     "posterior_o", "is_candidate", "heii_sigma", "evidence", "o_score"]
 
 
 def test_process_files_in_input_order_with_errors(stage):

@@ -10,20 +10,28 @@ prior-adjusted posterior (Bayes, the likelihoods being the same)::
 Both are stored: ``p_o`` (balanced, what the network says) and
 ``posterior_o`` (at the survey prior).
 
-The candidate rule (:class:`Decision`) is deliberately a *rule*, not a second
-learnt model: with a dozen real O stars a fitted combiner would learn those
-stars again, while the rule's two thresholds are few enough to be chosen on
-held-out stars (:func:`choose_operating_point`) and an astronomer can read why
-a spectrum is a candidate::
+The candidate rule (:class:`Decision`) is a two-parameter score, not a second
+network: with a dozen real O stars a fitted combiner would learn those stars
+again, while a weight and a threshold are few enough to be chosen on held-out
+stars (:func:`choose_operating_point`), and an astronomer can read why a
+spectrum is a candidate::
 
-    is_candidate = posterior_o >= min_posterior  and  heii_sigma >= min_heii_sigma
+    o_score      = log10(posterior_o / (1 - posterior_o)) + heii_weight * clip(heii_sigma, -3, 8)
+    is_candidate = o_score >= min_score  and  heii_sigma >= min_heii_sigma (if set)
 
 ``heii_sigma`` is the combined significance of He II absorption (4200, 4541,
-4686 A) measured on the spectrum itself (:mod:`lamost_ostar.lines`): only O
-stars (and a few impostors: hot subdwarfs, some WR and central stars) show
-it, so it removes B stars and artefacts that the network calls O, at the cost
-of the faintest late-O spectra whose He II is lost in the noise.  A spectrum
-whose He II lines cannot be measured (masked) is not a candidate.
+4686, 5411 A) measured on the spectrum itself (:mod:`lamost_ostar.lines`):
+only O stars (and a few impostors: hot subdwarfs, some WR and central stars)
+show it.  The score is naive Bayes: the network's survey-prior odds times a
+likelihood ratio of the independent He II measurement that is log-linear in
+its significance (for a Gaussian statistic of mean ``mu`` under "O" and 0
+otherwise, ``log LR = mu z - mu^2 / 2``), ``heii_weight`` dex per sigma.  So
+strong He II rescues an O star the network half-confuses with a B star, and a
+B supergiant the network calls O is dropped when its spectrum shows no He II.
+A spectrum whose He II lines cannot be measured (masked) counts as
+``heii_sigma = 0`` in the score and fails a ``min_heii_sigma`` gate.
+(``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
+``posterior_o >= min_posterior``.)
 
 Pure numpy; the decision is a JSON-able dict in the model card (``decision``).
 """
@@ -37,9 +45,12 @@ import numpy as np
 
 __all__ = [
     "SURVEY_PRIOR",
+    "SCORE_CLIP",
     "Decision",
     "DecisionOutput",
     "prior_adjust",
+    "sharpened",
+    "o_score",
     "choose_operating_point",
 ]
 
@@ -49,6 +60,18 @@ __all__ = [
 #: Wolf-Rayet stars), a few per thousand.
 SURVEY_PRIOR: dict[str, float] = {"O": 2e-5, "B": 0.03, "A": 0.08, "F": 0.28, "G": 0.33,
                                   "K": 0.21, "M": 0.07, "X": 0.003}
+
+
+def sharpened(probs: np.ndarray, power: float) -> np.ndarray:
+    """``probs**power`` renormalised per row (softmax at temperature ``T / power``), in log space."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if power == 1.0 or probs.size == 0:
+        return probs
+    with np.errstate(divide="ignore"):
+        lp = power * np.log(probs)
+    lp -= np.max(lp, axis=1, keepdims=True)
+    e = np.exp(lp)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def prior_adjust(probs: np.ndarray, classes: Sequence[str], train_prior: Mapping[str, float],
@@ -86,6 +109,7 @@ class DecisionOutput:
     p_o: np.ndarray             #: balanced (training-prior) p(O)
     posterior_o: np.ndarray     #: p(O) at the survey prior
     is_candidate: np.ndarray    #: bool, the rule's verdict
+    score: np.ndarray | None = None   #: the O score (None for a plain posterior cut)
 
 
 @dataclass
@@ -107,6 +131,15 @@ class Decision:
     min_p_o : float or None
         Minimum balanced p(O) (the rule of model versions without a decision
         in their card: ``p_o >= 0.5``); None = not used.
+    heii_weight : float
+        Dex of survey-prior odds per sigma of He II absorption in the score.
+    min_score : float or None
+        Minimum O score; None = the plain posterior cut ``min_posterior``.
+    sharpen : float
+        The decision's probabilities are ``p**sharpen`` renormalised, i.e. the
+        softmax at temperature ``T / sharpen`` instead of the calibration
+        temperature ``T`` (chosen with the thresholds: a calibrated p(O) is
+        not necessarily the best ranking for a 2e-5 prior).
     chosen_on : str
         What data the thresholds were chosen on, and the targets.
     figures : dict
@@ -119,6 +152,9 @@ class Decision:
     min_posterior: float = 0.5
     min_heii_sigma: float | None = None
     min_p_o: float | None = None
+    heii_weight: float = 0.0
+    min_score: float | None = None
+    sharpen: float = 1.0
     chosen_on: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     kind: str = "rule"
@@ -144,8 +180,8 @@ class Decision:
         return self.classes.index("O")
 
     def posterior(self, probs: np.ndarray) -> np.ndarray:
-        """``(N, C)`` posteriors at the survey prior."""
-        return prior_adjust(probs, self.classes, self.train_prior, self.survey_prior)
+        """``(N, C)`` posteriors at the survey prior (of the sharpened probabilities)."""
+        return prior_adjust(sharpened(probs, self.sharpen), self.classes, self.train_prior, self.survey_prior)
 
     def apply(self, probs: np.ndarray, heii_sigma: np.ndarray | None = None) -> DecisionOutput:
         """Apply the rule to ``probs`` (``(N, C)``, training prior) and the He II evidence.
@@ -154,16 +190,36 @@ class Decision:
         """
         probs = np.asarray(probs, dtype=np.float64)
         post = self.posterior(probs)[:, self.o_index] if len(probs) else np.zeros(0)
-        ok = np.isfinite(post) & (post >= self.min_posterior)
+        needs_z = self.min_heii_sigma is not None or (self.min_score is not None and self.heii_weight != 0)
+        if needs_z and heii_sigma is None:
+            raise ValueError("this decision needs the He II evidence (heii_sigma)")
+        z = np.asarray(heii_sigma, dtype=np.float64) if heii_sigma is not None else np.zeros(len(post))
+        score = None
+        if self.min_score is not None:
+            score = o_score(post, z, self.heii_weight)
+            ok = score >= self.min_score
+        else:
+            ok = np.isfinite(post) & (post >= self.min_posterior)
         if self.min_p_o is not None and len(probs):
             ok &= probs[:, self.o_index] >= self.min_p_o
         if self.min_heii_sigma is not None:
-            if heii_sigma is None:
-                raise ValueError("this decision needs the He II evidence (heii_sigma)")
-            z = np.asarray(heii_sigma, dtype=np.float64)
             ok &= np.isfinite(z) & (z >= self.min_heii_sigma)
         return DecisionOutput(p_o=probs[:, self.o_index] if len(probs) else np.zeros(0),
-                              posterior_o=post, is_candidate=ok)
+                              posterior_o=post, is_candidate=ok, score=score)
+
+    @classmethod
+    def from_operating_point(cls, classes: Sequence[str], op: Mapping[str, Any], **kwargs: Any) -> "Decision":
+        """The balanced-prior decision of a :func:`choose_operating_point` result."""
+        if op.get("min_score") is None and op.get("min_posterior") is None:
+            raise ValueError("the operating point has no threshold")
+        sharpen = float(op.get("sharpen", 1.0))
+        if op.get("heii_weight") or op.get("min_score") is not None:
+            return cls.balanced(classes, heii_weight=float(op.get("heii_weight") or 0.0),
+                                min_score=op.get("min_score"), min_heii_sigma=op.get("min_heii_sigma"),
+                                min_posterior=float(op.get("min_posterior") or 0.0), sharpen=sharpen,
+                                **kwargs)
+        return cls.balanced(classes, min_posterior=float(op["min_posterior"]),
+                            min_heii_sigma=op.get("min_heii_sigma"), sharpen=sharpen, **kwargs)
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> "Decision":
@@ -175,20 +231,41 @@ class Decision:
 
     def describe(self) -> str:
         """One line: the rule in words."""
-        if self.min_p_o is not None and self.min_posterior <= 0:
+        if self.min_p_o is not None and self.min_posterior <= 0 and self.min_score is None:
             return f"p(O) >= {self.min_p_o:.3g}"
+        if self.min_score is not None:
+            s = (f"log10 odds of p(O) at the survey prior (O = {self.survey_prior.get('O', 0):.1e}) + "
+                 f"{self.heii_weight:g} x He II sigma >= {self.min_score:.3g}")
+            if self.min_heii_sigma is not None:
+                s += f" and He II absorption >= {self.min_heii_sigma:.3g} sigma"
+            return s
         s = f"posterior p(O) at the survey prior (O = {self.survey_prior.get('O', 0):.1e}) >= {self.min_posterior:.3g}"
         if self.min_heii_sigma is not None:
             s += f" and He II absorption >= {self.min_heii_sigma:.3g} sigma"
         return s
 
 
-def _quantile_grid(values: np.ndarray, n: int = 200) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return np.array([0.5])
-    return np.unique(np.quantile(v, np.linspace(0.0, 1.0, n)))
+#: He II significance range that enters the score (beyond it a line is just "strong")
+SCORE_CLIP: tuple[float, float] = (-3.0, 8.0)
+
+
+def o_score(posterior_o: np.ndarray, heii_sigma: np.ndarray, heii_weight: float) -> np.ndarray:
+    """The O score: log10 survey-prior odds + ``heii_weight`` x clipped He II sigma (NaN sigma = 0)."""
+    post = np.clip(np.asarray(posterior_o, dtype=np.float64), 1e-300, 1.0 - 1e-16)
+    z = np.nan_to_num(np.asarray(heii_sigma, dtype=np.float64), nan=0.0)
+    with np.errstate(invalid="ignore"):
+        odds = np.log10(post) - np.log10(1.0 - post)
+    return np.where(np.isfinite(posterior_o), odds + heii_weight * np.clip(z, *SCORE_CLIP), -np.inf)
+
+
+def _weighted_tail(values: np.ndarray, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Sum of ``weights`` of ``values >= t`` for every threshold ``t`` (vectorised)."""
+    if len(values) == 0:
+        return np.zeros(len(thresholds))
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    tail = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])
+    return tail[np.searchsorted(v, thresholds, side="left")]
 
 
 def choose_operating_point(
@@ -197,71 +274,82 @@ def choose_operating_point(
     real_posterior: np.ndarray, real_heii: np.ndarray, *,
     b_posterior: np.ndarray | None = None, b_heii: np.ndarray | None = None, max_b_rate: float = 0.05,
     max_false_per_million: float = 100.0, max_real: int = 0,
-    heii_grid: Sequence[float | None] = (None, 0.0, 1.0, 1.5, 2.0, 2.5, 3.0),
-    posterior_grid: np.ndarray | None = None,
+    heii_grid: Sequence[float | None] = (None, 0.0, 1.0, 2.0, 3.0),
+    weight_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5),
 ) -> dict[str, Any]:
-    """Choose ``(min_posterior, min_heii_sigma)`` on held-out data.
+    """Choose the rule's parameters ``(heii_weight, min_score, min_heii_sigma)`` on held-out data.
 
-    The operating point maximises the star-averaged O recall (over ``o_ok``
-    spectra, e.g. S/N >= 10) subject to (a) at most ``max_false_per_million``
-    false O per million non-O spectra of a survey-preset sample, (b) at most
-    ``max_real`` candidates among real non-O spectra and (c) at most
-    ``max_b_rate`` of held-out B spectra (``b_posterior``, ``b_heii``) called
-    O, when given; among equal recalls the
-    one with fewer false O wins.  Returns the thresholds and the figures there
-    (``None`` thresholds when no point meets the constraints: the most
-    conservative point is then returned with ``feasible = False``).
+    For every He II weight and gate of the grids, every O score seen on the
+    held-out O spectra is a candidate threshold.  The operating point maximises
+    the star-averaged O recall (over ``o_ok`` spectra, e.g. S/N >= 10) subject
+    to (a) at most ``max_false_per_million`` false O per million non-O spectra
+    of a survey-preset sample, (b) at most ``max_real`` candidates among real
+    non-O spectra and (c) at most ``max_b_rate`` of held-out B spectra
+    (``b_posterior``, ``b_heii``) called O, when given; among equal recalls
+    the one with fewer false O wins, then the smaller weight.  ``weight_grid =
+    (0,)`` and ``heii_grid`` give the plain posterior cut and posterior + He II
+    gate rules.  When no point meets the constraints the most conservative
+    point is returned with ``feasible = False``.
 
-    Parameters
-    ----------
-    o_posterior, o_heii, o_star, o_ok : numpy.ndarray
-        Held-out O spectra: posterior p(O), He II evidence, star id, and
-        whether the spectrum counts for the recall target.
-    neg_posterior, neg_heii : numpy.ndarray
-        Survey-preset non-O spectra (held-out stars).
-    neg_weight : numpy.ndarray, optional
-        Weight of each non-O spectrum (e.g. to re-weight classes to the survey
-        mix); default 1.
-    real_posterior, real_heii : numpy.ndarray
-        Real non-O spectra (e.g. real LAMOST files).
+    Returns
+    -------
+    dict
+        ``heii_weight``, ``min_score``, ``min_heii_sigma``, ``min_posterior``
+        (the posterior that the score threshold means at He II sigma 0),
+        ``star_averaged_recall``, ``recall_all``, ``false_per_million``,
+        ``real_candidates``, ``b_to_o``, ``feasible``.
     """
-    o_posterior = np.asarray(o_posterior, float)
-    o_heii = np.asarray(o_heii, float)
+    f = lambda a: np.asarray(a, dtype=float)   # noqa: E731
+    o_post, o_z, neg_post, neg_z = f(o_posterior), f(o_heii), f(neg_posterior), f(neg_heii)
+    real_post, real_z = f(real_posterior), f(real_heii)
     o_star = np.asarray(o_star).astype(str)
     o_ok = np.asarray(o_ok, bool)
-    neg_posterior = np.asarray(neg_posterior, float)
-    neg_heii = np.asarray(neg_heii, float)
-    w = np.ones(len(neg_posterior)) if neg_weight is None else np.asarray(neg_weight, float)
-    real_posterior = np.asarray(real_posterior, float)
-    real_heii = np.asarray(real_heii, float)
-    grid = (posterior_grid if posterior_grid is not None
-            else np.unique(np.concatenate([_quantile_grid(neg_posterior, 400), _quantile_grid(o_posterior, 200),
-                                           [0.5, 0.9, 0.99]])))
+    w = np.ones(len(neg_post)) if neg_weight is None else f(neg_weight)
+    b_post = np.zeros(0) if b_posterior is None else f(b_posterior)
+    b_z = np.zeros(0) if b_heii is None else f(b_heii)
     stars = np.unique(o_star[o_ok])
     best: dict[str, Any] | None = None
     fallback: dict[str, Any] | None = None
-    b_post = np.zeros(0) if b_posterior is None else np.asarray(b_posterior, float)
-    b_he_arr = np.zeros(0) if b_heii is None else np.asarray(b_heii, float)
-    for z in heii_grid:
-        o_he = np.ones(len(o_posterior), bool) if z is None else (np.isfinite(o_heii) & (o_heii >= z))
-        b_he = np.ones(len(b_post), bool) if z is None else (np.isfinite(b_he_arr) & (b_he_arr >= z))
-        n_he = np.ones(len(neg_posterior), bool) if z is None else (np.isfinite(neg_heii) & (neg_heii >= z))
-        r_he = np.ones(len(real_posterior), bool) if z is None else (np.isfinite(real_heii) & (real_heii >= z))
-        for t in grid:
-            o_c = o_he & (o_posterior >= t)
-            fpm = 1e6 * float(np.sum(w * (n_he & (neg_posterior >= t)))) / max(float(w.sum()), 1e-300)
-            n_real = int(np.sum(r_he & (real_posterior >= t)))
-            b_rate = float(np.mean(b_he & (b_post >= t))) if len(b_post) else 0.0
-            rec = [float(np.mean(o_c[o_ok & (o_star == s)])) for s in stars]
-            star_avg = float(np.mean(rec)) if rec else float("nan")
-            point = {"min_posterior": float(t), "min_heii_sigma": z, "star_averaged_recall": star_avg,
-                     "recall_all": float(np.mean(o_c)) if len(o_c) else float("nan"),
-                     "false_per_million": fpm, "real_candidates": n_real, "b_to_o": b_rate,
-                     "feasible": True}
-            if fpm <= max_false_per_million and n_real <= max_real and b_rate <= max_b_rate:
-                key = (star_avg, -fpm)
-                if best is None or key > (best["star_averaged_recall"], -best["false_per_million"]):
-                    best = point
-            elif fallback is None or (fpm, n_real) < (fallback["false_per_million"], fallback["real_candidates"]):
-                fallback = dict(point, feasible=False)
-    return best if best is not None else (fallback or {"feasible": False})
+    for beta in weight_grid:
+        so, sn, sr, sb = (o_score(p, z, beta) for p, z in ((o_post, o_z), (neg_post, neg_z),
+                                                           (real_post, real_z), (b_post, b_z)))
+        for gate in heii_grid:
+            def gated(score, z):
+                if gate is None:
+                    return score
+                return np.where(np.isfinite(z) & (z >= gate), score, -np.inf)
+            go, gn, gr, gb = gated(so, o_z), gated(sn, neg_z), gated(sr, real_z), gated(sb, b_z)
+            thr = np.unique(go[np.isfinite(go)])
+            if thr.size == 0:
+                continue
+            thr = np.concatenate([thr, [np.inf]])
+            fpm = 1e6 * _weighted_tail(gn, w, thr) / max(float(w.sum()), 1e-300)
+            n_real = _weighted_tail(gr, np.ones(len(gr)), thr)
+            b_rate = _weighted_tail(gb, np.ones(len(gb)), thr) / max(len(gb), 1)
+            rec = np.mean([_weighted_tail(go[o_ok & (o_star == st)],
+                                          np.ones(int(np.sum(o_ok & (o_star == st)))), thr)
+                           / max(int(np.sum(o_ok & (o_star == st))), 1) for st in stars], axis=0) \
+                if len(stars) else np.full(len(thr), np.nan)
+            rec_all = _weighted_tail(go, np.ones(len(go)), thr) / max(len(go), 1)
+            ok = (fpm <= max_false_per_million) & (n_real <= max_real) & (b_rate <= max_b_rate)
+            for i in (np.flatnonzero(ok) if ok.any() else []):
+                key = (rec[i], -fpm[i], -beta)
+                if best is None or key > best["_key"]:
+                    best = _point(beta, thr[i], gate, rec[i], rec_all[i], fpm[i], n_real[i], b_rate[i], True)
+                    best["_key"] = key
+            j = int(np.lexsort((n_real, fpm))[0])
+            if fallback is None or (fpm[j], n_real[j]) < (fallback["false_per_million"], fallback["real_candidates"]):
+                fallback = _point(beta, thr[j], gate, rec[j], rec_all[j], fpm[j], n_real[j], b_rate[j], False)
+    if best is not None:
+        best.pop("_key")
+        return best
+    return fallback or {"feasible": False}
+
+
+def _point(beta, t, gate, rec, rec_all, fpm, n_real, b_rate, feasible) -> dict[str, Any]:
+    t = float(t)
+    post = (1.0 / (1.0 + 10.0 ** (-t))) if np.isfinite(t) else 1.0
+    return {"heii_weight": float(beta), "min_score": t if np.isfinite(t) else None, "min_heii_sigma": gate,
+            "min_posterior": float(post), "star_averaged_recall": float(rec), "recall_all": float(rec_all),
+            "false_per_million": float(fpm), "real_candidates": int(n_real), "b_to_o": float(b_rate),
+            "feasible": bool(feasible)}

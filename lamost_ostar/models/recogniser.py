@@ -97,6 +97,7 @@ def build_recogniser(
     bn_momentum: float = 0.9,
     name: str = "recogniser",
     channels: int = 1,
+    head: str = "gap",
 ) -> keras.Model:
     """Build the residual + attention recogniser (not compiled).
 
@@ -122,6 +123,11 @@ def build_recogniser(
     channels : {1, 2}
         Input channels: 1 = the paper's standardised flux; 2 = standardised
         flux + continuum-normalised flux (:func:`lamost_ostar.preprocess.model_input`).
+    head : {"gap", "dense"}
+        ``gap``: global average pooling (position-free, the paper's style);
+        ``dense``: a 1x1 squeeze to 8 channels, flatten and a 64-unit dense
+        layer, so the classifier knows *where* along the spectrum a feature
+        sits (He II 4541 is not He I 4471).
 
     Returns
     -------
@@ -145,8 +151,19 @@ def build_recogniser(
     for i in range(depth):
         h = _residual_attention_block(h, width * 2**i, kernel_size, 2, name=f"block{i}",
                                       bn_momentum=bn_momentum)
-    h = keras.layers.GlobalAveragePooling1D()(h)
-    h = keras.layers.Dropout(dropout)(h)
+    if head == "gap":
+        h = keras.layers.GlobalAveragePooling1D()(h)
+        h = keras.layers.Dropout(dropout)(h)
+    elif head == "dense":
+        # position-aware head: where a feature sits (which line) matters in a spectrum
+        h = keras.layers.Conv1D(8, 1, name="head_squeeze")(h)
+        h = keras.layers.Flatten(name="head_flatten")(h)
+        h = keras.layers.Dropout(dropout)(h)
+        h = keras.layers.Dense(64, activation="relu", name="head_dense",
+                               kernel_regularizer=keras.regularizers.L2(1e-4))(h)
+        h = keras.layers.Dropout(dropout)(h)
+    else:
+        raise ValueError(f"head must be 'gap' or 'dense', got {head!r}")
     out = keras.layers.Dense(n_classes, name="logits")(h)
     return keras.Model(inp, out, name=name)
 
