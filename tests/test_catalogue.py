@@ -779,3 +779,16 @@ def test_an_old_postgresql_catalogue_is_rekeyed(pg_url):
     assert sorted(cat.errors()["stage"]) == ["ostar", "other"]
     assert cat.stage_names() == ["ostar", "other"]
     cat.close()
+
+
+def test_query_signatures_keep_their_arguments():
+    """Other code (the HTML report) calls query/iter_query: the old keywords stay, in order."""
+    import inspect
+
+    old = ["min_p_o", "predicted_class", "cone", "snr_min", "snr_max", "snr_band", "scan_id",
+           "model_version", "sort", "descending", "limit", "all_rows", "candidates", "min_posterior",
+           "min_heii_sigma"]
+    for fn, extra in ((Catalogue.query, []), (Catalogue.iter_query, ["chunk_rows"])):
+        params = list(inspect.signature(fn).parameters)[1:]
+        assert params[:len(old) + len(extra)] == old + extra, params
+        assert inspect.signature(fn).parameters["sort"].default == "p_o"
