@@ -243,7 +243,6 @@ def _build_stage_table(md: sa.MetaData, table_name: str, outputs: Sequence[Any])
         sa.Column("stage_version", sa.String(64)),
         sa.Column("code_version", sa.String(64)),
     ]
-    names = {o.name for o in outputs}
     if legacy:
         extra = [
             sa.UniqueConstraint("path", "model_version", name="uq_results_path_model"),
@@ -271,7 +270,6 @@ def _build_stage_table(md: sa.MetaData, table_name: str, outputs: Sequence[Any])
             sa.Index(_ix(table_name, "obsid"), "obsid"),
             *[sa.Index(_ix(table_name, o.name), o.name) for o in outputs if o.index],
         ]
-    del names
     return sa.Table(table_name, md, *cols, *extra)
 
 

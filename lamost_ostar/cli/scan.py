@@ -434,15 +434,18 @@ def _no_gpu_reason() -> str | None:
 
 
 def _table_stage(stage_ref: str) -> str:
-    """The table name a stage writes (its declared name; for an entry point, that name)."""
-    if ":" not in stage_ref:
+    """The table name a stage writes: its declared ``name``, else its entry point name (or,
+    for a ``module:Class`` reference, the class name in lower case)."""
+    if stage_ref == "ostar":
         return stage_ref
     try:
-        from lamost_ostar.entrypoints import load_object
+        from lamost_ostar.entrypoints import STAGES, load
 
-        name = getattr(load_object(stage_ref), "name", None)
+        name = getattr(load(STAGES, stage_ref), "name", None)
         if isinstance(name, str):
             return name
+        if ":" not in stage_ref:
+            return stage_ref
     except Exception:  # noqa: BLE001 - the workers will report it
         pass
     from lamost_ostar.scan import _fallback_name
