@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "models": "models:models",
     "retrain": "models:retrain",
     "evaluate": "models:evaluate",
+    "report": "report:report",
 }
 
 
