@@ -642,7 +642,7 @@ def _summary_plots(table, img_dir: Path) -> list[str]:
         ax.set_title("positions (RA/Dec J2000, Mollweide; dashed: Galactic plane, x: Galactic centre)",
                      fontsize=8)
         if ok.any():
-            ax.legend(loc="lower right", fontsize=7, frameon=False)
+            ax.legend(loc="lower right", fontsize=7, frameon=False, markerscale=2.0)
         fig.savefig(img_dir / "summary_sky.png")
         plt.close(fig)
         names.append("summary_sky.png")
@@ -671,6 +671,7 @@ table.kv th { color: var(--muted); font-weight: normal; white-space: nowrap; }
 table.grid td, table.grid th { border-bottom: 1px solid var(--line); padding: .2rem .45rem;
                                text-align: right; white-space: nowrap; }
 table.grid td.l, table.grid th.l { text-align: left; }
+.scroll { overflow: auto; max-width: 100%; max-height: 85vh; border: 1px solid var(--line); }
 #cands { width: 100%; font-size: 13px; }
 #cands thead th { position: sticky; top: 0; background: #f3f5f7; cursor: pointer; user-select: none; }
 #cands thead th[aria-sort="ascending"]::after { content: " ▲"; }
@@ -856,9 +857,9 @@ def _index_html(rows: list[dict], summary_imgs: list[str], bad: list[tuple[str, 
  <span id=shown class=muted></span>
 </div>
 <p class=muted>Click a column header to sort (again to reverse).</p>
-<table id=cands class=grid><thead><tr>{head}</tr></thead><tbody>
+<div class=scroll><table id=cands class=grid><thead><tr>{head}</tr></thead><tbody>
 {''.join(body_rows)}
-</tbody></table>
+</tbody></table></div>
 <h2>Files that could not be re-read</h2>
 {bad_html}
 <script src="report.js"></script>
@@ -927,7 +928,8 @@ def _candidate_html(data: dict[str, list], i: int, r: dict, prev_page: str | Non
         ("data release, layout", f"{_e(_fmt(v('data_release'), ''))}, {_e(_fmt(v('layout'), ''))}"),
         ("LMJD, plan, spectrograph, fibre", " · ".join(_e(_fmt(v(k), "d" if k != "planid" else ""))
                                                      for k in ("lmjd", "planid", "spid", "fiberid"))),
-        ("file", f"<code>{_e(v('path'))}</code>"),
+        ("file", (f"<a href='{_e(Path(v('path')).as_uri())}'><code>{_e(v('path'))}</code></a>"
+                  if v("path") and os.path.isabs(v("path")) else f"<code>{_e(v('path'))}</code>")),
         ("good pixels on the grid", _e(_fmt(r.get("good_fraction"), ".1%"))),
         ("scan, row id", f"{_e(_fmt(v('scan_id'), 'd'))}, {_e(_fmt(v('id'), 'd'))}"),
     ])

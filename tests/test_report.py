@@ -9,7 +9,6 @@ Debian's headless Chromium (skips where it is not installed).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -193,7 +192,7 @@ def test_cli_writes_and_replaces_a_report_atomically(catalogue, tmp_path, monkey
     res = CliRunner().invoke(main, ["report", "--db", str(db), "--out", str(out), "--limit", "3",
                                     "--workers", "1"])
     assert res.exit_code == 0, res.output
-    assert f"wrote a report of 3 spectra" in res.output and str(out / "index.html") in res.output
+    assert "wrote a report of 3 spectra" in res.output and str(out / "index.html") in res.output
     before = (out / rep.MARKER).read_text()
     # a build that fails half-way leaves the good report in place and no temporary folder
     def boom(*a, **k):
