@@ -1037,6 +1037,9 @@ def build_report(db: Any, out: str | os.PathLike, *, limit: int = DEFAULT_LIMIT,
                                   model_version=model_version)
         counts = cat.counts(model_version)
         db_text = cat.url.render_as_string(hide_password=True)
+        if model_version is not None and not counts.get("results"):
+            raise ReportError(f"no result rows of model version {model_version!r} in the catalogue "
+                              "(see lamost-ostar query --scans)")
     except CatalogueError as exc:
         raise ReportError(str(exc).splitlines()[0]) from None
     except sqlalchemy.exc.SQLAlchemyError as exc:

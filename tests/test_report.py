@@ -346,3 +346,19 @@ def test_report_in_headless_chromium(report_dir, tmp_path):
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
         assert im.size == (1280, 1600) and colours is not None and len(colours) > 200
     assert time.perf_counter() - t0 < 60
+
+
+def test_empty_catalogue_and_unknown_model(tmp_path):
+    """A catalogue without candidates still gives a (near-empty) report; an unknown --model is an error."""
+    db = tmp_path / "empty.sqlite"
+    with Catalogue(db) as cat:
+        sid = cat.start_scan("m1")
+        cat.finish_scan(sid, {"files_seen": 0}, status="finished")
+    summary = rep.build_report(db, tmp_path / "r", workers=2)
+    assert summary.n_rows == 0 and summary.n_plotted == 0 and not summary.bad_files
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "<b>0</b>O candidates" in html and (tmp_path / "r" / "img" / "summary_sky.png").is_file()
+    res = CliRunner().invoke(main, ["report", "--db", str(db), "--out", str(tmp_path / "r2"),
+                                    "--model", "nope"])
+    assert res.exit_code == 1 and "no result rows of model version 'nope'" in res.output
+    assert not (tmp_path / "r2").exists()
