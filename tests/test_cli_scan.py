@@ -95,7 +95,8 @@ def test_bad_arguments_fail_before_any_worker(release, tmp_path, env, args, extr
     assert got["code"] != 0 and len(lines) == 1 and lines[0].startswith("Error:"), got
     assert fragment in lines[0], got
     assert got["imported"] == [], got  # nothing heavy was imported: no cluster, no model
-    assert got["seconds"] < 3.0, got  # ~0.1-0.7 s measured; generous for a loaded CI machine
+    # speed is measured and reported, not asserted (0.1-0.7 s on a quiet machine, 6 s seen at load 7):
+    # failing fast means no cluster and no TensorFlow/Keras/Dask import, checked above
     if args[0] == "--model":
         assert _default_version() in lines[0]  # says which versions exist
     assert not (tmp_path / "logs").exists()
@@ -168,10 +169,8 @@ def test_resumed_scan_with_nothing_left_starts_no_worker(release, files, tmp_pat
     monkeypatch.setattr(scanmod, "run_scan", no_cluster)
     db = tmp_path / "cat.sqlite"
     _fill(db, _default_version(), files[:-4], files[-4:])
-    t0 = time.perf_counter()
     res = CliRunner().invoke(main, ["scan", str(release), "--db", str(db)])
-    assert res.exit_code == 0, res.output
-    assert time.perf_counter() - t0 < 5.0
+    assert res.exit_code == 0, res.output          # run_scan (workers) was never called: see no_cluster
     assert res.output.startswith(f"nothing to do: all {len(files)} files already have a row")
     assert f"({len(files) - 4} results, 4 errors)" in res.output
     with Catalogue(db) as cat:
@@ -310,11 +309,10 @@ def test_ctrl_c_mid_scan_then_resume(release, files, tmp_path, env):
     assert len(logs) == 2 and f"worker log          {logs[-1]}" in out
     assert "cudart" in logs[-1].read_text() or "oneDNN" in logs[-1].read_text()
 
-    t0 = time.perf_counter()
     proc = _start(release, db, env)
     rc, out, err = _finish(proc)
     assert rc == 0 and out.startswith("nothing to do"), (out, err)
-    assert time.perf_counter() - t0 < 15 and len(_scan_rows(db)) == 2
+    assert len(_scan_rows(db)) == 2                 # no new scan row: nothing was started
 
 
 def test_sigterm_mid_scan_and_ctrl_c_during_start_up(release, files, tmp_path, env):

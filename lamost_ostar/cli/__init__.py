@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "retrain": "models:retrain",
     "evaluate": "models:evaluate",
     "plugins": "plugins:plugins",
+    "report": "report:report",
 }
 
 
