@@ -696,6 +696,13 @@ def render_report(results: dict) -> str:
     """Markdown report of a LOSO run (every figure names its data)."""
     cfg = results.get("config", {})
     lines = ["# Leave-one-star-out evaluation of the O-star detector", ""]
+    folds_run = [f["fold"] for f in results.get("folds", [])]
+    cmd = (f"python scripts/evaluate_loso.py --profile {cfg.get('profile')} --seed {cfg.get('seed')} "
+           f"--models {','.join(results.get('models', {}))} --out runs/loso")
+    if cfg.get("folds") is not None:
+        cmd += f" --folds {','.join(str(k) for k in cfg['folds'])}"
+    lines += [f"Reproduce: `{cmd}` (then `--reanalyse` re-derives the tables from the saved out-of-fold "
+              "data; `runs/` is git-ignored).", ""]
     lines += [f"Profile `{cfg.get('profile')}`, seed {cfg.get('seed')}; "
               f"{len(results.get('o_units', []))} O split units: {', '.join(results.get('o_units', []))}.",
               f"Folds run: {[f['fold'] for f in results.get('folds', [])]}; total "

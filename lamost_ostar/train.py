@@ -422,13 +422,13 @@ def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operat
     op = choose_operating_point(post[is_o], heii[is_o], val.star[is_o], (np.nan_to_num(snr, nan=99.0) >= 10)[is_o],
                                 post[neg], heii[neg], w[neg] if w[neg].sum() > 0 else None,
                                 np.zeros(0), np.zeros(0), b_posterior=post[is_b], b_heii=heii[is_b])
-    if not op.get("feasible") or op.get("min_posterior") is None:
+    if not op.get("feasible") or (op.get("min_score") is None and op.get("min_posterior") is None):
         return default, dict(op, reason="no operating point met the targets on the validation split")
-    dec = Decision.balanced(classes, min_posterior=op["min_posterior"], min_heii_sigma=op["min_heii_sigma"],
-                            chosen_on=("the release's validation split (held-out stars): max star-averaged O "
-                                       "recall at S/N >= 10 with <= 100 false O per million (survey mix) and "
-                                       "<= 5 % of B called O"),
-                            figures={k: op[k] for k in ("star_averaged_recall", "false_per_million", "b_to_o")})
+    dec = Decision.from_operating_point(
+        classes, op, chosen_on=("the release's validation split (held-out stars): max star-averaged O "
+                                "recall at S/N >= 10 with <= 100 false O per million (survey mix) and "
+                                "<= 5 % of B called O"),
+        figures={k: op[k] for k in ("star_averaged_recall", "false_per_million", "b_to_o")})
     return dec, op
 
 
@@ -461,11 +461,13 @@ def decision_from_loso(results: dict, model_kind: str = "cnn2"):
               "maximum star-averaged O recall at S/N >= 10 with <= 100 false O per million non-O "
               "(survey-preset mock of held-out stars), 0 candidates among the real LAMOST files "
               "(out of fold) and <= 5 % of held-out B spectra at S/N >= 10 called O")
-    dec = Decision.balanced(classes, min_posterior=float(op["min_posterior"]),
-                            min_heii_sigma=op.get("min_heii_sigma"), chosen_on=chosen,
-                            figures={k: op[k] for k in ("star_averaged_recall", "recall_all",
-                                                        "false_per_million", "real_candidates", "b_to_o")
-                                     if k in op})
+    nested = (r.get("tables") or {}).get("nested") or {}
+    figures = {k: op[k] for k in ("star_averaged_recall", "recall_all", "false_per_million",
+                                  "real_candidates", "b_to_o") if k in op}
+    if nested:
+        figures["nested"] = {k: nested.get(k) for k in ("o_recall_star_averaged_snr_ge_10", "false_o_per_million",
+                                                        "b_to_o", "b0_b1_to_o", "real_lamost_candidates")}
+    dec = Decision.from_operating_point(classes, op, chosen_on=chosen, figures=figures)
     return dec, float(r["temperature"])
 
 
@@ -514,10 +516,27 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     t_data = time.perf_counter() - t0
     keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
-    model, history = recogniser.train_recogniser(
-        train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
-        batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
-        verbose=verbose)
+    if model_kind in ("lr2", "lr1"):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        ch = 2 if model_kind == "lr2" else 1
+        feats = train.inputs(ch).reshape(len(train), -1)
+        scaler = StandardScaler().fit(feats)
+        lr_c = float((results.get("config") or {}).get("lr_c", 0.05))
+        clf = LogisticRegression(C=lr_c, max_iter=300).fit(scaler.transform(feats), train.y(classes))
+        coef = np.zeros((len(classes), feats.shape[1]))
+        icpt = np.full(len(classes), -1e4)
+        coef[clf.classes_], icpt[clf.classes_] = clf.coef_, clf.intercept_
+        model = recogniser.linear_model_from_sklearn(coef, icpt, scaler.mean_, scaler.scale_, channels=ch)
+        z_val = recogniser.predict_logits(model, val.inputs(ch))
+        history = {"loss": [], "best_epoch": [0],
+                   "val_accuracy": [float(np.mean(z_val.argmax(1) == val.y(classes)))], "n_iter": int(np.max(clf.n_iter_))}
+    else:
+        model, history = recogniser.train_recogniser(
+            train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
+            batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
+            build_kwargs={"head": "dense"} if model_kind.startswith("cnn2d") else None, verbose=verbose)
     t_fit = time.perf_counter() - t0
     loso_m = results["models"][model_kind]
     card = {
@@ -550,6 +569,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                                       "val_accuracy": history["val_accuracy"][history["best_epoch"][0]]},
             "history": history,
             "timings": {"fit_seconds": t_fit, "epochs": len(history["loss"])},
+            "model_kind": model_kind,
         },
         "calibration": ("temperature scaling fitted on the leave-one-star-out out-of-fold logits "
                         "(held-out stars), not on the training stars"),

@@ -267,3 +267,32 @@ def classes_for(n_classes: int) -> Sequence[str]:
     if n_classes == len(CLASSES_4):
         return CLASSES_4
     raise ValueError(f"no standard class list with {n_classes} classes")
+
+
+def linear_model_from_sklearn(coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                              npix: int = NPIX, channels: int = 2, name: str = "logistic") -> keras.Model:
+    """A Keras model computing a fitted logistic regression's logits (the LR baseline as a model version).
+
+    ``logits = ((flatten(x) - mean) / scale) @ coef.T + intercept`` is folded
+    into one ``Dense`` layer (``kernel = coef.T / scale``, ``bias = intercept -
+    coef @ (mean / scale)``), so it is saved, loaded and served exactly like the
+    CNN (any Keras backend, batched, on CPU or GPU).
+
+    Parameters
+    ----------
+    coef, intercept : numpy.ndarray
+        ``(C, npix * channels)`` and ``(C,)`` from ``LogisticRegression``.
+    mean, scale : numpy.ndarray
+        ``(npix * channels,)`` feature standardisation (``StandardScaler``).
+    """
+    coef = np.asarray(coef, np.float64)
+    scale = np.where(np.asarray(scale, np.float64) > 0, scale, 1.0)
+    kernel = (coef / scale[None, :]).T
+    bias = np.asarray(intercept, np.float64) - coef @ (np.asarray(mean, np.float64) / scale)
+    inp = keras.Input((npix, channels), name="flux")
+    h = keras.layers.Flatten(name="flatten")(inp)
+    dense = keras.layers.Dense(coef.shape[0], name="logits")
+    out = dense(h)
+    model = keras.Model(inp, out, name=name)
+    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return model
