@@ -341,7 +341,7 @@ def _gan_samples(kind: str, train: LabelledSpectra, gan_input: LabelledSpectra |
     make = {"lcgan": gan.make_lcgan, "sgan": gan.make_sgan}[kind]
     t0 = time.perf_counter()
     trainer = make(o.npix)
-    trainer.fit(real.x, iterations=cfg.gan_iterations, batch_size=16, seed=seed)
+    trainer.fit(real.x, iterations=cfg.gan_iterations, batch_size=16, seed=seed, progress=False)
     x = np.asarray(trainer.sample(cfg.gan_samples, seed=seed), np.float64).reshape(cfg.gan_samples, -1)
     rng = np.random.default_rng(seed)
     snr = rng.choice(np.nan_to_num(np.asarray(o.meta.get("snr_g", np.full(len(o), 30.0)), float), nan=30.0),
