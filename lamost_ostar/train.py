@@ -575,7 +575,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                         "(held-out stars), not on the training stars"),
         "train_config": {"epochs": epochs, "batch_size": batch_size, "patience": patience,
                          "learning_rate": learning_rate, "seed": seed, "model_kind": model_kind},
-        "prefix": f"ostar{len(classes)}d",
+        "prefix": f"ostar{len(classes)}-{model_kind}",
     }
     version = registry.save_model_version(model, models_dir, card)
     return version, card
