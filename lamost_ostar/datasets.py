@@ -313,9 +313,15 @@ def _mk_from_manifest(row: dict[str, str]) -> str | None:
     return mk if mk in CLASSES_7 else None
 
 
+#: Label of real LAMOST spectra that are not stars of an MK class (galaxies, QSOs,
+#: "Unknown"): never a training class, but every one must stay a non-candidate.
+OTHER_LABEL = "N"
+
+
 def load_lamost(
     data_dir: str | Path | None = None,
     classes: Sequence[str] = CLASSES_7,
+    include_other: bool = False,
 ) -> LabelledSpectra:
     """Read the real LAMOST spectra of a shared ``manifest.csv``.
 
@@ -331,6 +337,9 @@ def load_lamost(
         ``lamost`` directory itself. Default: :func:`default_data_dir`.
     classes : sequence of str
         MK letters to keep.
+    include_other : bool
+        Also return the readable non-star / unclassified files, labelled
+        :data:`OTHER_LABEL` (for false-candidate checks, never for training).
     """
     from . import io, preprocess
 
@@ -343,7 +352,9 @@ def load_lamost(
     with open(manifest, newline="") as fh:
         for row in csv.DictReader(fh):
             mk = _mk_from_manifest(row)
-            if mk is None or mk not in classes:
+            if mk is None and include_other:
+                mk = OTHER_LABEL
+            elif mk is None or mk not in classes:
                 continue
             paths.append(str(lam / row["file"]))
             labels.append(mk)

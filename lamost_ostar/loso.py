@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import (CLASSES_8, DetectorRecipe, LabelledSpectra, library_star_ids, load_lamost,
+from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, library_star_ids, load_lamost,
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
@@ -249,7 +249,7 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
     from . import io, preprocess
 
     try:
-        lam = load_lamost(data_dir)
+        lam = load_lamost(data_dir, include_other=True)
     except FileNotFoundError:
         return None
     if not len(lam):
@@ -368,9 +368,11 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     lib = _usable_for_training(lib if lib is not None else load_templates(), cfg.recipe.classes)
+    # every readable real LAMOST file: stars of the classes (trained on in the other folds) and the
+    # galaxies / unknowns (label N, never trained on) -- none may become a candidate
     lamost = _lamost_with_evidence(data_dir)
     if lamost is not None:
-        lamost = lamost.only(cfg.recipe.classes)
+        lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
     rng = np.random.default_rng(cfg.seed)
     o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, rng)
     classes = list(cfg.recipe.classes)
@@ -819,3 +821,61 @@ def _comparison_sections(models: dict) -> list[str]:
                 "| model | O recall star-avg S/N>=10 | false O per million | B->O | B0-B1->O | X->O | real LAMOST |",
                 "|---|---|---|---|---|---|---|", *rows, ""]
     return out
+
+
+def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,
+                      log: Callable[[str], None] = print) -> int:
+    """Score the real non-star LAMOST files (label N) with a finished run's saved fold models.
+
+    For runs made before :func:`run_loso` included them: each file is given to
+    fold ``crc32(designation) mod K`` and scored by that fold's saved model
+    (no file was trained on), then appended to ``oof_<model>.npz`` as set
+    ``lamost``.  Returns the number of files added.
+    """
+    import zlib
+
+    from .models import recogniser
+
+    out = Path(out_dir)
+    lam = _lamost_with_evidence(data_dir)
+    if lam is None:
+        return 0
+    others = lam.only([OTHER_LABEL])
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    k_all = len(json.loads((out / "folds.json").read_text())["o_units"])
+    run_folds = {int(f["fold"]) for f in folds}
+    fold_of = np.array([zlib.crc32(str(s).encode()) % k_all for s in others.star])
+    keep = np.isin(fold_of, sorted(run_folds))
+    others, fold_of = others.subset(np.flatnonzero(keep)), fold_of[keep]
+    for m in models:
+        path = out / f"oof_{_safe(m)}.npz"
+        d = load_oof(path)
+        if np.any((d["set"] == "lamost") & (d["label"] == OTHER_LABEL)):
+            continue
+        logits = np.zeros((len(others), len(d["classes"])))
+        base = m.split("+")[0]
+        ch = 1 if base in ("cnn1", "lr1") else 2
+        for f in np.unique(fold_of):
+            sel = fold_of == f
+            stem = out / "models" / f"fold{int(f):02d}_{_safe(m)}"
+            sub = others.subset(np.flatnonzero(sel))
+            if base.startswith("cnn"):
+                import keras
+
+                model = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
+                logits[sel] = recogniser.predict_logits(model, sub.inputs(ch))
+            else:
+                z = np.load(stem.with_suffix(".npz"))
+                x = (sub.inputs(ch).reshape(len(sub), -1) - z["mean"]) / z["scale"]
+                full = np.full((len(sub), len(d["classes"])), -1e4)
+                full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
+                logits[sel] = full
+        rec = {"fold": fold_of, "set": np.full(len(others), "lamost"), "label": others.labels,
+               "star": others.star, "logits": logits}
+        for key in _META_KEEP:
+            if key in others.meta:
+                rec[key] = others.meta[key]
+        existing = {key: d[key] for key in d if key != "classes"}
+        _save_oof(path, [existing, rec], [str(c) for c in d["classes"]])
+        log(f"{m}: {len(others)} non-star real LAMOST files scored by their folds' saved models")
+    return int(len(others))

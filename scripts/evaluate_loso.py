@@ -35,10 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
+    ap.add_argument("--add-lamost-others", action="store_true",
+                    help="with --reanalyse: first score the real non-star LAMOST files with the run's saved "
+                         "fold models (runs made before the protocol included them)")
     args = ap.parse_args(argv)
     if args.reanalyse:
         prev = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz"))
+        if args.add_lamost_others:
+            loso.add_lamost_others(args.out, models, args.data_dir)
         res = loso.analyse(args.out, models, loso.CLASSES_8)
         for key in ("config", "o_units", "folds", "total_seconds"):
             if key in prev:
