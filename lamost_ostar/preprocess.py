@@ -127,6 +127,17 @@ class PreparedBatch:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def subset(self, index: np.ndarray | Sequence[int]) -> "PreparedBatch":
+        """The rows ``index`` (integer positions or a boolean mask) as a new batch.
+
+        Lets several stages share one preprocessing of a chunk: each takes the
+        rows of the spectra it still needs.
+        """
+        idx = np.asarray(index)
+        pick = (lambda a: None if a is None else a[idx])
+        return PreparedBatch(x=self.x[idx], mask=self.mask[idx], good_fraction=self.good_fraction[idx],
+                             ivar=pick(self.ivar), norm=pick(self.norm), xn=pick(self.xn))
+
     @property
     def flux(self) -> np.ndarray:
         """Resampled flux (not standardised), ``x * norm``, float64 ``(N, NPIX)``."""

@@ -11,7 +11,9 @@ does not grow with the number of files.  On the worker, each partition is:
 2. read once with the scan's reader (entry point group ``lamost_ostar.readers``,
    ``lamost`` by default), in chunks of ``batch_size``,
 3. processed by every stage that still needs each file (the stages get the same
-   :class:`lamost_ostar.io.Spectrum` records; preprocess -> batched inference),
+   :class:`lamost_ostar.io.Spectrum` records; when two or more stages take a
+   prepared batch -- ``process_prepared`` -- the chunk is also preprocessed once
+   and each gets its rows; then batched inference),
 4. written in bulk, one ``sink.write(scan_id, results, stage=spec)`` per stage.
 
 The stages, the reader and the sink live once per worker in a
@@ -535,10 +537,13 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
     -----
     Each file is read once, with the scan's reader, whatever the number of
     stages; the stages get :class:`lamost_ostar.io.Spectrum` records, in
-    chunks of ``batch_size``.  A stage's results are written in one bulk
-    ``sink.write`` per partition.
+    chunks of ``batch_size``.  When two or more stages define
+    ``process_prepared`` (:func:`lamost_ostar.stage.accepts_prepared`), each
+    chunk is also preprocessed once (``prepare(..., continuum=True)``) and
+    every such stage gets its rows of that batch.  A stage's results are
+    written in one bulk ``sink.write`` per partition.
     """
-    from lamost_ostar.stage import read_items
+    from lamost_ostar.stage import accepts_prepared, read_items
 
     t0 = time.perf_counter()
     plugin = _worker_plugin(plugin_name)
@@ -558,17 +563,22 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
     results: list[list[Any]] = [[] for _ in stages]
     batch = max(1, int(plugin.stage_kwargs.get("batch_size", 256)))
     reader = plugin.get_reader()
+    # several stages that take a prepared batch share one preprocessing per chunk
+    share = sum(accepts_prepared(st) for st, *_ in stages) >= 2
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
         spectra, slots, failed = read_items(chunk, reader=reader)
         by_path = {chunk[i]: sp for i, sp in zip(slots, spectra)}
+        row_of = {chunk[i]: r for r, i in enumerate(slots)}
         fails = {chunk[i]: (reason, msg) for i, (_, reason, msg) in failed.items()}
+        prep = _prepare_shared(spectra) if share and spectra else None
         for k, (stage, spec, mv, wanted) in enumerate(stages):
             mine = [p for p in chunk if p in wanted]
             if not mine:
                 continue
             readable = [by_path[p] for p in mine if p in by_path]
-            got_list = list(stage.process(readable)) if readable else []
+            got_list = _run_stage(stage, readable, prep, [row_of[p] for p in mine if p in by_path]) \
+                if readable else []
             if len(got_list) != len(readable):
                 raise RuntimeError(f"stage {spec.name!r} returned {len(got_list)} results for "
                                    f"{len(readable)} spectra (one per item, in order, is the protocol)")
@@ -588,6 +598,36 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
             len(paths), len(paths) - len(wanted), results[k], threshold,
             time.perf_counter() - t0, _summary_fields(spec))
     return out
+
+
+def _prepare_shared(spectra: list[Any]) -> Any:
+    """``prepare(spectra, continuum=True)`` for the stages to share, or None if it fails.
+
+    A chunk that cannot be prepared as a whole (one odd spectrum) goes to each
+    stage's own ``process``, which isolates the spectrum that fails.
+    """
+    from lamost_ostar.preprocess import prepare
+
+    try:
+        return prepare(spectra, continuum=True)
+    except Exception:  # noqa: BLE001 - the stages' own path reports the bad spectrum
+        return None
+
+
+def _run_stage(stage: Any, spectra: list[Any], prep: Any, rows: list[int]) -> list[Any]:
+    """A stage's results for ``spectra``: from the shared ``prep`` rows when it takes them."""
+    from lamost_ostar.stage import accepts_prepared
+
+    if prep is not None and accepts_prepared(stage):
+        try:
+            return list(stage.process_prepared(spectra, prep.subset(rows)))
+        except Exception as exc:  # noqa: BLE001 - fall back to the stage's own preprocessing
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "stage %r: process_prepared failed (%s: %s); using its own preprocessing",
+                getattr(stage, "name", type(stage).__name__), type(exc).__name__, exc)
+    return list(stage.process(spectra))
 
 
 # --------------------------------------------------------------------------

@@ -82,7 +82,7 @@ from lamost_ostar import entrypoints as _eps
 from lamost_ostar import lines as _lines
 from lamost_ostar.io import ENGINES, ReadError, Spectrum, read_spectra
 from lamost_ostar.models.decision import Decision
-from lamost_ostar.preprocess import model_input, prepare
+from lamost_ostar.preprocess import PreparedBatch, model_input, prepare
 
 __all__ = [
     "OutputField",
@@ -98,6 +98,7 @@ __all__ = [
     "outputs_from_dataclass",
     "SpectrumResult",
     "read_items",
+    "accepts_prepared",
     "ENTRY_POINT_GROUP",
     "FLAG_LOW_SNR",
     "FLAG_NO_SNR",
@@ -672,6 +673,17 @@ class Stage(Protocol):
         """One result per item, in input order; never raises for a bad item."""
 
 
+def accepts_prepared(stage: Any) -> bool:
+    """Whether ``stage`` takes an already prepared batch (``process_prepared``).
+
+    A stage may define ``process_prepared(spectra, prep)``: the same results
+    as ``process(spectra)``, from the :class:`~lamost_ostar.preprocess.PreparedBatch`
+    ``prep = prepare(spectra, continuum=True)`` computed once for every such
+    stage of a scan (one preprocessing per file, whatever the number of stages).
+    """
+    return callable(getattr(stage, "process_prepared", None))
+
+
 def decode_flags(flags: int) -> list[str]:
     """Names of the bits set in ``flags`` (see :data:`FLAG_NAMES`)."""
     return [name for bit, name in FLAG_NAMES.items() if int(flags) & bit]
@@ -994,6 +1006,33 @@ class OStarStage:
             probs = keras.ops.convert_to_numpy(probs)
         return np.asarray(probs, dtype=np.float64)
 
+    def process_prepared(self, spectra: Sequence[Spectrum], prep: PreparedBatch) -> list[StageResult]:
+        """Classify spectra already prepared by the caller (shared preprocessing).
+
+        Parameters
+        ----------
+        spectra : sequence of Spectrum
+            The records ``prep`` was made from, in the same order.
+        prep : PreparedBatch
+            ``preprocess.prepare(spectra, continuum=True)`` (or its
+            :meth:`~lamost_ostar.preprocess.PreparedBatch.subset`).
+
+        Returns
+        -------
+        list of StageResult
+            The same as ``process(spectra)``, one per spectrum, in order.
+        """
+        spectra = list(spectra)
+        if len(prep) != len(spectra):
+            raise ValueError(f"{len(spectra)} spectra but a prepared batch of {len(prep)}")
+        if self.channels == 2 and prep.xn is None:
+            raise ValueError("the prepared batch has no continuum-normalised channel (continuum=True)")
+        out: list[StageResult] = []
+        for start in range(0, len(spectra), self.batch_size):
+            rows = np.arange(start, min(start + self.batch_size, len(spectra)))
+            out.extend(self._classify(spectra[rows[0]:rows[-1] + 1], prep.subset(rows)))
+        return out
+
     # -- internals
     def _process_batch(self, items: list[Any]) -> list[StageResult]:
         results: list[StageResult | None] = [None] * len(items)
@@ -1005,9 +1044,10 @@ class OStarStage:
                 results[i] = res
         return results  # type: ignore[return-value]
 
-    def _classify(self, spectra: list[Spectrum]) -> list[StageResult]:
+    def _classify(self, spectra: list[Spectrum], prep: PreparedBatch | None = None) -> list[StageResult]:
         try:
-            prep = prepare(spectra, continuum=self.channels == 2)
+            if prep is None:
+                prep = prepare(spectra, continuum=self.channels == 2)
         except Exception as exc:  # noqa: BLE001 - isolate the spectrum that fails
             if len(spectra) == 1:
                 return [StageResult.failure(spectra[0].path, "prepare_failed",

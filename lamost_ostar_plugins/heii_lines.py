@@ -42,7 +42,7 @@ import numpy as np
 
 from lamost_ostar.io import Spectrum
 from lamost_ostar.lines import LINE_NAMES, measure_lines
-from lamost_ostar.preprocess import grid_wavelength, resample
+from lamost_ostar.preprocess import PreparedBatch, grid_wavelength, resample
 from lamost_ostar.stage import (SpectrumResult, outputs_from_dataclass, quality_flags, read_items,
                                 spectrum_metadata)
 
@@ -244,6 +244,23 @@ class HeIILineStage:
             out.extend(self._batch(items[start:start + self.batch_size]))
         return out
 
+    def process_prepared(self, spectra: Sequence[Spectrum], prep: PreparedBatch) -> list[LineResult]:
+        """Measure spectra already prepared by the caller (a scan's shared preprocessing).
+
+        ``prep`` is ``preprocess.prepare(spectra)`` (rows in the order of
+        ``spectra``); the lines are measured on its resampled flux and inverse
+        variance, the same arrays :meth:`process` resamples itself.
+        """
+        spectra = list(spectra)
+        if len(prep) != len(spectra):
+            raise ValueError(f"{len(spectra)} spectra but a prepared batch of {len(prep)}")
+        if prep.ivar is None:
+            raise ValueError("the prepared batch has no inverse variance")
+        try:
+            return self._measure(spectra, (prep.flux, prep.ivar, prep.mask))
+        except Exception:  # noqa: BLE001 - fall back to the isolating path
+            return self._measure_safely(spectra)
+
     def _batch(self, items: list[Any]) -> list[LineResult]:
         results: list[LineResult | None] = [None] * len(items)
         spectra, slots, failed = read_items(items, self.read_engine)
@@ -264,8 +281,9 @@ class HeIILineStage:
                                            spectrum=spectra[0])]
             return [r for s in spectra for r in self._measure_safely([s])]
 
-    def _measure(self, spectra: list[Spectrum]) -> list[LineResult]:
-        flux, ivar, mask = resample(spectra)
+    def _measure(self, spectra: list[Spectrum],
+                 arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[LineResult]:
+        flux, ivar, mask = resample(spectra) if arrays is None else arrays
         m = measure_lines(flux, ivar, mask)
         good = ~mask & np.isfinite(flux)
         bands = []

@@ -162,3 +162,23 @@ def test_mock_o_stars_at_high_snr_are_detected():
     det = np.mean([bool(r.ok and r.heii_detected) for r in res])
     assert det > 0.9
     assert np.median([r.heii_sigma for r in res if r.ok]) > 6
+
+
+def test_process_prepared_gives_the_results_of_process():
+    """The lines measured on a scan's shared preprocessing are the stage's own."""
+    from lamost_ostar.io import read_spectrum
+    from lamost_ostar.preprocess import prepare
+
+    names = ["io_image_dr7.fits", "io_dr1_gzip.fits", "io_coadd_dr9.fits.gz", "io_image_dr6.fits.gz"]
+    spectra = [read_spectrum(str(DATA / n)) for n in names]
+    stage = HeIILineStage()
+    own = stage.process(spectra)
+    shared = stage.process_prepared(spectra, prepare(spectra, continuum=True))
+    assert [r.path for r in shared] == [r.path for r in own]
+    for a, b in zip(own, shared):
+        assert a.ok == b.ok and a.flags == b.flags and a.heii_detected == b.heii_detected
+        for f in ("ew_hbeta", "ew_heii_4686", "heii_sigma", "blue_red_ratio"):
+            va, vb = getattr(a, f), getattr(b, f)
+            assert (va is None) == (vb is None), f
+            if va is not None:
+                assert vb == pytest.approx(va, rel=1e-4, abs=1e-6), f

@@ -349,3 +349,66 @@ def test_two_stages_one_read_each_and_resume_per_stage(tmp_path, release, client
     assert len(_rows(cat, "results_heii_lines")) == len(GOOD) and len(_rows(cat, "results")) == len(GOOD)
     joined = cat.query(all_rows=True, join=["heii_lines"])
     assert len(joined) == len(GOOD) and not joined["heii_lines.heii_sigma"].mask.any()
+
+
+class PreparedProbe:
+    """The He II line stage under another name, noting how each batch reached it."""
+
+    name = "heii_probe"
+    version = "heii-probe-1"
+    model_version = "heii-probe-1"
+
+    def __init__(self, **kwargs):
+        from lamost_ostar_plugins.heii_lines import OUTPUTS, HeIILineStage
+
+        self.outputs = OUTPUTS
+        self._inner = HeIILineStage(**kwargs)
+
+    def _note(self, how, items):
+        log = Path(getattr(items[0], "path", items[0])).parents[3] / "stage.log"
+        with open(log, "a") as fh:
+            fh.write(f"{how} {len(items)}\n")
+
+    def process(self, items):
+        self._note("own", items)
+        return self._inner.process(items)
+
+    def process_prepared(self, spectra, prep):
+        self._note("prepared", spectra)
+        return self._inner.process_prepared(spectra, prep)
+
+
+def test_two_stages_share_one_preprocessing_and_agree_with_one_stage_scans(tmp_path, release, client):
+    import numpy as np
+
+    from test_stage import save_tiny_model
+
+    rel = tmp_path / "data" / "release"
+    shutil.copytree(release, rel)
+    models = tmp_path / "models"
+    save_tiny_model(models)
+    both = _catalogue(tmp_path)
+    scanmod.run_scan([rel], both, client=client, stage=["ostar", "test_scan:PreparedProbe"],
+                     models_dir=models, device="cpu", partition_size=4, batch_size=3, progress=False)
+    log = (tmp_path / "data" / "stage.log").read_text().split("\n")
+    notes = [line.split() for line in log if line]
+    assert {how for how, _ in notes} == {"prepared"}                  # never its own preprocessing
+    assert sum(int(n) for _, n in notes) == len(GOOD)
+    from lamost_ostar.catalogue import Catalogue
+
+    alone = Catalogue(f"sqlite:///{tmp_path / 'alone.sqlite'}")
+    scanmod.run_scan([rel], alone, client=client, stage="ostar", models_dir=models, device="cpu",
+                     partition_size=4, batch_size=3, progress=False)
+    scanmod.run_scan([rel], alone, client=client, stage="test_scan:PreparedProbe", partition_size=4,
+                     batch_size=3, progress=False)
+    later = [line.split() for line in (tmp_path / "data" / "stage.log").read_text().split("\n") if line]
+    later = later[len(notes):]                                       # a scan of one stage: its own path
+    assert {how for how, _ in later} == {"own"} and sum(int(n) for _, n in later) == len(GOOD)
+    a, b = both.query(all_rows=True), alone.query(all_rows=True)
+    order = np.argsort(a["path"]), np.argsort(b["path"])
+    assert list(a["path"][order[0]]) == list(b["path"][order[1]])
+    np.testing.assert_allclose(a["p_o"][order[0]], b["p_o"][order[1]], atol=1e-6)
+    qa, qb = both.query_stage("heii_probe"), alone.query_stage("heii_probe")
+    oa, ob = np.argsort(qa["path"]), np.argsort(qb["path"])
+    np.testing.assert_allclose(np.asarray(qa["heii_sigma"][oa], float), np.asarray(qb["heii_sigma"][ob], float),
+                               rtol=1e-4, atol=1e-6)

@@ -170,3 +170,31 @@ def test_read_engines_give_the_same_results(stage, models_dir, engine):
             np.testing.assert_allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-6)
     with pytest.raises(ValueError, match="read_engine"):
         OStarStage(models_dir=models_dir, read_engine="cfitsio2")
+
+
+@pytest.mark.parametrize("which", ["tiny", "packaged default"])
+def test_process_prepared_gives_the_results_of_process(which, stage):
+    """A scan's shared preprocessing (``process_prepared``) changes no result."""
+    from lamost_ostar.preprocess import prepare
+    from lamost_ostar.stage import accepts_prepared
+
+    st = stage if which == "tiny" else OStarStage(device="cpu", batch_size=2)
+    spectra = [read_spectrum(str(DATA / n)) for n in GOOD]
+    own = st.process(spectra)
+    prep = prepare(spectra, continuum=True)
+    shared = st.process_prepared(spectra, prep)
+    assert accepts_prepared(st)
+    assert [r.path for r in shared] == [r.path for r in own]
+    for a, b in zip(own, shared):
+        assert a.ok == b.ok and a.flags == b.flags and a.is_candidate == b.is_candidate
+        np.testing.assert_allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-6)
+        assert (a.heii_sigma is None) == (b.heii_sigma is None)
+        if a.heii_sigma is not None:
+            assert a.heii_sigma == pytest.approx(b.heii_sigma, rel=1e-4, abs=1e-6)
+    # a subset of the batch: the rows of the spectra a stage still needs
+    rows = [3, 0]
+    sub = st.process_prepared([spectra[i] for i in rows], prep.subset(rows))
+    assert [r.path for r in sub] == [own[i].path for i in rows]
+    np.testing.assert_allclose([r.p_o for r in sub], [own[i].p_o for i in rows], atol=1e-6)
+    with pytest.raises(ValueError, match="prepared batch of 4"):
+        st.process_prepared(spectra[:2], prep)
