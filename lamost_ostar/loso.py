@@ -45,10 +45,10 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
-           "evidence", "EVIDENCE_KEYS"]
+           "evidence", "EVIDENCE_KEYS", "merge_runs", "ensemble_oof", "mix_within_class"]
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2+lcgan", "cnn2+sgan",
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
                                  "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
@@ -264,6 +264,47 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
 # --------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------
+def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, rng: np.random.Generator,
+                     fraction: float = 0.5, classes: Sequence[str] = ("O", "B"),
+                     weight_range: tuple[float, float] = (0.25, 0.75)) -> tuple[np.ndarray, int]:
+    """Replace a share of the O and B training spectra by mixtures of two stars of the class.
+
+    A composite of two O stars is an O spectrum of a type between theirs (He II
+    and He I strengths in between, the same hot continuum), so mixing spectra
+    of *different* stars of one class makes spectra of stars the training set
+    does not hold -- the variety 10 real O stars lack.  ``fraction`` of each
+    class's spectra become ``w a + (1 - w) b`` (``w`` uniform in
+    ``weight_range``, ``b`` a spectrum of another star of the class), channel
+    by channel; the labels do not change.  Returns the new inputs and the
+    number of spectra mixed.
+    """
+    out = np.array(inputs, dtype=np.float32, copy=True)
+    n_mixed = 0
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        if idx.size < 2 or len(np.unique(star[idx])) < 2:
+            continue
+        pick = rng.choice(idx, size=int(round(fraction * idx.size)), replace=False)
+        partner = rng.choice(idx, size=pick.size)
+        same = star[partner] == star[pick]
+        for _ in range(20):                                   # another star for each
+            if not same.any():
+                break
+            partner[same] = rng.choice(idx, size=int(same.sum()))
+            same = star[partner] == star[pick]
+        pick, partner = pick[~same], partner[~same]
+        w = rng.uniform(*weight_range, size=pick.size).astype(np.float32)
+        shape = (-1,) + (1,) * (out.ndim - 1)
+        mixed = w.reshape(shape) * inputs[pick] + (1 - w).reshape(shape) * inputs[partner]
+        # channel 0 is the unit-norm standardised flux: a mixture is renormalised
+        ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
+        norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
+        ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+        out[pick] = mixed
+        n_mixed += int(pick.size)
+    return out, n_mixed
+
+
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
                  cfg: LosoConfig, classes: Sequence[str], seed: int, log,
                  gan_input: LabelledSpectra | None = None,
@@ -272,19 +313,23 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2", "cnn2d"):
+    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx"):
         import keras
 
         from .models import recogniser
 
         ch = 1 if base == "cnn1" else 2
-        build = {"head": "dense"} if base == "cnn2d" else None
+        build = {"head": "dense"} if base.startswith("cnn2d") else None
         if "+" in kind:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])
+        x_train = train.inputs(ch)
+        if base == "cnn2dx":
+            x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
+                                                      np.random.default_rng([seed, 7]))
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
-            train.inputs(ch), train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
+            x_train, train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
             n_classes=len(classes), build_kwargs=build)
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
@@ -490,6 +535,83 @@ def load_oof(path: str | Path) -> dict[str, np.ndarray]:
     """The out-of-fold arrays of one model (``oof_<model>.npz``)."""
     with np.load(path, allow_pickle=False) as d:
         return {k: d[k] for k in d.files}
+
+
+def merge_runs(parts: Sequence[str | Path], out_dir: str | Path) -> list[str]:
+    """Merge LOSO runs of disjoint folds (e.g. run in parallel) into ``out_dir``.
+
+    Every ``oof_<model>.npz`` of the parts is concatenated (the parts must
+    hold different folds of the same configuration), ``folds.json`` merged,
+    and the fold models copied.  Returns the model kinds merged.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [Path(p) for p in parts]
+    infos = [json.loads((p / "folds.json").read_text()) for p in parts]
+    folds = [f for info in infos for f in info["folds"]]
+    seen = [f["fold"] for f in folds]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"the runs share folds: {sorted(seen)}")
+    cfgs = [{k: v for k, v in info["config"].items() if k != "folds"} for info in infos]
+    if any(c != cfgs[0] for c in cfgs[1:]):
+        raise ValueError("the runs were made with different configurations")
+    models = sorted({f.name[4:-4] for p in parts for f in p.glob("oof_*.npz")})
+    for m in models:
+        got = [load_oof(p / f"oof_{m}.npz") for p in parts if (p / f"oof_{m}.npz").exists()]
+        keys = set.intersection(*(set(g) for g in got))
+        merged = {k: np.concatenate([g[k] for g in got]) for k in keys if k != "classes"}
+        merged["classes"] = got[0]["classes"]
+        tmp = out / f"oof_{m}.tmp.npz"
+        np.savez_compressed(tmp, **merged)
+        tmp.replace(out / f"oof_{m}.npz")
+    for p in parts:
+        if (p / "models").is_dir():
+            shutil.copytree(p / "models", out / "models", dirs_exist_ok=True)
+    config = dict(infos[0]["config"], folds=sorted(seen))
+    folds = sorted(folds, key=lambda f: f["fold"])
+    (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
+                                                "folds": folds}, indent=1, default=str))
+    return [m.replace("_", "+") for m in models]
+
+
+def ensemble_oof(out_dir: str | Path, members: Sequence[str], name: str | None = None) -> str:
+    """An ensemble's out-of-fold data from its members': ``oof_<name>.npz``.
+
+    The ensemble's logits are the mean of the members' calibrated log
+    probabilities (each member's logits divided by its temperature fitted on
+    the same out-of-fold spectra, then log-softmax): the geometric mean of
+    their probabilities.  The members must have been run on the same folds
+    (their test spectra are the same, row for row).
+    """
+    from .models.calibration import fit_temperature
+
+    out = Path(out_dir)
+    name = name or "ens-" + "-".join(members)
+    data = [load_oof(out / f"oof_{_safe(m)}.npz") for m in members]
+    ref = data[0]
+    for m, d in zip(members[1:], data[1:]):
+        for key in ("fold", "set", "label", "star"):
+            if d[key].shape != ref[key].shape or not np.array_equal(d[key], ref[key]):
+                raise ValueError(f"{m} and {members[0]} were not run on the same spectra ({key} differs)")
+    classes = [str(c) for c in ref["classes"]]
+    y = np.array([classes.index(c) if c in classes else -1 for c in ref["label"]])
+    fit = np.isin(ref["set"].astype(str), ["o", "b", "x", "survey"]) & (y >= 0)
+    logp = []
+    for d in data:
+        z = np.asarray(d["logits"], np.float64)
+        ok = fit & np.all(np.isfinite(z), axis=1)
+        t = float(fit_temperature(z[ok], y[ok]))
+        zt = z / t
+        zt = zt - np.max(zt, axis=1, keepdims=True)
+        logp.append(zt - np.log(np.sum(np.exp(zt), axis=1, keepdims=True)))
+    merged = dict(ref)
+    merged["logits"] = np.mean(logp, axis=0)
+    tmp = out / f"oof_{name}.tmp.npz"
+    np.savez_compressed(tmp, **merged)
+    tmp.replace(out / f"oof_{name}.npz")
+    return name
 
 
 # --------------------------------------------------------------------------

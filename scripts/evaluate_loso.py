@@ -6,6 +6,8 @@ Usage::
     nice -n 10 python scripts/evaluate_loso.py --out reports/loso [--profile full]
         [--models cnn2,cnn1,lr2,lr1] [--folds 0,1,...] [--seed 0]
     python scripts/evaluate_loso.py --out reports/loso --reanalyse    # tables/report from the saved OOF data
+    python scripts/evaluate_loso.py --out runs/loso --reanalyse --merge runs/loso_a,runs/loso_b \
+        --ensemble cnn2d,lr2                                          # parallel halves + an ensemble
 
 Same as ``lamost-ostar evaluate --protocol loso`` with progress printed.  Every
 real O star of the template library is held out in turn (see
@@ -38,8 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--add-lamost-others", action="store_true",
                     help="with --reanalyse: first score the real non-star LAMOST files with the run's saved "
                          "fold models (runs made before the protocol included them)")
+    ap.add_argument("--merge", default=None,
+                    help="with --reanalyse: comma-separated run folders of disjoint folds (run in parallel) "
+                         "merged into --out first")
+    ap.add_argument("--ensemble", action="append", default=[],
+                    help="with --reanalyse: comma-separated model kinds whose calibrated log probabilities "
+                         "are averaged into a model 'ens-A-B' (repeatable)")
     args = ap.parse_args(argv)
     if args.reanalyse:
+        if args.merge:
+            loso.merge_runs(args.merge.split(","), args.out)
+        for members in args.ensemble:
+            loso.ensemble_oof(args.out, members.split(","))
         prev = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz"))
         if args.add_lamost_others:

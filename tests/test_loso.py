@@ -78,3 +78,62 @@ def test_detector_trained_with_the_loso_decision_scans_real_files(tiny_run, tmp_
     assert set(ok.probs) == set(loso.CLASSES_8)
     assert ok.evidence is not None and "ew_heii_4541" in ok.evidence
     assert not bad.ok and bad.is_candidate is None
+
+
+def test_mix_within_class_mixes_different_stars_of_one_class():
+    import numpy as np
+
+    from lamost_ostar.loso import mix_within_class
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 50, 2)).astype(np.float32)
+    x[..., 0] /= np.linalg.norm(x[..., 0], axis=1, keepdims=True)
+    labels = np.array(["O"] * 10 + ["B"] * 10 + ["A"] * 20)
+    star = np.array([f"s{i % 4}" for i in range(10)] + [f"b{i % 5}" for i in range(10)]
+                    + [f"a{i}" for i in range(20)])
+    out, n = mix_within_class(x, labels, star, np.random.default_rng(1), fraction=0.5)
+    changed = np.flatnonzero(np.any(out != x, axis=(1, 2)))
+    assert n == 10 and len(changed) == 10 and np.all(labels[changed] != "A")
+    assert np.allclose(np.linalg.norm(out[..., 0], axis=1), 1.0, atol=1e-5)
+    # every mixed O spectrum lies between the input O spectra (a mixture, not noise)
+    o_changed = changed[labels[changed] == "O"]
+    for i in o_changed:
+        ok = [np.linalg.lstsq(np.stack([x[i, :, 1], x[j, :, 1]], 1), out[i, :, 1], rcond=None)[1]
+              for j in range(10) if star[j] != star[i]]
+        assert min(r[0] if len(r) else 0.0 for r in ok) < 1e-6
+    # one star only: nothing to mix
+    same, n1 = mix_within_class(x[:5], labels[:5], np.array(["s"] * 5), np.random.default_rng(2))
+    assert n1 == 0 and np.array_equal(same, x[:5])
+
+
+def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
+    """Runs of disjoint folds merge into one; an ensemble's OOF logits come from its members'."""
+    import shutil
+
+    out, _ = tiny_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(out, a)
+    shutil.copytree(out, b)
+    # b: the same data presented as another fold (what a parallel run of fold 1 writes)
+    for m in ("cnn2", "lr2"):
+        d = loso.load_oof(b / f"oof_{m}.npz")
+        d["fold"] = d["fold"] + 1
+        np.savez_compressed(b / f"oof_{m}.npz", **d)
+    f = json.loads((b / "folds.json").read_text())
+    for fold in f["folds"]:
+        fold["fold"] += 1
+    (b / "folds.json").write_text(json.dumps(f))
+    merged = tmp_path / "merged"
+    assert sorted(loso.merge_runs([a, b], merged)) == ["cnn2", "lr2"]
+    one, both = loso.load_oof(a / "oof_lr2.npz"), loso.load_oof(merged / "oof_lr2.npz")
+    assert len(both["label"]) == 2 * len(one["label"]) and set(both["fold"]) == {0, 1}
+    assert [x["fold"] for x in json.loads((merged / "folds.json").read_text())["folds"]] == [0, 1]
+    with pytest.raises(ValueError, match="share folds"):
+        loso.merge_runs([a, a], tmp_path / "bad")
+    name = loso.ensemble_oof(merged, ["cnn2", "lr2"])
+    ens = loso.load_oof(merged / f"oof_{name}.npz")
+    assert name == "ens-cnn2-lr2" and ens["logits"].shape == both["logits"].shape
+    p = np.exp(ens["logits"])
+    assert np.all(p.sum(axis=1) <= 1.0 + 1e-9)                 # mean of log probabilities
+    res = loso.analyse(merged, ["cnn2", "lr2", name], loso.CLASSES_8)
+    assert set(res["models"]) == {"cnn2", "lr2", name}
