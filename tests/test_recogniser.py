@@ -98,3 +98,30 @@ def test_npix_matches_preprocess():
 
     assert R.NPIX == gan.NPIX == preprocess.NPIX
     assert R.build_recogniser(7).input_shape == (None, preprocess.NPIX, 1)
+
+
+def test_ensemble_model_averages_calibrated_log_probabilities(tmp_path):
+    import keras
+
+    from lamost_ostar.models.recogniser import ensemble_model, linear_model_from_sklearn
+
+    rng = np.random.default_rng(0)
+    npix, c = 64, 3
+    a = linear_model_from_sklearn(rng.normal(size=(c, npix * 2)), rng.normal(size=c), np.zeros(npix * 2),
+                                  np.ones(npix * 2), npix=npix, channels=2, name="a")
+    b = linear_model_from_sklearn(rng.normal(size=(c, npix * 2)), rng.normal(size=c), np.zeros(npix * 2),
+                                  np.ones(npix * 2), npix=npix, channels=2, name="b")
+    ens = ensemble_model([a, b], [2.0, 0.5])
+    x = rng.normal(size=(5, npix, 2)).astype(np.float32)
+
+    def logsm(z, t):
+        z = z / t
+        return z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
+
+    want = (logsm(np.asarray(a(x)), 2.0) + logsm(np.asarray(b(x)), 0.5)) / 2
+    np.testing.assert_allclose(np.asarray(ens(x)), want, rtol=1e-5, atol=1e-5)
+    ens.save(tmp_path / "ens.keras")
+    back = keras.saving.load_model(tmp_path / "ens.keras")
+    np.testing.assert_allclose(np.asarray(back(x)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="two or more"):
+        ensemble_model([a], [1.0])

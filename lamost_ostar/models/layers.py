@@ -1,5 +1,5 @@
 """Custom Keras 3 layers: :class:`LocallyConnected1D`, :class:`ChannelAttention1D`,
-:class:`SpectrumScaler` and :class:`ChannelAffine`.
+:class:`SpectrumScaler`, :class:`ChannelAffine` and :class:`ScaledLogSoftmax`.
 
 All are written with ``keras`` and ``keras.ops`` only, so they run under the
 TensorFlow, JAX and PyTorch backends, and all are registered with
@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 __all__ = ["LocallyConnected1D", "ChannelAttention1D", "SpectrumScaler", "ChannelAffine",
-           "lc_output_length"]
+           "ScaledLogSoftmax", "lc_output_length"]
 
 _PACKAGE = "lamost_ostar"
 
@@ -362,4 +362,37 @@ class ChannelAffine(keras.layers.Layer):
     def get_config(self) -> dict:  # noqa: D102
         config = super().get_config()
         config.update(offset=list(self.offset), scale=list(self.scale))
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ScaledLogSoftmax(keras.layers.Layer):
+    """Calibrated log probabilities ``log_softmax(z / temperature)`` of ``(batch, C)`` logits.
+
+    An ensemble averages its members' outputs through this layer (each member
+    with the temperature fitted on its own held-out logits), so the mean is
+    that of calibrated log probabilities whatever the members' logit scales.
+
+    Parameters
+    ----------
+    temperature : float
+        Positive divisor of the logits.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def call(self, z):  # noqa: D102
+        z = z / self.temperature
+        return z - ops.logsumexp(z, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):  # noqa: D102
+        return input_shape
+
+    def get_config(self) -> dict:  # noqa: D102
+        config = super().get_config()
+        config["temperature"] = self.temperature
         return config

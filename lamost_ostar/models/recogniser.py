@@ -33,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .layers import ChannelAffine, ChannelAttention1D
+from .layers import ChannelAffine, ChannelAttention1D, ScaledLogSoftmax
 
 from ..preprocess import NPIX
 
@@ -44,6 +44,7 @@ __all__ = [
     "train_recogniser",
     "predict_logits",
     "as_model_input",
+    "ensemble_model",
 ]
 
 #: the 7-class scanner model's class order
@@ -296,3 +297,30 @@ def linear_model_from_sklearn(coef: np.ndarray, intercept: np.ndarray, mean: np.
     model = keras.Model(inp, out, name=name)
     dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return model
+
+
+def ensemble_model(members: Sequence[keras.Model], temperatures: Sequence[float],
+                   name: str = "ensemble") -> keras.Model:
+    """One model whose logits are the mean of its members' calibrated log probabilities.
+
+    ``logits = mean_i log_softmax(z_i / T_i)`` (the log of the geometric mean
+    of the members' calibrated probabilities, up to a constant per spectrum),
+    so it is served, saved and loaded like any recogniser.
+
+    Parameters
+    ----------
+    members : sequence of keras.Model
+        Models with the same input shape and number of classes (e.g. the CNN
+        and the logistic regression on both channels).
+    temperatures : sequence of float
+        Each member's calibration temperature (fitted on held-out logits).
+    """
+    if len(members) < 2 or len(members) != len(temperatures):
+        raise ValueError("an ensemble needs two or more members, each with a temperature")
+    shapes = {tuple(m.input_shape[1:]) for m in members}
+    if len(shapes) != 1:
+        raise ValueError(f"the members take different inputs: {sorted(shapes)}")
+    inp = keras.Input(shapes.pop(), name="flux")
+    outs = [ScaledLogSoftmax(float(t), name=f"calibrated_{i}")(m(inp))
+            for i, (m, t) in enumerate(zip(members, temperatures))]
+    return keras.Model(inp, keras.layers.Average(name="logits")(outs), name=name)
