@@ -820,7 +820,6 @@ def render_report(results: dict) -> str:
     """Markdown report of a LOSO run (every figure names its data)."""
     cfg = results.get("config", {})
     lines = ["# Leave-one-star-out evaluation of the O-star detector", ""]
-    folds_run = [f["fold"] for f in results.get("folds", [])]
     cmd = (f"python scripts/evaluate_loso.py --profile {cfg.get('profile')} --seed {cfg.get('seed')} "
            f"--models {','.join(results.get('models', {}))} --out runs/loso")
     if cfg.get("folds") is not None:

@@ -19,12 +19,10 @@ The pipeline (:func:`train_and_register`):
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -504,6 +502,40 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
     return decision, record
 
 
+def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int, patience: int,
+                learning_rate: float, lr_c: float, seed: int, verbose: int):
+    """One model of kind ``lr1``/``lr2`` (logistic regression as a Keras model) or ``cnn*``."""
+    import keras
+
+    from .models import recogniser
+
+    keras.utils.set_random_seed(seed)
+    if kind in ("lr2", "lr1"):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        ch = 2 if kind == "lr2" else 1
+        feats = train.inputs(ch).reshape(len(train), -1)
+        scaler = StandardScaler().fit(feats)
+        clf = LogisticRegression(C=lr_c, max_iter=300).fit(scaler.transform(feats), train.y(classes))
+        coef = np.zeros((len(classes), feats.shape[1]))
+        icpt = np.full(len(classes), -1e4)
+        coef[clf.classes_], icpt[clf.classes_] = clf.coef_, clf.intercept_
+        model = recogniser.linear_model_from_sklearn(coef, icpt, scaler.mean_, scaler.scale_, channels=ch)
+        z_val = recogniser.predict_logits(model, val.inputs(ch))
+        return model, {"loss": [], "best_epoch": [0], "n_iter": int(np.max(clf.n_iter_)),
+                       "val_accuracy": [float(np.mean(z_val.argmax(1) == val.y(classes)))]}
+    x_train = train.inputs(2)
+    if kind == "cnn2dx":
+        from .loso import mix_within_class
+
+        x_train, _ = mix_within_class(x_train, train.labels, train.star, np.random.default_rng([seed, 7]))
+    return recogniser.train_recogniser(
+        x_train, train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
+        batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
+        build_kwargs={"head": "dense"} if kind.startswith("cnn2d") else None, verbose=verbose)
+
+
 def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=None, epochs: int = 30,
                    batch_size: int = 32, patience: int = 5, learning_rate: float = 1e-3,
                    n_val_per_class: int = 100, seed: int = 0, data_dir: str | Path | None = None,
@@ -521,8 +553,6 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     -------
     (version, card_extra)
     """
-    import keras
-
     from . import loso
     from .datasets import DetectorRecipe, build_detector_training, load_lamost
     from .models import recogniser, registry
@@ -547,29 +577,23 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     val = build_detector_training(lib, dataclasses.replace(recipe, n_per_class=n_val_per_class, mix_fraction=0.0),
                                   rng, None)
     t_data = time.perf_counter() - t0
-    keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
-    if model_kind in ("lr2", "lr1"):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        ch = 2 if model_kind == "lr2" else 1
-        feats = train.inputs(ch).reshape(len(train), -1)
-        scaler = StandardScaler().fit(feats)
-        lr_c = float((results.get("config") or {}).get("lr_c", 0.05))
-        clf = LogisticRegression(C=lr_c, max_iter=300).fit(scaler.transform(feats), train.y(classes))
-        coef = np.zeros((len(classes), feats.shape[1]))
-        icpt = np.full(len(classes), -1e4)
-        coef[clf.classes_], icpt[clf.classes_] = clf.coef_, clf.intercept_
-        model = recogniser.linear_model_from_sklearn(coef, icpt, scaler.mean_, scaler.scale_, channels=ch)
-        z_val = recogniser.predict_logits(model, val.inputs(ch))
-        history = {"loss": [], "best_epoch": [0],
-                   "val_accuracy": [float(np.mean(z_val.argmax(1) == val.y(classes)))], "n_iter": int(np.max(clf.n_iter_))}
+    lr_c = float((results.get("config") or {}).get("lr_c", 0.05))
+    fit = dict(epochs=epochs, batch_size=batch_size, patience=patience, learning_rate=learning_rate,
+               lr_c=lr_c, seed=seed, verbose=verbose)
+    if model_kind.startswith("ens-"):
+        # an ensemble: every member trained on the same spectra, averaged through its own
+        # out-of-fold temperature (the same combination as loso.ensemble_oof)
+        members = model_kind[4:].split("-")
+        fitted = [_fit_member(m, train, val, classes, **fit) for m in members]
+        temps = [float(results["models"][m]["temperature"]) for m in members]
+        model = recogniser.ensemble_model([f[0] for f in fitted], temps)
+        history = {"loss": fitted[0][1]["loss"], "best_epoch": [0],
+                   "val_accuracy": [float(np.mean(recogniser.predict_logits(model, val.inputs(2)).argmax(1)
+                                                  == val.y(classes)))],
+                   "members": {m: {"temperature": t, "history": h} for m, t, (_, h) in zip(members, temps, fitted)}}
     else:
-        model, history = recogniser.train_recogniser(
-            train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
-            batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
-            build_kwargs={"head": "dense"} if model_kind.startswith("cnn2d") else None, verbose=verbose)
+        model, history = _fit_member(model_kind, train, val, classes, **fit)
     t_fit = time.perf_counter() - t0
     decision, real_check = _no_real_lamost_candidates(model, decision, temperature, classes,
                                                       2 if model_kind != "lr1" else 1, data_dir)

@@ -137,3 +137,33 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     assert np.all(p.sum(axis=1) <= 1.0 + 1e-9)                 # mean of log probabilities
     res = loso.analyse(merged, ["cnn2", "lr2", name], loso.CLASSES_8)
     assert set(res["models"]) == {"cnn2", "lr2", name}
+
+
+def test_an_ensemble_detector_is_trained_registered_and_scans(tiny_run, tmp_path):
+    """train_detector(model_kind='ens-A-B') trains both members and ships their mean as one model."""
+    import shutil
+
+    from lamost_ostar import train
+    from lamost_ostar.datasets import DetectorRecipe
+    from lamost_ostar.models.registry import load_model
+    from lamost_ostar.stage import OStarStage
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    name = loso.ensemble_oof(run, ["cnn2", "lr2"])
+    res = json.loads((run / "results.json").read_text())
+    res["models"].update(loso.analyse(run, [name], loso.CLASSES_8)["models"])
+    if res["models"][name]["operating_point"].get("min_posterior") is None:
+        res["models"][name]["operating_point"].update(min_posterior=0.5, min_heii_sigma=2.0)
+    (run / "results.json").write_text(json.dumps(res, default=loso._json_default))
+    version, card = train.train_detector(tmp_path / "models", run / "results.json",
+                                         recipe=DetectorRecipe(n_per_class=10), epochs=1, n_val_per_class=3,
+                                         model_kind=name)
+    bundle = load_model(version, tmp_path / "models")
+    assert version.startswith("ostar8-ens-cnn2-lr2") and bundle.channels == 2
+    members = card["metrics"]["history"]["members"]
+    assert set(members) == {"cnn2", "lr2"}
+    assert members["lr2"]["temperature"] == pytest.approx(res["models"]["lr2"]["temperature"])
+    (ok,) = OStarStage(version, tmp_path / "models", device="cpu").process([str(DATA / "io_image_dr7.fits")])
+    assert ok.ok and ok.is_candidate in (True, False) and sum(ok.probs.values()) == pytest.approx(1.0)
