@@ -43,10 +43,17 @@ def test_every_entry_point_and_console_script_of_the_package_loads():
 def test_no_generic_top_level_package_is_installed():
     """The plugins import as lamost_ostar_plugins; nothing called ``plugins`` is installed
     (the wheel's contents are checked in test_packaging)."""
-    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
 
-    assert importlib.util.find_spec("plugins") is None
-    assert importlib.util.find_spec("lamost_ostar_plugins.heii_lines") is not None
+    # from a folder outside the clone (inside it, the plugins/ folder itself is on sys.path)
+    code = ("import importlib.util as u; print(u.find_spec('plugins') is None, "
+            "u.find_spec('lamost_ostar_plugins.heii_lines') is not None)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp, capture_output=True, text=True,
+                             timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
 
 
 def test_core_never_imports_plugin_modules():

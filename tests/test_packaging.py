@@ -18,7 +18,7 @@ def test_wheel_builds_cleanly_and_ships_the_data(tmp_path):
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("lamost_ostar", "lamost_ostar_plugins"):
+    for name in ("lamost_ostar", "plugins"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", "dist"],
                           cwd=src, capture_output=True, text=True, timeout=300)
@@ -45,6 +45,10 @@ def test_wheel_builds_cleanly_and_ships_the_data(tmp_path):
         if version_dir.is_dir():
             for f in ("model.keras", "card.json"):
                 expected.add(f"lamost_ostar/data/models/{version_dir.name}/{f}")
+    # setup.cfg lists the packages: every package folder of the tree must be in the wheel
+    for init in list((REPO / "lamost_ostar").rglob("__init__.py")) + list((REPO / "plugins").rglob("__init__.py")):
+        rel = init.relative_to(REPO).as_posix()
+        expected.add(rel[len("plugins/"):] if rel.startswith("plugins/") else rel)
     assert expected <= names, sorted(expected - names)
 
 

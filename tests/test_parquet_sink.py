@@ -1,4 +1,4 @@
-"""Tests for the Parquet sink (lamost_ostar_plugins/parquet.py): layout, resume, idempotent parts,
+"""Tests for the Parquet sink (plugins/lamost_ostar_plugins/parquet.py): layout, resume, idempotent parts,
 and a real scan on a Dask LocalCluster into a Parquet dataset."""
 from __future__ import annotations
 
