@@ -268,12 +268,15 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
             gan_iterations: int = 2000, gan_samples: int | None = None, epochs: int = 30,
             batch_size: int = 32, seed: int = 0, test_fraction: float = 0.15,
             val_fraction: float = 0.15, library: bool = True, n_library_per_class: int = 300,
-            learning_rate: float = 1e-3, progress: bool = False) -> dict:
+            learning_rate: float = 1e-3, progress: bool = False, model_kind: str | None = None,
+            lr_c: float = 0.05) -> dict:
     """Retrain the O-star detector on a labelled release and register a new version.
 
-    Builds the same kind of model as the packaged default: a two-channel
-    recogniser (standardised + continuum-normalised flux), the He II evidence
-    and an O-candidate operating point.
+    Builds the same kind of model as the packaged default (``model_kind=None``:
+    the default's kind, from its card; or ``cnn2``, ``cnn2d``, ``cnn2dx``,
+    ``lr2`` or an ensemble ``ens-A-B``): two input channels (standardised +
+    continuum-normalised flux), the He II evidence and an O-candidate
+    operating point.
 
     1. The labelled spectra (:func:`lamost_ostar.datasets.load_labelled_release`)
        are split **by star** into train / validation / test.
@@ -284,8 +287,9 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
        plus -- when the training split holds O stars -- ``gan_samples`` LCGAN
        spectra regenerated from them (``gan_iterations``; noise at their S/N
        added after generation).
-    3. The two-channel CNN is trained with early stopping on the validation
-       split; the temperature is fitted on the validation split.
+    3. The two-channel model is trained (a CNN with early stopping on the
+       validation split; an ensemble: each member, its temperature fitted on
+       the validation split); the temperature is fitted on the validation split.
     4. The operating point (:func:`lamost_ostar.models.decision.choose_operating_point`)
        is chosen on the validation split -- held-out stars -- with the targets
        of the default model (<= 100 false O per million non-O re-weighted to
@@ -300,7 +304,6 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         ``version``, ``models_dir``, ``description``, ``metrics`` (test,
         calibrated), ``temperature``, ``decision``, ``skipped``, ``gan_used``.
     """
-    import keras
 
     from .datasets import (CLASSES_8, DetectorRecipe, add_noise, build_detector_training, load_labelled_release,
                            split_by_star, _usable_for_training)
@@ -351,11 +354,18 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
             gan_used = True
     train = LabelledSpectra.concat(parts).only(classes)
     assert_disjoint_stars(train.subset(train.source == "release"), val, test)
-    keras.utils.set_random_seed(seed)
+    kind = model_kind or default_model_kind()
     t0 = time.perf_counter()
-    model, history = recogniser.train_recogniser(
-        train.inputs(2), train.y(classes), val.inputs(2), val.y(classes), epochs=epochs, batch_size=batch_size,
-        patience=5, learning_rate=learning_rate, n_classes=len(classes))
+    fit = dict(epochs=epochs, batch_size=batch_size, patience=5, learning_rate=learning_rate, lr_c=lr_c,
+               seed=seed, verbose=0)
+    if kind.startswith("ens-"):
+        members = kind[4:].split("-")
+        fitted = [_fit_member(m, train, val, classes, **fit) for m in members]
+        temps = [float(fit_temperature(predict_logits(mod, val.inputs(2)), val.y(classes))) for mod, _ in fitted]
+        model = recogniser.ensemble_model([mod for mod, _ in fitted], temps)
+        history = {"members": {m: {"temperature": t, "history": h} for m, t, (_, h) in zip(members, temps, fitted)}}
+    else:
+        model, history = _fit_member(kind, train, val, classes, **fit)
     timings["recogniser_fit_s"] = time.perf_counter() - t0
     z_val = predict_logits(model, val.inputs(2))
     temperature = float(fit_temperature(z_val, val.y(classes)))
@@ -391,13 +401,26 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         "calibration": "temperature scaling fitted on the validation split (held-out stars)",
         "train_config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                          "seed": seed, "library": library, "n_library_per_class": n_library_per_class,
-                         "gan_iterations": gan_iterations},
+                         "gan_iterations": gan_iterations, "model_kind": kind},
         "prefix": f"ostar{len(classes)}d",
     }
     version = registry.save_model_version(model, models_dir, card)
     return {"version": version, "models_dir": str(models_dir), "description": description,
             "metrics": test_metrics, "temperature": temperature, "decision": decision.describe(),
             "skipped": len(rel.skipped), "gan_used": gan_used}
+
+
+def default_model_kind() -> str:
+    """The model kind of the packaged default version (its card's ``train_config.model_kind``).
+
+    ``cnn2`` (the two-channel CNN) for a default whose card does not say.
+    """
+    from .models.registry import PACKAGED_MODELS_DIR, list_versions
+
+    cards = list_versions(PACKAGED_MODELS_DIR)
+    if not cards:
+        return "cnn2"
+    return str((cards[-1].get("train_config") or {}).get("model_kind") or "cnn2")
 
 
 def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operating_point):

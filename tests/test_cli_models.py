@@ -123,6 +123,8 @@ def test_retrain_bad_arguments(tmp_path):
                                "--models-dir", str(tmp_path / "m"), "--epochs", "0"), "--epochs")
     _assert_one_line_error(run("retrain", "--labels", str(lab), "--release", str(tmp_path),
                                "--models-dir", str(tmp_path / "m"), "--quiet"), "no usable labelled spectra")
+    _assert_one_line_error(run("retrain", "--labels", str(lab), "--release", str(tmp_path),
+                               "--model-kind", "ens-cnn2-svm"), "unknown --model-kind")
 
 
 def test_evaluate_bad_arguments(tmp_path):

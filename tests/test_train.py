@@ -55,12 +55,28 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     assert "candidates" in card["metrics"]["test"]
     assert card["temperature"] > 0
     assert "LCGAN" in card["training_data"]["augmentation"]
+    assert card["train_config"]["model_kind"] == train.default_model_kind()      # the default's kind
     splits = {s["split"]: s for s in card["training_data"]["splits"]}
     assert set(splits) == {"train", "validation", "test"}
     assert card["metrics"]["test"]["n"] == splits["test"]["n_spectra"] > 0
     # the new version loads and predicts calibrated probabilities
     bundle = registry.load_model(res["version"], models)
     assert bundle.channels == 2
+    p = bundle.predict_proba(np.random.default_rng(0).random((2, NPIX, 2)).astype(np.float32))
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_retrain_an_ensemble(release, tmp_path):
+    """--model-kind ens-A-B: both members trained, each calibrated on the validation split."""
+    from lamost_ostar.models import registry
+
+    res = train.retrain(release / "truth.csv", release, tmp_path, gan_iterations=0, epochs=1, batch_size=8,
+                        seed=0, n_library_per_class=6, model_kind="ens-cnn2-lr2")
+    card = json.loads((tmp_path / res["version"] / "card.json").read_text())
+    assert card["train_config"]["model_kind"] == "ens-cnn2-lr2"
+    members = card["metrics"]["history"]["members"]
+    assert set(members) == {"cnn2", "lr2"} and all(m["temperature"] > 0 for m in members.values())
+    bundle = registry.load_model(res["version"], tmp_path)
     p = bundle.predict_proba(np.random.default_rng(0).random((2, NPIX, 2)).astype(np.float32))
     np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
 

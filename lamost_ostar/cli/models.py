@@ -268,11 +268,14 @@ def show_cmd(version: str | None, models_dir: Path | None, as_json: bool) -> Non
                    "B stars and hot impostors included).")
 @click.option("--library-per-class", type=click.IntRange(min=1), default=300, show_default=True,
               help="Template realisations per class with --library.")
+@click.option("--model-kind", default=None,
+              help="cnn2, cnn2d, cnn2dx, lr2 or an ensemble ens-A-B (e.g. ens-cnn2d-lr2) "
+                   "[default: the kind of the packaged default model].")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_iterations: int,
             gan_samples: int | None, epochs: int, batch_size: int, seed: int,
             test_fraction: float, val_fraction: float, library: bool, library_per_class: int,
-            quiet: bool) -> None:
+            model_kind: str | None, quiet: bool) -> None:
     """Retrain the O-star detector on a labelled release and register a new version.
 
     Builds the default model's kind: a two-channel recogniser, the He II
@@ -284,13 +287,18 @@ def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_it
     """
     from .. import train
 
+    kinds = ("cnn2", "cnn2d", "cnn2dx", "lr2")
+    if model_kind is not None and model_kind not in kinds and not (
+            model_kind.startswith("ens-") and len(model_kind[4:].split("-")) >= 2
+            and all(m in kinds for m in model_kind[4:].split("-"))):
+        _fail(f"retrain: unknown --model-kind {model_kind!r} (one of {', '.join(kinds)}, or ens-A-B of them)")
     try:
         result = train.retrain(
             labels_csv, release_dir, models_dir or default_models_dir(),
             gan_iterations=gan_iterations, gan_samples=gan_samples, epochs=epochs,
             batch_size=batch_size, seed=seed, test_fraction=test_fraction,
             val_fraction=val_fraction, library=library, n_library_per_class=library_per_class,
-            progress=not quiet,
+            progress=not quiet, model_kind=model_kind,
         )
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(f"retrain: {exc}")
