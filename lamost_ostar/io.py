@@ -100,6 +100,7 @@ __all__ = [
     "BatchRead",
     "read_spectrum",
     "read_spectra",
+    "read_file_bytes",
     "ENGINES",
     "LAYOUTS",
     "REASONS",
@@ -464,14 +465,25 @@ def _gunzip(data: bytes, path: str) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _read_bytes(path: str) -> bytes:
-    """The file's FITS bytes (gunzipped if gzip), with typed errors for bad files."""
+def read_file_bytes(path: str, max_bytes: int = MAX_FILE_BYTES, what: str = "a LAMOST spectrum") -> bytes:
+    """The raw bytes of a spectrum file, with typed errors (for readers of any survey).
+
+    Raises
+    ------
+    NotFitsError
+        ``path`` is a directory.
+    ReadError
+        Missing or unreadable (reason ``unreadable``).
+    LayoutError
+        Larger than ``max_bytes`` (not ``what``).
+    EmptyFileError
+        0 bytes.
+    """
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise LayoutError(path, f"file of {size} bytes is too large for a LAMOST "
-                                  f"spectrum (> {MAX_FILE_BYTES})")
+            if size > max_bytes:
+                raise LayoutError(path, f"file of {size} bytes is too large for {what} (> {max_bytes})")
             data = fh.read()
     except IsADirectoryError:
         raise NotFitsError(path, "is a directory, not a FITS file") from None
@@ -482,6 +494,12 @@ def _read_bytes(path: str) -> bytes:
                         "unreadable") from None
     if not data:
         raise EmptyFileError(path, "empty file (0 bytes)")
+    return data
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's FITS bytes (gunzipped if gzip), with typed errors for bad files."""
+    data = read_file_bytes(path)
     if data[:2] == _GZIP_MAGIC:
         data = _gunzip(data, path)
         if not data:

@@ -89,7 +89,7 @@ import numpy as np
 
 from lamost_ostar.io import (MAX_FILE_BYTES, MAX_NONFINITE_FRACTION, MIN_PIXELS, CorruptFileError,
                              EmptyFileError, LayoutError, NoUsablePixelsError, NonFiniteError,
-                             NotFitsError, ReadError, Spectrum)
+                             NotFitsError, ReadError, Spectrum, read_file_bytes)
 
 __all__ = ["SDSSReader", "LAYOUT", "META_HDUS", "LOGLAM_STEP", "sdss_designation"]
 
@@ -194,21 +194,7 @@ def _check_bytes(path: str) -> bool:
     gzip and plain FITS files whose length is not a whole number of 2880-byte
     blocks are told apart here, before cfitsio opens it.
     """
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise LayoutError(path, f"file of {size} bytes is too large for an SDSS "
-                                  f"spectrum (> {MAX_FILE_BYTES})")
-            data = fh.read()
-    except IsADirectoryError:
-        raise NotFitsError(path, "is a directory, not a FITS file") from None
-    except FileNotFoundError:
-        raise ReadError(path, "file not found", "unreadable") from None
-    except OSError as exc:
-        raise ReadError(path, f"cannot read file ({exc.strerror or exc})", "unreadable") from None
-    if not data:
-        raise EmptyFileError(path, "empty file (0 bytes)")
+    data = read_file_bytes(path, MAX_FILE_BYTES, "an SDSS spectrum")
     gz = data[:2] == _GZIP_MAGIC
     if gz:
         d = zlib.decompressobj(16 + zlib.MAX_WBITS)
