@@ -820,16 +820,26 @@ def render_report(results: dict) -> str:
     """Markdown report of a LOSO run (every figure names its data)."""
     cfg = results.get("config", {})
     lines = ["# Leave-one-star-out evaluation of the O-star detector", ""]
+    names = list(results.get("models", {}))
+    trained = [m for m in names if not m.startswith("ens-")]
+    ensembles = [m for m in names if m.startswith("ens-")]
     cmd = (f"python scripts/evaluate_loso.py --profile {cfg.get('profile')} --seed {cfg.get('seed')} "
-           f"--models {','.join(results.get('models', {}))} --out runs/loso")
+           f"--models {','.join(trained)} --out runs/loso")
     if cfg.get("folds") is not None:
         cmd += f" --folds {','.join(str(k) for k in cfg['folds'])}"
-    lines += [f"Reproduce: `{cmd}` (then `--reanalyse` re-derives the tables from the saved out-of-fold "
-              "data; `runs/` is git-ignored).", ""]
+    again = "python scripts/evaluate_loso.py --out runs/loso --reanalyse" + "".join(
+        f" --ensemble {','.join(m[4:].split('-'))}" for m in ensembles)
+    lines += [f"Reproduce: `{cmd}`, then `{again}` (re-derives the tables from the saved out-of-fold "
+              "data" + (", and builds the ensembles from their members' out-of-fold logits" if ensembles else "")
+              + "; `runs/` is git-ignored; folds may run in parallel into separate folders, merged with "
+              "`--reanalyse --merge A,B`).", ""]
+    total = results.get("total_seconds") or sum(
+        f.get("data_seconds", 0) + sum(m.get("fit_seconds", 0) for m in f.get("models", {}).values())
+        for f in results.get("folds", []))
     lines += [f"Profile `{cfg.get('profile')}`, seed {cfg.get('seed')}; "
               f"{len(results.get('o_units', []))} O split units: {', '.join(results.get('o_units', []))}.",
               f"Folds run: {[f['fold'] for f in results.get('folds', [])]}; total "
-              f"{results.get('total_seconds', 0) / 60:.1f} min.", ""]
+              f"{total / 60:.1f} min (data + fits).", ""]
     lines += ["Data behind every number: in fold k the models are trained on LAMOST-like realisations of the",
               "template stars of all other folds (+ their real LAMOST files) and tested on fold k's stars only:",
               "O = the held-out O star(s), E(B-V) 0-2.5 added to the star's own, S/N 5-100 (equal shares of the",
