@@ -121,8 +121,9 @@ def list_cmd(models_dir: Path | None, as_json: bool) -> None:
     user = _by_age([r for r in rows if r[0] == "user"])[::-1]
     packaged = _by_age([r for r in rows if r[0] == "packaged"])[::-1]
     rows = user + packaged
-    head = (f"  {'version':<34} {'origin':<9} {'created':<20} {'classes':<14} {'T':>6} {'test acc':>8} "
-            f"{'O rec':>6} {'O prec':>6}  gan")
+    width = max([34] + [len(str(c.get("version", "?"))) for _, c, _ in rows])
+    head = (f"  {'version':<{width}} {'origin':<9} {'created':<20} {'classes':<9} {'T':>6} {'test acc':>8} "
+            f"{'O rec':>6} {'O prec':>6} {'LOSO O rec':>10} {'false O/M':>9}  gan")
     click.echo(head)
     click.echo("-" * len(head))
     for origin, card, d in rows:
@@ -130,11 +131,16 @@ def list_cmd(models_dir: Path | None, as_json: bool) -> None:
         aug = (card.get("training_data") or {}).get("augmentation", "") \
             if isinstance(card.get("training_data"), dict) else ""
         mark = "*" if d == default_dir else " "
+        # detectors: the leave-one-star-out operating point (held-out stars)
+        op = _metric(card, "loso", "tables", "operating_point") or {}
+        loso_rec = op.get("o_recall_star_averaged_snr_ge_10") if isinstance(op, dict) else None
+        loso_fpm = op.get("false_o_per_million") if isinstance(op, dict) else None
         click.echo(
-            f"{mark} {str(card.get('version', '?')):<34} {origin:<9} {str(card.get('created', ''))[:19]:<20} "
-            f"{classes:<14} {_fmt(card.get('temperature')):>6} "
+            f"{mark} {str(card.get('version', '?')):<{width}} {origin:<9} {str(card.get('created', ''))[:19]:<20} "
+            f"{classes:<9} {_fmt(card.get('temperature')):>6} "
             f"{_fmt(_metric(card, 'test', 'accuracy')):>8} {_fmt(_metric(card, 'test', 'o_recall')):>6} "
-            f"{_fmt(_metric(card, 'test', 'o_precision')):>6}  {'yes' if str(aug).startswith('LCGAN') else 'no'}"
+            f"{_fmt(_metric(card, 'test', 'o_precision')):>6} {_fmt(loso_rec):>10} "
+            f"{'-' if loso_fpm is None else f'{loso_fpm:.0f}':>9}  {'yes' if str(aug).startswith('LCGAN') else 'no'}"
         )
     if default is not None:
         click.echo(f"* default: the version `lamost-ostar scan` uses without --model "

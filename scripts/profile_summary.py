@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Summarise a py-spy profile (collapsed stacks) of a scan: where the worker's time goes.
+
+Usage::
+
+    py-spy record --format raw -r 200 --subprocesses -o runs/scan.folded -- \\
+        lamost-ostar scan runs/mock10k --db runs/prof.sqlite --workers 2
+    python scripts/profile_summary.py runs/scan.folded [--top 25] [--md]
+
+Prints, over the samples of the scan's worker processes (stacks that pass
+through :func:`lamost_ostar.scan.process_partition`), the share of samples
+spent *inside* each pipeline step (inclusive: reading, preprocessing, the
+model, the line measurements, building result records, the sink's write) and
+the functions with the most samples of their own (self time).  ``--md`` prints
+Markdown tables for ``reports/performance.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+#: pipeline steps: (label, regex on a frame "function (file:line)")
+STEPS: tuple[tuple[str, str], ...] = (
+    ("read files (io: fitsio + header + checks)", r"^read_items \(.*stage\.py"),
+    ("  of which fitsio / cfitsio", r"fitsio/fitslib\.py|fitsio/hdu/"),
+    ("stage: preprocess (resample, standardise, continuum)", r"^(prepare|_finish|resample) \(.*preprocess\.py"),
+    ("stage: model inference (Keras predict_proba)", r"^predict_proba \(.*(stage|registry)\.py"),
+    ("stage: He II / line measurements", r"^measure_lines \(.*lines\.py"),
+    ("stage: decision", r"^apply \(.*decision\.py"),
+    ("stage: result records (per spectrum)", r"^(evidence_records|spectrum_metadata|__init__) \(.*stage\.py|"
+                                             r"^_classify \(.*stage\.py:\d+\)$"),
+    ("sink: write results (SQLAlchemy)", r"^write \(.*(catalogue|parquet)\.py"),
+    ("sink: resume check (done_paths)", r"^done_paths \("),
+)
+
+
+def load(path: Path) -> Counter:
+    """Collapsed stacks ``frame;frame;... count`` -> Counter of stack tuples."""
+    stacks: Counter = Counter()
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        stack, _, n = line.rpartition(" ")
+        try:
+            stacks[tuple(stack.split(";"))] += int(n)
+        except ValueError:
+            continue
+    return stacks
+
+
+def summarise(stacks: Counter, top: int = 25) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """(worker samples, [(step, samples)], [(function, self samples)])."""
+    worker = Counter({s: n for s, n in stacks.items() if any("process_partition" in f for f in s)})
+    total = sum(worker.values())
+    steps = []
+    for label, pattern in STEPS:
+        rx = re.compile(pattern)
+        steps.append((label, sum(n for s, n in worker.items() if any(rx.search(f) for f in s))))
+    own: Counter = Counter()
+    for s, n in worker.items():
+        own[re.sub(r"\s+\(", " (", s[-1])] += n
+    return total, steps, own.most_common(top)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("profile", type=Path)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--md", action="store_true")
+    args = ap.parse_args(argv)
+    stacks = load(args.profile)
+    total, steps, own = summarise(stacks, args.top)
+    all_samples = sum(stacks.values())
+    if not total:
+        raise SystemExit("no worker samples (no stack passes through process_partition)")
+    if args.md:
+        print(f"{total} worker samples of {all_samples} in all.\n")
+        print("| step (inclusive) | share of worker samples |\n|---|---|")
+        for label, n in steps:
+            print(f"| {label.strip()} | {100 * n / total:.1f} % |")
+        print("\n| function (self time) | share |\n|---|---|")
+        for f, n in own:
+            print(f"| `{f}` | {100 * n / total:.1f} % |")
+        return
+    print(f"worker samples: {total} of {all_samples}")
+    for label, n in steps:
+        print(f"  {label:<58} {100 * n / total:5.1f} %")
+    print("self time:")
+    for f, n in own:
+        print(f"  {100 * n / total:5.1f} %  {f}")
+
+
+if __name__ == "__main__":
+    main()
