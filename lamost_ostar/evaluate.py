@@ -307,7 +307,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
                    log=print) -> Path:
     """Run the protocol and write ``out_dir/report.md`` (+ ``results.json`` and PNGs).
 
-    For each run: realise the six real O stars (``n_real_o`` each); hold one
+    For each run: realise every real O star (``n_real_o`` each); hold one
     O unit out (DS2), the others are DS1; train LCGAN and SGAN on DS1 for
     ``gan_iterations`` (same data, batch, budget) and at every checkpoint
     sample generated O spectra and compute GAN-test, GAN-train (NuSVC) and the
@@ -341,7 +341,10 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
     except FileNotFoundError as exc:
         fgk_lamost, missing = None, str(exc)
     results: dict = {"config": dataclasses.asdict(cfg), "runs": [], "timings": {},
-                     "data": {"fgk_real": describe_fgk_source(fgk_lamost, data_dir, missing)}}
+                     "data": {"fgk_real": describe_fgk_source(fgk_lamost, data_dir, missing),
+                              "o_stars": [{"star": str(st), "source": str(src), "sptype": str(sp)}
+                                          for st, src, sp in zip(lib_o.star, lib_o.source, lib_o.spt)],
+                              "o_units": [str(u) for u in np.unique(o_all.star)]}}
     if not results["data"]["fgk_real"]["n_spectra"]:
         log(f"WARNING: {results['data']['fgk_real']['note']}")
     example: dict = {}
@@ -723,6 +726,8 @@ def evaluation_command(cfg: EvalConfig, out: str = RERUN_OUT) -> str:
     flags = [f"--profile {cfg.profile}"]
     flags += [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in OVERRIDES
               if getattr(cfg, k) != getattr(base, k)]
+    if base.survey and not cfg.survey:
+        flags.append("--no-survey")
     return "python scripts/evaluate_paper.py " + " ".join(flags + [f"--seed {cfg.seed}", f"--out {out}"])
 
 
@@ -756,6 +761,43 @@ def _fgk_text(results: dict) -> str:
             "with LAMOST-like realisations of MILES F/G/K stars split 70/30 by star.")
 
 
+_LEGACY_O_UNITS = ["HD057060+HD209975+o8iii", "HD057061", "o5v", "o9v"]
+
+
+def _o_counts(results: dict) -> tuple[int, int]:
+    """(real O stars, O split units) behind ``results`` (results without them: the 6 stars of v1)."""
+    data = results.get("data", {})
+    return len(data.get("o_stars") or [0] * 6), len(data.get("o_units") or _LEGACY_O_UNITS)
+
+
+def _o_text(results: dict, cfg: EvalConfig) -> str:
+    """The report's sentence on the real O spectra: which stars, units, how realised, GAN input."""
+    data = results.get("data", {})
+    stars = data.get("o_stars")
+    units = data.get("o_units") or _LEGACY_O_UNITS
+    if stars:
+        by_src: dict[str, list[str]] = {}
+        for rec in stars:
+            by_src.setdefault(rec["source"], []).append(f"{rec['star']} ({rec['sptype']})")
+        who = "; ".join(f"{src}: {', '.join(v)}" for src, v in sorted(by_src.items()))
+        text = f"Real O spectra: the {len(stars)} real O stars of the template library ({who}), "
+    else:
+        text = ("Real O spectra: the 6 real O stars of MILES (HD057060, HD057061, HD209975) and Pickles "
+                "(o5v, o8iii, o9v), ")
+    shared = [u for u in units if "+" in u]
+    text += (f"each realised {cfg.n_real_o} times as a LAMOST spectrum (mock simulator: RV, reddening, "
+             "calibration distortion, noise from real LAMOST S/N; LAMOST resolution and grid from the "
+             f"template library). Stars that share data leave together ({', '.join(shared) or 'none'}): "
+             f"{len(units)} O units. Run r holds out O unit r mod {len(units)} (leave-one-unit-out)"
+             + (f"; with {cfg.runs} runs, the first {cfg.runs} units in name order are held out once each."
+                if cfg.runs < len(units) else "."))
+    if cfg.gan_snr is not None:
+        text += (f" The GANs train on separate high-S/N realisations (S/N {cfg.gan_snr:g}-{4 * cfg.gan_snr:g}) "
+                 "of DS1's stars, and LAMOST noise at the S/N of DS1's realisations is added to their samples "
+                 "after generation (the noise is an augmentation, not something the generator learns).")
+    return text
+
+
 def render_report(results: dict, cfg: EvalConfig) -> str:
     """Markdown report: tables next to the paper's numbers, data behind every number."""
     s = summarise(results)
@@ -764,13 +806,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
          f"Profile `{cfg.profile}`; {cfg.runs} run(s) per setting (paper: 10), medians over runs. "
          f"Command: `{evaluation_command(cfg)}`. Raw numbers: `results.json`.", "",
          "## Data (paper's Table 1, rebuilt and scaled down)", "",
-         "Real O spectra: the 6 real O stars of MILES (HD057060, HD057061, HD209975) and Pickles "
-         "(o5v, o8iii, o9v), each realised "
-         f"{cfg.n_real_o} times as a LAMOST spectrum (mock simulator: RV, reddening, calibration "
-         "distortion, noise from real LAMOST S/N; LAMOST resolution and grid from the template library). "
-         "MILES HD057060 and HD209975 share their red end (> 7410 A) with Pickles o8iii, so these three "
-         "form one split unit: 4 O units. Run r holds out O unit r mod 4 (leave-one-unit-out). "
-         + _fgk_text(results), "",
+         _o_text(results, cfg) + " " + _fgk_text(results), "",
          "| data set | paper | ours (per run) |", "|---|---|---|"]
     ours = {
         "1": f"real O of the 3 training O units, {cfg.n_real_o} realisations/star (GAN training set)",
@@ -789,7 +825,8 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
         for key in ("ds1", "ds2", "fgk_train", "fgk_test"):
             L.append(f"- {key}: {r0[key]}")
         L.append(f"- held-out O unit per run: {', '.join(r['held_out_o'] for r in runs)}")
-    L += ["", "Scaling: paper 150/323 real O -> our 6 real O stars (4 split units) x "
+    n_stars, n_units = _o_counts(results)
+    L += ["", f"Scaling: paper 150/323 real O -> our {n_stars} real O stars ({n_units} split units) x "
           f"{cfg.n_real_o} realisations; 1000 -> {cfg.n_small}; 10000 -> {cfg.n_large}; "
           f"GAN iterations > 2000 -> {cfg.gan_iterations} (checkpoints every {cfg.checkpoint_every}); "
           f"10 runs -> {cfg.runs}; recogniser epochs <= {cfg.epochs} (early stopping, patience "
@@ -815,8 +852,8 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
                  f"{_pct(o['gan_train_balanced'])} | - | {_pct(o['gan_test'])} | - |")
         L += ["", "The reference row replaces the generated O spectra by real DS1 spectra (the training O "
               "stars themselves): it is what a generator that reproduced the training stars perfectly would "
-              f"score. Even real spectra reach only {_pct(o['gan_train'])} GAN-train here: from 3-5 training "
-              "O stars an SVM does not generalise to the held-out O unit (the paper had 150 real O spectra of "
+              f"score. Even real spectra reach only {_pct(o['gan_train'])} GAN-train here: from {n_units - 1} training "
+              "O units an SVM does not generalise to the held-out O unit (the paper had 150 real O spectra of "
               "many stars), so our GAN-train numbers are to be read against this row, not against 100 %."]
     L += ["", "## Recogniser accuracy on held-out real O spectra (data set 1 vs 5) - paper's Figure 7", "",
           "4-class recogniser (O, F, G, K), trained on DS5a/5b (augmented) or on DS1's real O + the same "

@@ -5,7 +5,7 @@ Usage::
 
     nice -n 10 python scripts/evaluate_paper.py [--profile small] [--runs 4]
         [--gan-iterations 1000] [--out reports/evaluation] [--model-version V]
-        [--survey-release DIR]
+        [--survey-release DIR] [--no-survey]
 
 Same as ``lamost-ostar evaluate`` with progress printed; see
 :func:`lamost_ostar.evaluate.run_evaluation` for the protocol and the report
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-version", default=None)
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--survey-release", type=Path, default=None)
+    ap.add_argument("--no-survey", action="store_true",
+                    help="leave out the 7-class survey part (the GAN protocol only)")
     ap.add_argument("--rerender", action="store_true",
                     help="only rewrite report.md from the results.json already in --out")
     ap.add_argument("--survey-only", action="store_true",
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = EvalConfig.from_profile(args.profile, seed=args.seed).override(
         **{key: getattr(args, key) for key in OVERRIDES})
+    if args.no_survey:
+        cfg.survey = False
     path = run_evaluation(cfg, args.out, data_dir=args.data_dir, survey_release=args.survey_release,
                           model_version=args.model_version, models_dir=args.models_dir,
                           log=lambda *a: print(*a, flush=True))

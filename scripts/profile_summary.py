@@ -21,18 +21,26 @@ import re
 from collections import Counter
 from pathlib import Path
 
+#: optional class prefix of a py-spy frame ("OStarStage.predict_proba (stage.py:1002)")
+_M = r"(?:\w+\.)?"
+
 #: pipeline steps: (label, regex on a frame "function (file:line)")
 STEPS: tuple[tuple[str, str], ...] = (
-    ("read files (io: fitsio + header + checks)", r"^read_items \(.*stage\.py"),
+    ("start-up in the worker (imports, model load)", rf"^{_M}(get_stage|load_model) \("),
+    ("read files (io: fitsio + header + checks)", rf"^{_M}read_items \(.*stage\.py"),
     ("  of which fitsio / cfitsio", r"fitsio/fitslib\.py|fitsio/hdu/"),
-    ("stage: preprocess (resample, standardise, continuum)", r"^(prepare|_finish|resample) \(.*preprocess\.py"),
-    ("stage: model inference (Keras predict_proba)", r"^predict_proba \(.*(stage|registry)\.py"),
-    ("stage: He II / line measurements", r"^measure_lines \(.*lines\.py"),
-    ("stage: decision", r"^apply \(.*decision\.py"),
-    ("stage: result records (per spectrum)", r"^(evidence_records|spectrum_metadata|__init__) \(.*stage\.py|"
-                                             r"^_classify \(.*stage\.py:\d+\)$"),
-    ("sink: write results (SQLAlchemy)", r"^write \(.*(catalogue|parquet)\.py"),
-    ("sink: resume check (done_paths)", r"^done_paths \("),
+    ("stage: preprocess (resample, standardise, continuum)", rf"^{_M}(prepare|_finish|resample) \(.*preprocess\.py"),
+    ("  of which the continuum channel", rf"^{_M}normalise \(.*preprocess\.py"),
+    ("stage: model inference (Keras predict_proba)", rf"^{_M}predict_proba \(.*(stage|registry)\.py"),
+    ("  of which compiling (tf.function tracing)", r"^trace_function \(|^_maybe_define_function \("),
+    ("stage: He II / line measurements", rf"^{_M}measure_lines \(.*lines\.py"),
+    ("stage: decision", rf"^{_M}apply \(.*decision\.py"),
+    # "own:": the deepest lamost_ostar frame of the stack (time in the function's own lines and
+    # in non-project code it calls: numpy, dataclass __init__), not any frame
+    ("stage: result records (per spectrum)",
+     rf"own:^{_M}(_classify|evidence_records|spectrum_metadata|failure) \(.*stage\.py"),
+    ("sink: write results (SQLAlchemy)", rf"^{_M}write \(.*(catalogue|parquet)\.py"),
+    ("sink: resume check (done_paths)", rf"^{_M}done_paths \("),
 )
 
 
@@ -50,14 +58,27 @@ def load(path: Path) -> Counter:
     return stacks
 
 
+def _deepest_own(stack: tuple[str, ...]) -> str:
+    """The deepest frame of ``stack`` in the project's own code (``lamost_ostar/``)."""
+    for frame in reversed(stack):
+        if "lamost_ostar/" in frame:
+            return frame
+    return ""
+
+
 def summarise(stacks: Counter, top: int = 25) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
     """(worker samples, [(step, samples)], [(function, self samples)])."""
     worker = Counter({s: n for s, n in stacks.items() if any("process_partition" in f for f in s)})
     total = sum(worker.values())
     steps = []
     for label, pattern in STEPS:
-        rx = re.compile(pattern)
-        steps.append((label, sum(n for s, n in worker.items() if any(rx.search(f) for f in s))))
+        if pattern.startswith("own:"):
+            rx = re.compile(pattern[4:])
+            hit = lambda s, rx=rx: rx.search(_deepest_own(s))   # noqa: E731
+        else:
+            rx = re.compile(pattern)
+            hit = lambda s, rx=rx: any(rx.search(f) for f in s)   # noqa: E731
+        steps.append((label, sum(n for s, n in worker.items() if hit(s))))
     own: Counter = Counter()
     for s, n in worker.items():
         own[re.sub(r"\s+\(", " (", s[-1])] += n

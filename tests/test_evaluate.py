@@ -32,6 +32,8 @@ def test_evaluation_command_names_overrides():
     assert ev.evaluation_command(cfg) == ("python scripts/evaluate_paper.py --profile small --runs 10 "
                                           "--gan-iterations 2000 --seed 0 --out runs/evaluation")
     assert ev.evaluation_command(cfg, out="/tmp/x").endswith("--out /tmp/x")
+    cfg.survey = False
+    assert "--gan-iterations 2000 --no-survey --seed 0" in ev.evaluation_command(cfg)
 
 
 def test_reproduce_command_does_not_overwrite_the_committed_report():
@@ -92,6 +94,10 @@ def test_tiny_protocol_writes_report(tmp_path):
     assert 0.0 <= run["oracle"]["gan_train"] <= 1.0
     assert "reference: real DS1 spectra" in text
     assert res["data"]["fgk_real"]["n_spectra"] == 0
+    # the report names the O stars and split units it used (from the data, not a fixed text)
+    assert len(res["data"]["o_units"]) == n_o_units
+    assert f"the {len(res['data']['o_stars'])} real O stars of the template library" in text
+    assert f"{n_o_units} O units" in text and "HD030614" in text
     # finished runs are kept while a long evaluation is still going
     assert json.loads((tmp_path / "results.partial.json").read_text())["runs"][0]["run"] == 0
 

@@ -125,3 +125,21 @@ def test_ensemble_model_averages_calibrated_log_probabilities(tmp_path):
     np.testing.assert_allclose(np.asarray(back(x)), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="two or more"):
         ensemble_model([a], [1.0])
+
+
+def test_padded_size_powers_of_two_capped_at_batch():
+    assert [R.padded_size(n, 256) for n in (1, 16, 17, 100, 129, 255, 256)] == [16, 16, 32, 128, 256, 256, 256]
+    assert R.padded_size(5, 8) == 8 and R.padded_size(3, 2) == 3
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 70])
+def test_predict_logits_padding_does_not_change_real_rows(n):
+    """Batches go through predict_on_batch zero-padded; the real rows equal the model's own output."""
+    model = R.build_recogniser(3, npix=NPIX, width=8, depth=2)
+    x = synthetic(n, seed=n)[0]
+    ref = keras.ops.convert_to_numpy(model(x[..., None], training=False))
+    got = R.predict_logits(model, x, batch_size=32)
+    assert got.shape == (n, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    # the same rows give the same logits whatever batch they are in
+    np.testing.assert_allclose(R.predict_logits(model, x[:1], batch_size=32), got[:1], rtol=1e-4, atol=1e-5)

@@ -344,10 +344,11 @@ def retrain(labels_csv: Path, release_dir: Path, models_dir: Path | None, gan_it
 @models_dir_option
 @click.option("--survey-release", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A survey-preset mock release (with truth.csv) to evaluate the model on (paper).")
+@click.option("--no-survey", is_flag=True, help="Paper protocol: leave out the 7-class survey part.")
 def evaluate(protocol: str, out_dir: Path | None, data_dir: Path | None, profile: str | None,
              runs: int | None, gan_iterations: int | None, checkpoint_every: int | None,
              folds: str | None, model_kinds: str | None, seed: int, model_version: str | None,
-             models_dir: Path | None, survey_release: Path | None) -> None:
+             models_dir: Path | None, survey_release: Path | None, no_survey: bool) -> None:
     """Evaluate: the paper's protocol, or the detector's leave-one-star-out table (report + figures)."""
     out_dir = out_dir or Path("runs") / ("evaluation" if protocol == "paper" else "loso")
     try:
@@ -358,6 +359,7 @@ def evaluate(protocol: str, out_dir: Path | None, data_dir: Path | None, profile
                 raise ValueError(f"profile {profile!r} is not one of the paper protocol's (tiny, small, paper)")
             cfg = ev.EvalConfig.from_profile(profile or "small", seed=seed).override(
                 runs=runs, gan_iterations=gan_iterations, checkpoint_every=checkpoint_every)
+            cfg.survey = not no_survey
             path = ev.run_evaluation(cfg, out_dir, data_dir=data_dir, survey_release=survey_release,
                                      model_version=model_version, models_dir=models_dir)
         else:

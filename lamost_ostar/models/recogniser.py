@@ -253,12 +253,44 @@ def train_recogniser(
     return model, history
 
 
+#: Smallest padded batch of :func:`predict_logits`.
+MIN_PADDED_BATCH: int = 16
+
+
+def padded_size(n: int, batch_size: int) -> int:
+    """Rows a batch of ``n`` is padded to: the next power of two >= ``n`` (at least
+    :data:`MIN_PADDED_BATCH`), capped at ``batch_size``."""
+    return max(n, min(int(batch_size), 1 << max(MIN_PADDED_BATCH.bit_length() - 1, (n - 1).bit_length())))
+
+
 def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits ``(N, n_classes)`` float32 for model input ``(N, npix[, C])``."""
+    """Logits ``(N, n_classes)`` float32 for model input ``(N, npix[, C])``.
+
+    Batches of ``batch_size`` go through ``model.predict_on_batch`` (the
+    backend's compiled inference step, without the per-call data pipeline of
+    ``model.predict``); a short batch is zero-padded to the next power of two
+    (:func:`padded_size`), so a scan whose batches have many different sizes
+    (broken files, partition ends) compiles the step a few times, not once per
+    size.  The rows are independent (inference mode), so padding does not change
+    the logits of the real rows.
+    """
     x = as_model_input(x, int(model.input_shape[1]), int(model.input_shape[-1]))
+    n_out = int(model.output_shape[-1])
     if len(x) == 0:
-        return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+        return np.zeros((0, n_out), np.float32)
+    batch_size = max(1, int(batch_size))
+    out = np.empty((len(x), n_out), np.float32)
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        nb = len(xb)
+        k = padded_size(nb, batch_size)
+        if k > nb:
+            xb = np.concatenate([xb, np.zeros((k - nb,) + xb.shape[1:], xb.dtype)])
+        logits = model.predict_on_batch(xb)   # numpy on every backend (Keras 3)
+        if not isinstance(logits, np.ndarray):
+            logits = keras.ops.convert_to_numpy(logits)
+        out[start:start + nb] = logits[:nb]
+    return out
 
 
 def classes_for(n_classes: int) -> Sequence[str]:
