@@ -67,7 +67,8 @@ def child(args: argparse.Namespace) -> None:
         else:
             g.save_weights(path)
         z = np.random.default_rng(0).normal(size=(4, 32)).astype("float32")
-        out["models"][f"{name} generator (npix 256)"] = {"probs": np.asarray(g(z)).reshape(4, -1).tolist()}
+        out["models"][f"{name} generator (npix 256)"] = {
+            "probs": keras.ops.convert_to_numpy(g(z, training=False)).reshape(4, -1).tolist()}
     Path(args.child_out).write_text(json.dumps(out))
 
 
