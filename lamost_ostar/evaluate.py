@@ -809,7 +809,8 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
          _o_text(results, cfg) + " " + _fgk_text(results), "",
          "| data set | paper | ours (per run) |", "|---|---|---|"]
     ours = {
-        "1": f"real O of the 3 training O units, {cfg.n_real_o} realisations/star (GAN training set)",
+        "1": f"real O of the {_o_counts(results)[1] - 1} training O units, {cfg.n_real_o} realisations/star "
+             "(recogniser's O class; the GANs train on their high-S/N twins when gan_snr is set)",
         "2": f"real O of the held-out O unit, {cfg.n_real_o} realisations/star (test only)",
         "3": f"O:{cfg.n_small} (DS1 duplicated) + F:{cfg.n_small} (training F stars)",
         "4a": f"O:{cfg.n_small} (LCGAN) + F,G,K:{cfg.n_small} each (training stars)",
@@ -874,12 +875,14 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
             L += ["", f"**Finding:** on our data the paper's gain is *not* reproduced: a recogniser whose O class "
                   f"is only GAN samples (data set 5) recognises {_pct(la)} of the held-out real O spectra, against "
                   f"{_pct(na)} when trained on the real O spectra of data set 1. With {cfg.gan_iterations} "
-                  "iterations on 3-5 real O stars the generators have not learnt LAMOST-like O spectra (see the "
+                  f"iterations on the real O stars of {_o_counts(results)[1] - 1} training O units the generators "
+                  "have not learnt LAMOST-like O spectra (see the "
                   "figures; GAN-train stays low: an SVM trained on the samples does not recognise the held-out "
                   "real O stars). GAN-test is at or near 100 % for both GANs, so on our data it does not "
                   "separate them. Instance noise and moment matching did not change that "
-                  "(`gan_variants.md`, `scripts/gan_variants.py`). The shipped default model (v3) therefore trains on real O realisations "
-                  "without GAN samples; v1 (real O + LCGAN samples) is kept for comparison."]
+                  "(`gan_variants.md`, `scripts/gan_variants.py`). No packaged detector since v3 uses GAN samples "
+                  "(the leave-one-star-out folds with LCGAN/SGAN samples showed no gain either, `reports/loso/`); "
+                  "v1 (real O + LCGAN samples) is kept for comparison."]
         else:
             L += ["", f"**Finding:** augmentation helps here: {_pct(la)} vs {_pct(na)} without it."]
     L += ["", "Per checkpoint (medians over runs):", "",
