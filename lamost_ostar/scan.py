@@ -838,16 +838,22 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
         raise ValueError("n_workers must be >= 1")
     import logging
 
+    import dask
+
     threads = str(max(1, cores // n_workers))
-    cluster = LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-        dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
-        # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port, so a
-        # port 8787 in use elsewhere gives no "Port 8787 is already in use" warning
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ},
-             "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
-    )
+    # Dask's own statistical profiler samples every worker thread every 10 ms and reads
+    # source lines for each frame: a few % of a 2-core machine (seen in a py-spy profile of
+    # a scan, reports/performance.md). The nannies hand this config to the worker processes.
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
+            # no dashboard; the scheduler's HTTP routes (health, metrics) on a free port, so a
+            # port 8787 in use elsewhere gives no "Port 8787 is already in use" warning
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ},
+                 "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
+        )
     client = Client(cluster)
     if worker_log:
         client.register_plugin(_WorkerStderrToFile(os.path.abspath(worker_log)))

@@ -106,6 +106,15 @@ def client():
     cluster.close()
 
 
+def test_local_workers_run_without_dask_profiler(client):
+    """Dask's 10 ms statistical profiler is off in the local workers (it costs CPU, nobody reads it)."""
+    import dask
+
+    flags = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    assert flags and not any(flags.values())
+    assert dask.config.get("distributed.worker.profile.enabled")   # the caller's config is untouched
+
+
 def _catalogue(tmp_path):
     from lamost_ostar.catalogue import Catalogue
 
