@@ -1019,13 +1019,11 @@ def run_scan(
                                   reader_kwargs={"engine": read_engine})
         client.register_plugin(plugin, name=plugin.name)
 
-        # Resolve the model versions once (builds the stages on one worker) and pin them.
-        if per_stage is not None:
-            for ref in stage_refs:
-                if per_stage.get(ref) is not None:
-                    pin = client.submit(_pin_stage, plugin.name, ref, per_stage[ref], pure=False)
-                    pin.result()
-        info = client.submit(stage_info, plugin.name, pure=False).result()
+        # Build the stages (pinned versions first) on every worker at once, so that no worker
+        # sits idle while another loads the model; the first answer resolves the versions.
+        pins = {ref: v for ref, v in (per_stage or {}).items() if v is not None}
+        warm_up = _warm_up_workers(client, plugin.name, pins)
+        info = _first_result(warm_up)
         stage_defs = info["stages"]
         names = [d["name"] for d in stage_defs]
         if len(set(names)) != len(names):
@@ -1214,6 +1212,31 @@ def _pin_stage(plugin_name: str, stage_ref: str, model_version: str) -> str:
     """Worker task: build a stage with a given model version (so that stage_info reports it)."""
     stage = _worker_plugin(plugin_name).get_stage(model_version, stage_name=stage_ref)
     return getattr(stage, "model_version", None)
+
+
+def _warm_stage_info(plugin_name: str, pins: Mapping[str, str]) -> dict[str, Any]:
+    """Worker task: build the stages (``pins``: stage -> model version first), then :func:`stage_info`."""
+    for ref, version in pins.items():
+        _pin_stage(plugin_name, ref, version)
+    return stage_info(plugin_name)
+
+
+def _warm_up_workers(client: Any, plugin_name: str, pins: Mapping[str, str]) -> list[Any]:
+    """One :func:`_warm_stage_info` task per worker now connected (each model loads in parallel).
+
+    The futures must be kept until the scan ends (a released future cancels its task).
+    """
+    workers = list(client.nthreads())
+    futures = [client.submit(_warm_stage_info, plugin_name, dict(pins), pure=False,
+                             workers=[w], allow_other_workers=False) for w in workers]
+    return futures or [client.submit(_warm_stage_info, plugin_name, dict(pins), pure=False)]
+
+
+def _first_result(futures: Sequence[Any]) -> Any:
+    """The result of whichever future finishes first (its exception if it failed)."""
+    from distributed import as_completed
+
+    return next(iter(as_completed(futures))).result()
 
 
 def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: PartitionSummary,

@@ -421,3 +421,22 @@ def test_two_stages_share_one_preprocessing_and_agree_with_one_stage_scans(tmp_p
     oa, ob = np.argsort(qa["path"]), np.argsort(qb["path"])
     np.testing.assert_allclose(np.asarray(qa["heii_sigma"][oa], float), np.asarray(qb["heii_sigma"][ob], float),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_every_worker_builds_its_stages_at_once(tmp_path):
+    """The scan's warm-up builds the stages on every worker in parallel (no worker waits idle
+    while another loads the model), and the first answer describes the stages."""
+    c, cluster = scanmod.make_client(n_workers=2, threads_per_worker=1, memory_limit=None)
+    try:
+        plugin = scanmod.ScanWorkerPlugin("heii_lines", {}, _catalogue(tmp_path))
+        c.register_plugin(plugin, name=plugin.name)
+        futures = scanmod._warm_up_workers(c, plugin.name, {})
+        assert len(futures) == 2
+        info = scanmod._first_result(futures)
+        assert info["stages"][0]["entry_point"] == "heii_lines"
+        c.gather(futures)
+        built = c.run(lambda dask_worker, name=plugin.name: sorted(dask_worker.plugins[name]._stages))
+        assert sorted(built.values()) == [["heii_lines"], ["heii_lines"]]
+    finally:
+        c.close()
+        cluster.close()
