@@ -844,7 +844,13 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     # Dask's own statistical profiler samples every worker thread every 10 ms and reads
     # source lines for each frame: a few % of a 2-core machine (seen in a py-spy profile of
     # a scan, reports/performance.md). The nannies hand this config to the worker processes.
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
+    # Dask also starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
+    # adaptive mmap threshold: every large numpy temporary of the preprocessing is then
+    # mmapped, page-faulted and unmapped again, and the stage ran 44 % slower (355 vs 247 ms
+    # per 256 spectra, reports/performance.md). None unsets it (a value the user exported
+    # still reaches the workers through the inherited environment).
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,
