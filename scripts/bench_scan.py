@@ -99,14 +99,14 @@ def bench_naive(paths: list[str], model_version: str | None, models_dir: str | N
 
 
 def bench_scan(release: str, db: str, workers: int, model_version, models_dir, partition_size,
-               batch_size, read_engine: str = "fitsio") -> dict:
+               batch_size, read_engine: str = "fitsio", device: str = "cpu") -> dict:
     from lamost_ostar.catalogue import Catalogue
     from lamost_ostar.scan import run_scan
 
     sink = Catalogue(db)
     t0 = time.perf_counter()
     s = run_scan([release], sink, n_workers=workers, model_version=model_version,
-                 models_dir=models_dir, device="cpu", partition_size=partition_size,
+                 models_dir=models_dir, device=device, partition_size=partition_size,
                  batch_size=batch_size, read_engine=read_engine, progress=False,
                  worker_log=os.path.join(tempfile.gettempdir(), "bench_scan_workers.log"))
     wall = time.perf_counter() - t0
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma list of steps to skip: a,b,sqlite,pg")
     ap.add_argument("--read-engine", default="fitsio", choices=["fitsio", "native", "astropy"],
                     help="reader used by the scanner in (c)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"],
+                    help="inference device of the scan (c) [cpu: the figures in reports/ are CPU]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = list(iter_paths([args.release]))
     n = len(paths)
-    report: dict = {"release": args.release, "files": n, "workers": args.workers,
+    report: dict = {"release": args.release, "files": n, "workers": args.workers, "device": args.device,
                     "read_engine": args.read_engine,
                     "cpu_count": os.cpu_count(), "machine": platform.platform(),
                     "load_avg_start": os.getloadavg()}
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             r = bench_scan(args.release, f"sqlite:///{tmp}/bench.sqlite", args.workers,
                            args.model, args.models_dir, args.partition_size, args.batch_size,
-                           args.read_engine)
+                           args.read_engine, args.device)
         report["c_sqlite"] = r
         print(f"(c)  scan -> SQLite:                {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         url, name = _pg_create(args.pg_url)
         try:
             r = bench_scan(args.release, url, args.workers, args.model, args.models_dir,
-                           args.partition_size, args.batch_size, args.read_engine)
+                           args.partition_size, args.batch_size, args.read_engine, args.device)
         finally:
             _pg_drop(args.pg_url, name)
         report["c_postgresql"] = r
