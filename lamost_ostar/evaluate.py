@@ -764,17 +764,20 @@ def _fgk_text(results: dict) -> str:
 _LEGACY_O_UNITS = ["HD057060+HD209975+o8iii", "HD057061", "o5v", "o9v"]
 
 
+def _o_units(results: dict) -> list[str]:
+    """The O split units behind ``results`` (results written before they were recorded: v1's four)."""
+    return results.get("data", {}).get("o_units") or _LEGACY_O_UNITS
+
+
 def _o_counts(results: dict) -> tuple[int, int]:
     """(real O stars, O split units) behind ``results`` (results without them: the 6 stars of v1)."""
-    data = results.get("data", {})
-    return len(data.get("o_stars") or [0] * 6), len(data.get("o_units") or _LEGACY_O_UNITS)
+    return len(results.get("data", {}).get("o_stars") or [0] * 6), len(_o_units(results))
 
 
 def _o_text(results: dict, cfg: EvalConfig) -> str:
     """The report's sentence on the real O spectra: which stars, units, how realised, GAN input."""
-    data = results.get("data", {})
-    stars = data.get("o_stars")
-    units = data.get("o_units") or _LEGACY_O_UNITS
+    stars = results.get("data", {}).get("o_stars")
+    units = _o_units(results)
     if stars:
         by_src: dict[str, list[str]] = {}
         for rec in stars:
@@ -802,6 +805,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
     """Markdown report: tables next to the paper's numbers, data behind every number."""
     s = summarise(results)
     runs = results["runs"]
+    n_stars, n_units = _o_counts(results)
     L = ["# Evaluation: the paper's protocol on our data", "",
          f"Profile `{cfg.profile}`; {cfg.runs} run(s) per setting (paper: 10), medians over runs. "
          f"Command: `{evaluation_command(cfg)}`. Raw numbers: `results.json`.", "",
@@ -809,7 +813,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
          _o_text(results, cfg) + " " + _fgk_text(results), "",
          "| data set | paper | ours (per run) |", "|---|---|---|"]
     ours = {
-        "1": f"real O of the {_o_counts(results)[1] - 1} training O units, {cfg.n_real_o} realisations/star "
+        "1": f"real O of the {n_units - 1} training O units, {cfg.n_real_o} realisations/star "
              "(recogniser's O class; the GANs train on their high-S/N twins when gan_snr is set)",
         "2": f"real O of the held-out O unit, {cfg.n_real_o} realisations/star (test only)",
         "3": f"O:{cfg.n_small} (DS1 duplicated) + F:{cfg.n_small} (training F stars)",
@@ -826,7 +830,6 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
         for key in ("ds1", "ds2", "fgk_train", "fgk_test"):
             L.append(f"- {key}: {r0[key]}")
         L.append(f"- held-out O unit per run: {', '.join(r['held_out_o'] for r in runs)}")
-    n_stars, n_units = _o_counts(results)
     L += ["", f"Scaling: paper 150/323 real O -> our {n_stars} real O stars ({n_units} split units) x "
           f"{cfg.n_real_o} realisations; 1000 -> {cfg.n_small}; 10000 -> {cfg.n_large}; "
           f"GAN iterations > 2000 -> {cfg.gan_iterations} (checkpoints every {cfg.checkpoint_every}); "
@@ -875,7 +878,7 @@ def render_report(results: dict, cfg: EvalConfig) -> str:
             L += ["", f"**Finding:** on our data the paper's gain is *not* reproduced: a recogniser whose O class "
                   f"is only GAN samples (data set 5) recognises {_pct(la)} of the held-out real O spectra, against "
                   f"{_pct(na)} when trained on the real O spectra of data set 1. With {cfg.gan_iterations} "
-                  f"iterations on the real O stars of {_o_counts(results)[1] - 1} training O units the generators "
+                  f"iterations on the real O stars of {n_units - 1} training O units the generators "
                   "have not learnt LAMOST-like O spectra (see the "
                   "figures; GAN-train stays low: an SVM trained on the samples does not recognise the held-out "
                   "real O stars). GAN-test is at or near 100 % for both GANs, so on our data it does not "

@@ -24,8 +24,11 @@ from pathlib import Path
 #: optional class prefix of a py-spy frame ("OStarStage.predict_proba (stage.py:1002)")
 _M = r"(?:\w+\.)?"
 
-#: pipeline steps: (label, regex on a frame "function (file:line)")
-STEPS: tuple[tuple[str, str], ...] = (
+#: pipeline steps: (label, regex on a frame "function (file:line)"[, "own"]); a step is counted
+#: in a stack when any of its frames matches, or, with "own", when its deepest lamost_ostar
+#: frame does (time in that function's own lines and in non-project code it calls: numpy,
+#: a dataclass __init__)
+STEPS: tuple[tuple[str, ...], ...] = (
     ("start-up in the worker (imports, model load)", rf"^{_M}(get_stage|load_model) \("),
     ("read files (io: fitsio + header + checks)", rf"^{_M}read_items \(.*stage\.py"),
     ("  of which fitsio / cfitsio", r"fitsio/fitslib\.py|fitsio/hdu/"),
@@ -35,10 +38,8 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("  of which compiling (tf.function tracing)", r"^trace_function \(|^_maybe_define_function \("),
     ("stage: He II / line measurements", rf"^{_M}measure_lines \(.*lines\.py"),
     ("stage: decision", rf"^{_M}apply \(.*decision\.py"),
-    # "own:": the deepest lamost_ostar frame of the stack (time in the function's own lines and
-    # in non-project code it calls: numpy, dataclass __init__), not any frame
     ("stage: result records (per spectrum)",
-     rf"own:^{_M}(_classify|evidence_records|spectrum_metadata|failure) \(.*stage\.py"),
+     rf"^{_M}(_classify|evidence_records|spectrum_metadata|failure) \(.*stage\.py", "own"),
     ("sink: write results (SQLAlchemy)", rf"^{_M}write \(.*(catalogue|parquet)\.py"),
     ("sink: resume check (done_paths)", rf"^{_M}done_paths \("),
 )
@@ -71,14 +72,13 @@ def summarise(stacks: Counter, top: int = 25) -> tuple[int, list[tuple[str, int]
     worker = Counter({s: n for s, n in stacks.items() if any("process_partition" in f for f in s)})
     total = sum(worker.values())
     steps = []
-    for label, pattern in STEPS:
-        if pattern.startswith("own:"):
-            rx = re.compile(pattern[4:])
-            hit = lambda s, rx=rx: rx.search(_deepest_own(s))   # noqa: E731
+    for label, pattern, *where in STEPS:
+        rx = re.compile(pattern)
+        if where == ["own"]:
+            n_step = sum(n for s, n in worker.items() if rx.search(_deepest_own(s)))
         else:
-            rx = re.compile(pattern)
-            hit = lambda s, rx=rx: any(rx.search(f) for f in s)   # noqa: E731
-        steps.append((label, sum(n for s, n in worker.items() if hit(s))))
+            n_step = sum(n for s, n in worker.items() if any(rx.search(f) for f in s))
+        steps.append((label, n_step))
     own: Counter = Counter()
     for s, n in worker.items():
         own[re.sub(r"\s+\(", " (", s[-1])] += n

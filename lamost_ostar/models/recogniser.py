@@ -260,7 +260,7 @@ MIN_PADDED_BATCH: int = 16
 def padded_size(n: int, batch_size: int) -> int:
     """Rows a batch of ``n`` is padded to: the next power of two >= ``n`` (at least
     :data:`MIN_PADDED_BATCH`), capped at ``batch_size``."""
-    return max(n, min(int(batch_size), 1 << max(MIN_PADDED_BATCH.bit_length() - 1, (n - 1).bit_length())))
+    return max(n, min(int(batch_size), max(MIN_PADDED_BATCH, 1 << (n - 1).bit_length())))
 
 
 def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
