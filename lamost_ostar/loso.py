@@ -45,7 +45,8 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
-           "evidence", "EVIDENCE_KEYS", "merge_runs", "ensemble_oof", "mix_within_class"]
+           "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "ensemble_oof",
+           "mix_within_class"]
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
@@ -146,12 +147,21 @@ EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma", "heii_ew", "log_wpr
                                    "metal_veto", "heii_4686_emission", "n_heii_lines")
 
 
+#: single lines whose box EW and error are stored too (``ew_<line>``, ``ew_<line>_err``):
+#: the Balmer lines (gravity: hot subdwarfs have broad ones) and the He lines of the O/B boundary
+LINE_KEYS: tuple[str, ...] = ("hdelta", "hgamma", "hbeta", "heii_4686", "heii_4541", "hei_4471")
+
+
 def evidence(prep) -> dict[str, np.ndarray]:
     """He II / He I evidence of a :class:`~lamost_ostar.preprocess.PreparedBatch`."""
     from . import lines
 
     m = lines.measure_lines(prep.flux, prep.ivar, prep.mask)
-    return {k: np.asarray(getattr(m, k), float) for k in EVIDENCE_KEYS}
+    out = {k: np.asarray(getattr(m, k), float) for k in EVIDENCE_KEYS}
+    for name in LINE_KEYS:
+        ew, err = m.ew_of(name)
+        out[f"ew_{name}"], out[f"ew_{name}_err"] = np.asarray(ew, float), np.asarray(err, float)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -401,7 +411,8 @@ def _gan_samples(kind: str, train: LabelledSpectra, gan_input: LabelledSpectra |
 # --------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------
-_META_KEEP = ("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "path") + EVIDENCE_KEYS
+_META_KEEP = (("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "path") + EVIDENCE_KEYS
+              + tuple(f"ew_{n}{e}" for n in LINE_KEYS for e in ("", "_err")))
 
 
 def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None = None,
@@ -571,6 +582,46 @@ def merge_runs(parts: Sequence[str | Path], out_dir: str | Path) -> list[str]:
             shutil.copytree(p / "models", out / "models", dirs_exist_ok=True)
     config = dict(infos[0]["config"], folds=sorted(seen))
     folds = sorted(folds, key=lambda f: f["fold"])
+    (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
+                                                "folds": folds}, indent=1, default=str))
+    return [m.replace("_", "+") for m in models]
+
+
+def pool_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[str]:
+    """Pool complete LOSO runs of different seeds into ``out_dir``.
+
+    Each run must hold every fold of the same protocol (same O split units,
+    same configuration apart from the seed); their out-of-fold arrays are
+    concatenated (a ``run`` column says which) for every model kind present in
+    all of them.  An operating point chosen on the pooled data rests on twice
+    the held-out spectra of one run, and on two independent trainings of every
+    fold.  The **nested** figure of a pooled folder is *not* clean (a B star of
+    fold k in one run may sit in another fold of the other run, whose data
+    then choose fold k's thresholds): quote each run's own nested figure.
+    Returns the model kinds pooled.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [Path(r) for r in runs]
+    infos = [json.loads((r / "folds.json").read_text()) for r in runs]
+    if any(i["o_units"] != infos[0]["o_units"] for i in infos[1:]):
+        raise ValueError("the runs hold different O split units")
+    cfgs = [{k: v for k, v in i["config"].items() if k not in ("seed", "models")} for i in infos]
+    if any(c != cfgs[0] for c in cfgs[1:]):
+        raise ValueError("the runs were made with different configurations")
+    models = sorted(set.intersection(*({f.name[4:-4] for f in r.glob("oof_*.npz")} for r in runs)))
+    for m in models:
+        got = [load_oof(r / f"oof_{m}.npz") for r in runs]
+        keys = set.intersection(*(set(g) for g in got)) - {"classes", "run"}
+        merged = {k: np.concatenate([g[k] for g in got]) for k in keys}
+        merged["run"] = np.concatenate([np.full(len(g["label"]), i) for i, g in enumerate(got)])
+        merged["classes"] = got[0]["classes"]
+        tmp = out / f"oof_{m}.tmp.npz"
+        np.savez_compressed(tmp, **merged)
+        tmp.replace(out / f"oof_{m}.npz")
+    config = dict(infos[0]["config"], seed=[i["config"].get("seed") for i in infos],
+                  pooled_runs=[str(r) for r in runs])
+    folds = [dict(f, run=i) for i, info in enumerate(infos) for f in info["folds"]]
     (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
                                                 "folds": folds}, indent=1, default=str))
     return [m.replace("_", "+") for m in models]

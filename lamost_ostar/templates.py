@@ -32,9 +32,9 @@ libraries (``../shared/data/libraries``, see ``SOURCES.md`` there):
   slope (normalised to ~1 near 4500 A; the O9 V standard has F(4000)/F(5500)
   = 3.1, Pickles o9v 3.4), ``libr36`` is rectified (continuum = 1); both are
   available in full through :func:`load_mkclass`.  They are averages of MK
-  standard stars, some of which are library stars too (e.g. HD036512 B0V,
-  HD047839 O7V, HD030614 O9.5Ia are classical MK standards): their ``star``
-  ids do not say so.
+  standard stars, some of which are library stars too (e.g. HD036512, the
+  old system's B0 V anchor, HD047839 O7V, HD030614 O9.5Ia are classical MK
+  standards): their ``star`` ids do not say so.
 
 Fluxes are normalised to a median of 1 over each template's valid pixels and
 stored as float16 (relative precision 4.9e-4; loaded as float32).
@@ -49,7 +49,9 @@ both MILES and STELIB.
 Real O-type spectra: MILES HD057060 (O7Ia), HD057061 (O9Ib), HD209975 (O8Ib);
 STELIB HD030614 (O9.5Iae), HD046223 (O5e; modern type O4V((f)), used for
 subtype/lumclass), HD047129 (O8V+, Plaskett's star), HD047839 (O7Ve),
-HD093250 (O6/O7; modern O4III, used), HD188209 (O9.5Ib), HD269698 (O5e, LMC);
+HD093250 (O6/O7; modern O4III, used), HD188209 (O9.5Ib), HD269698 (O5e, LMC),
+HD036512 (upsilon Ori: STELIB B0V, the modern GOSSS type O9.7V used -- its He II
+4541 absorption is as strong as the O9.5 stars'; see ``scripts/build_templates.py``);
 Pickles o5v, o8iii, o9v; plus the MKCLASS O4-O9 standard averages.
 """
 from __future__ import annotations

@@ -38,8 +38,9 @@ Steps (see :mod:`lamost_ostar.templates` for the result):
    convolution over the good native pixels, and a grid pixel is ``valid`` only
    if no missing native pixel lies within 3 sigma of the kernel (and the
    kernel is inside the native range); invalid pixels hold flux 0.  Modern
-   types replace the subtype/luminosity class of HD046223 (O4V((f))) and
-   HD093250 (O4III) (``spt`` keeps the STELIB type).  WN/WC types are
+   types replace the class/subtype/luminosity class of HD046223 (O4V((f))),
+   HD093250 (O4III) and HD036512 (O9.7V, STELIB's B0V: see ``MODERN_TYPES``)
+   (``spt`` keeps the STELIB type).  WN/WC types are
    ``kind="wr"``, DA/DC ``kind="wd"`` (both ``mk="X"``), ``sd`` types
    ``kind="cool_subdwarf"``.
 5. MKCLASS standards (``libnor36``, flux-normalised, 3800-5600 A air, FWHM
@@ -97,7 +98,14 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 _LUM_NUM = {"Ia0": 1.0, "Ia": 1.0, "Iab": 1.0, "Ib": 1.0, "I": 1.0, "II": 2.0,
             "III": 3.0, "IV": 4.0, "V": 5.0, "VI": 5.0}
 #: Modern types (SOURCES.md) used for subtype / luminosity class.
-MODERN_TYPES = {"HD046223": ("O4V((f))", 4.0, "V"), "HD093250": ("O4III", 4.0, "III")}
+#: Value: (modern type, class letter, subtype, luminosity class).  HD036512
+#: (upsilon Ori) is the B0 V anchor of the old MK system and O9.7 V in the modern
+#: (Galactic O-Star Spectroscopic Survey, Sota et al. 2011) system; its STELIB
+#: spectrum has He II 4541 absorption (box EW 0.28 A on the noise-free template)
+#: as strong as the O9.5 stars HD030614 (0.20 A) and HD188209 (0.24 A), while
+#: every B0.5-B1 template has <= 0.05 A: it is an O star here.
+MODERN_TYPES = {"HD046223": ("O4V((f))", "O", 4.0, "V"), "HD093250": ("O4III", "O", 4.0, "III"),
+                "HD036512": ("O9.7V", "O", 9.7, "V")}
 #: MILES names whose STELIB counterpart carries a component letter.
 STAR_ALIASES = {"HD048682": "HD048682A"}
 #: MKCLASS (NutMaat encoding): type code of the integer subtypes; the code in
@@ -399,7 +407,7 @@ def read_stelib(folder: Path) -> list[dict]:
         letter, sub, lum = parse_spectral_type(spt)
         sid = star_id(stem)
         if sid in MODERN_TYPES:
-            _, sub, lum = MODERN_TYPES[sid]
+            _, letter, sub, lum = MODERN_TYPES[sid]
         kind, mk = _kind_and_class(spt, letter, lum, stem)
         if mk == IMPOSTOR:
             sub, lum = float("nan"), ""

@@ -8,6 +8,7 @@ Usage::
     python scripts/evaluate_loso.py --out reports/loso --reanalyse    # tables/report from the saved OOF data
     python scripts/evaluate_loso.py --out runs/loso --reanalyse --merge runs/loso_a,runs/loso_b \
         --ensemble cnn2d,lr2                                          # parallel halves + an ensemble
+    python scripts/evaluate_loso.py --out runs/loso_pooled --reanalyse --pool runs/loso_s0,runs/loso_s1
 
 Same as ``lamost-ostar evaluate --protocol loso`` with progress printed.  Every
 real O star of the template library is held out in turn (see
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", default=None,
                     help="with --reanalyse: comma-separated run folders of disjoint folds (run in parallel) "
                          "merged into --out first")
+    ap.add_argument("--pool", default=None,
+                    help="with --reanalyse: comma-separated complete runs of different seeds (merged, with "
+                         "their ensembles) pooled into --out first: the operating point on twice the data")
     ap.add_argument("--ensemble", action="append", default=[],
                     help="with --reanalyse: comma-separated model kinds whose calibrated log probabilities "
                          "are averaged into a model 'ens-A-B' (repeatable)")
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.reanalyse:
         if args.merge:
             loso.merge_runs(args.merge.split(","), args.out)
+        if args.pool:
+            loso.pool_runs(args.pool.split(","), args.out)
         for members in args.ensemble:
             loso.ensemble_oof(args.out, members.split(","))
         prev = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}

@@ -139,6 +139,33 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     assert set(res["models"]) == {"cnn2", "lr2", name}
 
 
+def test_pool_runs_of_two_seeds(tiny_run, tmp_path):
+    """Complete runs of two seeds pool into one folder (a run column), refused for other O units."""
+    import shutil
+
+    out, _ = tiny_run
+    a, b = tmp_path / "s0", tmp_path / "s1"
+    shutil.copytree(out, a)
+    shutil.copytree(out, b)
+    f = json.loads((b / "folds.json").read_text())
+    f["config"]["seed"] = 1
+    (b / "folds.json").write_text(json.dumps(f))
+    pooled = tmp_path / "pooled"
+    assert sorted(loso.pool_runs([a, b], pooled)) == ["cnn2", "lr2"]
+    one, both = loso.load_oof(a / "oof_lr2.npz"), loso.load_oof(pooled / "oof_lr2.npz")
+    assert len(both["label"]) == 2 * len(one["label"])
+    assert np.array_equal(np.unique(both["run"], return_counts=True)[1], [len(one["label"])] * 2)
+    assert json.loads((pooled / "folds.json").read_text())["config"]["seed"] == [0, 1]
+    # the single-line EWs stored for every test spectrum travel with the pool
+    assert "ew_hgamma" in both and "ew_heii_4541_err" in both
+    res = loso.analyse(pooled, ["lr2"], loso.CLASSES_8)
+    assert res["models"]["lr2"]["n"]["o"] == 2 * int(np.sum(one["set"] == "o"))
+    f["o_units"] = f["o_units"][:-1]
+    (b / "folds.json").write_text(json.dumps(f))
+    with pytest.raises(ValueError, match="O split units"):
+        loso.pool_runs([a, b], tmp_path / "bad")
+
+
 def test_an_ensemble_detector_is_trained_registered_and_scans(tiny_run, tmp_path):
     """train_detector(model_kind='ens-A-B') trains both members and ships their mean as one model."""
     import shutil

@@ -30,6 +30,7 @@ STELIB_O = {  # star: (type as given, subtype, luminosity class used, E(B-V) = A
     "HD093250": ("O6/O7", 4.0, "III", 1.58 / 3.1),   # modern type O4III
     "HD188209": ("O9.5Ib", 9.5, "Ib", 0.7 / 3.1),
     "HD269698": ("O5e", 5.0, "", 0.0),
+    "HD036512": ("B0V", 9.7, "V", 0.4 / 3.1),             # modern type O9.7V (upsilon Ori, GOSSS)
 }
 
 
@@ -75,18 +76,19 @@ def test_counts_per_class_source_and_kind(lib):
     def n(mk, source):
         return int(np.sum((lib.mk == mk) & (lib.source == source)))
 
-    assert (n("O", "miles"), n("O", "stelib"), n("O", "pickles"), n("O", "mkclass")) == (3, 7, 3, 18)
-    assert (n("B", "miles"), n("B", "stelib"), n("B", "pickles"), n("B", "mkclass")) == (55, 29, 19, 36)
+    assert (n("O", "miles"), n("O", "stelib"), n("O", "pickles"), n("O", "mkclass")) == (3, 8, 3, 18)
+    # STELIB: 7 O stars + HD036512 (B0V there, O9.7V in the modern system) of its 29 "B" stars
+    assert (n("B", "miles"), n("B", "stelib"), n("B", "pickles"), n("B", "mkclass")) == (55, 28, 19, 36)
     assert lib.counts()["X"] == 9 and n("X", "stelib") == 8 and n("X", "miles") == 1
     assert all(lib.counts()[k] >= 20 for k in "BAFGKM")
     assert np.sum(lib.source == "pickles") == 108
     assert np.sum(lib.source == "stelib") == 255
     assert np.sum(lib.source == "miles") == 941
     assert np.sum(lib.source == "mkclass") == 54             # O4 ... B9 of libnor36
-    # stars, not files: 10 real O stars in MILES + STELIB, 78 B stars (5 shared, 1 lp/ss pair)
+    # stars, not files: 11 real O stars in MILES + STELIB, 77 B stars (5 shared, 1 lp/ss pair)
     ob = lib.select(source=("miles", "stelib"))
-    assert len(set(ob.star[ob.mk == "O"])) == 10
-    assert len(set(ob.star[ob.mk == "B"])) == 55 + 28 - 5
+    assert len(set(ob.star[ob.mk == "O"])) == 11
+    assert len(set(ob.star[ob.mk == "B"])) == 55 + 27 - 5
     kinds = {k: int(np.sum(lib.kind == k)) for k in KINDS}
     assert kinds == {"normal": 1335, "wr": 6, "wd": 2, "hot_subdwarf": 1, "cool_subdwarf": 14}
     assert set(lib.mk[np.isin(lib.kind, ["wr", "wd", "hot_subdwarf"])]) == {IMPOSTOR}
@@ -113,11 +115,13 @@ def test_stelib_o_stars(lib):
     for star, (spt, sub, lum, ebv) in STELIB_O.items():
         i = lib.index(f"stelib:{star}")
         assert lib.star[i] == star and lib.kind[i] == "normal"
-        assert (lib.spt[i], float(lib.subtype[i]), lib.lumclass[i]) == (spt, sub, lum)
+        assert (lib.spt[i], lib.lumclass[i]) == (spt, lum)
+        assert float(lib.subtype[i]) == pytest.approx(sub, abs=1e-6)
         assert lib.ebv[i] == pytest.approx(ebv, abs=1e-6)
         assert lib.resolution[i] == pytest.approx(4500 / 3.4, rel=1e-4)
-    # all real O stars: MILES + STELIB + Pickles = 13 templates
-    assert len(lib.select(mk="O", source=("miles", "stelib", "pickles"))) == 13
+    # all real O stars: MILES 3 + STELIB 8 (with HD036512, O9.7 V) + Pickles 3 = 14 templates
+    assert len(lib.select(mk="O", source=("miles", "stelib", "pickles"))) == 14
+    assert "stelib:HD036512" not in set(lib.select(mk="B").name)
 
 
 def test_impostors(lib):
