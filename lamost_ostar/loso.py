@@ -627,6 +627,27 @@ def pool_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[str]:
     return [m.replace("_", "+") for m in models]
 
 
+#: figures of one rule that :func:`per_run_summary` keeps
+SUMMARY_KEYS: tuple[str, ...] = ("o_recall_star_averaged_snr_ge_10", "false_o_per_million", "b_to_o",
+                                 "b0_b1_to_o", "x_to_o", "real_lamost_candidates")
+
+
+def per_run_summary(runs: Sequence[str | Path]) -> dict:
+    """Each pooled run's own operating-point and nested figures (from its ``results.json``).
+
+    ``{"seed <s>": {model: {"operating_point": {...}, "nested": {...}}}}``: the
+    clean nested figure of every run, which a pooled folder cannot give.
+    """
+    out: dict[str, dict] = {}
+    for r in runs:
+        res = json.loads((Path(r) / "results.json").read_text())
+        key = f"seed {res.get('config', {}).get('seed')}"
+        out[key] = {m: {rule: {k: v["tables"][rule].get(k) for k in SUMMARY_KEYS}
+                        for rule in ("operating_point", "nested") if rule in v["tables"]}
+                    for m, v in res.get("models", {}).items()}
+    return out
+
+
 def ensemble_oof(out_dir: str | Path, members: Sequence[str], name: str | None = None) -> str:
     """An ensemble's out-of-fold data from its members': ``oof_<name>.npz``.
 

@@ -477,7 +477,7 @@ def decision_from_loso(results: dict, model_kind: str = "cnn2"):
     if op.get("min_posterior") is None:
         raise ValueError(f"the LOSO run found no operating point for {model_kind}")
     classes = list(results["config"]["recipe"]["classes"])
-    n_folds = len(results.get("folds", []))
+    n_folds = len({f["fold"] for f in results.get("folds", [])})
     chosen = (f"leave-one-star-out, {n_folds} folds ({len(results.get('o_units', []))} O units): "
               "maximum star-averaged O recall at S/N >= 10 with <= 100 false O per million non-O "
               "(survey-preset mock of held-out stars), 0 candidates among the real LAMOST files "
@@ -488,6 +488,10 @@ def decision_from_loso(results: dict, model_kind: str = "cnn2"):
     if nested:
         figures["nested"] = {k: nested.get(k) for k in ("o_recall_star_averaged_snr_ge_10", "false_o_per_million",
                                                         "b_to_o", "b0_b1_to_o", "real_lamost_candidates")}
+    per_run = {run: figs[model_kind] for run, figs in (results.get("per_run") or {}).items() if model_kind in figs}
+    if per_run:
+        chosen = f"pooled runs ({', '.join(per_run)}), " + chosen
+        figures["per_run"] = per_run
     dec = Decision.from_operating_point(classes, op, chosen_on=chosen, figures=figures)
     return dec, float(r["temperature"])
 

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         if "folds" not in res and folds_file.exists():
             f = json.loads(folds_file.read_text())
             res.update(config=f["config"], o_units=f["o_units"], folds=f["folds"])
+        if args.pool:
+            res["per_run"] = loso.per_run_summary(args.pool.split(","))
         (args.out / "results.json").write_text(json.dumps(res, indent=1, default=loso._json_default))
         (args.out / "report.md").write_text(loso.render_report(res))
         print(f"report: {args.out / 'report.md'}")

@@ -160,6 +160,9 @@ def test_pool_runs_of_two_seeds(tiny_run, tmp_path):
     assert "ew_hgamma" in both and "ew_heii_4541_err" in both
     res = loso.analyse(pooled, ["lr2"], loso.CLASSES_8)
     assert res["models"]["lr2"]["n"]["o"] == 2 * int(np.sum(one["set"] == "o"))
+    per_run = loso.per_run_summary([a])                         # each run's own (clean) nested figures
+    assert set(per_run) == {"seed 0"} and "operating_point" in per_run["seed 0"]["lr2"]
+    assert set(per_run["seed 0"]["lr2"]["operating_point"]) == set(loso.SUMMARY_KEYS)
     f["o_units"] = f["o_units"][:-1]
     (b / "folds.json").write_text(json.dumps(f))
     with pytest.raises(ValueError, match="O split units"):
