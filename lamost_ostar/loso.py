@@ -144,7 +144,7 @@ class LosoConfig:
 # --------------------------------------------------------------------------
 #: evidence arrays stored for every test spectrum
 EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma", "heii_ew", "log_wprime", "heii_detected",
-                                   "metal_veto", "heii_4686_emission", "n_heii_lines")
+                                   "metal_veto", "heii_4686_emission", "n_heii_lines", "sdo_index")
 
 
 #: single lines whose box EW and error are stored too (``ew_<line>``, ``ew_<line>_err``):
@@ -717,14 +717,21 @@ def _subtype(sub: np.ndarray) -> np.ndarray:
 SHARPEN_GRID: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
 
 
-def _select(probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes, subset, max_fpm, **grid) -> dict:
-    """The best operating point over the sharpening grid, on the spectra in ``subset``."""
+def _select(probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes, subset, max_fpm, veto=None,
+            **grid) -> dict:
+    """The best operating point over the sharpening grid, on the spectra in ``subset``.
+
+    ``veto`` (bool array): spectra that no threshold can make candidates (the
+    hot-subdwarf veto, applied before the thresholds are chosen).
+    """
     from .models.decision import Decision, choose_operating_point
 
     best = None
     o = classes.index("O")
     for k in grid.pop("sharpen_grid", SHARPEN_GRID):
         post = Decision.balanced(classes, sharpen=k).posterior(probs)[:, o]
+        if veto is not None:
+            post = np.where(veto, 0.0, post)
         so, ss, sr, sb = (subset & m for m in (is_o, surv, real, b_ok))
         op = choose_operating_point(post[so], heii[so], star[so], o_ok[so], post[ss], heii[ss], w[ss],
                                     post[sr], heii[sr], b_posterior=post[sb], b_heii=heii[sb],
@@ -745,10 +752,16 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     ships), ``nested`` (for every fold the rule chosen on the *other* folds,
     applied to it: the figure that does not profit from choosing the
     thresholds on the same stars), and ``no_he_ii`` (the best posterior-only
-    cut).
+    cut).  Where the out-of-fold data hold the hot-subdwarf index
+    (``sdo_index``, or the single-line EWs it is made of) the operating point
+    and the nested rule include the hot-subdwarf veto, its threshold set on
+    the O spectra of the same folds as the other thresholds (99th percentile,
+    :func:`lamost_ostar.models.decision.sdo_veto_threshold`); ``no_sdo_veto``
+    and ``nested_no_sdo_veto`` are the same without it.
     """
+    from .lines import sdo_index
     from .models.calibration import fit_temperature
-    from .models.decision import Decision
+    from .models.decision import Decision, sdo_veto_threshold, sdo_vetoed
 
     out = Path(out_dir)
     res: dict[str, Any] = {"models": {}}
@@ -781,32 +794,55 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
+        if "sdo_index" in d:
+            sdo = d["sdo_index"].astype(float)
+        elif "ew_hdelta" in d:
+            sdo = sdo_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float),
+                            d["ew_heii_4686"].astype(float))
+        else:
+            sdo = None
         args = (probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes)
         everything = np.ones(len(y), bool)
-        op = _select(*args, everything, max_false_per_million)
+
+        def chosen(subset, with_veto=True):
+            """Operating point on ``subset`` (with the veto set on its O spectra)."""
+            thr = sdo_veto_threshold(sdo[is_o & subset]) if (with_veto and sdo is not None) else None
+            p = _select(*args, subset, max_false_per_million, veto=None if thr is None else sdo_vetoed(sdo, thr))
+            p["max_sdo_index"] = thr
+            return p
+
+        op = chosen(everything)
         op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
         rules = {"argmax": argmax_o}
-        for name, p in (("operating_point", op), ("no_he_ii", op_cnn)):
+        variants = [("operating_point", op), ("no_he_ii", op_cnn)]
+        if op.get("max_sdo_index") is not None:
+            variants.append(("no_sdo_veto", chosen(everything, with_veto=False)))
+        for name, p in variants:
             if p.get("min_score") is None and p.get("min_posterior") is None:
                 continue
             rule = Decision.from_operating_point(classes, p)
-            rules[name] = rule.apply(probs, heii).is_candidate
+            rules[name] = rule.apply(probs, heii, sdo).is_candidate
             if name == "operating_point" and (rule.heii_weight or rule.min_heii_sigma is not None):
                 # the same threshold without the He II evidence: what the combination buys
                 rules["operating_point_posterior_only"] = \
                     rule.posterior(probs)[:, classes.index("O")] >= p["min_posterior"]
-        # nested: each fold judged by the rule chosen on the other folds
-        nested = np.zeros(len(y), bool)
+        # nested: each fold judged by the rule (and veto) chosen on the other folds
         nested_ops = {}
         if len(np.unique(fold)) > 1:
-            for f in np.unique(fold):
-                p = _select(*args, fold != f, max_false_per_million)
-                nested_ops[int(f)] = p
-                if p.get("min_score") is None and p.get("min_posterior") is None:
+            for tag, with_veto in (("nested", True), ("nested_no_sdo_veto", False)):
+                if not with_veto and op.get("max_sdo_index") is None:
                     continue
-                rule = Decision.from_operating_point(classes, p)
-                nested[fold == f] = rule.apply(probs[fold == f], heii[fold == f]).is_candidate
-            rules["nested"] = nested
+                nested = np.zeros(len(y), bool)
+                for f in np.unique(fold):
+                    p = chosen(fold != f, with_veto)
+                    if with_veto:
+                        nested_ops[int(f)] = p
+                    if p.get("min_score") is None and p.get("min_posterior") is None:
+                        continue
+                    rule = Decision.from_operating_point(classes, p)
+                    nested[fold == f] = rule.apply(probs[fold == f], heii[fold == f],
+                                                   None if sdo is None else sdo[fold == f]).is_candidate
+                rules[tag] = nested
         tables = {}
         for rname, cand in rules.items():
             tables[rname] = _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv,
@@ -819,6 +855,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             med[_bin_label(lo, hi)] = {"n": int(sel.sum()),
                                        "median_p_o": float(np.median(probs[sel, classes.index("O")])) if sel.any() else None}
         res["models"][m] = {"temperature": t, "operating_point": op, "operating_point_without_he_ii": op_cnn,
+                            "operating_point_without_sdo_veto": dict(variants).get("no_sdo_veto"),
                             "nested_operating_points": nested_ops,
                             "tables": tables, "p_o_by_ebv": med,
                             "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
@@ -845,13 +882,13 @@ def _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv, subtype, labe
     t["b0_b1_to_o"] = _rate(cand[early])
     t["b2_plus_to_o"] = _rate(cand[is_b & ~(subtype < 2)])
     t["x_to_o"] = _rate(cand[is_x])
-    t["x_to_o_by_kind"] = {k: _rate(cand[is_x & (kind == k)]) for k in np.unique(kind[is_x])}
+    t["x_to_o_by_kind"] = {str(k): _rate(cand[is_x & (kind == k)]) for k in np.unique(kind[is_x])}
     ws = w[surv]
     fpm = 1e6 * float(np.sum(ws * cand[surv])) / max(float(ws.sum()), 1e-300) if surv.any() else None
     t["false_o_per_million"] = fpm
     t["survey_false_o_count"] = int(np.sum(cand[surv]))
     t["survey_n"] = int(surv.sum())
-    t["survey_false_o_by_class"] = {c: int(np.sum(cand[surv & (label == c)])) for c in np.unique(label[surv])}
+    t["survey_false_o_by_class"] = {str(c): int(np.sum(cand[surv & (label == c)])) for c in np.unique(label[surv])}
     t["real_lamost_candidates"] = int(np.sum(cand[real]))
     t["real_lamost_n"] = int(real.sum())
     t["real_lamost_candidate_stars"] = sorted(np.unique(star[real & cand]).tolist())
@@ -925,21 +962,27 @@ def render_report(results: dict) -> str:
               "Operating point: chosen on these out-of-fold data (false O <= 100 per million, 0 real LAMOST",
               "candidates, <= 5 % of B at S/N >= 10 called O, maximising the star-averaged O recall at S/N >= 10);",
               "the **nested** row judges every fold by the rule chosen on the other folds only -- the figure",
-              "that does not profit from choosing thresholds on the stars it is scored on.", "",
+              "that does not profit from choosing thresholds on the stars it is scored on. The rules include",
+              "the hot-subdwarf veto (sdO index = mean EW(H-delta, H-gamma) + 2 EW(He II 4686) above the 99th",
+              "percentile of the O spectra of the folds that choose the rule); the 'no hot-subdwarf veto' rows",
+              "are the same choice without it.", "",
               "| model | rule | O recall, star-avg, S/N>=10 | O recall, star-avg, all | B->O | B0-B1->O | X->O | false O per million | real LAMOST candidates |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, r in models.items():
-        for rule in ("argmax", "no_he_ii", "operating_point", "nested"):
+        for rule in ("argmax", "no_he_ii", "no_sdo_veto", "nested_no_sdo_veto", "operating_point", "nested"):
             t = r["tables"].get(rule)
             if t is None:
                 continue
-            op = r["operating_point"] if rule in ("operating_point", "nested") else \
-                r.get("operating_point_without_he_ii", {})
+            op = {"operating_point": r["operating_point"], "nested": r["operating_point"],
+                  "no_sdo_veto": r.get("operating_point_without_sdo_veto") or {},
+                  "nested_no_sdo_veto": {}}.get(rule, r.get("operating_point_without_he_ii", {}))
             desc = {"argmax": "arg-max class O",
                     "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g} (sharpen {op.get('sharpen', 1):g})",
+                    "no_sdo_veto": _rule_words(op) + ", no hot-subdwarf veto",
+                    "nested_no_sdo_veto": "nested, no hot-subdwarf veto",
                     "operating_point": _rule_words(op),
                     "nested": "**nested**: each fold by the rule chosen on the other folds"}[rule]
-            if rule not in ("argmax", "nested") and not op.get("feasible", True):
+            if rule not in ("argmax", "nested", "nested_no_sdo_veto") and not op.get("feasible", True):
                 desc += " (targets not met)"
             lines.append(f"| {m} | {desc} | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "
                          f"{_pct(t['o_recall_star_averaged'])} | {_pct(t['b_to_o'])} | {_pct(t['b0_b1_to_o'])} | "
@@ -984,6 +1027,8 @@ def _rule_words(op: dict) -> str:
         words += f" (sharpen {op['sharpen']:g})"
     if op.get("min_heii_sigma") is not None:
         words += f", He II >= {op['min_heii_sigma']:g} sigma"
+    if op.get("max_sdo_index") is not None:
+        words += f", sdO index <= {op['max_sdo_index']:.2f} A"
     return words
 
 

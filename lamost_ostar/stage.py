@@ -161,11 +161,11 @@ FLAG_NAMES: dict[int, str] = {
 
 #: Lines whose box EW and error every result stores (``ew_<line>``, ``ew_<line>_err``).
 EVIDENCE_LINES: tuple[str, ...] = ("heii_4200", "heii_4541", "heii_4686", "heii_5411", "hei_4026",
-                                   "hei_4471", "hei_4922", "hgamma", "hbeta")
+                                   "hei_4471", "hei_4922", "hdelta", "hgamma", "hbeta")
 #: Combined evidence every result stores (see :class:`lamost_ostar.lines.HeEvidence`).
 EVIDENCE_COMBINED: tuple[str, ...] = ("heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err",
                                       "hei_sigma", "log_wprime", "n_heii_lines", "heii_detected",
-                                      "heii_4686_emission", "metal_veto")
+                                      "heii_4686_emission", "metal_veto", "sdo_index")
 #: Keys of :attr:`StageResult.evidence`, in order.
 EVIDENCE_FIELDS: tuple[str, ...] = EVIDENCE_COMBINED + tuple(
     f"ew_{n}{e}" for n in EVIDENCE_LINES for e in ("", "_err"))
@@ -525,12 +525,13 @@ _EVIDENCE_DESCRIPTIONS = {
     "heii_detected": "He II detected by the lines module's rule",
     "heii_4686_emission": "He II 4686 in emission",
     "metal_veto": "a cool-star metal line is too strong for an O star",
+    "sdo_index": "hot-subdwarf index: mean EW(H-delta, H-gamma) + 2 EW(He II 4686), box EWs",
 }
 
 
 def _evidence_field(name: str) -> "OutputField":
     kind = "bool" if name in _EVIDENCE_BOOL else "int" if name == "n_heii_lines" else "float"
-    is_ew = name.startswith("ew_") or name in ("heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err")
+    is_ew = name.startswith("ew_") or name in ("heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err", "sdo_index")
     desc = _EVIDENCE_DESCRIPTIONS.get(name)
     if desc is None and name.startswith("ew_"):
         line = name[3:].removesuffix("_err")
@@ -1075,7 +1076,8 @@ class OStarStage:
         flags |= np.where(np.asarray(meas.heii_4686_emission, bool), FLAG_HEII_EMISSION, 0)
         evid = evidence_records(meas)
         has_o = "O" in self.decision.classes and self.decision.classes == list(self.classes)
-        verdict = self.decision.apply(np.where(probs_ok[:, None], probs, 0.0), heii) if has_o else None
+        verdict = (self.decision.apply(np.where(probs_ok[:, None], probs, 0.0), heii,
+                                       np.asarray(meas.sdo_index, dtype=np.float64)) if has_o else None)
 
         out: list[StageResult] = []
         for k, s in enumerate(spectra):

@@ -96,3 +96,27 @@ def test_decision_imports_no_keras():
             "print('keras' in sys.modules or 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_hot_subdwarf_veto_drops_high_gravity_he_ii_spectra():
+    """max_sdo_index drops spectra above it (NaN passes); its threshold comes from O spectra alone."""
+    from lamost_ostar.models.decision import SDO_PERCENTILE, sdo_veto_threshold, sdo_vetoed
+
+    d = Decision.balanced(CLASSES, min_posterior=0.5, max_sdo_index=5.0)
+    probs = np.zeros((3, 8))
+    probs[:, 0] = 1 - 1e-9
+    probs[:, 1] = 1e-9
+    out = d.apply(probs, np.zeros(3), np.array([4.0, 6.5, np.nan]))
+    assert out.is_candidate.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="sdo_index"):
+        d.apply(probs, np.zeros(3))
+    assert "hot-subdwarf" in d.describe()
+    assert Decision.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    # 1 % of the O spectra above the threshold, by construction
+    o = np.random.default_rng(0).normal(2.5, 1.0, 10_000)
+    thr = sdo_veto_threshold(np.concatenate([o, [np.nan]]))
+    assert np.mean(sdo_vetoed(o, thr)) == pytest.approx(1 - SDO_PERCENTILE / 100, abs=1e-3)
+    assert sdo_veto_threshold(np.array([np.nan])) is None and sdo_vetoed(o, None) is False
+    # an operating point's threshold travels into the decision
+    op = {"min_posterior": 0.5, "max_sdo_index": 6.2}
+    assert Decision.from_operating_point(CLASSES, op).max_sdo_index == 6.2

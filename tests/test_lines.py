@@ -281,3 +281,20 @@ def test_real_lamost_spectra_have_no_heii(shared_data):
     assert len(m) >= 0.9 * len(files)
     assert not m.heii_detected.any()        # none of them is an O star (SOURCES.md)
     assert np.nanmedian(m.heii_sigma) < 0.5
+
+
+def test_sdo_index_separates_the_he_rich_subdwarf_from_o_stars():
+    """mean EW(H-delta, H-gamma) + 2 EW(He II 4686): Feige 110 above every O template (noise-free)."""
+    from lamost_ostar.templates import load_templates
+
+    assert L.sdo_index(np.array([4.0, np.nan, np.nan]), np.array([3.0, 2.0, np.nan]),
+                           np.array([1.0, 0.5, 0.5])).tolist()[:2] == [5.5, 3.0]
+    assert np.isnan(L.sdo_index(np.array([np.nan]), np.array([np.nan]), np.array([1.0]))[0])
+    lib = load_templates()
+    sel = np.flatnonzero(np.isin(lib.mk, ["O"]) | (lib.name == "stelib:Feige110"))
+    valid = np.asarray(lib.valid)[sel]
+    m = L.measure_lines(np.asarray(lib.flux)[sel].astype(float), np.where(valid, 1e4, 0.0), ~valid)
+    assert "sdo_index" in L.EVIDENCE_FIELDS and len(m.sdo_index) == len(sel)
+    feige = m.sdo_index[lib.name[sel] == "stelib:Feige110"][0]
+    o = m.sdo_index[lib.mk[sel] == "O"]
+    assert feige > 6.0 and np.nanmax(o) < 5.0

@@ -30,6 +30,15 @@ strong He II rescues an O star the network half-confuses with a B star, and a
 B supergiant the network calls O is dropped when its spectrum shows no He II.
 A spectrum whose He II lines cannot be measured (masked) counts as
 ``heii_sigma = 0`` in the score and fails a ``min_heii_sigma`` gate.
+
+He-rich hot subdwarfs (sdO/sdOB) show He II too, and the classifier, having
+seen one such star, cannot learn them: the **hot-subdwarf veto**
+``max_sdo_index`` drops a spectrum whose ``sdo_index`` (mean EW of H-delta
+and H-gamma + 2 EW(He II 4686), :func:`lamost_ostar.lines.sdo_index`: broad
+Balmer lines *and* strong He II 4686, a high-gravity star) is above the 99th
+percentile of held-out O-star spectra -- a threshold set on O stars alone, so
+that it costs 1 % of them by construction and was never fitted to an
+impostor.  A NaN index (lines not measurable) passes.
 (``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
 ``posterior_o >= min_posterior``.)
 
@@ -52,6 +61,9 @@ __all__ = [
     "sharpened",
     "o_score",
     "choose_operating_point",
+    "SDO_PERCENTILE",
+    "sdo_veto_threshold",
+    "sdo_vetoed",
 ]
 
 #: Class fractions of a LAMOST low-resolution release used as the survey prior:
@@ -135,6 +147,9 @@ class Decision:
         Dex of survey-prior odds per sigma of He II absorption in the score.
     min_score : float or None
         Minimum O score; None = the plain posterior cut ``min_posterior``.
+    max_sdo_index : float or None
+        Hot-subdwarf veto: spectra with ``sdo_index`` above it are not
+        candidates (NaN passes); None = not used.
     sharpen : float
         The decision's probabilities are ``p**sharpen`` renormalised, i.e. the
         softmax at temperature ``T / sharpen`` instead of the calibration
@@ -155,6 +170,7 @@ class Decision:
     heii_weight: float = 0.0
     min_score: float | None = None
     sharpen: float = 1.0
+    max_sdo_index: float | None = None
     chosen_on: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     kind: str = "rule"
@@ -183,10 +199,13 @@ class Decision:
         """``(N, C)`` posteriors at the survey prior (of the sharpened probabilities)."""
         return prior_adjust(sharpened(probs, self.sharpen), self.classes, self.train_prior, self.survey_prior)
 
-    def apply(self, probs: np.ndarray, heii_sigma: np.ndarray | None = None) -> DecisionOutput:
-        """Apply the rule to ``probs`` (``(N, C)``, training prior) and the He II evidence.
+    def apply(self, probs: np.ndarray, heii_sigma: np.ndarray | None = None,
+              sdo_index: np.ndarray | None = None) -> DecisionOutput:
+        """Apply the rule to ``probs`` (``(N, C)``, training prior) and the line evidence.
 
-        ``heii_sigma`` NaN (lines not measurable) fails the He II test.
+        ``heii_sigma`` NaN (lines not measurable) fails the He II test;
+        ``sdo_index`` (needed when the rule has ``max_sdo_index``) NaN passes
+        the hot-subdwarf veto.
         """
         probs = np.asarray(probs, dtype=np.float64)
         post = self.posterior(probs)[:, self.o_index] if len(probs) else np.zeros(0)
@@ -204,6 +223,10 @@ class Decision:
             ok &= probs[:, self.o_index] >= self.min_p_o
         if self.min_heii_sigma is not None:
             ok &= np.isfinite(z) & (z >= self.min_heii_sigma)
+        if self.max_sdo_index is not None:
+            if sdo_index is None:
+                raise ValueError("this decision needs the hot-subdwarf index (sdo_index)")
+            ok &= ~sdo_vetoed(sdo_index, self.max_sdo_index)
         return DecisionOutput(p_o=probs[:, self.o_index] if len(probs) else np.zeros(0),
                               posterior_o=post, is_candidate=ok, score=score)
 
@@ -213,6 +236,8 @@ class Decision:
         if op.get("min_score") is None and op.get("min_posterior") is None:
             raise ValueError("the operating point has no threshold")
         sharpen = float(op.get("sharpen", 1.0))
+        if op.get("max_sdo_index") is not None:
+            kwargs.setdefault("max_sdo_index", float(op["max_sdo_index"]))
         if op.get("heii_weight") or op.get("min_score") is not None:
             return cls.balanced(classes, heii_weight=float(op.get("heii_weight") or 0.0),
                                 min_score=op.get("min_score"), min_heii_sigma=op.get("min_heii_sigma"),
@@ -238,11 +263,35 @@ class Decision:
                  f"{self.heii_weight:g} x He II sigma >= {self.min_score:.3g}")
             if self.min_heii_sigma is not None:
                 s += f" and He II absorption >= {self.min_heii_sigma:.3g} sigma"
-            return s
+            return s + self._veto_words()
         s = f"posterior p(O) at the survey prior (O = {self.survey_prior.get('O', 0):.1e}) >= {self.min_posterior:.3g}"
         if self.min_heii_sigma is not None:
             s += f" and He II absorption >= {self.min_heii_sigma:.3g} sigma"
-        return s
+        return s + self._veto_words()
+
+    def _veto_words(self) -> str:
+        if self.max_sdo_index is None:
+            return ""
+        return f" and hot-subdwarf index <= {self.max_sdo_index:.3g} A"
+
+
+#: Percentile of held-out O-star spectra that sets the hot-subdwarf veto (1 % of O stars vetoed).
+SDO_PERCENTILE: float = 99.0
+
+
+def sdo_veto_threshold(o_sdo_index: np.ndarray, percentile: float = SDO_PERCENTILE) -> float | None:
+    """``max_sdo_index`` from O-star spectra only: their ``percentile``-th ``sdo_index`` (None if none)."""
+    z = np.asarray(o_sdo_index, dtype=np.float64)
+    z = z[np.isfinite(z)]
+    return float(np.percentile(z, percentile)) if z.size else None
+
+
+def sdo_vetoed(sdo_index: np.ndarray | None, max_sdo_index: float | None) -> np.ndarray | bool:
+    """True where the hot-subdwarf veto drops a spectrum (NaN index passes)."""
+    if max_sdo_index is None or sdo_index is None:
+        return False
+    with np.errstate(invalid="ignore"):
+        return np.asarray(sdo_index, dtype=np.float64) > max_sdo_index
 
 
 #: He II significance range that enters the score (beyond it a line is just "strong")
