@@ -320,11 +320,11 @@ def test_auto_picker_excludes_mkclass_and_impostors(lib):
         assert "mkclass" not in src and src <= {"miles", "stelib"}, k
         assert set(lib.mk[p.order[k]]) == {k}
         assert np.all(lib.coverage[p.order[k]] >= 0.85)
-    # O: 3 MILES + the STELIB O stars with >= 85 % coverage, no Pickles
+    # O: 3 MILES + the STELIB O stars (HD036512, O9.7V, among them) with >= 85 % coverage, no Pickles
     assert sorted(set(lib.source[p.order["O"]])) == ["miles", "stelib"]
     assert len(p.order["O"]) >= 8
     p0 = mock._TemplatePicker(lib, "auto", 0.0)
-    assert len(p0.order["O"]) == 10 and "stelib:HD030614" in set(lib.name[p0.order["O"]])
+    assert len(p0.order["O"]) == 11 and "stelib:HD036512" in set(lib.name[p0.order["O"]]) and "stelib:HD030614" in set(lib.name[p0.order["O"]])
     pall = mock._TemplatePicker(lib, "all", 0.0)
     assert "mkclass" in set(lib.source[pall.order["O"]])
     # a library holding only an MKCLASS spectrum for a class is used (asked for)
