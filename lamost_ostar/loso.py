@@ -537,9 +537,22 @@ def _save_oof(path: Path, recs: list[dict], classes: Sequence[str]) -> None:
             vals = [v.astype(str) for v in vals]
         arrays[key] = np.concatenate(vals)
     arrays["classes"] = np.array(classes)
+    _write_oof(path, arrays)
+
+
+def _write_oof(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write out-of-fold ``arrays`` to ``path`` through a temporary file (no reader sees half a file)."""
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
+
+
+def _concat_oof(got: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Out-of-fold arrays of several runs concatenated on their common keys (classes of the first)."""
+    keys = set.intersection(*(set(g) for g in got)) - {"classes"}
+    merged = {k: np.concatenate([g[k] for g in got]) for k in keys}
+    merged["classes"] = got[0]["classes"]
+    return merged
 
 
 def load_oof(path: str | Path) -> dict[str, np.ndarray]:
@@ -571,12 +584,7 @@ def merge_runs(parts: Sequence[str | Path], out_dir: str | Path) -> list[str]:
     models = sorted({f.name[4:-4] for p in parts for f in p.glob("oof_*.npz")})
     for m in models:
         got = [load_oof(p / f"oof_{m}.npz") for p in parts if (p / f"oof_{m}.npz").exists()]
-        keys = set.intersection(*(set(g) for g in got))
-        merged = {k: np.concatenate([g[k] for g in got]) for k in keys if k != "classes"}
-        merged["classes"] = got[0]["classes"]
-        tmp = out / f"oof_{m}.tmp.npz"
-        np.savez_compressed(tmp, **merged)
-        tmp.replace(out / f"oof_{m}.npz")
+        _write_oof(out / f"oof_{m}.npz", _concat_oof(got))
     for p in parts:
         if (p / "models").is_dir():
             shutil.copytree(p / "models", out / "models", dirs_exist_ok=True)
@@ -612,13 +620,9 @@ def pool_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[str]:
     models = sorted(set.intersection(*({f.name[4:-4] for f in r.glob("oof_*.npz")} for r in runs)))
     for m in models:
         got = [load_oof(r / f"oof_{m}.npz") for r in runs]
-        keys = set.intersection(*(set(g) for g in got)) - {"classes", "run"}
-        merged = {k: np.concatenate([g[k] for g in got]) for k in keys}
+        merged = _concat_oof(got)
         merged["run"] = np.concatenate([np.full(len(g["label"]), i) for i, g in enumerate(got)])
-        merged["classes"] = got[0]["classes"]
-        tmp = out / f"oof_{m}.tmp.npz"
-        np.savez_compressed(tmp, **merged)
-        tmp.replace(out / f"oof_{m}.npz")
+        _write_oof(out / f"oof_{m}.npz", merged)
     config = dict(infos[0]["config"], seed=[i["config"].get("seed") for i in infos],
                   pooled_runs=[str(r) for r in runs])
     folds = [dict(f, run=i) for i, info in enumerate(infos) for f in info["folds"]]
@@ -680,9 +684,7 @@ def ensemble_oof(out_dir: str | Path, members: Sequence[str], name: str | None =
         logp.append(zt - np.log(np.sum(np.exp(zt), axis=1, keepdims=True)))
     merged = dict(ref)
     merged["logits"] = np.mean(logp, axis=0)
-    tmp = out / f"oof_{name}.tmp.npz"
-    np.savez_compressed(tmp, **merged)
-    tmp.replace(out / f"oof_{name}.npz")
+    _write_oof(out / f"oof_{name}.npz", merged)
     return name
 
 
