@@ -103,6 +103,7 @@ from lamost_ostar.preprocess import NPIX, grid_wavelength
 __all__ = [
     "Line",
     "sdo_index",
+    "balmer_index",
     "LINES",
     "LINE_NAMES",
     "HEII_LINES",
@@ -459,7 +460,8 @@ def _plan(wave: np.ndarray, lines: Sequence[Line]) -> _Plan:
 EVIDENCE_FIELDS: tuple[str, ...] = (
     "heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err", "hei_sigma",
     "log_wprime", "log_wprime_err", "n_heii_lines", "heii_chi2", "heii_consistent",
-    "heii_contradicted", "heii_4686_emission", "metal_veto", "heii_detected", "sdo_index")
+    "heii_contradicted", "heii_4686_emission", "metal_veto", "heii_detected", "sdo_index",
+    "balmer_index")
 
 
 @dataclass
@@ -486,7 +488,7 @@ class LineMeasurements:
         ``(N, L)`` continuum S/N per pixel in the side bands.
     heii_ew, heii_ew_err, heii_sigma, hei_ew, hei_ew_err, hei_sigma, log_wprime,
     log_wprime_err, n_heii_lines, heii_chi2, heii_consistent, heii_contradicted,
-    heii_4686_emission, metal_veto, heii_detected, sdo_index
+    heii_4686_emission, metal_veto, heii_detected, sdo_index, balmer_index
         The combined evidence, see :class:`HeEvidence`.
     """
 
@@ -515,6 +517,7 @@ class LineMeasurements:
     metal_veto: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     heii_detected: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     sdo_index: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    balmer_index: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return int(self.ew.shape[0])
@@ -607,6 +610,11 @@ class HeEvidence:
         (sdO/sdOB, log g ~ 5-6) have both broad Balmer lines and strong He II
         4686 -- the classic impostors of an O-star search; O stars have one or
         the other.  NaN where either part is not measurable.
+    balmer_index : numpy.ndarray
+        Mean box EW of H-delta and H-gamma [A] (:func:`balmer_index`): every O
+        star has these hot-star Balmer lines in absorption (>= 1.0 A on the
+        noise-free templates, the O4 Ia standard); a featureless spectrum (DC
+        white dwarf, BL Lac) has ~0.  NaN where neither line is measurable.
     """
 
     heii_ew: np.ndarray
@@ -625,6 +633,22 @@ class HeEvidence:
     metal_veto: np.ndarray
     heii_detected: np.ndarray
     sdo_index: np.ndarray
+    balmer_index: np.ndarray
+
+
+def balmer_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray) -> np.ndarray:
+    """Balmer index: the mean box EW of H-delta and H-gamma [A] (those measured; NaN if neither).
+
+    On the noise-free templates (``lamost_ostar.data/templates.npz``): O stars
+    1.0 (the O4 Ia standard) ... 3.3 (O9 V), B stars 1.1 (5th percentile) ... 4.5
+    (median); the featureless DC white dwarf LTT 4364 0.03.  Vectorised; used
+    by :func:`sdo_index` and by the O-candidate decision's featureless veto
+    (:class:`lamost_ostar.models.decision.Decision`, ``min_balmer_index``).
+    """
+    bal = np.column_stack([np.asarray(ew_hdelta, float), np.asarray(ew_hgamma, float)])
+    n = np.sum(np.isfinite(bal), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.nansum(bal, axis=1) / np.maximum(n, 1), np.nan)
 
 
 def sdo_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray, ew_heii_4686: np.ndarray) -> np.ndarray:
@@ -634,16 +658,12 @@ def sdo_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray, ew_heii_4686: np.nda
     -4.4 ... 4.6 (median 2.4; the highest the O7-O9.7 dwarfs, the lowest the
     Of stars with 4686 in emission), the He-rich sdOB Feige 110 6.5 and the
     sdB HD 149382 5.4; B stars have strong Balmer lines but no He II 4686
-    (B0-B1: 1.3-4.2), and B stars are not what this index is for.  The Balmer term is the mean of the
-    two lines that are measured (NaN if neither); the index is NaN without He
-    II 4686.  Vectorised; used by the O-candidate decision's hot-subdwarf veto
+    (B0-B1: 1.3-4.2), and B stars are not what this index is for.  The Balmer
+    term is :func:`balmer_index`; the index is NaN without He II 4686.
+    Vectorised; used by the O-candidate decision's hot-subdwarf veto
     (:class:`lamost_ostar.models.decision.Decision`, ``max_sdo_index``).
     """
-    bal = np.column_stack([np.asarray(ew_hdelta, float), np.asarray(ew_hgamma, float)])
-    n = np.sum(np.isfinite(bal), axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, np.nansum(bal, axis=1) / np.maximum(n, 1), np.nan)
-    return mean + 2.0 * np.asarray(ew_heii_4686, float)
+    return balmer_index(ew_hdelta, ew_hgamma) + 2.0 * np.asarray(ew_heii_4686, float)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -940,11 +960,15 @@ def he_evidence(m: LineMeasurements, estimator: str = "mf", *,
                       log_wprime=lw, log_wprime_err=lw_err, n_heii_lines=n_lines,
                       heii_chi2=heii_chi2, heii_consistent=consistent,
                       heii_contradicted=contradicted, heii_4686_emission=emission,
-                      metal_veto=veto, heii_detected=detected, sdo_index=_sdo_of(m))
+                      metal_veto=veto, heii_detected=detected, sdo_index=_sdo_of(m),
+                      balmer_index=balmer_index(_box(m, "hdelta"), _box(m, "hgamma")))
+
+
+def _box(m: LineMeasurements, name: str) -> np.ndarray:
+    """Box EW of line ``name`` (NaN column when the line was not measured)."""
+    return m.ew_of(name, "box")[0] if name in m.names else np.full(len(m), np.nan)
 
 
 def _sdo_of(m: LineMeasurements) -> np.ndarray:
     """:func:`sdo_index` of a measurement (NaN where a line was not measured)."""
-    def box(name: str) -> np.ndarray:
-        return m.ew_of(name, "box")[0] if name in m.names else np.full(len(m), np.nan)
-    return sdo_index(box("hdelta"), box("hgamma"), box("heii_4686"))
+    return sdo_index(_box(m, "hdelta"), _box(m, "hgamma"), _box(m, "heii_4686"))

@@ -144,7 +144,8 @@ class LosoConfig:
 # --------------------------------------------------------------------------
 #: evidence arrays stored for every test spectrum
 EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma", "heii_ew", "log_wprime", "heii_detected",
-                                   "metal_veto", "heii_4686_emission", "n_heii_lines", "sdo_index")
+                                   "metal_veto", "heii_4686_emission", "n_heii_lines", "sdo_index",
+                                   "balmer_index")
 
 
 #: single lines whose box EW and error are stored too (``ew_<line>``, ``ew_<line>_err``):
@@ -754,16 +755,18 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     ships), ``nested`` (for every fold the rule chosen on the *other* folds,
     applied to it: the figure that does not profit from choosing the
     thresholds on the same stars), and ``no_he_ii`` (the best posterior-only
-    cut).  Where the out-of-fold data hold the hot-subdwarf index
-    (``sdo_index``, or the single-line EWs it is made of) the operating point
-    and the nested rule include the hot-subdwarf veto, its threshold set on
-    the O spectra of the same folds as the other thresholds (99th percentile,
-    :func:`lamost_ostar.models.decision.sdo_veto_threshold`); ``no_sdo_veto``
-    and ``nested_no_sdo_veto`` are the same without it.
+    cut).  Where the out-of-fold data hold the line indices (``sdo_index``,
+    or the single-line EWs they are made of) the operating point and the
+    nested rule include the line vetoes of
+    :func:`lamost_ostar.models.decision.line_veto_thresholds` (hot-subdwarf
+    and featureless), their thresholds set on the O spectra of the same folds
+    as the other thresholds; ``sdo_veto_only`` / ``nested_sdo_veto_only``
+    (the hot-subdwarf veto alone, the rule of run 4) and ``no_line_veto`` /
+    ``nested_no_line_veto`` (none) are the same choice with fewer vetoes.
     """
-    from .lines import sdo_index
+    from .lines import balmer_index, sdo_index
     from .models.calibration import fit_temperature
-    from .models.decision import Decision, sdo_veto_threshold, sdo_vetoed
+    from .models.decision import Decision, line_veto_thresholds, line_vetoed
 
     out = Path(out_dir)
     res: dict[str, Any] = {"models": {}}
@@ -796,55 +799,62 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
+        index = {"sdo": None, "balmer": None}
+        if "ew_hdelta" in d:
+            index["balmer"] = balmer_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float))
+            index["sdo"] = sdo_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float),
+                                     d["ew_heii_4686"].astype(float))
         if "sdo_index" in d:
-            sdo = d["sdo_index"].astype(float)
-        elif "ew_hdelta" in d:
-            sdo = sdo_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float),
-                            d["ew_heii_4686"].astype(float))
-        else:
-            sdo = None
+            index["sdo"] = d["sdo_index"].astype(float)
+        available = tuple(k for k in ("sdo", "balmer") if index[k] is not None)
+        veto_sets = {"": available}
+        if "balmer" in available and "sdo" in available:
+            veto_sets["sdo_veto_only"] = ("sdo",)
+        if available:
+            veto_sets["no_line_veto"] = ()
         args = (probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes)
         everything = np.ones(len(y), bool)
 
-        def chosen(subset, with_veto=True):
-            """Operating point on ``subset`` (with the veto set on its O spectra)."""
-            thr = sdo_veto_threshold(sdo[is_o & subset]) if (with_veto and sdo is not None) else None
-            p = _select(*args, subset, max_false_per_million, veto=None if thr is None else sdo_vetoed(sdo, thr))
-            p["max_sdo_index"] = thr
+        def chosen(subset, vetoes=available):
+            """Operating point on ``subset`` (with the vetoes set on its O spectra)."""
+            thr = line_veto_thresholds(*(index[k][is_o & subset] if k in vetoes else None
+                                         for k in ("sdo", "balmer")))
+            veto = line_vetoed(thr["max_sdo_index"], index["sdo"], thr["min_balmer_index"], index["balmer"])
+            p = _select(*args, subset, max_false_per_million, veto=None if veto is False else veto)
+            p.update(thr)
             return p
+
+        def verdict(rule, sel):
+            return rule.apply(probs[sel], heii[sel], *(None if index[k] is None else index[k][sel]
+                                                     for k in ("sdo", "balmer"))).is_candidate
 
         op = chosen(everything)
         op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
         rules = {"argmax": argmax_o}
         variants = [("operating_point", op), ("no_he_ii", op_cnn)]
-        if op.get("max_sdo_index") is not None:
-            variants.append(("no_sdo_veto", chosen(everything, with_veto=False)))
+        variants += [(tag, chosen(everything, vs)) for tag, vs in veto_sets.items() if tag]
         for name, p in variants:
             if p.get("min_score") is None and p.get("min_posterior") is None:
                 continue
             rule = Decision.from_operating_point(classes, p)
-            rules[name] = rule.apply(probs, heii, sdo).is_candidate
+            rules[name] = verdict(rule, everything)
             if name == "operating_point" and (rule.heii_weight or rule.min_heii_sigma is not None):
                 # the same threshold without the He II evidence: what the combination buys
                 rules["operating_point_posterior_only"] = \
                     rule.posterior(probs)[:, classes.index("O")] >= p["min_posterior"]
-        # nested: each fold judged by the rule (and veto) chosen on the other folds
+        # nested: each fold judged by the rule (and vetoes) chosen on the other folds
         nested_ops = {}
         if len(np.unique(fold)) > 1:
-            for tag, with_veto in (("nested", True), ("nested_no_sdo_veto", False)):
-                if not with_veto and op.get("max_sdo_index") is None:
-                    continue
+            for tag, vetoes in veto_sets.items():
                 nested = np.zeros(len(y), bool)
                 for f in np.unique(fold):
-                    p = chosen(fold != f, with_veto)
-                    if with_veto:
+                    p = chosen(fold != f, vetoes)
+                    if not tag:
                         nested_ops[int(f)] = p
                     if p.get("min_score") is None and p.get("min_posterior") is None:
                         continue
-                    rule = Decision.from_operating_point(classes, p)
-                    nested[fold == f] = rule.apply(probs[fold == f], heii[fold == f],
-                                                   None if sdo is None else sdo[fold == f]).is_candidate
-                rules[tag] = nested
+                    nested[fold == f] = verdict(Decision.from_operating_point(classes, p), fold == f)
+                rules["nested" + (f"_{tag}" if tag else "")] = nested
         tables = {}
         for rname, cand in rules.items():
             tables[rname] = _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv,
@@ -857,7 +867,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             med[_bin_label(lo, hi)] = {"n": int(sel.sum()),
                                        "median_p_o": float(np.median(probs[sel, classes.index("O")])) if sel.any() else None}
         res["models"][m] = {"temperature": t, "operating_point": op, "operating_point_without_he_ii": op_cnn,
-                            "operating_point_without_sdo_veto": dict(variants).get("no_sdo_veto"),
+                            "operating_point_variants": {k: p for k, p in variants[2:]},
                             "nested_operating_points": nested_ops,
                             "tables": tables, "p_o_by_ebv": med,
                             "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
@@ -965,26 +975,35 @@ def render_report(results: dict) -> str:
               "candidates, <= 5 % of B at S/N >= 10 called O, maximising the star-averaged O recall at S/N >= 10);",
               "the **nested** row judges every fold by the rule chosen on the other folds only -- the figure",
               "that does not profit from choosing thresholds on the stars it is scored on. The rules include",
-              "the hot-subdwarf veto (sdO index = mean EW(H-delta, H-gamma) + 2 EW(He II 4686) above the 99th",
-              "percentile of the O spectra of the folds that choose the rule); the 'no hot-subdwarf veto' rows",
-              "are the same choice without it.", "",
+              "the line vetoes, each threshold set on the O spectra of the folds that choose the rule: the",
+              "hot-subdwarf veto (sdO index = mean EW(H-delta, H-gamma) + 2 EW(He II 4686) above their 99th",
+              "percentile) and the featureless veto (Balmer index = mean EW(H-delta, H-gamma) below their 1st",
+              "percentile); the 'hot-subdwarf veto only' and 'no line veto' rows are the same choice with fewer",
+              "vetoes (run 4's results, made before the featureless veto, call the former 'operating point').", "",
               "| model | rule | O recall, star-avg, S/N>=10 | O recall, star-avg, all | B->O | B0-B1->O | X->O | false O per million | real LAMOST candidates |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, r in models.items():
-        for rule in ("argmax", "no_he_ii", "no_sdo_veto", "nested_no_sdo_veto", "operating_point", "nested"):
+        variants = dict(r.get("operating_point_variants") or {})
+        if r.get("operating_point_without_sdo_veto"):          # results of run 4
+            variants["no_sdo_veto"] = r["operating_point_without_sdo_veto"]
+        for rule in ("argmax", "no_he_ii", "no_line_veto", "nested_no_line_veto", "no_sdo_veto",
+                     "nested_no_sdo_veto", "sdo_veto_only", "nested_sdo_veto_only", "operating_point", "nested"):
             t = r["tables"].get(rule)
             if t is None:
                 continue
-            op = {"operating_point": r["operating_point"], "nested": r["operating_point"],
-                  "no_sdo_veto": r.get("operating_point_without_sdo_veto") or {},
-                  "nested_no_sdo_veto": {}}.get(rule, r.get("operating_point_without_he_ii", {}))
+            nested = rule.startswith("nested")
+            op = (r["operating_point"] if rule in ("operating_point", "nested")
+                  else variants.get(rule, {}) if rule in variants
+                  else {} if nested else r.get("operating_point_without_he_ii", {}))
+            fewer = {"no_line_veto": "no line veto", "no_sdo_veto": "no hot-subdwarf veto",
+                     "sdo_veto_only": "hot-subdwarf veto only"}
             desc = {"argmax": "arg-max class O",
                     "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g} (sharpen {op.get('sharpen', 1):g})",
-                    "no_sdo_veto": _rule_words(op) + ", no hot-subdwarf veto",
-                    "nested_no_sdo_veto": "nested, no hot-subdwarf veto",
                     "operating_point": _rule_words(op),
-                    "nested": "**nested**: each fold by the rule chosen on the other folds"}[rule]
-            if rule not in ("argmax", "nested", "nested_no_sdo_veto") and not op.get("feasible", True):
+                    "nested": "**nested**: each fold by the rule chosen on the other folds"}.get(rule)
+            if desc is None:
+                desc = (f"nested, {fewer[rule[7:]]}" if nested else _rule_words(op) + f" ({fewer[rule]})")
+            if rule not in ("argmax",) and not nested and not op.get("feasible", True):
                 desc += " (targets not met)"
             lines.append(f"| {m} | {desc} | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "
                          f"{_pct(t['o_recall_star_averaged'])} | {_pct(t['b_to_o'])} | {_pct(t['b0_b1_to_o'])} | "
@@ -1031,6 +1050,8 @@ def _rule_words(op: dict) -> str:
         words += f", He II >= {op['min_heii_sigma']:g} sigma"
     if op.get("max_sdo_index") is not None:
         words += f", sdO index <= {op['max_sdo_index']:.2f} A"
+    if op.get("min_balmer_index") is not None:
+        words += f", Balmer index >= {op['min_balmer_index']:.2f} A"
     return words
 
 

@@ -374,7 +374,8 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     z_test = predict_logits(model, test.inputs(2))
     p_test = softmax(z_test, temperature)
     test_metrics = classification_metrics(test.y(classes), p_test, classes)
-    verdict = decision.apply(p_test, test.meta.get("heii_sigma"), test.meta.get("sdo_index"))
+    verdict = decision.apply(p_test, test.meta.get("heii_sigma"), test.meta.get("sdo_index"),
+                             test.meta.get("balmer_index"))
     is_o = test.labels == "O"
     test_metrics["candidates"] = {
         "rule": decision.describe(),
@@ -430,14 +431,15 @@ def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operat
     is_o = val.labels == "O"
     if not is_o.any():
         return default, {"feasible": False, "reason": "no O star in the validation split"}
-    from .models.decision import sdo_veto_threshold, sdo_vetoed
+    from .models.decision import line_veto_thresholds, line_vetoed
 
     post = default.posterior(p_val)[:, classes.index("O")]
     heii = np.asarray(val.meta.get("heii_sigma", np.full(len(val), np.nan)), float)
-    # hot-subdwarf veto from the validation O spectra alone (1 % of them)
-    sdo = val.meta.get("sdo_index")
-    max_sdo = sdo_veto_threshold(np.asarray(sdo, float)[is_o]) if sdo is not None else None
-    post = np.where(sdo_vetoed(sdo, max_sdo), 0.0, post)
+    # line vetoes (hot-subdwarf, featureless) from the validation O spectra alone (1 % of them each)
+    sdo, balmer = (None if val.meta.get(k) is None else np.asarray(val.meta[k], float)
+                   for k in ("sdo_index", "balmer_index"))
+    vetoes = line_veto_thresholds(None if sdo is None else sdo[is_o], None if balmer is None else balmer[is_o])
+    post = np.where(line_vetoed(vetoes["max_sdo_index"], sdo, vetoes["min_balmer_index"], balmer), 0.0, post)
     snr = np.asarray(val.meta.get("snr_g", np.full(len(val), np.nan)), float)
     neg = ~is_o
     w = np.zeros(len(val))
@@ -451,7 +453,7 @@ def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operat
                                 np.zeros(0), np.zeros(0), b_posterior=post[is_b], b_heii=heii[is_b])
     if not op.get("feasible") or (op.get("min_score") is None and op.get("min_posterior") is None):
         return default, dict(op, reason="no operating point met the targets on the validation split")
-    op["max_sdo_index"] = max_sdo
+    op.update(vetoes)
     dec = Decision.from_operating_point(
         classes, op, chosen_on=("the release's validation split (held-out stars): max star-averaged O "
                                 "recall at S/N >= 10 with <= 100 false O per million (survey mix) and "
@@ -521,7 +523,8 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
     probs = softmax(recogniser.predict_logits(model, lam.inputs(channels)), temperature)
     heii = np.asarray(lam.meta["heii_sigma"], float)
     sdo = np.asarray(lam.meta["sdo_index"], float)
-    out = decision.apply(probs, heii, sdo)
+    balmer = np.asarray(lam.meta["balmer_index"], float)
+    out = decision.apply(probs, heii, sdo, balmer)
     record = {"checked": True, "n_files": int(len(lam)), "candidates_at_loso_threshold": int(out.is_candidate.sum()),
               "candidate_files": [str(p) for p in np.asarray(lam.meta["path"])[out.is_candidate]]}
     if out.is_candidate.any() and decision.min_score is not None:
@@ -533,7 +536,7 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
             chosen_on=decision.chosen_on + f"; threshold raised from {decision.min_score:.3f} to {raised:.3f} so "
                       "that no real LAMOST file of the shared data is a candidate of this model "
                       f"({len(passing)} was, at the LOSO threshold)")
-        record["candidates_after"] = int(decision.apply(probs, heii, sdo).is_candidate.sum())
+        record["candidates_after"] = int(decision.apply(probs, heii, sdo, balmer).is_candidate.sum())
     return decision, record
 
 

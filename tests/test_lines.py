@@ -298,3 +298,19 @@ def test_sdo_index_separates_the_he_rich_subdwarf_from_o_stars():
     feige = m.sdo_index[lib.name[sel] == "stelib:Feige110"][0]
     o = m.sdo_index[lib.mk[sel] == "O"]
     assert feige > 6.0 and np.nanmax(o) < 5.0
+
+
+def test_balmer_index_separates_the_featureless_white_dwarf_from_o_stars():
+    """mean EW(H-delta, H-gamma): every O template has hot-star Balmer lines, the DC white dwarf none."""
+    from lamost_ostar.templates import load_templates
+
+    assert L.balmer_index(np.array([4.0, np.nan, np.nan]), np.array([3.0, 2.0, np.nan]))[:2].tolist() == [3.5, 2.0]
+    assert np.isnan(L.balmer_index(np.array([np.nan]), np.array([np.nan]))[0])
+    lib = load_templates()
+    sel = np.flatnonzero(np.isin(lib.mk, ["O"]) | (lib.name == "stelib:LTT4364"))
+    valid = np.asarray(lib.valid)[sel]
+    m = L.measure_lines(np.asarray(lib.flux)[sel].astype(float), np.where(valid, 1e4, 0.0), ~valid)
+    assert "balmer_index" in L.EVIDENCE_FIELDS and len(m.balmer_index) == len(sel)
+    dc = m.balmer_index[lib.name[sel] == "stelib:LTT4364"][0]
+    o = m.balmer_index[lib.mk[sel] == "O"]
+    assert abs(dc) < 0.3 and np.nanmin(o) > 0.9

@@ -52,6 +52,14 @@ def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
     assert np.isfinite(d["heii_sigma"][d["set"] == "o"]).any()
     for m in res["models"].values():
         assert "operating_point" in m and "tables" in m and m["temperature"] > 0
+        # both line vetoes, set on O spectra, and the same choice with fewer vetoes
+        assert {"max_sdo_index", "min_balmer_index"} <= set(m["operating_point"])
+        assert {"sdo_veto_only", "no_line_veto"} <= set(m["operating_point_variants"])
+        assert m["operating_point_variants"]["sdo_veto_only"]["min_balmer_index"] is None
+        if len({f["fold"] for f in res["folds"]}) > 1:
+            assert {"nested", "nested_sdo_veto_only", "nested_no_line_veto"} <= set(m["tables"])
+    assert "featureless veto" in text and "no line veto" in text
+    assert "balmer_index" in d
 
 
 def test_detector_trained_with_the_loso_decision_scans_real_files(tiny_run, tmp_path):

@@ -38,7 +38,14 @@ and H-gamma + 2 EW(He II 4686), :func:`lamost_ostar.lines.sdo_index`: broad
 Balmer lines *and* strong He II 4686, a high-gravity star) is above the 99th
 percentile of held-out O-star spectra -- a threshold set on O stars alone, so
 that it costs 1 % of them by construction and was never fitted to an
-impostor.  A NaN index (lines not measurable) passes.
+impostor.  The **featureless veto** ``min_balmer_index`` is its mirror image
+for spectra with no lines at all: every O star has hot-star Balmer absorption
+(mean EW of H-delta and H-gamma, :func:`lamost_ostar.lines.balmer_index`,
+>= 1 A on the noise-free templates), a DC white dwarf or a BL Lac has none,
+and a noisy featureless spectrum is otherwise the closest thing to an O star's
+weak lines; its threshold is the 1st percentile of held-out O-star spectra
+(1 % of them by construction).  A NaN index (lines not measurable) passes
+either veto; :func:`line_vetoed` applies both.
 (``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
 ``posterior_o >= min_posterior``.)
 
@@ -64,6 +71,10 @@ __all__ = [
     "SDO_PERCENTILE",
     "sdo_veto_threshold",
     "sdo_vetoed",
+    "BALMER_PERCENTILE",
+    "balmer_floor_threshold",
+    "line_vetoed",
+    "line_veto_thresholds",
 ]
 
 #: Class fractions of a LAMOST low-resolution release used as the survey prior:
@@ -150,6 +161,9 @@ class Decision:
     max_sdo_index : float or None
         Hot-subdwarf veto: spectra with ``sdo_index`` above it are not
         candidates (NaN passes); None = not used.
+    min_balmer_index : float or None
+        Featureless veto: spectra with ``balmer_index`` below it are not
+        candidates (NaN passes); None = not used.
     sharpen : float
         The decision's probabilities are ``p**sharpen`` renormalised, i.e. the
         softmax at temperature ``T / sharpen`` instead of the calibration
@@ -171,6 +185,7 @@ class Decision:
     min_score: float | None = None
     sharpen: float = 1.0
     max_sdo_index: float | None = None
+    min_balmer_index: float | None = None
     chosen_on: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     kind: str = "rule"
@@ -200,12 +215,13 @@ class Decision:
         return prior_adjust(sharpened(probs, self.sharpen), self.classes, self.train_prior, self.survey_prior)
 
     def apply(self, probs: np.ndarray, heii_sigma: np.ndarray | None = None,
-              sdo_index: np.ndarray | None = None) -> DecisionOutput:
+              sdo_index: np.ndarray | None = None,
+              balmer_index: np.ndarray | None = None) -> DecisionOutput:
         """Apply the rule to ``probs`` (``(N, C)``, training prior) and the line evidence.
 
         ``heii_sigma`` NaN (lines not measurable) fails the He II test;
-        ``sdo_index`` (needed when the rule has ``max_sdo_index``) NaN passes
-        the hot-subdwarf veto.
+        ``sdo_index`` and ``balmer_index`` (needed when the rule has
+        ``max_sdo_index`` / ``min_balmer_index``) NaN pass the vetoes.
         """
         probs = np.asarray(probs, dtype=np.float64)
         post = self.posterior(probs)[:, self.o_index] if len(probs) else np.zeros(0)
@@ -223,10 +239,8 @@ class Decision:
             ok &= probs[:, self.o_index] >= self.min_p_o
         if self.min_heii_sigma is not None:
             ok &= np.isfinite(z) & (z >= self.min_heii_sigma)
-        if self.max_sdo_index is not None:
-            if sdo_index is None:
-                raise ValueError("this decision needs the hot-subdwarf index (sdo_index)")
-            ok &= ~sdo_vetoed(sdo_index, self.max_sdo_index)
+        ok &= ~np.asarray(line_vetoed(self.max_sdo_index, sdo_index, self.min_balmer_index,
+                                       balmer_index), dtype=bool)
         return DecisionOutput(p_o=probs[:, self.o_index] if len(probs) else np.zeros(0),
                               posterior_o=post, is_candidate=ok, score=score)
 
@@ -236,8 +250,9 @@ class Decision:
         if op.get("min_score") is None and op.get("min_posterior") is None:
             raise ValueError("the operating point has no threshold")
         sharpen = float(op.get("sharpen", 1.0))
-        if op.get("max_sdo_index") is not None:
-            kwargs.setdefault("max_sdo_index", float(op["max_sdo_index"]))
+        for key in ("max_sdo_index", "min_balmer_index"):
+            if op.get(key) is not None:
+                kwargs.setdefault(key, float(op[key]))
         if op.get("heii_weight") or op.get("min_score") is not None:
             return cls.balanced(classes, heii_weight=float(op.get("heii_weight") or 0.0),
                                 min_score=op.get("min_score"), min_heii_sigma=op.get("min_heii_sigma"),
@@ -270,9 +285,12 @@ class Decision:
         return s + self._veto_words()
 
     def _veto_words(self) -> str:
-        if self.max_sdo_index is None:
-            return ""
-        return f" and hot-subdwarf index <= {self.max_sdo_index:.3g} A"
+        s = ""
+        if self.max_sdo_index is not None:
+            s += f" and hot-subdwarf index <= {self.max_sdo_index:.3g} A"
+        if self.min_balmer_index is not None:
+            s += f" and Balmer index >= {self.min_balmer_index:.3g} A"
+        return s
 
 
 #: Percentile of held-out O-star spectra that sets the hot-subdwarf veto (1 % of O stars vetoed).
@@ -292,6 +310,55 @@ def sdo_vetoed(sdo_index: np.ndarray | None, max_sdo_index: float | None) -> np.
         return False
     with np.errstate(invalid="ignore"):
         return np.asarray(sdo_index, dtype=np.float64) > max_sdo_index
+
+
+#: Percentile of held-out O-star spectra that sets the featureless veto (1 % of O stars vetoed).
+BALMER_PERCENTILE: float = 1.0
+
+
+def balmer_floor_threshold(o_balmer_index: np.ndarray, percentile: float = BALMER_PERCENTILE
+                           ) -> float | None:
+    """``min_balmer_index`` from O-star spectra only: their ``percentile``-th ``balmer_index`` (None if none)."""
+    return sdo_veto_threshold(o_balmer_index, percentile)
+
+
+def line_veto_thresholds(o_sdo_index: np.ndarray | None, o_balmer_index: np.ndarray | None = None
+                         ) -> dict[str, float | None]:
+    """Both line vetoes' thresholds from O-star spectra alone (an index given as None: veto off).
+
+    Returns
+    -------
+    dict
+        ``max_sdo_index`` (:data:`SDO_PERCENTILE`-th percentile of the O
+        spectra's hot-subdwarf index) and ``min_balmer_index``
+        (:data:`BALMER_PERCENTILE`-th percentile of their Balmer index), the
+        keys of :class:`Decision`; None where the index is not given or has
+        no finite value.
+    """
+    return {"max_sdo_index": None if o_sdo_index is None else sdo_veto_threshold(o_sdo_index),
+            "min_balmer_index": None if o_balmer_index is None else balmer_floor_threshold(o_balmer_index)}
+
+
+def line_vetoed(max_sdo_index: float | None, sdo_index: np.ndarray | None,
+                min_balmer_index: float | None = None, balmer_index: np.ndarray | None = None
+                ) -> np.ndarray | bool:
+    """True where a line veto drops a spectrum: hot-subdwarf index above ``max_sdo_index``
+    or Balmer index below ``min_balmer_index`` (NaN indices pass; a None threshold is off).
+
+    Raises
+    ------
+    ValueError
+        A threshold is set but its index is not given.
+    """
+    if max_sdo_index is not None and sdo_index is None:
+        raise ValueError("this decision needs the hot-subdwarf index (sdo_index)")
+    if min_balmer_index is not None and balmer_index is None:
+        raise ValueError("this decision needs the Balmer index (balmer_index)")
+    out = sdo_vetoed(sdo_index, max_sdo_index)
+    if min_balmer_index is not None:
+        with np.errstate(invalid="ignore"):
+            out = out | (np.asarray(balmer_index, dtype=np.float64) < min_balmer_index)
+    return out
 
 
 #: He II significance range that enters the score (beyond it a line is just "strong")
