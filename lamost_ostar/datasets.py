@@ -726,7 +726,7 @@ def load_labelled_release(labels_csv: str | Path, release_dir: str | Path) -> La
     m = measure_lines(prep.flux, prep.ivar, prep.mask)
     meta = {"snr_g": np.array([np.nan if (s.snr or {}).get("g") is None else s.snr["g"] for s in spectra]),
             "heii_sigma": np.asarray(m.heii_sigma, float), "sdo_index": np.asarray(m.sdo_index, float),
-            "balmer_index": np.asarray(m.balmer_index, float), "path": np.array(used)}
+            "sdo_sigma": np.asarray(m.sdo_sigma, float), "path": np.array(used)}
     return LabelledRelease(LabelledSpectra(prep.x, labels, stars, ["release"] * len(prep.x), xn=prep.xn,
                                            meta=meta), used, skipped)
 

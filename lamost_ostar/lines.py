@@ -104,6 +104,8 @@ __all__ = [
     "Line",
     "sdo_index",
     "balmer_index",
+    "sdo_sigma",
+    "SDO_O_EDGE",
     "LINES",
     "LINE_NAMES",
     "HEII_LINES",
@@ -461,7 +463,7 @@ EVIDENCE_FIELDS: tuple[str, ...] = (
     "heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err", "hei_sigma",
     "log_wprime", "log_wprime_err", "n_heii_lines", "heii_chi2", "heii_consistent",
     "heii_contradicted", "heii_4686_emission", "metal_veto", "heii_detected", "sdo_index",
-    "balmer_index")
+    "sdo_sigma")
 
 
 @dataclass
@@ -488,7 +490,7 @@ class LineMeasurements:
         ``(N, L)`` continuum S/N per pixel in the side bands.
     heii_ew, heii_ew_err, heii_sigma, hei_ew, hei_ew_err, hei_sigma, log_wprime,
     log_wprime_err, n_heii_lines, heii_chi2, heii_consistent, heii_contradicted,
-    heii_4686_emission, metal_veto, heii_detected, sdo_index, balmer_index
+    heii_4686_emission, metal_veto, heii_detected, sdo_index, sdo_sigma
         The combined evidence, see :class:`HeEvidence`.
     """
 
@@ -517,7 +519,7 @@ class LineMeasurements:
     metal_veto: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     heii_detected: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     sdo_index: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    balmer_index: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sdo_sigma: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return int(self.ew.shape[0])
@@ -610,11 +612,10 @@ class HeEvidence:
         (sdO/sdOB, log g ~ 5-6) have both broad Balmer lines and strong He II
         4686 -- the classic impostors of an O-star search; O stars have one or
         the other.  NaN where either part is not measurable.
-    balmer_index : numpy.ndarray
-        Mean box EW of H-delta and H-gamma [A] (:func:`balmer_index`): every O
-        star has these hot-star Balmer lines in absorption (>= 1.0 A on the
-        noise-free templates, the O4 Ia standard); a featureless spectrum (DC
-        white dwarf, BL Lac) has ~0.  NaN where neither line is measurable.
+    sdo_sigma : numpy.ndarray
+        How many sigma the hot-subdwarf index lies above the O-star edge
+        :data:`SDO_O_EDGE` (:func:`sdo_sigma`): a high-S/N sdO is many sigma
+        above it, a noisy O star is within its errors.  NaN where the index is.
     """
 
     heii_ew: np.ndarray
@@ -633,7 +634,7 @@ class HeEvidence:
     metal_veto: np.ndarray
     heii_detected: np.ndarray
     sdo_index: np.ndarray
-    balmer_index: np.ndarray
+    sdo_sigma: np.ndarray
 
 
 def balmer_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray) -> np.ndarray:
@@ -641,9 +642,8 @@ def balmer_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray) -> np.ndarray:
 
     On the noise-free templates (``lamost_ostar.data/templates.npz``): O stars
     1.0 (the O4 Ia standard) ... 3.3 (O9 V), B stars 1.1 (5th percentile) ... 4.5
-    (median); the featureless DC white dwarf LTT 4364 0.03.  Vectorised; used
-    by :func:`sdo_index` and by the O-candidate decision's featureless veto
-    (:class:`lamost_ostar.models.decision.Decision`, ``min_balmer_index``).
+    (median); the featureless DC white dwarf LTT 4364 0.03.  Vectorised; the
+    Balmer term of :func:`sdo_index`.
     """
     bal = np.column_stack([np.asarray(ew_hdelta, float), np.asarray(ew_hgamma, float)])
     n = np.sum(np.isfinite(bal), axis=1)
@@ -660,10 +660,44 @@ def sdo_index(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray, ew_heii_4686: np.nda
     sdB HD 149382 5.4; B stars have strong Balmer lines but no He II 4686
     (B0-B1: 1.3-4.2), and B stars are not what this index is for.  The Balmer
     term is :func:`balmer_index`; the index is NaN without He II 4686.
-    Vectorised; used by the O-candidate decision's hot-subdwarf veto
-    (:class:`lamost_ostar.models.decision.Decision`, ``max_sdo_index``).
+    Vectorised; :func:`sdo_sigma` measures it against its errors for the
+    O-candidate decision's hot-subdwarf veto
+    (:class:`lamost_ostar.models.decision.Decision`, ``max_sdo_sigma``).
     """
     return balmer_index(ew_hdelta, ew_hgamma) + 2.0 * np.asarray(ew_heii_4686, float)
+
+
+#: The O-star edge of the hot-subdwarf index [A]: the highest :func:`sdo_index`
+#: of the noise-free O-star templates (the O8 V MK standard, 4.61 measured on
+#: its flux; the real O stars of MILES, STELIB and Pickles reach 4.4, HD 36512).
+#: Set on O stars alone.
+SDO_O_EDGE: float = 4.6
+
+
+def sdo_sigma(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray, ew_heii_4686: np.ndarray,
+              err_hdelta: np.ndarray, err_hgamma: np.ndarray, err_heii_4686: np.ndarray,
+              edge: float = SDO_O_EDGE) -> np.ndarray:
+    """How many sigma the hot-subdwarf index lies above the O-star edge: ``(sdo_index - edge) / error``.
+
+    The error is propagated from the box-EW errors (``mean`` of the Balmer
+    lines measured, ``2 x`` He II 4686; independent).  The raw index does not
+    know the S/N: with the veto threshold at the 99th percentile of O spectra
+    of every S/N, the noisy O spectra set it (6.5-6.9 A in LOSO runs 4 and 5)
+    and a high-S/N He-rich sdOB at 6.5 A passes; in sigma a noisy O star is
+    within its errors and a high-S/N subdwarf is far beyond them.  NaN where
+    the index or its error is not finite, or the error is not positive.
+    """
+    eb = np.column_stack([np.asarray(ew_hdelta, float), np.asarray(ew_hgamma, float)])
+    vb = np.column_stack([np.asarray(err_hdelta, float) ** 2, np.asarray(err_hgamma, float) ** 2])
+    ok = np.isfinite(eb) & np.isfinite(vb)
+    n = np.sum(ok, axis=1)
+    var = np.where(n > 0, np.sum(np.where(ok, vb, 0.0), axis=1) / np.maximum(n, 1) ** 2, np.nan)
+    var = var + 4.0 * np.asarray(err_heii_4686, float) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bal = np.where(n > 0, np.sum(np.where(ok, eb, 0.0), axis=1) / np.maximum(n, 1), np.nan)
+        index = bal + 2.0 * np.asarray(ew_heii_4686, float)
+        z = (index - edge) / np.sqrt(var)
+    return np.where(np.isfinite(z) & (var > 0), z, np.nan)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -961,12 +995,13 @@ def he_evidence(m: LineMeasurements, estimator: str = "mf", *,
                       heii_chi2=heii_chi2, heii_consistent=consistent,
                       heii_contradicted=contradicted, heii_4686_emission=emission,
                       metal_veto=veto, heii_detected=detected, sdo_index=_sdo_of(m),
-                      balmer_index=balmer_index(_box(m, "hdelta"), _box(m, "hgamma")))
+                      sdo_sigma=sdo_sigma(*(_box(m, n) for n in ("hdelta", "hgamma", "heii_4686")),
+                                          *(_box(m, n, err=True) for n in ("hdelta", "hgamma", "heii_4686"))))
 
 
-def _box(m: LineMeasurements, name: str) -> np.ndarray:
-    """Box EW of line ``name`` (NaN column when the line was not measured)."""
-    return m.ew_of(name, "box")[0] if name in m.names else np.full(len(m), np.nan)
+def _box(m: LineMeasurements, name: str, err: bool = False) -> np.ndarray:
+    """Box EW (or its error) of line ``name`` (NaN column when the line was not measured)."""
+    return m.ew_of(name, "box")[int(err)] if name in m.names else np.full(len(m), np.nan)
 
 
 def _sdo_of(m: LineMeasurements) -> np.ndarray:

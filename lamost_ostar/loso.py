@@ -145,7 +145,7 @@ class LosoConfig:
 #: evidence arrays stored for every test spectrum
 EVIDENCE_KEYS: tuple[str, ...] = ("heii_sigma", "hei_sigma", "heii_ew", "log_wprime", "heii_detected",
                                    "metal_veto", "heii_4686_emission", "n_heii_lines", "sdo_index",
-                                   "balmer_index")
+                                   "sdo_sigma")
 
 
 #: single lines whose box EW and error are stored too (``ew_<line>``, ``ew_<line>_err``):
@@ -757,14 +757,14 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     thresholds on the same stars), and ``no_he_ii`` (the best posterior-only
     cut).  Where the out-of-fold data hold the line indices (``sdo_index``,
     or the single-line EWs they are made of) the operating point and the
-    nested rule include the line vetoes of
-    :func:`lamost_ostar.models.decision.line_veto_thresholds` (hot-subdwarf
-    and featureless), their thresholds set on the O spectra of the same folds
-    as the other thresholds; ``sdo_veto_only`` / ``nested_sdo_veto_only``
-    (the hot-subdwarf veto alone, the rule of run 4) and ``no_line_veto`` /
-    ``nested_no_line_veto`` (none) are the same choice with fewer vetoes.
+    nested rule include the hot-subdwarf veto in sigma (``sdo_sigma``,
+    :func:`lamost_ostar.models.decision.line_veto_thresholds`), its threshold
+    set on the O spectra of the same folds as the other thresholds;
+    ``sdo_index_veto`` / ``nested_sdo_index_veto`` (the veto on the raw index,
+    the rule of run 4) and ``no_line_veto`` / ``nested_no_line_veto`` (none)
+    are the same choice with the other veto or none.
     """
-    from .lines import balmer_index, sdo_index
+    from .lines import sdo_index, sdo_sigma
     from .models.calibration import fit_temperature
     from .models.decision import Decision, line_veto_thresholds, line_vetoed
 
@@ -799,34 +799,37 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
-        index = {"sdo": None, "balmer": None}
+        index = {"sigma": None, "sdo": None}
         if "ew_hdelta" in d:
-            index["balmer"] = balmer_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float))
-            index["sdo"] = sdo_index(d["ew_hdelta"].astype(float), d["ew_hgamma"].astype(float),
-                                     d["ew_heii_4686"].astype(float))
+            ews = [d[f"ew_{n}"].astype(float) for n in ("hdelta", "hgamma", "heii_4686")]
+            index["sdo"] = sdo_index(*ews)
+            if "ew_hdelta_err" in d:
+                index["sigma"] = sdo_sigma(*ews, *(d[f"ew_{n}_err"].astype(float)
+                                                  for n in ("hdelta", "hgamma", "heii_4686")))
         if "sdo_index" in d:
             index["sdo"] = d["sdo_index"].astype(float)
-        available = tuple(k for k in ("sdo", "balmer") if index[k] is not None)
-        veto_sets = {"": available}
-        if "balmer" in available and "sdo" in available:
-            veto_sets["sdo_veto_only"] = ("sdo",)
-        if available:
+        if "sdo_sigma" in d:
+            index["sigma"] = d["sdo_sigma"].astype(float)
+        veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
+        if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
+            veto_sets["sdo_index_veto"] = ("sdo",)
+        if veto_sets[""]:
             veto_sets["no_line_veto"] = ()
         args = (probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes)
         everything = np.ones(len(y), bool)
 
-        def chosen(subset, vetoes=available):
+        def chosen(subset, vetoes=veto_sets[""]):
             """Operating point on ``subset`` (with the vetoes set on its O spectra)."""
             thr = line_veto_thresholds(*(index[k][is_o & subset] if k in vetoes else None
-                                         for k in ("sdo", "balmer")))
-            veto = line_vetoed(thr["max_sdo_index"], index["sdo"], thr["min_balmer_index"], index["balmer"])
+                                         for k in ("sigma", "sdo")))
+            veto = line_vetoed(thr["max_sdo_index"], index["sdo"], thr["max_sdo_sigma"], index["sigma"])
             p = _select(*args, subset, max_false_per_million, veto=None if veto is False else veto)
             p.update(thr)
             return p
 
         def verdict(rule, sel):
             return rule.apply(probs[sel], heii[sel], *(None if index[k] is None else index[k][sel]
-                                                     for k in ("sdo", "balmer"))).is_candidate
+                                                     for k in ("sdo", "sigma"))).is_candidate
 
         op = chosen(everything)
         op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
@@ -939,6 +942,8 @@ def _num(v, fmt="{:.0f}") -> str:
 
 def render_report(results: dict) -> str:
     """Markdown report of a LOSO run (every figure names its data)."""
+    from .lines import SDO_O_EDGE as _SDO_EDGE
+
     cfg = results.get("config", {})
     lines = ["# Leave-one-star-out evaluation of the O-star detector", ""]
     names = list(results.get("models", {}))
@@ -971,15 +976,16 @@ def render_report(results: dict) -> str:
     models = results.get("models", {})
     lines += ["## Summary",
               "",
-              "Operating point: chosen on these out-of-fold data (false O <= 100 per million, 0 real LAMOST",
+              "Operating point: chosen on these out-of-fold data (false O <= "
+              f"{_num(results.get('max_false_per_million', 100.0))} per million, 0 real LAMOST",
               "candidates, <= 5 % of B at S/N >= 10 called O, maximising the star-averaged O recall at S/N >= 10);",
               "the **nested** row judges every fold by the rule chosen on the other folds only -- the figure",
               "that does not profit from choosing thresholds on the stars it is scored on. The rules include",
-              "the line vetoes, each threshold set on the O spectra of the folds that choose the rule: the",
-              "hot-subdwarf veto (sdO index = mean EW(H-delta, H-gamma) + 2 EW(He II 4686) above their 99th",
-              "percentile) and the featureless veto (Balmer index = mean EW(H-delta, H-gamma) below their 1st",
-              "percentile); the 'hot-subdwarf veto only' and 'no line veto' rows are the same choice with fewer",
-              "vetoes (run 4's results, made before the featureless veto, call the former 'operating point').", "",
+              "the hot-subdwarf veto in sigma: sdO index = mean EW(H-delta, H-gamma) + 2 EW(He II 4686), in",
+              f"units of its error above the O-star edge ({_SDO_EDGE:g} A, the highest index of the noise-free O",
+              "templates), above the 99th percentile of the O spectra of the folds that choose the rule; the",
+              "'veto on the raw sdO index' rows (run 4's rule: raw index above the O spectra's 99th",
+              "percentile) and 'no line veto' rows are the same choice with that veto or none.", "",
               "| model | rule | O recall, star-avg, S/N>=10 | O recall, star-avg, all | B->O | B0-B1->O | X->O | false O per million | real LAMOST candidates |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, r in models.items():
@@ -987,7 +993,7 @@ def render_report(results: dict) -> str:
         if r.get("operating_point_without_sdo_veto"):          # results of run 4
             variants["no_sdo_veto"] = r["operating_point_without_sdo_veto"]
         for rule in ("argmax", "no_he_ii", "no_line_veto", "nested_no_line_veto", "no_sdo_veto",
-                     "nested_no_sdo_veto", "sdo_veto_only", "nested_sdo_veto_only", "operating_point", "nested"):
+                     "nested_no_sdo_veto", "sdo_index_veto", "nested_sdo_index_veto", "operating_point", "nested"):
             t = r["tables"].get(rule)
             if t is None:
                 continue
@@ -996,7 +1002,7 @@ def render_report(results: dict) -> str:
                   else variants.get(rule, {}) if rule in variants
                   else {} if nested else r.get("operating_point_without_he_ii", {}))
             fewer = {"no_line_veto": "no line veto", "no_sdo_veto": "no hot-subdwarf veto",
-                     "sdo_veto_only": "hot-subdwarf veto only"}
+                     "sdo_index_veto": "veto on the raw sdO index"}
             desc = {"argmax": "arg-max class O",
                     "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g} (sharpen {op.get('sharpen', 1):g})",
                     "operating_point": _rule_words(op),
@@ -1050,8 +1056,8 @@ def _rule_words(op: dict) -> str:
         words += f", He II >= {op['min_heii_sigma']:g} sigma"
     if op.get("max_sdo_index") is not None:
         words += f", sdO index <= {op['max_sdo_index']:.2f} A"
-    if op.get("min_balmer_index") is not None:
-        words += f", Balmer index >= {op['min_balmer_index']:.2f} A"
+    if op.get("max_sdo_sigma") is not None:
+        words += f", sdO index <= {op['max_sdo_sigma']:.2f} sigma above the O-star edge"
     return words
 
 

@@ -166,7 +166,7 @@ EVIDENCE_LINES: tuple[str, ...] = ("heii_4200", "heii_4541", "heii_4686", "heii_
 EVIDENCE_COMBINED: tuple[str, ...] = ("heii_ew", "heii_ew_err", "heii_sigma", "hei_ew", "hei_ew_err",
                                       "hei_sigma", "log_wprime", "n_heii_lines", "heii_detected",
                                       "heii_4686_emission", "metal_veto", "sdo_index",
-                                      "balmer_index")
+                                      "sdo_sigma")
 #: Keys of :attr:`StageResult.evidence`, in order.
 EVIDENCE_FIELDS: tuple[str, ...] = EVIDENCE_COMBINED + tuple(
     f"ew_{n}{e}" for n in EVIDENCE_LINES for e in ("", "_err"))
@@ -527,14 +527,13 @@ _EVIDENCE_DESCRIPTIONS = {
     "heii_4686_emission": "He II 4686 in emission",
     "metal_veto": "a cool-star metal line is too strong for an O star",
     "sdo_index": "hot-subdwarf index: mean EW(H-delta, H-gamma) + 2 EW(He II 4686), box EWs",
-    "balmer_index": "Balmer index: mean EW(H-delta, H-gamma), box EWs (featureless veto)",
+    "sdo_sigma": "sigma of the hot-subdwarf index above the O-star edge (lines.SDO_O_EDGE)",
 }
 
 
 def _evidence_field(name: str) -> "OutputField":
     kind = "bool" if name in _EVIDENCE_BOOL else "int" if name == "n_heii_lines" else "float"
-    is_ew = name.startswith("ew_") or name in ("heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err", "sdo_index",
-                                                      "balmer_index")
+    is_ew = name.startswith("ew_") or name in ("heii_ew", "heii_ew_err", "hei_ew", "hei_ew_err", "sdo_index")
     desc = _EVIDENCE_DESCRIPTIONS.get(name)
     if desc is None and name.startswith("ew_"):
         line = name[3:].removesuffix("_err")
@@ -1081,7 +1080,7 @@ class OStarStage:
         has_o = "O" in self.decision.classes and self.decision.classes == list(self.classes)
         verdict = (self.decision.apply(np.where(probs_ok[:, None], probs, 0.0), heii,
                                        np.asarray(meas.sdo_index, dtype=np.float64),
-                                       np.asarray(meas.balmer_index, dtype=np.float64))
+                                       np.asarray(meas.sdo_sigma, dtype=np.float64))
                    if has_o else None)
 
         out: list[StageResult] = []

@@ -375,7 +375,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     p_test = softmax(z_test, temperature)
     test_metrics = classification_metrics(test.y(classes), p_test, classes)
     verdict = decision.apply(p_test, test.meta.get("heii_sigma"), test.meta.get("sdo_index"),
-                             test.meta.get("balmer_index"))
+                             test.meta.get("sdo_sigma"))
     is_o = test.labels == "O"
     test_metrics["candidates"] = {
         "rule": decision.describe(),
@@ -435,11 +435,10 @@ def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operat
 
     post = default.posterior(p_val)[:, classes.index("O")]
     heii = np.asarray(val.meta.get("heii_sigma", np.full(len(val), np.nan)), float)
-    # line vetoes (hot-subdwarf, featureless) from the validation O spectra alone (1 % of them each)
-    sdo, balmer = (None if val.meta.get(k) is None else np.asarray(val.meta[k], float)
-                   for k in ("sdo_index", "balmer_index"))
-    vetoes = line_veto_thresholds(None if sdo is None else sdo[is_o], None if balmer is None else balmer[is_o])
-    post = np.where(line_vetoed(vetoes["max_sdo_index"], sdo, vetoes["min_balmer_index"], balmer), 0.0, post)
+    # hot-subdwarf veto (in sigma) from the validation O spectra alone (1 % of them)
+    sigma = None if val.meta.get("sdo_sigma") is None else np.asarray(val.meta["sdo_sigma"], float)
+    vetoes = line_veto_thresholds(None if sigma is None else sigma[is_o])
+    post = np.where(line_vetoed(None, None, vetoes["max_sdo_sigma"], sigma), 0.0, post)
     snr = np.asarray(val.meta.get("snr_g", np.full(len(val), np.nan)), float)
     neg = ~is_o
     w = np.zeros(len(val))
@@ -523,8 +522,8 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
     probs = softmax(recogniser.predict_logits(model, lam.inputs(channels)), temperature)
     heii = np.asarray(lam.meta["heii_sigma"], float)
     sdo = np.asarray(lam.meta["sdo_index"], float)
-    balmer = np.asarray(lam.meta["balmer_index"], float)
-    out = decision.apply(probs, heii, sdo, balmer)
+    sigma = np.asarray(lam.meta["sdo_sigma"], float)
+    out = decision.apply(probs, heii, sdo, sigma)
     record = {"checked": True, "n_files": int(len(lam)), "candidates_at_loso_threshold": int(out.is_candidate.sum()),
               "candidate_files": [str(p) for p in np.asarray(lam.meta["path"])[out.is_candidate]]}
     if out.is_candidate.any() and decision.min_score is not None:
@@ -536,7 +535,7 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
             chosen_on=decision.chosen_on + f"; threshold raised from {decision.min_score:.3f} to {raised:.3f} so "
                       "that no real LAMOST file of the shared data is a candidate of this model "
                       f"({len(passing)} was, at the LOSO threshold)")
-        record["candidates_after"] = int(decision.apply(probs, heii, sdo, balmer).is_candidate.sum())
+        record["candidates_after"] = int(decision.apply(probs, heii, sdo, sigma).is_candidate.sum())
     return decision, record
 
 

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ensemble", action="append", default=[],
                     help="with --reanalyse: comma-separated model kinds whose calibrated log probabilities "
                          "are averaged into a model 'ens-A-B' (repeatable)")
+    ap.add_argument("--max-false-per-million", type=float, default=100.0,
+                    help="with --reanalyse: the false-O budget of the operating point (per million non-O "
+                         "of the survey mix; default 100, the issue's target)")
     args = ap.parse_args(argv)
     if args.reanalyse:
         if args.merge:
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz"))
         if args.add_lamost_others:
             loso.add_lamost_others(args.out, models, args.data_dir)
-        res = loso.analyse(args.out, models, loso.CLASSES_8)
+        res = loso.analyse(args.out, models, loso.CLASSES_8, max_false_per_million=args.max_false_per_million)
+        res["max_false_per_million"] = args.max_false_per_million
         for key in ("config", "o_units", "folds", "total_seconds"):
             if key in prev:
                 res[key] = prev[key]

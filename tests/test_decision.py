@@ -122,31 +122,28 @@ def test_hot_subdwarf_veto_drops_high_gravity_he_ii_spectra():
     assert Decision.from_operating_point(CLASSES, op).max_sdo_index == 6.2
 
 
-def test_featureless_veto_drops_spectra_without_balmer_lines():
-    """min_balmer_index drops spectra below it (NaN passes); both vetoes share one function and
-    their thresholds come from O spectra alone (1 % of them each)."""
-    from lamost_ostar.models.decision import (BALMER_PERCENTILE, SDO_PERCENTILE, line_veto_thresholds,
-                                              line_vetoed)
+def test_hot_subdwarf_veto_in_sigma():
+    """max_sdo_sigma drops spectra above it (NaN passes); one function applies both forms of the
+    veto, and their thresholds come from O spectra alone (1 % of them each)."""
+    from lamost_ostar.models.decision import SDO_PERCENTILE, line_veto_thresholds, line_vetoed
 
-    d = Decision.balanced(CLASSES, min_posterior=0.5, max_sdo_index=5.0, min_balmer_index=0.8)
+    d = Decision.balanced(CLASSES, min_posterior=0.5, max_sdo_index=7.0, max_sdo_sigma=2.0)
     probs = np.zeros((4, 8))
     probs[:, 0] = 1 - 1e-9
     probs[:, 1] = 1e-9
-    out = d.apply(probs, np.zeros(4), np.array([4.0, 6.5, 1.0, 1.0]), np.array([2.0, 3.0, 0.1, np.nan]))
+    out = d.apply(probs, np.zeros(4), np.array([4.0, 6.5, 7.5, np.nan]), np.array([0.5, 3.0, 1.0, np.nan]))
     assert out.is_candidate.tolist() == [True, False, False, True]
-    with pytest.raises(ValueError, match="balmer_index"):
+    with pytest.raises(ValueError, match="sdo_sigma"):
         d.apply(probs, np.zeros(4), np.zeros(4))
-    assert "Balmer index >= 0.8" in d.describe()
+    assert "sigma above the O-star edge" in d.describe()
     assert Decision.from_dict(json.loads(json.dumps(d.to_dict()))) == d
     rng = np.random.default_rng(1)
-    o_sdo, o_bal = rng.normal(2.5, 1.0, 20_000), rng.normal(2.2, 0.5, 20_000)
-    thr = line_veto_thresholds(o_sdo, o_bal)
-    assert np.mean(line_vetoed(thr["max_sdo_index"], o_sdo, None, None)) == pytest.approx(
-        1 - SDO_PERCENTILE / 100, abs=1e-3)
-    assert np.mean(line_vetoed(None, None, thr["min_balmer_index"], o_bal)) == pytest.approx(
-        BALMER_PERCENTILE / 100, abs=1e-3)
-    assert line_veto_thresholds(None, None) == {"max_sdo_index": None, "min_balmer_index": None}
+    o_sigma, o_sdo = rng.normal(-1.0, 1.0, 20_000), rng.normal(2.5, 1.0, 20_000)
+    thr = line_veto_thresholds(o_sigma, o_sdo)
+    for t, v in ((thr["max_sdo_sigma"], o_sigma), (thr["max_sdo_index"], o_sdo)):
+        assert np.mean(line_vetoed(None, None, t, v) if v is o_sigma else line_vetoed(t, v)) == \
+            pytest.approx(1 - SDO_PERCENTILE / 100, abs=1e-3)
+    assert line_veto_thresholds(None) == {"max_sdo_sigma": None, "max_sdo_index": None}
     assert line_vetoed(None, None, None, None) is False
-    op = {"min_posterior": 0.5, **thr}
-    rule = Decision.from_operating_point(CLASSES, op)
-    assert (rule.max_sdo_index, rule.min_balmer_index) == (thr["max_sdo_index"], thr["min_balmer_index"])
+    rule = Decision.from_operating_point(CLASSES, {"min_posterior": 0.5, **line_veto_thresholds(o_sigma)})
+    assert rule.max_sdo_sigma == thr["max_sdo_sigma"] and rule.max_sdo_index is None

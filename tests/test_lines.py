@@ -300,17 +300,24 @@ def test_sdo_index_separates_the_he_rich_subdwarf_from_o_stars():
     assert feige > 6.0 and np.nanmax(o) < 5.0
 
 
-def test_balmer_index_separates_the_featureless_white_dwarf_from_o_stars():
-    """mean EW(H-delta, H-gamma): every O template has hot-star Balmer lines, the DC white dwarf none."""
+def test_sdo_sigma_puts_a_high_snr_subdwarf_far_above_the_o_star_edge():
+    """(sdo_index - SDO_O_EDGE) / error: the noise-free O templates at or below the edge, Feige 110
+    above it; the error propagated from the box-EW errors scales the same index by the S/N."""
     from lamost_ostar.templates import load_templates
 
     assert L.balmer_index(np.array([4.0, np.nan, np.nan]), np.array([3.0, 2.0, np.nan]))[:2].tolist() == [3.5, 2.0]
     assert np.isnan(L.balmer_index(np.array([np.nan]), np.array([np.nan]))[0])
+    one = np.array([1.0])
+    # index 3.5 + 2 x 1.55 = 6.6: 2 A above the edge; error sqrt((0.1 + 0.1) / 4 + 4 x 0.05) = 0.5
+    z = L.sdo_sigma(4.0 * one, 3.0 * one, 1.55 * one, np.sqrt(0.1) * one, np.sqrt(0.1) * one,
+                    np.sqrt(0.05) * one)
+    assert z[0] == pytest.approx((6.6 - L.SDO_O_EDGE) / 0.5)
+    assert np.isnan(L.sdo_sigma(one, one, one, 0 * one, 0 * one, 0 * one)[0])
     lib = load_templates()
-    sel = np.flatnonzero(np.isin(lib.mk, ["O"]) | (lib.name == "stelib:LTT4364"))
+    sel = np.flatnonzero(np.isin(lib.mk, ["O"]) | (lib.name == "stelib:Feige110"))
     valid = np.asarray(lib.valid)[sel]
     m = L.measure_lines(np.asarray(lib.flux)[sel].astype(float), np.where(valid, 1e4, 0.0), ~valid)
-    assert "balmer_index" in L.EVIDENCE_FIELDS and len(m.balmer_index) == len(sel)
-    dc = m.balmer_index[lib.name[sel] == "stelib:LTT4364"][0]
-    o = m.balmer_index[lib.mk[sel] == "O"]
-    assert abs(dc) < 0.3 and np.nanmin(o) > 0.9
+    assert "sdo_sigma" in L.EVIDENCE_FIELDS and len(m.sdo_sigma) == len(sel)
+    assert np.nanmax(m.sdo_index[lib.mk[sel] == "O"]) <= L.SDO_O_EDGE + 0.05
+    assert np.nanmax(m.sdo_sigma[lib.mk[sel] == "O"]) <= 0.5
+    assert m.sdo_sigma[lib.name[sel] == "stelib:Feige110"][0] > 3

@@ -52,14 +52,14 @@ def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
     assert np.isfinite(d["heii_sigma"][d["set"] == "o"]).any()
     for m in res["models"].values():
         assert "operating_point" in m and "tables" in m and m["temperature"] > 0
-        # both line vetoes, set on O spectra, and the same choice with fewer vetoes
-        assert {"max_sdo_index", "min_balmer_index"} <= set(m["operating_point"])
-        assert {"sdo_veto_only", "no_line_veto"} <= set(m["operating_point_variants"])
-        assert m["operating_point_variants"]["sdo_veto_only"]["min_balmer_index"] is None
+        # the hot-subdwarf veto in sigma, set on O spectra; the raw-index veto and none for comparison
+        assert m["operating_point"]["max_sdo_sigma"] is not None and m["operating_point"]["max_sdo_index"] is None
+        assert {"sdo_index_veto", "no_line_veto"} <= set(m["operating_point_variants"])
+        assert m["operating_point_variants"]["sdo_index_veto"]["max_sdo_sigma"] is None
         if len({f["fold"] for f in res["folds"]}) > 1:
-            assert {"nested", "nested_sdo_veto_only", "nested_no_line_veto"} <= set(m["tables"])
-    assert "featureless veto" in text and "no line veto" in text
-    assert "balmer_index" in d
+            assert {"nested", "nested_sdo_index_veto", "nested_no_line_veto"} <= set(m["tables"])
+    assert "hot-subdwarf veto in sigma" in text and "no line veto" in text
+    assert "sdo_sigma" in d
 
 
 def test_detector_trained_with_the_loso_decision_scans_real_files(tiny_run, tmp_path):

@@ -38,14 +38,13 @@ and H-gamma + 2 EW(He II 4686), :func:`lamost_ostar.lines.sdo_index`: broad
 Balmer lines *and* strong He II 4686, a high-gravity star) is above the 99th
 percentile of held-out O-star spectra -- a threshold set on O stars alone, so
 that it costs 1 % of them by construction and was never fitted to an
-impostor.  The **featureless veto** ``min_balmer_index`` is its mirror image
-for spectra with no lines at all: every O star has hot-star Balmer absorption
-(mean EW of H-delta and H-gamma, :func:`lamost_ostar.lines.balmer_index`,
->= 1 A on the noise-free templates), a DC white dwarf or a BL Lac has none,
-and a noisy featureless spectrum is otherwise the closest thing to an O star's
-weak lines; its threshold is the 1st percentile of held-out O-star spectra
-(1 % of them by construction).  A NaN index (lines not measurable) passes
-either veto; :func:`line_vetoed` applies both.
+impostor.  The raw index does not know the S/N, so the threshold is set by the
+noisiest O spectra and a high-S/N subdwarf passes; ``max_sdo_sigma`` is the
+same veto in units of the index's error, ``sdo_sigma`` = how many sigma the
+index lies above the O-star edge (:data:`lamost_ostar.lines.SDO_O_EDGE`, the
+highest index of the noise-free O templates), threshold again the 99th
+percentile of held-out O-star spectra.  A NaN index (lines not measurable)
+passes; :func:`line_vetoed` applies whichever vetoes a rule has.
 (``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
 ``posterior_o >= min_posterior``.)
 
@@ -71,8 +70,6 @@ __all__ = [
     "SDO_PERCENTILE",
     "sdo_veto_threshold",
     "sdo_vetoed",
-    "BALMER_PERCENTILE",
-    "balmer_floor_threshold",
     "line_vetoed",
     "line_veto_thresholds",
 ]
@@ -161,9 +158,9 @@ class Decision:
     max_sdo_index : float or None
         Hot-subdwarf veto: spectra with ``sdo_index`` above it are not
         candidates (NaN passes); None = not used.
-    min_balmer_index : float or None
-        Featureless veto: spectra with ``balmer_index`` below it are not
-        candidates (NaN passes); None = not used.
+    max_sdo_sigma : float or None
+        Hot-subdwarf veto in sigma: spectra with ``sdo_sigma`` above it are
+        not candidates (NaN passes); None = not used.
     sharpen : float
         The decision's probabilities are ``p**sharpen`` renormalised, i.e. the
         softmax at temperature ``T / sharpen`` instead of the calibration
@@ -185,7 +182,7 @@ class Decision:
     min_score: float | None = None
     sharpen: float = 1.0
     max_sdo_index: float | None = None
-    min_balmer_index: float | None = None
+    max_sdo_sigma: float | None = None
     chosen_on: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     kind: str = "rule"
@@ -216,12 +213,12 @@ class Decision:
 
     def apply(self, probs: np.ndarray, heii_sigma: np.ndarray | None = None,
               sdo_index: np.ndarray | None = None,
-              balmer_index: np.ndarray | None = None) -> DecisionOutput:
+              sdo_sigma: np.ndarray | None = None) -> DecisionOutput:
         """Apply the rule to ``probs`` (``(N, C)``, training prior) and the line evidence.
 
         ``heii_sigma`` NaN (lines not measurable) fails the He II test;
-        ``sdo_index`` and ``balmer_index`` (needed when the rule has
-        ``max_sdo_index`` / ``min_balmer_index``) NaN pass the vetoes.
+        ``sdo_index`` and ``sdo_sigma`` (needed when the rule has
+        ``max_sdo_index`` / ``max_sdo_sigma``) NaN pass the vetoes.
         """
         probs = np.asarray(probs, dtype=np.float64)
         post = self.posterior(probs)[:, self.o_index] if len(probs) else np.zeros(0)
@@ -239,8 +236,8 @@ class Decision:
             ok &= probs[:, self.o_index] >= self.min_p_o
         if self.min_heii_sigma is not None:
             ok &= np.isfinite(z) & (z >= self.min_heii_sigma)
-        ok &= ~np.asarray(line_vetoed(self.max_sdo_index, sdo_index, self.min_balmer_index,
-                                       balmer_index), dtype=bool)
+        ok &= ~np.asarray(line_vetoed(self.max_sdo_index, sdo_index, self.max_sdo_sigma, sdo_sigma),
+                          dtype=bool)
         return DecisionOutput(p_o=probs[:, self.o_index] if len(probs) else np.zeros(0),
                               posterior_o=post, is_candidate=ok, score=score)
 
@@ -250,7 +247,7 @@ class Decision:
         if op.get("min_score") is None and op.get("min_posterior") is None:
             raise ValueError("the operating point has no threshold")
         sharpen = float(op.get("sharpen", 1.0))
-        for key in ("max_sdo_index", "min_balmer_index"):
+        for key in ("max_sdo_index", "max_sdo_sigma"):
             if op.get(key) is not None:
                 kwargs.setdefault(key, float(op[key]))
         if op.get("heii_weight") or op.get("min_score") is not None:
@@ -288,8 +285,8 @@ class Decision:
         s = ""
         if self.max_sdo_index is not None:
             s += f" and hot-subdwarf index <= {self.max_sdo_index:.3g} A"
-        if self.min_balmer_index is not None:
-            s += f" and Balmer index >= {self.min_balmer_index:.3g} A"
+        if self.max_sdo_sigma is not None:
+            s += f" and hot-subdwarf index <= {self.max_sdo_sigma:.3g} sigma above the O-star edge"
         return s
 
 
@@ -312,38 +309,27 @@ def sdo_vetoed(sdo_index: np.ndarray | None, max_sdo_index: float | None) -> np.
         return np.asarray(sdo_index, dtype=np.float64) > max_sdo_index
 
 
-#: Percentile of held-out O-star spectra that sets the featureless veto (1 % of O stars vetoed).
-BALMER_PERCENTILE: float = 1.0
-
-
-def balmer_floor_threshold(o_balmer_index: np.ndarray, percentile: float = BALMER_PERCENTILE
-                           ) -> float | None:
-    """``min_balmer_index`` from O-star spectra only: their ``percentile``-th ``balmer_index`` (None if none)."""
-    return sdo_veto_threshold(o_balmer_index, percentile)
-
-
-def line_veto_thresholds(o_sdo_index: np.ndarray | None, o_balmer_index: np.ndarray | None = None
+def line_veto_thresholds(o_sdo_sigma: np.ndarray | None, o_sdo_index: np.ndarray | None = None
                          ) -> dict[str, float | None]:
-    """Both line vetoes' thresholds from O-star spectra alone (an index given as None: veto off).
+    """The line vetoes' thresholds from O-star spectra alone (an index given as None: veto off).
 
     Returns
     -------
     dict
-        ``max_sdo_index`` (:data:`SDO_PERCENTILE`-th percentile of the O
-        spectra's hot-subdwarf index) and ``min_balmer_index``
-        (:data:`BALMER_PERCENTILE`-th percentile of their Balmer index), the
-        keys of :class:`Decision`; None where the index is not given or has
+        ``max_sdo_sigma`` and ``max_sdo_index``, the :data:`SDO_PERCENTILE`-th
+        percentiles of the O spectra's ``sdo_sigma`` and ``sdo_index`` (the
+        keys of :class:`Decision`); None where the index is not given or has
         no finite value.
     """
-    return {"max_sdo_index": None if o_sdo_index is None else sdo_veto_threshold(o_sdo_index),
-            "min_balmer_index": None if o_balmer_index is None else balmer_floor_threshold(o_balmer_index)}
+    return {"max_sdo_sigma": None if o_sdo_sigma is None else sdo_veto_threshold(o_sdo_sigma),
+            "max_sdo_index": None if o_sdo_index is None else sdo_veto_threshold(o_sdo_index)}
 
 
 def line_vetoed(max_sdo_index: float | None, sdo_index: np.ndarray | None,
-                min_balmer_index: float | None = None, balmer_index: np.ndarray | None = None
+                max_sdo_sigma: float | None = None, sdo_sigma: np.ndarray | None = None
                 ) -> np.ndarray | bool:
-    """True where a line veto drops a spectrum: hot-subdwarf index above ``max_sdo_index``
-    or Balmer index below ``min_balmer_index`` (NaN indices pass; a None threshold is off).
+    """True where a line veto drops a spectrum: ``sdo_index`` above ``max_sdo_index`` or
+    ``sdo_sigma`` above ``max_sdo_sigma`` (NaN passes; a None threshold is off).
 
     Raises
     ------
@@ -352,12 +338,11 @@ def line_vetoed(max_sdo_index: float | None, sdo_index: np.ndarray | None,
     """
     if max_sdo_index is not None and sdo_index is None:
         raise ValueError("this decision needs the hot-subdwarf index (sdo_index)")
-    if min_balmer_index is not None and balmer_index is None:
-        raise ValueError("this decision needs the Balmer index (balmer_index)")
+    if max_sdo_sigma is not None and sdo_sigma is None:
+        raise ValueError("this decision needs the hot-subdwarf significance (sdo_sigma)")
     out = sdo_vetoed(sdo_index, max_sdo_index)
-    if min_balmer_index is not None:
-        with np.errstate(invalid="ignore"):
-            out = out | (np.asarray(balmer_index, dtype=np.float64) < min_balmer_index)
+    if max_sdo_sigma is not None:
+        out = out | sdo_vetoed(sdo_sigma, max_sdo_sigma)
     return out
 
 
