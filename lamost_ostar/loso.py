@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
-           "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "ensemble_oof",
+           "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class"]
 
 #: model kinds a LOSO run can compare
@@ -746,6 +746,71 @@ def _select(probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes, subset,
     return best[1]
 
 
+def _line_indices(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """The line-veto indices of out-of-fold data: ``sdo`` (raw index) and ``sigma`` (``sdo_sigma``).
+
+    Stored arrays win; else they are computed from the stored single-line EWs
+    and errors (runs made before the index existed); None where neither is there.
+    """
+    from .lines import sdo_index, sdo_sigma
+
+    index: dict[str, np.ndarray | None] = {"sigma": None, "sdo": None}
+    if "ew_hdelta" in d:
+        ews = [d[f"ew_{n}"].astype(float) for n in ("hdelta", "hgamma", "heii_4686")]
+        index["sdo"] = sdo_index(*ews)
+        if "ew_hdelta_err" in d:
+            index["sigma"] = sdo_sigma(*ews, *(d[f"ew_{n}_err"].astype(float)
+                                              for n in ("hdelta", "hgamma", "heii_4686")))
+    for key, name in (("sdo", "sdo_index"), ("sigma", "sdo_sigma")):
+        if name in d:
+            index[key] = d[name].astype(float)
+    return index
+
+
+def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
+    """Which non-O stars a LOSO run's rules call O: per star, spectra and counts called O.
+
+    Re-applies the operating point and, fold by fold, the nested rules stored in
+    ``results.json`` (run :func:`analyse` first) to ``oof_<model>.npz``.  Rows
+    (sorted by the nested count): ``star``, ``label``, ``subclass``, ``set``
+    (``survey`` / ``b`` / ``x``), ``fold``, ``n``, ``nested``, ``operating_point``.
+    """
+    from .models.decision import Decision
+
+    out = Path(out_dir)
+    r = json.loads((out / "results.json").read_text())["models"][model]
+    d = load_oof(out / f"oof_{_safe(model)}.npz")
+    classes = [str(c) for c in d["classes"]]
+    probs = _softmax(d["logits"], float(r["temperature"]))
+    heii = d.get("heii_sigma", np.full(len(probs), np.nan)).astype(float)
+    index = _line_indices(d)
+    fold = d["fold"].astype(int)
+
+    def verdict(op, sel):
+        return Decision.from_operating_point(classes, op).apply(
+            probs[sel], heii[sel], *(None if index[k] is None else index[k][sel] for k in ("sdo", "sigma"))
+        ).is_candidate
+
+    everything = np.ones(len(probs), bool)
+    at_op = verdict(r["operating_point"], everything)
+    nested = np.zeros(len(probs), bool)
+    for f, op in (r.get("nested_operating_points") or {}).items():
+        sel = fold == int(f)
+        nested[sel] = verdict(op, sel)
+    sets, star, label = d["set"].astype(str), d["star"].astype(str), d["label"].astype(str)
+    sub = d.get("subclass", np.full(len(probs), "")).astype(str)
+    rows = []
+    for st_set in ("survey", "b", "x"):
+        sel = (sets == st_set) & (label != "O")
+        for st in np.unique(star[sel]):
+            m = sel & (star == st)
+            i = int(np.flatnonzero(m)[0])
+            rows.append({"star": str(st), "label": str(label[i]), "subclass": str(sub[i]), "set": st_set,
+                         "fold": int(fold[i]), "n": int(m.sum()), "nested": int(nested[m].sum()),
+                         "operating_point": int(at_op[m].sum())})
+    return sorted(rows, key=lambda row: (-row["nested"], -row["operating_point"], row["star"]))
+
+
 def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             max_false_per_million: float = 100.0) -> dict:
     """Tables and operating points from the saved out-of-fold arrays.
@@ -764,7 +829,6 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     the rule of run 4) and ``no_line_veto`` / ``nested_no_line_veto`` (none)
     are the same choice with the other veto or none.
     """
-    from .lines import sdo_index, sdo_sigma
     from .models.calibration import fit_temperature
     from .models.decision import Decision, line_veto_thresholds, line_vetoed
 
@@ -799,17 +863,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             sel = surv & (d["label"] == c)
             if sel.any():
                 w[sel] = f / sel.sum()
-        index = {"sigma": None, "sdo": None}
-        if "ew_hdelta" in d:
-            ews = [d[f"ew_{n}"].astype(float) for n in ("hdelta", "hgamma", "heii_4686")]
-            index["sdo"] = sdo_index(*ews)
-            if "ew_hdelta_err" in d:
-                index["sigma"] = sdo_sigma(*ews, *(d[f"ew_{n}_err"].astype(float)
-                                                  for n in ("hdelta", "hgamma", "heii_4686")))
-        if "sdo_index" in d:
-            index["sdo"] = d["sdo_index"].astype(float)
-        if "sdo_sigma" in d:
-            index["sigma"] = d["sdo_sigma"].astype(float)
+        index = _line_indices(d)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
             veto_sets["sdo_index_veto"] = ("sdo",)

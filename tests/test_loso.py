@@ -205,3 +205,15 @@ def test_an_ensemble_detector_is_trained_registered_and_scans(tiny_run, tmp_path
     assert members["lr2"]["temperature"] == pytest.approx(res["models"]["lr2"]["temperature"])
     (ok,) = OStarStage(version, tmp_path / "models", device="cpu").process([str(DATA / "io_image_dr7.fits")])
     assert ok.ok and ok.is_candidate in (True, False) and sum(ok.probs.values()) == pytest.approx(1.0)
+
+
+def test_false_o_by_star_accounts_for_every_non_o_test_spectrum(tiny_run):
+    """Per non-O star of the run, spectra and the counts the operating point / nested rule call O."""
+    out, _ = tiny_run
+    rows = loso.false_o_by_star(out, "lr2")
+    d = loso.load_oof(out / "oof_lr2.npz")
+    sets, labels = d["set"].astype(str), d["label"].astype(str)
+    expected = int(np.sum(np.isin(sets, ["survey", "b", "x"]) & (labels != "O")))
+    assert rows and sum(r["n"] for r in rows) == expected
+    assert all(0 <= r["operating_point"] <= r["n"] and 0 <= r["nested"] <= r["n"] for r in rows)
+    assert [r["nested"] for r in rows] == sorted((r["nested"] for r in rows), reverse=True)
