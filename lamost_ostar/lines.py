@@ -689,13 +689,12 @@ def sdo_sigma(ew_hdelta: np.ndarray, ew_hgamma: np.ndarray, ew_heii_4686: np.nda
     """
     eb = np.column_stack([np.asarray(ew_hdelta, float), np.asarray(ew_hgamma, float)])
     vb = np.column_stack([np.asarray(err_hdelta, float) ** 2, np.asarray(err_hgamma, float) ** 2])
-    ok = np.isfinite(eb) & np.isfinite(vb)
+    ok = np.isfinite(eb) & np.isfinite(vb)          # a Balmer line counts with its error only
     n = np.sum(ok, axis=1)
     var = np.where(n > 0, np.sum(np.where(ok, vb, 0.0), axis=1) / np.maximum(n, 1) ** 2, np.nan)
     var = var + 4.0 * np.asarray(err_heii_4686, float) ** 2
+    index = sdo_index(*np.where(ok, eb, np.nan).T, ew_heii_4686)
     with np.errstate(invalid="ignore", divide="ignore"):
-        bal = np.where(n > 0, np.sum(np.where(ok, eb, 0.0), axis=1) / np.maximum(n, 1), np.nan)
-        index = bal + 2.0 * np.asarray(ew_heii_4686, float)
         z = (index - edge) / np.sqrt(var)
     return np.where(np.isfinite(z) & (var > 0), z, np.nan)
 

@@ -754,17 +754,21 @@ def _line_indices(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     """
     from .lines import sdo_index, sdo_sigma
 
-    index: dict[str, np.ndarray | None] = {"sigma": None, "sdo": None}
-    if "ew_hdelta" in d:
-        ews = [d[f"ew_{n}"].astype(float) for n in ("hdelta", "hgamma", "heii_4686")]
-        index["sdo"] = sdo_index(*ews)
-        if "ew_hdelta_err" in d:
-            index["sigma"] = sdo_sigma(*ews, *(d[f"ew_{n}_err"].astype(float)
-                                              for n in ("hdelta", "hgamma", "heii_4686")))
-    for key, name in (("sdo", "sdo_index"), ("sigma", "sdo_sigma")):
-        if name in d:
-            index[key] = d[name].astype(float)
-    return index
+    lines = ("hdelta", "hgamma", "heii_4686")
+    ews = [d[f"ew_{n}"].astype(float) for n in lines] if "ew_hdelta" in d else None
+    sdo = (d["sdo_index"].astype(float) if "sdo_index" in d
+           else None if ews is None else sdo_index(*ews))
+    sigma = (d["sdo_sigma"].astype(float) if "sdo_sigma" in d
+             else None if ews is None or "ew_hdelta_err" not in d
+             else sdo_sigma(*ews, *(d[f"ew_{n}_err"].astype(float) for n in lines)))
+    return {"sigma": sigma, "sdo": sdo}
+
+
+def _verdict(rule, probs: np.ndarray, heii: np.ndarray, index: Mapping[str, np.ndarray | None],
+             sel: np.ndarray) -> np.ndarray:
+    """``rule``'s candidate verdicts on the spectra ``sel`` of out-of-fold data (with its line indices)."""
+    return rule.apply(probs[sel], heii[sel], *(None if index[k] is None else index[k][sel]
+                                               for k in ("sdo", "sigma"))).is_candidate
 
 
 def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
@@ -787,9 +791,7 @@ def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
     fold = d["fold"].astype(int)
 
     def verdict(op, sel):
-        return Decision.from_operating_point(classes, op).apply(
-            probs[sel], heii[sel], *(None if index[k] is None else index[k][sel] for k in ("sdo", "sigma"))
-        ).is_candidate
+        return _verdict(Decision.from_operating_point(classes, op), probs, heii, index, sel)
 
     everything = np.ones(len(probs), bool)
     at_op = verdict(r["operating_point"], everything)
@@ -881,10 +883,6 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             p.update(thr)
             return p
 
-        def verdict(rule, sel):
-            return rule.apply(probs[sel], heii[sel], *(None if index[k] is None else index[k][sel]
-                                                     for k in ("sdo", "sigma"))).is_candidate
-
         op = chosen(everything)
         op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
         rules = {"argmax": argmax_o}
@@ -894,7 +892,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             if p.get("min_score") is None and p.get("min_posterior") is None:
                 continue
             rule = Decision.from_operating_point(classes, p)
-            rules[name] = verdict(rule, everything)
+            rules[name] = _verdict(rule, probs, heii, index, everything)
             if name == "operating_point" and (rule.heii_weight or rule.min_heii_sigma is not None):
                 # the same threshold without the He II evidence: what the combination buys
                 rules["operating_point_posterior_only"] = \
@@ -910,7 +908,8 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                         nested_ops[int(f)] = p
                     if p.get("min_score") is None and p.get("min_posterior") is None:
                         continue
-                    nested[fold == f] = verdict(Decision.from_operating_point(classes, p), fold == f)
+                    nested[fold == f] = _verdict(Decision.from_operating_point(classes, p), probs, heii, index,
+                                                 fold == f)
                 rules["nested" + (f"_{tag}" if tag else "")] = nested
         tables = {}
         for rname, cand in rules.items():
@@ -994,6 +993,11 @@ def _num(v, fmt="{:.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+#: report words of the rules chosen with fewer line vetoes (``no_sdo_veto``: results of run 4)
+_FEWER_VETOES: dict[str, str] = {"no_line_veto": "no line veto", "no_sdo_veto": "no hot-subdwarf veto",
+                                 "sdo_index_veto": "veto on the raw sdO index"}
+
+
 def render_report(results: dict) -> str:
     """Markdown report of a LOSO run (every figure names its data)."""
     from .lines import SDO_O_EDGE as _SDO_EDGE
@@ -1055,14 +1059,13 @@ def render_report(results: dict) -> str:
             op = (r["operating_point"] if rule in ("operating_point", "nested")
                   else variants.get(rule, {}) if rule in variants
                   else {} if nested else r.get("operating_point_without_he_ii", {}))
-            fewer = {"no_line_veto": "no line veto", "no_sdo_veto": "no hot-subdwarf veto",
-                     "sdo_index_veto": "veto on the raw sdO index"}
             desc = {"argmax": "arg-max class O",
                     "no_he_ii": f"posterior >= {op.get('min_posterior', float('nan')):.3g} (sharpen {op.get('sharpen', 1):g})",
                     "operating_point": _rule_words(op),
                     "nested": "**nested**: each fold by the rule chosen on the other folds"}.get(rule)
             if desc is None:
-                desc = (f"nested, {fewer[rule[7:]]}" if nested else _rule_words(op) + f" ({fewer[rule]})")
+                desc = (f"nested, {_FEWER_VETOES[rule[7:]]}" if nested
+                        else _rule_words(op) + f" ({_FEWER_VETOES[rule]})")
             if rule not in ("argmax",) and not nested and not op.get("feasible", True):
                 desc += " (targets not met)"
             lines.append(f"| {m} | {desc} | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "

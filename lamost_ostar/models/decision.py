@@ -340,10 +340,7 @@ def line_vetoed(max_sdo_index: float | None, sdo_index: np.ndarray | None,
         raise ValueError("this decision needs the hot-subdwarf index (sdo_index)")
     if max_sdo_sigma is not None and sdo_sigma is None:
         raise ValueError("this decision needs the hot-subdwarf significance (sdo_sigma)")
-    out = sdo_vetoed(sdo_index, max_sdo_index)
-    if max_sdo_sigma is not None:
-        out = out | sdo_vetoed(sdo_sigma, max_sdo_sigma)
-    return out
+    return sdo_vetoed(sdo_index, max_sdo_index) | sdo_vetoed(sdo_sigma, max_sdo_sigma)
 
 
 #: He II significance range that enters the score (beyond it a line is just "strong")
