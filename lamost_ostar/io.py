@@ -390,9 +390,11 @@ def _parse_cards(raw: bytes, offset: int, wanted: frozenset[bytes] | None, path:
         raise CorruptFileError(path, f"corrupt FITS header at byte {offset}: card {card} holds "
                                "bytes that are not printable ASCII", "corrupt")
     out: dict[str, Any] = {}
-    for i, k in enumerate(keys[:end].tolist()):
-        if wanted is not None and k not in wanted:
-            continue
+    keys = keys[:end]
+    rows = range(end) if wanted is None else \
+        np.flatnonzero(np.isin(keys, _keyword_array(wanted))).tolist()
+    for i in rows:
+        k = keys[i]
         pos = offset + 80 * i
         if raw[pos + 8:pos + 10] == b"= ":
             key = k.rstrip().decode("ascii", "replace")
@@ -400,6 +402,12 @@ def _parse_cards(raw: bytes, offset: int, wanted: frozenset[bytes] | None, path:
                 out[key] = _parse_card_value(raw[pos + 10:pos + 80].decode("ascii",
                                                                             "replace"))
     return out, offset + -(-(80 * (end + 1)) // 2880) * 2880
+
+
+@functools.lru_cache(maxsize=8)
+def _keyword_array(wanted: frozenset[bytes]) -> np.ndarray:
+    """The keyword fields of ``wanted`` as one ``S8`` array (for a vectorised lookup)."""
+    return np.array(sorted(wanted), dtype="S8")
 
 
 def _parse_primary_cards(raw: bytes, path: str) -> dict[str, Any]:
@@ -753,7 +761,8 @@ def _looks_like_wavelength(row: np.ndarray) -> bool:
     first, last = float(row[0]), float(row[-1])
     if np.isfinite(first) and np.isfinite(last) and not 2500.0 < first < last < 12000.0:
         return False  # quick rejection (e.g. DR1's continuum-normalised row)
-    good = row[np.isfinite(row)]
+    finite = np.isfinite(row)
+    good = row if finite.all() else row[finite]
     if good.size < 2 or good.size < row.size // 2:
         return False
     return bool(2500.0 < good[0] < good[-1] < 12000.0 and np.all(np.diff(good) > 0))

@@ -147,11 +147,22 @@ class PreparedBatch:
 
 def _pad(arrays: Sequence[np.ndarray], lengths: np.ndarray, width: int,
          fill: float, dtype) -> np.ndarray:
-    """Stack 1-d arrays of different lengths into one padded block."""
-    out = np.full((len(arrays), width), fill, dtype=dtype)
-    inside = np.arange(width)[None, :] < lengths[:, None]
-    if len(arrays):
-        out[inside] = np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
+    """Stack 1-d arrays of different lengths into one padded block.
+
+    Arrays of the full ``width`` (nearly every LAMOST spectrum of a batch has the
+    same length) are stacked in one call; only the shorter ones are copied row by
+    row into the ``fill``-padded block.
+    """
+    n = len(arrays)
+    full = lengths == width
+    if n and full.all():
+        return np.stack(arrays).astype(dtype, copy=False)
+    out = np.full((n, width), fill, dtype=dtype)
+    if full.any():
+        rows = np.flatnonzero(full)
+        out[rows] = np.stack([arrays[i] for i in rows])
+    for i in np.flatnonzero(~full):
+        out[i, :lengths[i]] = np.ravel(arrays[i])
     return out
 
 
@@ -187,26 +198,37 @@ def _fill_bad(values: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Replace bad pixels by linear interpolation between good neighbours.
 
     Pixels before the first (after the last) good pixel take the first
-    (last) good value; rows without any good pixel become zero.  Only the bad
-    pixels are gathered, so the cost is dominated by two cumulative scans.
+    (last) good value; rows without any good pixel become zero.  The good
+    neighbours of every bad pixel are found with one ``searchsorted`` of the
+    bad pixels' flat positions among the good ones, so the cost grows with the
+    number of bad pixels, not with the size of the block.
     """
     n_rows, width = values.shape
     filled = np.where(good, values, 0.0)
-    bad_r, bad_c = np.nonzero(~good)
-    if bad_r.size == 0:
+    flat_good = good.ravel()
+    bad = np.flatnonzero(~flat_good)
+    if bad.size == 0:
         return filled
-    idx = np.arange(width)
-    prev = np.maximum.accumulate(np.where(good, idx, -1), axis=1)[bad_r, bad_c]
-    nxt = np.minimum.accumulate(np.where(good, idx, width)[:, ::-1], axis=1)[:, ::-1][bad_r, bad_c]
-    has_prev = prev >= 0
-    has_next = nxt < width
-    left = np.clip(np.where(has_prev, prev, nxt), 0, width - 1)
-    right = np.clip(np.where(has_next, nxt, prev), 0, width - 1)
+    gpos = np.flatnonzero(flat_good)
+    bad_r, bad_c = np.divmod(bad, width)
+    if gpos.size == 0:
+        filled.ravel()[bad] = 0.0
+        return filled
+    k = np.searchsorted(gpos, bad)
+    prev = gpos[np.maximum(k - 1, 0)]
+    nxt = gpos[np.minimum(k, gpos.size - 1)]
+    has_prev = (k > 0) & (prev // width == bad_r)
+    has_next = (k < gpos.size) & (nxt // width == bad_r)
+    prev_c = prev - bad_r * width
+    next_c = nxt - bad_r * width
+    left = np.clip(np.where(has_prev, prev_c, next_c), 0, width - 1)
+    right = np.clip(np.where(has_next, next_c, prev_c), 0, width - 1)
     span = right - left
     w = np.where(span > 0, (bad_c - left) / np.where(span > 0, span, 1), 0.0)
-    value = (1.0 - w) * values[bad_r, left] + w * values[bad_r, right]
-    value = np.where(has_prev | has_next, value, 0.0)
-    filled[bad_r, bad_c] = value
+    row0 = bad_r * width
+    flat = values.ravel()
+    value = (1.0 - w) * np.take(flat, row0 + left) + w * np.take(flat, row0 + right)
+    filled.ravel()[bad] = np.where(has_prev | has_next, value, 0.0)
     return filled
 
 
@@ -263,8 +285,11 @@ def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
         c0 = np.asarray(coeff0, dtype=np.float64)
         c1 = np.asarray(coeff1, dtype=np.float64)
     loglin = np.isfinite(c0) & np.isfinite(c1) & (c1 > 0)
-    pos = np.empty((n_rows, NPIX))
-    if loglin.any():
+    if loglin.all():
+        pos = _fractional_index_loglinear(c0, c1, loglam)
+    else:
+        pos = np.empty((n_rows, NPIX))
+    if loglin.any() and not loglin.all():
         pos[loglin] = _fractional_index_loglinear(c0[loglin], c1[loglin], loglam)
     if not loglin.all():
         if wavelength is None:
@@ -284,23 +309,24 @@ def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
     # linear interpolation at the fractional indices (flat gathers)
     last = (lengths - 1)[:, None].astype(np.float64)
     outside = (pos < 0.0) | (pos > last) | ~np.isfinite(pos)
-    posc = np.clip(np.nan_to_num(pos, nan=0.0), 0.0, last)
+    posc = np.clip(pos if loglin.all() else np.nan_to_num(pos, nan=0.0), 0.0, last)
     i0 = np.minimum(posc.astype(np.int64), (lengths - 2)[:, None])
     t = posc - i0
     i0 += (np.arange(n_rows) * width)[:, None]
     i1 = i0 + 1
     flat_flux = filled.ravel()
-    out_flux = (1.0 - t) * flat_flux[i0] + t * flat_flux[i1]
+    u = 1.0 - t
+    out_flux = u * np.take(flat_flux, i0) + t * np.take(flat_flux, i1)   # take: ~3x faster than []
 
     flat_good = good.ravel()
     g0 = flat_good[i0]
     g1 = flat_good[i1]
     mask = (outside
-            | (~g0 & ((1.0 - t) > _WEIGHT_TOL))
+            | (~g0 & (u > _WEIGHT_TOL))
             | (~g1 & (t > _WEIGHT_TOL)))
     with np.errstate(divide="ignore"):
         flat_var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0).ravel()
-    var = (1.0 - t) ** 2 * flat_var[i0] + t ** 2 * flat_var[i1]
+    var = u ** 2 * np.take(flat_var, i0) + t ** 2 * np.take(flat_var, i1)
     out_ivar = np.where(mask | (var <= 0), 0.0, 1.0 / np.where(var > 0, var, 1.0))
     return out_flux, out_ivar, mask
 
@@ -311,9 +337,9 @@ def _gather(spectra: Sequence["Spectrum"]) -> dict:
     width = int(lengths.max()) if len(lengths) else 0
     flux = _pad([s.flux for s in spectra], lengths, width, np.nan, np.float64)
     ivar = _pad([s.ivar for s in spectra], lengths, width, 0.0, np.float64)
-    andmask = _pad([np.zeros(n, np.int64) if getattr(s, "andmask", None) is None
+    andmask = _pad([np.zeros(n, np.int32) if getattr(s, "andmask", None) is None
                     else s.andmask for s, n in zip(spectra, lengths)],
-                   lengths, width, 0, np.int64)
+                   lengths, width, 0, np.int32)
     c0 = np.array([np.nan if getattr(s, "coeff0", None) is None else s.coeff0
                    for s in spectra], dtype=np.float64)
     c1 = np.array([np.nan if getattr(s, "coeff1", None) is None else s.coeff1
@@ -393,7 +419,7 @@ def standardise(flux: np.ndarray) -> np.ndarray:
 def _finish(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray,
             continuum: bool = True) -> PreparedBatch:
     norm = np.sqrt(np.sum(flux * flux, axis=1))
-    x = standardise(flux).astype(np.float32)
+    x = (flux / np.where(norm > 0, norm, 1.0)[:, None]).astype(np.float32)   # standardise(flux)
     good_fraction = (1.0 - mask.mean(axis=1)).astype(np.float32) if mask.size else \
         np.zeros(mask.shape[0], np.float32)
     xn = normalise(flux, mask)[0] if continuum else None
@@ -476,6 +502,7 @@ _CENTRES[-1] = (_NBLOCK - 1) * CONTINUUM_BLOCK + (CONTINUUM_BLOCK - _PAD - 1) / 
 _LEFT = np.clip(np.searchsorted(_CENTRES, np.arange(NPIX), side="right") - 1, 0, _NBLOCK - 2)
 _WEIGHT = np.clip((np.arange(NPIX) - _CENTRES[_LEFT]) / (_CENTRES[_LEFT + 1] - _CENTRES[_LEFT]),
                   0.0, 1.0).astype(np.float32)
+_ONE_MINUS_WEIGHT = (1.0 - _WEIGHT).astype(np.float32)
 
 
 def pseudo_continuum(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -512,7 +539,7 @@ def pseudo_continuum(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # boxcar over good pixels: shifted sums of the zero-padded flux and weights
     f = np.zeros((n, p + 2 * h), np.float32)
     g = np.zeros((n, p + 2 * h), np.float32)
-    f[:, h:h + p] = np.where(good, flux, 0.0)
+    np.copyto(f[:, h:h + p], flux, where=good)
     g[:, h:h + p] = good
     total = f[:, :p].copy()
     count = g[:, :p].copy()
@@ -528,7 +555,12 @@ def pseudo_continuum(flux: np.ndarray, mask: np.ndarray) -> np.ndarray:
     value = np.take_along_axis(blocks, idx[..., None], axis=2)[..., 0]
     usable = (cnt >= CONTINUUM_MIN_PIXELS) & (value > 0)
     value = _fill_bad(np.where(usable, value, 0.0), usable).astype(np.float32)
-    return (1.0 - _WEIGHT) * value[:, _LEFT] + _WEIGHT * value[:, _LEFT + 1]
+    out = np.take(value, _LEFT, axis=1)
+    out *= _ONE_MINUS_WEIGHT
+    right = np.take(value, _LEFT + 1, axis=1)
+    right *= _WEIGHT
+    out += right
+    return out
 
 
 def normalise(flux: np.ndarray, mask: np.ndarray, ivar: np.ndarray | None = None

@@ -265,3 +265,40 @@ def test_prepare_gives_two_channel_model_input():
     assert 0.9 < float(np.median(batch.xn)) < 1.05
     with pytest.raises(ValueError):
         P.model_input(batch, 3)
+
+
+def _fill_bad_reference(values, good):
+    """Row by row with numpy's interp: the behaviour _fill_bad must keep."""
+    out = np.zeros(values.shape)
+    x = np.arange(values.shape[1])
+    for i in range(values.shape[0]):
+        g = good[i]
+        if g.any():
+            out[i] = np.where(g, values[i], np.interp(x, x[g], values[i][g]))
+    return out
+
+
+def test_fill_bad_matches_row_by_row_interpolation():
+    """Bad pixels between, before and after good ones, rows all bad or all good."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(9, 50))
+    good = rng.random((9, 50)) > 0.4
+    good[0] = False                      # no good pixel: zeros
+    good[1] = True                       # nothing to fill
+    good[2, :10] = False                 # leading run: first good value
+    good[3, -7:] = False                 # trailing run: last good value
+    good[4] = False
+    good[4, 17] = True                   # one good pixel: the whole row takes it
+    values[~good] = np.nan               # bad pixels are never read
+    np.testing.assert_allclose(P._fill_bad(values, good), _fill_bad_reference(values, good),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_pad_stacks_equal_and_unequal_lengths():
+    a = [np.arange(4.0), np.arange(4.0) + 10]
+    np.testing.assert_array_equal(P._pad(a, np.array([4, 4]), 4, np.nan, np.float64),
+                                  np.array([np.arange(4.0), np.arange(4.0) + 10]))
+    b = [np.arange(2.0), np.arange(4.0), np.arange(3.0)]
+    got = P._pad(b, np.array([2, 4, 3]), 4, -1.0, np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [[0, 1, -1, -1], [0, 1, 2, 3], [0, 1, 2, -1]])
