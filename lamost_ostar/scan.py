@@ -776,10 +776,11 @@ def _scan_counts(t: PartitionSummary) -> dict[str, int]:
 
 #: Environment of local workers (set before TensorFlow is imported there; a value
 #: already in the environment wins): TensorFlow logs no INFO/WARNING lines and
-#: Python prints no warnings.  TensorFlow's earliest lines (oneDNN, cudart stub)
+#: Python prints no warnings; Keras is imported lean (:func:`lamost_ostar.stage.import_keras`:
+#: without matplotlib and scikit-learn, which inference does not use).  TensorFlow's earliest lines (oneDNN, cudart stub)
 #: are printed before its logging is set up, whatever the environment: the
 #: workers' stderr goes to the worker log (``worker_log``) for that.
-WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", "LAMOST_OSTAR_LEAN_KERAS": "1"}
 
 
 class _WorkerStderrToFile(_WorkerPlugin):

@@ -825,6 +825,47 @@ def quality_flags(mask: np.ndarray, good_fraction: np.ndarray, snr_g: np.ndarray
 # --------------------------------------------------------------------------
 # device handling
 # --------------------------------------------------------------------------
+#: Environment switch of :func:`import_keras`: ``1`` imports Keras without the optional
+#: modules below (the scan's local workers set it; unset or ``0``: a plain ``import keras``).
+LEAN_KERAS_ENV = "LAMOST_OSTAR_LEAN_KERAS"
+#: Optional packages ``import keras`` loads at start-up for features inference never uses:
+#: matplotlib (``keras.visualization``) and scikit-learn (``keras.wrappers``); about a third
+#: of the import time measured on the 2-core dev machine (reports/performance.md).
+LEAN_SKIPPED = ("matplotlib", "sklearn")
+
+
+def import_keras(lean: bool | None = None) -> Any:
+    """Import Keras once per process; ``lean`` without :data:`LEAN_SKIPPED`.
+
+    Keras imports matplotlib and scikit-learn only if they are installed
+    (``try: import ... except ImportError``); in lean mode they are hidden
+    while Keras is imported, so its plotting helpers and scikit-learn wrappers
+    are unavailable in that process (the packages themselves can still be
+    imported afterwards).  Nothing changes if Keras is already imported.
+
+    Parameters
+    ----------
+    lean : bool, optional
+        Default: the environment variable :data:`LEAN_KERAS_ENV` is ``1``.
+    """
+    import sys
+
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    if lean is None:
+        lean = os.environ.get(LEAN_KERAS_ENV, "0") == "1"
+    hidden = [m for m in LEAN_SKIPPED if m not in sys.modules] if lean else []
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # "import m" raises ImportError
+    try:
+        import keras
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+    return keras
+
+
 def _backend_sees_gpu() -> bool:
     """Whether the active Keras backend sees a GPU (backend-specific, isolated here)."""
     import keras
@@ -939,6 +980,7 @@ class OStarStage:
             raise ValueError(f"read_engine must be one of {', '.join(ENGINES)}, got {read_engine!r}")
         self.batch_size = int(batch_size)
         self.read_engine = read_engine
+        import_keras()
         self.device_name = resolve_device(device)
         from lamost_ostar.models.registry import load_model
 

@@ -198,3 +198,25 @@ def test_process_prepared_gives_the_results_of_process(which, stage):
     np.testing.assert_allclose([r.p_o for r in sub], [own[i].p_o for i in rows], atol=1e-6)
     with pytest.raises(ValueError, match="prepared batch of 4"):
         st.process_prepared(spectra[:2], prep)
+
+
+def test_lean_keras_import_skips_matplotlib_and_sklearn_and_still_classifies():
+    """LAMOST_OSTAR_LEAN_KERAS=1 (the scan's local workers): Keras without its optional
+    plotting / scikit-learn imports; the stage classifies, and both packages import later."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lamost_ostar.stage import OStarStage\n"
+        f"r = OStarStage().process([{str(DATA / GOOD[0])!r}])\n"
+        "assert r[0].ok and r[0].p_o is not None, r[0]\n"
+        "print('skipped', 'sklearn' not in sys.modules and 'matplotlib' not in sys.modules)\n"
+        "import sklearn, matplotlib\n"
+        "print('importable', sklearn.__name__, matplotlib.__name__)\n")
+    env = {**os.environ, "LAMOST_OSTAR_LEAN_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "skipped True" in out.stdout and "importable sklearn matplotlib" in out.stdout
