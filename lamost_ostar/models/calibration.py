@@ -3,13 +3,13 @@
 Calibrated probabilities are ``softmax(logits / T)``; ``T`` is fitted once on
 held-out validation logits by minimising the negative log-likelihood, stored in
 the model card, and applied by :class:`lamost_ostar.models.registry.ModelBundle`.
-Pure numpy/scipy.
+Pure numpy/scipy; scipy is imported by the fitting functions only, so that
+inference (:func:`softmax_t`) does not load it (a second of a scan worker's
+start-up on the 2-core dev machine).
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
 
 __all__ = ["softmax_t", "nll", "fit_temperature", "expected_calibration_error"]
 
@@ -26,6 +26,8 @@ def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of integer ``labels`` under ``softmax(logits / T)``."""
+    from scipy.special import log_softmax
+
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64).ravel()
     logp = log_softmax(logits / float(temperature), axis=-1)
@@ -56,6 +58,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
         raise ValueError("logits must be (N, C) with N = len(labels) > 0")
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError("labels out of range for the logits' classes")
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(lambda lt: nll(logits, labels, np.exp(lt)),
                           bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
                           options={"xatol": 1e-5})
