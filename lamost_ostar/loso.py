@@ -46,7 +46,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class"]
+           "mix_within_class", "apply_rule"]
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
@@ -746,6 +746,57 @@ def _select(probs, heii, is_o, o_ok, star, surv, w, real, b_ok, classes, subset,
     return best[1]
 
 
+def _survey_weights(sets: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Weights of the survey-mock spectra: every non-O class at its survey fraction over the run."""
+    surv = sets == "survey"
+    w = np.zeros(len(sets))
+    for c, f in SURVEY_NON_O.items():
+        sel = surv & (label == c)
+        if sel.any():
+            w[sel] = f / sel.sum()
+    return w
+
+
+def _table_inputs(d: Mapping[str, np.ndarray]) -> tuple:
+    """The arrays :func:`_tables` needs besides the verdicts, from out-of-fold data."""
+    n = len(d["set"])
+    sets, label = d["set"].astype(str), d["label"].astype(str)
+    return (sets == "o", sets == "b", sets == "x", sets == "survey", sets == "lamost",
+            _survey_weights(sets, label), d["star"].astype(str),
+            d.get("snr_g", np.full(n, np.nan)).astype(float),
+            d.get("ebv_total", np.full(n, np.nan)).astype(float),
+            _subtype(d.get("subclass", np.full(n, "")).astype(str)), label,
+            d.get("kind", np.full(n, "")).astype(str))
+
+
+def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any]) -> dict:
+    """Tables of a fixed operating point on another run's out-of-fold data (a clean check).
+
+    ``op`` is an operating point as :func:`analyse` stores it (e.g. the
+    ``operating_point`` of a pooled run, the rule a shipped model carries); it
+    is applied unchanged to ``oof_<model>.npz`` of ``out_dir`` (a run made
+    after the rule was chosen), the probabilities calibrated with that run's
+    own out-of-fold temperature (as :func:`analyse` does; run it first).
+
+    Returns
+    -------
+    dict
+        :func:`_tables` of the verdicts (recall per star, B->O, false O per
+        million, real LAMOST candidates, by S/N and E(B-V)).
+    """
+    from .models.decision import Decision
+
+    out = Path(out_dir)
+    r = json.loads((out / "results.json").read_text())["models"][model]
+    d = load_oof(out / f"oof_{_safe(model)}.npz")
+    classes = [str(c) for c in d["classes"]]
+    probs = _softmax(d["logits"], float(r["temperature"]))
+    heii = d.get("heii_sigma", np.full(len(probs), np.nan)).astype(float)
+    cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
+                    np.ones(len(probs), bool))
+    return _tables(cand, *_table_inputs(d))
+
+
 def _line_indices(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     """The line-veto indices of out-of-fold data: ``sdo`` (raw index) and ``sigma`` (``sdo_sigma``).
 
@@ -859,12 +910,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         argmax_o = probs.argmax(axis=1) == classes.index("O")
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
-        # survey weights: every class at its survey fraction over the whole run
-        w = np.zeros(len(y))
-        for c, f in SURVEY_NON_O.items():
-            sel = surv & (d["label"] == c)
-            if sel.any():
-                w[sel] = f / sel.sum()
+        w = _survey_weights(sets, d["label"].astype(str))
         index = _line_indices(d)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
@@ -911,11 +957,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                     nested[fold == f] = _verdict(Decision.from_operating_point(classes, p), probs, heii, index,
                                                  fold == f)
                 rules["nested" + (f"_{tag}" if tag else "")] = nested
-        tables = {}
-        for rname, cand in rules.items():
-            tables[rname] = _tables(cand, is_o, is_b, is_x, surv, real, w, star, snr, ebv,
-                                    _subtype(d.get("subclass", np.full(len(y), "")).astype(str)),
-                                    d["label"].astype(str), d.get("kind", np.full(len(y), "")).astype(str))
+        tables = {rname: _tables(cand, *_table_inputs(d)) for rname, cand in rules.items()}
         # p(O) of the O spectra by E(B-V) (one- vs two-channel comparison)
         med = {}
         for lo, hi in EBV_BINS:

@@ -28,6 +28,22 @@ from lamost_ostar import loso
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _apply_rule(rules_file: Path, out: Path) -> None:
+    """Every model in both runs: the other run's operating point on ``out``'s out-of-fold data."""
+    rules = json.loads(rules_file.read_text())["models"]
+    mine = json.loads((out / "results.json").read_text())["models"]
+    applied = {}
+    for m in sorted(set(rules) & set(mine)):
+        t = loso.apply_rule(out, m, rules[m]["operating_point"])
+        applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"], "tables": t}
+        pct = loso._pct
+        print(f"{m}: O recall (star-averaged, S/N >= 10) {pct(t['o_recall_star_averaged_snr_ge_10'])}, "
+              f"B->O {pct(t['b_to_o'])} (B0-B1 {pct(t['b0_b1_to_o'])}), X->O {pct(t['x_to_o'])}, "
+              f"false O per million {loso._num(t['false_o_per_million'])}, "
+              f"real LAMOST {t['real_lamost_candidates']}/{t['real_lamost_n']}")
+    (out / "applied_rule.json").write_text(json.dumps(applied, indent=1, default=loso._json_default))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "loso")
@@ -50,10 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ensemble", action="append", default=[],
                     help="with --reanalyse: comma-separated model kinds whose calibrated log probabilities "
                          "are averaged into a model 'ens-A-B' (repeatable)")
+    ap.add_argument("--apply-rule", type=Path, default=None,
+                    help="a results.json of another run (e.g. the pooled run a shipped model's rule comes "
+                         "from): apply its operating point, unchanged, to --out's out-of-fold data (a clean "
+                         "check on a run made after the rule was chosen; --out must be analysed first); "
+                         "writes applied_rule.json in --out")
     ap.add_argument("--max-false-per-million", type=float, default=100.0,
                     help="with --reanalyse: the false-O budget of the operating point (per million non-O "
                          "of the survey mix; default 100, the issue's target)")
     args = ap.parse_args(argv)
+    if args.apply_rule is not None:
+        return _apply_rule(args.apply_rule, args.out)
     if args.reanalyse:
         if args.merge:
             loso.merge_runs(args.merge.split(","), args.out)

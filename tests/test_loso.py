@@ -12,6 +12,7 @@ from lamost_ostar.datasets import library_star_ids
 from lamost_ostar.templates import load_templates
 
 DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_folds_hold_every_star_once_and_one_o_unit_each():
@@ -217,3 +218,25 @@ def test_false_o_by_star_accounts_for_every_non_o_test_spectrum(tiny_run):
     assert rows and sum(r["n"] for r in rows) == expected
     assert all(0 <= r["operating_point"] <= r["n"] and 0 <= r["nested"] <= r["n"] for r in rows)
     assert [r["nested"] for r in rows] == sorted((r["nested"] for r in rows), reverse=True)
+
+
+def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_writes_it(tiny_run):
+    """A run's own operating point, applied with apply_rule, gives analyse's table; the script
+    applies another run's rules (here the same run's results.json) and writes applied_rule.json."""
+    import importlib.util
+    import json
+
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    mine = res["models"]["lr2"]
+    t = loso.apply_rule(out, "lr2", mine["operating_point"])
+    ref = mine["tables"]["operating_point"]
+    for key in ("o_recall_star_averaged_snr_ge_10", "b_to_o", "x_to_o", "false_o_per_million",
+                "real_lamost_candidates", "survey_false_o_count"):
+        assert t[key] == pytest.approx(ref[key]), key
+    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(out), "--apply-rule", str(out / "results.json")])
+    applied = json.loads((out / "applied_rule.json").read_text())
+    assert applied["lr2"]["tables"]["survey_false_o_count"] == ref["survey_false_o_count"]
