@@ -649,6 +649,8 @@ class ScanSummary:
     totals: PartitionSummary
     elapsed_s: float
     startup_s: float = 0.0
+    #: Seconds from the start of the scan to its first stored results (first partition done).
+    first_result_s: float | None = None
     n_failed_partitions: int = 0
     n_unwritten_files: int = 0
     device: str | None = None
@@ -697,6 +699,7 @@ class ScanSummary:
                "elapsed_s": round(self.elapsed_s, 3),
                "spectra_per_s": round(self.processed_rate, 3),
                "startup_s": round(self.startup_s, 3),
+               "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
                "failed_partitions": self.n_failed_partitions,
                "unwritten_files": self.n_unwritten_files}
         first = self._stage_list()[0][0]
@@ -749,7 +752,9 @@ class ScanSummary:
                 lines.append(f"{indent}{name:<{w}}{n:>10,d}")
         lines += [
             f"  elapsed             {self.elapsed_s:>10.1f} s   "
-            f"(start-up: cluster + model load {self.startup_s:.1f} s)",
+            f"(start-up: cluster + model load {self.startup_s:.1f} s"
+            + ("" if self.first_result_s is None else f"; first results at {self.first_result_s:.1f} s")
+            + ")",
             f"  rate                {self.processed_rate:>10.1f} spectra/s read+"
             + ("classified" if one and _decides_candidates(listed[0][0]) else "processed")
             + f"  ({self.steady_rate:.1f}/s after start-up; {self.rate:.1f} files/s incl. skipped)",
@@ -1063,6 +1068,7 @@ def run_scan(
         pending: dict[Any, list[str]] = {}
         interrupted = False
         t_work = time.perf_counter()
+        t_first = None
         try:
             if held:  # interrupted while the scan row was being written
                 raise KeyboardInterrupt
@@ -1090,6 +1096,8 @@ def run_scan(
             update = getattr(sink, "update_scan", None)
             last_update = time.monotonic()
             for fut in ac:
+                if t_first is None:
+                    t_first = time.perf_counter()
                 paths = pending[fut]
                 if fut.status == "finished":
                     part = fut.result()
@@ -1140,6 +1148,7 @@ def run_scan(
                 totals=totals[names[0]], stages=stage_defs, stage_totals=totals,
                 reader=(info.get("reader") or {}).get("name"),
                 elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
+                first_result_s=None if t_first is None else t_first - t_start,
                 n_failed_partitions=n_failed,
                 n_unwritten_files=n_unwritten,
                 device=info.get("device"), keras_backend=info.get("keras_backend"),

@@ -114,6 +114,7 @@ def bench_scan(release: str, db: str, workers: int, model_version, models_dir, p
     sink.close()
     n = s.totals.n_classified + s.totals.n_errors
     return {"db": db.split("@")[-1], "wall_s": wall, "startup_s": s.startup_s,
+            "first_result_s": s.first_result_s,
             "files": s.totals.n_files, "classified": s.totals.n_classified,
             "errors": s.totals.n_errors, "rows": counts, "model_version": s.model_version,
             "spectra_per_s": n / wall, "steady_spectra_per_s": s.steady_rate}
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         report["c_sqlite"] = r
         print(f"(c)  scan -> SQLite:                {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
-              f"{r['startup_s']:.1f} s start-up)")
+              f"{r['startup_s']:.1f} s start-up, first results at {r['first_result_s'] or float('nan'):.1f} s)")
     if "pg" not in skip and args.pg_url:
         url, name = _pg_create(args.pg_url)
         try:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         report["c_postgresql"] = r
         print(f"(c)  scan -> PostgreSQL:            {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
-              f"{r['startup_s']:.1f} s start-up)")
+              f"{r['startup_s']:.1f} s start-up, first results at {r['first_result_s'] or float('nan'):.1f} s)")
     if "a_fitsio_raw" in report:
         a = report["a_fitsio_raw"]["spectra_per_s"]
         for key in ("c_sqlite", "c_postgresql"):

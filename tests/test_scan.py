@@ -125,6 +125,14 @@ def test_local_workers_keep_glibc_malloc_adaptive(client):
     assert trim and set(trim.values()) == {None}
 
 
+def test_local_workers_import_keras_lean(client):
+    """The local workers import Keras without matplotlib / scikit-learn (stage.import_keras)."""
+    import os
+
+    flags = client.run(lambda: os.environ.get("LAMOST_OSTAR_LEAN_KERAS"))
+    assert flags and set(flags.values()) == {"1"}
+
+
 def _catalogue(tmp_path):
     from lamost_ostar.catalogue import Catalogue
 
@@ -199,6 +207,9 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     n = len(GOOD) + len(BAD)
     assert first.model_version == version
     assert (first.totals.n_classified, first.totals.n_errors) == (len(GOOD), len(BAD))
+    assert first.startup_s <= first.first_result_s <= first.elapsed_s
+    assert first.counts()["first_result_s"] == pytest.approx(first.first_result_s, abs=1e-3)
+    assert "first results at" in first.format()
     again = scanmod.run_scan([release], cat, client=client, model_version=version,
                              models_dir=models, device="cpu", progress=False)
     assert again.totals.n_skipped == n
