@@ -461,3 +461,22 @@ def test_every_worker_builds_its_stages_at_once(tmp_path):
     finally:
         c.close()
         cluster.close()
+
+
+def test_scan_client_never_imports_a_deep_learning_backend(tmp_path, release):
+    """The scanning process (client + in-process scheduler) classifies a release without
+    importing Keras or TensorFlow: only the workers load the model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lamost_ostar.catalogue import Catalogue\n"
+        "from lamost_ostar.scan import run_scan\n"
+        f"s = run_scan([{str(release)!r}], Catalogue({('sqlite:///' + str(tmp_path / 'c.sqlite'))!r}), "
+        "n_workers=1, progress=False, memory_limit=None)\n"
+        "assert s.totals.n_classified > 0, s.format()\n"
+        "print('backend imported', any(m in sys.modules for m in ('keras', 'tensorflow', 'jax', 'torch')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "backend imported False" in out.stdout
