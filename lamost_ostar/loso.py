@@ -786,15 +786,20 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any]) -> dict:
     """
     from .models.decision import Decision
 
-    out = Path(out_dir)
-    r = json.loads((out / "results.json").read_text())["models"][model]
-    d = load_oof(out / f"oof_{_safe(model)}.npz")
-    classes = [str(c) for c in d["classes"]]
-    probs = _softmax(d["logits"], float(r["temperature"]))
-    heii = d.get("heii_sigma", np.full(len(probs), np.nan)).astype(float)
+    _, d, classes, probs, heii = _analysed_run(out_dir, model)
     cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
                     np.ones(len(probs), bool))
     return _tables(cand, *_table_inputs(d))
+
+
+def _analysed_run(out_dir: str | Path, model: str) -> tuple:
+    """``(results of model, out-of-fold data, classes, calibrated probs, heii_sigma)`` of an analysed run."""
+    out = Path(out_dir)
+    r = json.loads((out / "results.json").read_text())["models"][model]
+    d = load_oof(out / f"oof_{_safe(model)}.npz")
+    probs = _softmax(d["logits"], float(r["temperature"]))
+    heii = d.get("heii_sigma", np.full(len(probs), np.nan)).astype(float)
+    return r, d, [str(c) for c in d["classes"]], probs, heii
 
 
 def _line_indices(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
@@ -832,12 +837,7 @@ def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
     """
     from .models.decision import Decision
 
-    out = Path(out_dir)
-    r = json.loads((out / "results.json").read_text())["models"][model]
-    d = load_oof(out / f"oof_{_safe(model)}.npz")
-    classes = [str(c) for c in d["classes"]]
-    probs = _softmax(d["logits"], float(r["temperature"]))
-    heii = d.get("heii_sigma", np.full(len(probs), np.nan)).astype(float)
+    r, d, classes, probs, heii = _analysed_run(out_dir, model)
     index = _line_indices(d)
     fold = d["fold"].astype(int)
 
