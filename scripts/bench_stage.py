@@ -12,7 +12,8 @@ default-model stage on the first 256 (warm-up: model load, tracing), then times
 on one 256-file batch, the steps the stage runs, each timed alone (best of 3):
 reading (``io.read_spectra``, fitsio), ``preprocess.prepare``, inference
 (``predict_proba`` of the model input), ``lines.measure_lines``.  Run it with
-``PYTHONPATH`` pointing at another checkout to compare code versions.
+``PYTHONPATH`` pointing at another checkout to compare code versions;
+``--mallopt`` applies the scan workers' malloc settings (:func:`lamost_ostar.scan.tune_malloc`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("release")
     ap.add_argument("--files", type=int, default=2560)
     ap.add_argument("--label", default="")
+    ap.add_argument("--mallopt", action="store_true",
+                    help="apply the scan workers' malloc settings (scan.tune_malloc) first")
     args = ap.parse_args(argv)
+    if args.mallopt:
+        from lamost_ostar.scan import tune_malloc
+
+        print("malloc tuned:", tune_malloc())
     t0 = time.perf_counter()
     import lamost_ostar
     from lamost_ostar import lines

@@ -133,6 +133,22 @@ def test_local_workers_import_keras_lean(client):
     assert flags and set(flags.values()) == {"1"}
 
 
+def test_scan_workers_tune_malloc(client):
+    """Every scan worker applies MALLOPT_SETTINGS when the scan's plugin is set up (glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no glibc: tune_malloc is a no-op here")
+    plugin = scanmod.ScanWorkerPlugin("heii_lines", {}, sink=None)
+    client.register_plugin(plugin, name=plugin.name)
+    name = plugin.name
+    flags = client.run(lambda dask_worker: dask_worker.plugins[name].malloc_tuned)
+    assert flags and all(flags.values())
+    client.unregister_worker_plugin(name)
+
+
 def _catalogue(tmp_path):
     from lamost_ostar.catalogue import Catalogue
 
@@ -480,3 +496,8 @@ def test_scan_client_never_imports_a_deep_learning_backend(tmp_path, release):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "backend imported False" in out.stdout
+
+
+def test_tune_malloc_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(scanmod.MALLOPT_ENV, "0")
+    assert scanmod.tune_malloc() is False
