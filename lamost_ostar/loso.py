@@ -901,16 +901,12 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         t = float(fit_temperature(d["logits"][bal], y[bal])) if bal.size else 1.0
         probs = _softmax(d["logits"], t)
         heii = d.get("heii_sigma", np.full(len(y), np.nan)).astype(float)
-        snr = d.get("snr_g", np.full(len(y), np.nan)).astype(float)
-        ebv = d.get("ebv_total", np.full(len(y), np.nan)).astype(float)
-        star = d["star"].astype(str)
+        inputs = _table_inputs(d)
+        is_o, is_b, is_x, surv, real, w, star, snr, ebv = inputs[:9]
         fold = d["fold"].astype(int)
-        is_o, is_b, is_x = sets == "o", sets == "b", sets == "x"
-        surv, real = sets == "survey", sets == "lamost"
         argmax_o = probs.argmax(axis=1) == classes.index("O")
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
-        w = _survey_weights(sets, d["label"].astype(str))
         index = _line_indices(d)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
@@ -957,7 +953,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                     nested[fold == f] = _verdict(Decision.from_operating_point(classes, p), probs, heii, index,
                                                  fold == f)
                 rules["nested" + (f"_{tag}" if tag else "")] = nested
-        tables = {rname: _tables(cand, *_table_inputs(d)) for rname, cand in rules.items()}
+        tables = {rname: _tables(cand, *inputs) for rname, cand in rules.items()}
         # p(O) of the O spectra by E(B-V) (one- vs two-channel comparison)
         med = {}
         for lo, hi in EBV_BINS:

@@ -289,9 +289,7 @@ def resample_arrays(flux: np.ndarray, ivar: np.ndarray, lengths: np.ndarray,
         pos = _fractional_index_loglinear(c0, c1, loglam)
     else:
         pos = np.empty((n_rows, NPIX))
-    if loglin.any() and not loglin.all():
         pos[loglin] = _fractional_index_loglinear(c0[loglin], c1[loglin], loglam)
-    if not loglin.all():
         if wavelength is None:
             raise ValueError("wavelength is required for spectra without coeff0/coeff1")
         other = ~loglin
