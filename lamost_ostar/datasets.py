@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -788,6 +789,16 @@ class DetectorRecipe:
     (``lamost_repeat`` times each).  ``early_b_fraction`` of the B class's
     single-star realisations go to B0-B2 stars (the O stars' closest
     impostors, a minority of the B stars).
+
+    ``mkclass_fraction`` adds, to every class, ``mkclass_fraction *
+    n_per_class`` *blue-only* spectra: realisations of the MKCLASS averaged
+    MK standards (O4-O9, B0-B9, A-M in every luminosity class; 3800-5600 A,
+    the rest of the grid masked as missing, never invented) -- 18 O and 10
+    B0-B1 standards where the libraries hold 14 O stars and few early B
+    dwarfs.  A class without standards (``X``) gets as many realisations of
+    its own templates cut to the same band, so that a blue-only spectrum says
+    nothing about its class.  0 (the default, and every model before
+    ``ostar9``): no blue-only spectra.
     """
 
     classes: tuple[str, ...] = CLASSES_8
@@ -804,6 +815,7 @@ class DetectorRecipe:
     lamost_repeat: int = 1
     early_b_fraction: float = 0.5
     min_coverage: float = 0.85
+    mkclass_fraction: float = 0.0
 
     def mock_config(self, **overrides):
         """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
@@ -832,9 +844,23 @@ def _cut_coverage(sim, probability: float, rng: np.random.Generator) -> None:
     sim.andmask[cut] |= 1
 
 
+def _cut_to_band(sim, band: tuple[float, float]) -> None:
+    """Mask everything outside ``band`` (vacuum A) of native-grid spectra in place (as missing)."""
+    if len(sim) == 0:
+        return
+    out = (sim.wavelength < band[0]) | (sim.wavelength > band[1])
+    sim.ivar[:, out] = 0.0
+    sim.flux[:, out] = 0.0
+    sim.andmask[:, out] |= 1
+
+
 def _simulate_lib(lib, mk: list[str], rng: np.random.Generator, config, coverage_cut: float,
-                  star_of_template: dict[str, str], source: str, measure=None) -> LabelledSpectra:
-    """Simulate spectra of class letters ``mk`` from ``lib`` and label them by star."""
+                  star_of_template: dict[str, str], source: str, measure=None,
+                  band: tuple[float, float] | None = None) -> LabelledSpectra:
+    """Simulate spectra of class letters ``mk`` from ``lib`` and label them by star.
+
+    ``band``: keep only that wavelength range (vacuum A), the rest masked as missing.
+    """
     from . import mock
 
     if not mk:
@@ -842,6 +868,8 @@ def _simulate_lib(lib, mk: list[str], rng: np.random.Generator, config, coverage
         return LabelledSpectra.empty(NPIX)
     sim = mock.simulate_spectra(0, rng=rng, grid="native", mk=mk, templates=lib, config=config)
     _cut_coverage(sim, coverage_cut, rng)
+    if band is not None:
+        _cut_to_band(sim, band)
     star = [star_of_template[t["template1"] if t["weight1"] >= 0.5 else t["template2"]] for t in sim.truth]
     prep = _prepare_simulated(sim)
     meta = {k: np.array([t[k] for t in sim.truth]) for k in _SIM_META if sim.truth and k in sim.truth[0]}
@@ -854,12 +882,13 @@ def _simulate_lib(lib, mk: list[str], rng: np.random.Generator, config, coverage
 
 def realise_templates(lib, per_template: np.ndarray, rng: np.random.Generator, config,
                       coverage_cut: float = 0.0, measure=None, source: str = "library",
-                      chunk: int = 2048) -> LabelledSpectra:
+                      chunk: int = 2048, band: tuple[float, float] | None = None) -> LabelledSpectra:
     """``per_template[i]`` single-template realisations of each template of ``lib``.
 
     Vectorised over all templates at once (chunks of ``chunk`` spectra): the
     mock simulator is given a library of the template alone by drawing both
-    templates of its "mixture" from the same one (weight 1).
+    templates of its "mixture" from the same one (weight 1).  ``band``: only
+    that wavelength range is kept (the rest masked as missing).
     """
     ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
     per = np.asarray(per_template, dtype=int)
@@ -869,7 +898,7 @@ def realise_templates(lib, per_template: np.ndarray, rng: np.random.Generator, c
         for start in range(0, int(per[i]), chunk):
             k = min(chunk, int(per[i]) - start)
             parts.append(_simulate_lib(sub, [str(lib.mk[i])] * k, rng, config, coverage_cut, ids, source,
-                                       measure))
+                                       measure, band))
     if not parts:
         from .preprocess import NPIX
         return LabelledSpectra.empty(NPIX)
@@ -900,14 +929,15 @@ def spread(lib, n_per_class: Mapping[str, int], rng: np.random.Generator) -> np.
 
 
 def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generator,
-                            lamost: LabelledSpectra | None = None, measure=None) -> LabelledSpectra:
+                            lamost: LabelledSpectra | None = None, measure=None, *, mkclass=None,
+                            extra_rng: np.random.Generator | None = None) -> LabelledSpectra:
     """The detector's training set from the template stars of ``lib`` (and real LAMOST spectra).
 
     Parameters
     ----------
     lib : TemplateLibrary
-        The training stars only (a split's templates); ``mkclass`` blue-only
-        averages are not used.
+        The training stars only (a split's templates; MKCLASS averages in it
+        are not used: they come through ``mkclass``).
     recipe : DetectorRecipe
         Counts and degradations.
     rng : numpy.random.Generator
@@ -917,11 +947,23 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
     measure : callable, optional
         ``measure(prepared_batch) -> dict of (N,) arrays`` stored in ``meta``
         (e.g. the He II evidence).
+    mkclass : TemplateLibrary, optional
+        The MKCLASS standards of the blue-only share (``recipe.mkclass_fraction``
+        > 0; source ``"mkclass"``); default: :func:`mkclass_training_standards`.
+        A leave-one-star-out fold passes the standards left after
+        :func:`mkclass_neighbours` of its held-out stars.
+    extra_rng : numpy.random.Generator, optional
+        Randomness of the blue-only share (default: a generator seeded from
+        ``rng``).  A separate stream leaves everything else drawn from
+        ``rng`` -- the rest of this set and what the caller draws after it --
+        exactly as without the blue-only share.
 
     Returns
     -------
     LabelledSpectra
-        Both channels; ``meta`` holds the truth of each realisation.
+        Both channels; ``meta`` holds the truth of each realisation.  The
+        blue-only spectra have source ``"mkclass"`` (standards) or
+        ``"blue_cut"`` (a class's own templates cut to the band).
     """
     lib = _usable_for_training(lib, recipe.classes)
     cfg = recipe.mock_config()
@@ -936,15 +978,7 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
         rest = max(0, recipe.n_per_class - n_real[c])
         m = 0 if c == "X" else int(round(rest * recipe.mix_fraction))
         mixed[c], pure[c] = m, rest - m
-    per = spread(lib, {c: n for c, n in pure.items() if c != "B"}, rng)
-    if pure.get("B"):
-        early = np.asarray(lib.mk) == "B"
-        early &= np.nan_to_num(np.asarray(lib.subtype, dtype=float), nan=9.0) < 2.5
-        late = (np.asarray(lib.mk) == "B") & ~early
-        n_early = int(round(pure["B"] * recipe.early_b_fraction)) if (early.any() and late.any()) else \
-            (pure["B"] if early.any() else 0)
-        per += _spread_subset(lib, early, {"B": n_early}, rng)
-        per += _spread_subset(lib, late, {"B": pure["B"] - n_early}, rng)
+    per = _class_spread(lib, pure, recipe.early_b_fraction, rng)
     parts = [realise_templates(lib, per, rng, cfg, recipe.coverage_cut, measure)]
     ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
     mk = [c for c, k in mixed.items() for _ in range(k)]
@@ -954,7 +988,111 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
     if lamost is not None and len(lamost):
         real = lamost.only(recipe.classes)
         parts.extend([real] * recipe.lamost_repeat)
+    n_blue = int(round(recipe.mkclass_fraction * recipe.n_per_class))
+    if n_blue > 0:
+        if extra_rng is None:
+            extra_rng = np.random.default_rng(int(rng.integers(2**63)))
+        standards = mkclass_training_standards(recipe.classes) if mkclass is None else mkclass
+        parts.extend(_blue_only_share(lib, standards, recipe, n_blue, extra_rng, cfg, measure))
     return LabelledSpectra.concat(parts)
+
+
+def _class_spread(lib, n_per_class: Mapping[str, int], early_b_fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """:func:`spread`, with ``early_b_fraction`` of the B class's count on its B0-B2 templates."""
+    per = spread(lib, {c: n for c, n in n_per_class.items() if c != "B"}, rng)
+    n_b = int(n_per_class.get("B", 0))
+    if n_b:
+        early = np.asarray(lib.mk) == "B"
+        early &= np.nan_to_num(np.asarray(lib.subtype, dtype=float), nan=9.0) < 2.5
+        late = (np.asarray(lib.mk) == "B") & ~early
+        n_early = int(round(n_b * early_b_fraction)) if (early.any() and late.any()) else \
+            (n_b if early.any() else 0)
+        per += _spread_subset(lib, early, {"B": n_early}, rng)
+        per += _spread_subset(lib, late, {"B": n_b - n_early}, rng)
+    return per
+
+
+def _blue_only_share(lib, standards, recipe: DetectorRecipe, n: int, rng: np.random.Generator, config,
+                     measure) -> list[LabelledSpectra]:
+    """``n`` blue-only spectra of every class: MKCLASS standards, or the class's own templates cut to their band."""
+    from_std = {c: n for c in recipe.classes if np.any(np.asarray(standards.mk) == c)}
+    cut = {c: n for c in recipe.classes if c not in from_std and np.any(np.asarray(lib.mk) == c)}
+    parts = []
+    if from_std:
+        per = _class_spread(standards, from_std, recipe.early_b_fraction, rng)
+        parts.append(realise_templates(standards, per, rng, config, 0.0, measure, source="mkclass"))
+    if cut:
+        per = _class_spread(lib, cut, recipe.early_b_fraction, rng)
+        parts.append(realise_templates(lib, per, rng, config, 0.0, measure, source="blue_cut",
+                                       band=mkclass_band(standards)))
+    return parts
+
+
+#: Luminosity classes on one scale (Ia = 0 ... V = 5, VI = 6); composite classes
+#: (``Ib-II``, ``IV/V``) take the mean of their parts.
+_LUM_SCALE: dict[str, float] = {"Ia": 0.0, "Iab": 0.5, "I": 0.5, "Ib": 1.0, "II": 2.0, "III": 3.0,
+                                "IV": 4.0, "V": 5.0, "VI": 6.0}
+
+
+def _lum_number(lumclass: str) -> float:
+    parts = [_LUM_SCALE[p] for p in re.split(r"[-/]", str(lumclass).strip()) if p in _LUM_SCALE]
+    return float(np.mean(parts)) if parts else np.nan
+
+
+def _type_number(mk: np.ndarray, subtype: np.ndarray) -> np.ndarray:
+    """Spectral type as one number (O9.7 = 9.7, B0 = 10, B0.5 = 10.5, ...); NaN for X or no subtype."""
+    from .templates import MK_LETTERS
+
+    letter = np.array([MK_LETTERS.index(m) if m in MK_LETTERS else -1 for m in np.asarray(mk).astype(str)])
+    out = 10.0 * letter + np.asarray(subtype, dtype=float)
+    return np.where(letter >= 0, out, np.nan)
+
+
+def mkclass_training_standards(classes: Sequence[str] = CLASSES_8):
+    """The MKCLASS averaged standards (flux-normalised ``libnor36``) of ``classes`` that training may use."""
+    from .templates import load_mkclass
+
+    std = load_mkclass("normalised")
+    return std._take(np.flatnonzero(np.isin(np.asarray(std.mk), list(classes))))
+
+
+def mkclass_band(standards) -> tuple[float, float]:
+    """The wavelength range (vacuum A) the MKCLASS standards cover on the grid (median over standards)."""
+    wave = np.asarray(standards.wave)
+    valid = np.asarray(standards.valid)
+    has = valid.any(axis=1)
+    lo = [wave[v].min() for v in valid[has]]
+    hi = [wave[v].max() for v in valid[has]]
+    return (float(np.median(lo)), float(np.median(hi))) if lo else (3800.0, 5600.0)
+
+
+def mkclass_neighbours(standards, held, max_type: float = 0.5, max_lum: float = 1.0) -> np.ndarray:
+    """MKCLASS standards that could average a held-out star: which to leave out of a fold's training.
+
+    The standards are averages of MK standard stars whose names are not given,
+    and some library stars are classical standards (HD036512, HD047839, ...).
+    A standard is left out with every held-out template whose spectral type is
+    within ``max_type`` subtypes (O9.7 and B0 are 0.3 apart) and whose
+    luminosity class is within ``max_lum`` classes (Ia = 0 ... V = 5) or
+    unknown.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(len(standards),)``: True = a neighbour of a held-out star.
+    """
+    t_std = _type_number(standards.mk, standards.subtype)
+    l_std = np.array([_lum_number(x) for x in standards.lumclass])
+    t_held = _type_number(held.mk, held.subtype)
+    l_held = np.array([_lum_number(x) for x in held.lumclass])
+    ok = np.isfinite(t_held)
+    if not ok.any() or len(standards) == 0:
+        return np.zeros(len(standards), bool)
+    dt = np.abs(t_std[:, None] - t_held[None, ok])
+    dl = np.abs(l_std[:, None] - l_held[None, ok])
+    near = (dt <= max_type + 1e-9) & (~np.isfinite(dl) | (dl <= max_lum + 1e-9))
+    return near.any(axis=1)
 
 
 #: Library stars left out of every training and test set because their label is

@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, library_star_ids, load_lamost,
+from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, build_detector_training,
+                       library_star_ids, load_lamost, mkclass_neighbours, mkclass_training_standards,
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
@@ -277,7 +278,8 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
 # --------------------------------------------------------------------------
 def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, rng: np.random.Generator,
                      fraction: float = 0.5, classes: Sequence[str] = ("O", "B"),
-                     weight_range: tuple[float, float] = (0.25, 0.75)) -> tuple[np.ndarray, int]:
+                     weight_range: tuple[float, float] = (0.25, 0.75),
+                     group: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Replace a share of the O and B training spectra by mixtures of two stars of the class.
 
     A composite of two O stars is an O spectrum of a type between theirs (He II
@@ -286,13 +288,16 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
     does not hold -- the variety 10 real O stars lack.  ``fraction`` of each
     class's spectra become ``w a + (1 - w) b`` (``w`` uniform in
     ``weight_range``, ``b`` a spectrum of another star of the class), channel
-    by channel; the labels do not change.  Returns the new inputs and the
-    number of spectra mixed.
+    by channel; the labels do not change.  ``group`` (optional, (N,)): a
+    spectrum is mixed only with one of its own group (the blue-only spectra,
+    source ``"mkclass"``, with each other, never with a full-range one).
+    Returns the new inputs and the number of spectra mixed.
     """
     out = np.array(inputs, dtype=np.float32, copy=True)
     n_mixed = 0
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
+    group = np.zeros(len(labels), bool) if group is None else np.asarray(group)
+    for c, g in [(c, g) for c in classes for g in np.unique(group)]:
+        idx = np.flatnonzero((labels == c) & (group == g))
         if idx.size < 2 or len(np.unique(star[idx])) < 2:
             continue
         pick = rng.choice(idx, size=int(round(fraction * idx.size)), replace=False)
@@ -337,7 +342,8 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         x_train = train.inputs(ch)
         if base == "cnn2dx":
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
-                                                      np.random.default_rng([seed, 7]))
+                                                      np.random.default_rng([seed, 7]),
+                                                      group=train.source == "mkclass")
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
             x_train, train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
@@ -432,6 +438,7 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
         lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
     rng = np.random.default_rng(cfg.seed)
     o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, rng)
+    standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
     classes = list(cfg.recipe.classes)
     folds = list(range(len(o_units))) if cfg.folds is None else [f for f in cfg.folds if f < len(o_units)]
     store: dict[str, list[dict]] = {m: [] for m in cfg.models}
@@ -446,9 +453,15 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
         if lamost is not None:
             in_k = np.array([fold_of_lamost.get(s, -1) == k for s in lamost.star])
             lam_train, lam_test = lamost.subset(np.flatnonzero(~in_k)), lamost.subset(np.flatnonzero(in_k))
-        train = _build_training(train_lib, cfg.recipe, rng_k, lam_train)
-        val = _build_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
-                                                             mix_fraction=0.0), rng_k, None)
+        # the MKCLASS standards that could average a held-out star leave with it; the blue-only
+        # share has its own random streams, so the rest of the fold's data are those of a run without it
+        std_k = None if standards is None else standards._take(
+            np.flatnonzero(~mkclass_neighbours(standards, test_lib)))
+        train = build_detector_training(train_lib, cfg.recipe, rng_k, lamost=lam_train, mkclass=std_k,
+                                        extra_rng=np.random.default_rng([cfg.seed, k, 17]))
+        val = build_detector_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
+                                                                     mix_fraction=0.0), rng_k, None, mkclass=std_k,
+                                      extra_rng=np.random.default_rng([cfg.seed, k, 18]))
         tests = _test_sets(test_lib, lam_test, cfg, rng_k)
         gan_input = None
         if any("+" in m for m in cfg.models):
@@ -461,6 +474,8 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
             + ", ".join(f"{n} {len(d)}" for n, d in tests.items()) + f"; data {t_data:.0f} s")
         info = {"fold": k, "o_unit": o_units[k], "test_stars": sorted(held), "data_seconds": t_data,
                 "train": train.describe(), "models": {}}
+        if standards is not None:
+            info["mkclass_left_out"] = sorted(set(standards.name.tolist()) - set(std_k.name.tolist()))
         for m in cfg.models:
             save_to = None
             if cfg.save_models:
@@ -492,12 +507,6 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     path = out / "report.md"
     path.write_text(render_report(results))
     return path
-
-
-def _build_training(lib, recipe, rng, lamost):
-    from .datasets import build_detector_training
-
-    return build_detector_training(lib, recipe, rng, lamost=lamost)
 
 
 def _safe(name: str) -> str:

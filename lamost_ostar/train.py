@@ -333,9 +333,11 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         raise ValueError("no O class: the release has no O star and library=False")
     parts = [train_r]
     timings: dict = {}
+    mkclass_fraction = default_mkclass_fraction() if library else 0.0
     if library:
         lib = _usable_for_training(load_templates(), classes)
-        parts.append(build_detector_training(lib, DetectorRecipe(n_per_class=n_library_per_class), rng))
+        recipe = DetectorRecipe(n_per_class=n_library_per_class, mkclass_fraction=mkclass_fraction)
+        parts.append(build_detector_training(lib, recipe, rng))
     o = train_r.only(["O"])
     gan_used = False
     if len(o) and gan_iterations > 0:
@@ -384,7 +386,9 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     description = (f"labelled release {Path(release_dir).resolve()} via {Path(labels_csv).resolve()}: "
                    f"{len(data)} spectra of {len(np.unique(data.star))} stars used, "
                    f"{len(rel.skipped)} rows skipped"
-                   + ("; + LAMOST-like realisations of the packaged template stars" if library else ""))
+                   + ("; + LAMOST-like realisations of the packaged template stars" if library else "")
+                   + (f" and {mkclass_fraction:g} x {n_library_per_class} blue-only MKCLASS standard spectra "
+                      "per class (as the default model)" if mkclass_fraction > 0 else ""))
     card = {
         "classes": list(classes),
         "temperature": temperature,
@@ -402,7 +406,8 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         "calibration": "temperature scaling fitted on the validation split (held-out stars)",
         "train_config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                          "seed": seed, "library": library, "n_library_per_class": n_library_per_class,
-                         "gan_iterations": gan_iterations, "model_kind": kind},
+                         "mkclass_fraction": mkclass_fraction, "gan_iterations": gan_iterations,
+                         "model_kind": kind},
         "prefix": f"ostar{len(classes)}d",
     }
     version = registry.save_model_version(model, models_dir, card)
@@ -411,17 +416,26 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
             "skipped": len(rel.skipped), "gan_used": gan_used}
 
 
+def _default_card() -> dict:
+    """The card of the packaged default version ({} when none is packaged)."""
+    from .models.registry import PACKAGED_MODELS_DIR, list_versions
+
+    cards = list_versions(PACKAGED_MODELS_DIR)
+    return cards[-1] if cards else {}
+
+
 def default_model_kind() -> str:
     """The model kind of the packaged default version (its card's ``train_config.model_kind``).
 
     ``cnn2`` (the two-channel CNN) for a default whose card does not say.
     """
-    from .models.registry import PACKAGED_MODELS_DIR, list_versions
+    return str((_default_card().get("train_config") or {}).get("model_kind") or "cnn2")
 
-    cards = list_versions(PACKAGED_MODELS_DIR)
-    if not cards:
-        return "cnn2"
-    return str((cards[-1].get("train_config") or {}).get("model_kind") or "cnn2")
+
+def default_mkclass_fraction() -> float:
+    """The blue-only MKCLASS share of the packaged default's training recipe (0 for older cards)."""
+    recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
+    return float(recipe.get("mkclass_fraction") or 0.0)
 
 
 def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operating_point):
@@ -566,7 +580,8 @@ def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int,
     if kind == "cnn2dx":
         from .loso import mix_within_class
 
-        x_train, _ = mix_within_class(x_train, train.labels, train.star, np.random.default_rng([seed, 7]))
+        x_train, _ = mix_within_class(x_train, train.labels, train.star, np.random.default_rng([seed, 7]),
+                                      group=train.source == "mkclass")
     return recogniser.train_recogniser(
         x_train, train.y(classes), val.inputs(2), val.y(classes), epochs=epochs,
         batch_size=batch_size, patience=patience, learning_rate=learning_rate, n_classes=len(classes),
@@ -642,9 +657,11 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
         "training_data": {
             "description": (
                 "LAMOST-like realisations of every real template star (MILES, STELIB re-reddened, "
-                "Pickles; MKCLASS blue-only averages not used; HD338529 left out, mislabelled) + "
-                "mixtures of neighbouring templates + the real LAMOST A/F/G/K/M files; degradations "
-                "as in 'recipe'"),
+                "Pickles; HD338529 left out, mislabelled) + mixtures of neighbouring templates + the "
+                "real LAMOST A/F/G/K/M files; degradations as in 'recipe'; "
+                + (f"+ {recipe.mkclass_fraction:g} x n_per_class blue-only spectra per class (MKCLASS "
+                   "averaged MK standards O4-M, 3800-5600 A, the rest masked; X: its own templates cut "
+                   "to that band)" if recipe.mkclass_fraction > 0 else "MKCLASS blue-only averages not used")),
             "train": train.describe(), "validation": val.describe(),
             "recipe": dataclasses.asdict(recipe),
             "build_seconds": t_data,

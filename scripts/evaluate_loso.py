@@ -20,6 +20,7 @@ tables and report from the ``oof_<model>.npz`` files already in ``--out``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=None, help="comma-separated model kinds")
     ap.add_argument("--folds", default=None, help="comma-separated fold numbers")
     ap.add_argument("--gan-iterations", type=int, default=None)
+    ap.add_argument("--mkclass-fraction", type=float, default=None,
+                    help="blue-only MKCLASS standards added to every class, as a fraction of n_per_class "
+                         "(DetectorRecipe.mkclass_fraction; default 0: none); each fold leaves out the "
+                         "standards near its held-out stars (datasets.mkclass_neighbours)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.folds = tuple(int(k) for k in args.folds.split(","))
     if args.gan_iterations is not None:
         cfg.gan_iterations = args.gan_iterations
+    if args.mkclass_fraction is not None:
+        cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=args.mkclass_fraction)
     path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
     print(f"report: {path}")
 

@@ -155,3 +155,48 @@ def test_load_labelled_release_bad_csv(tmp_path):
     bad.write_text("path,foo\nx.fits,1\n")
     with pytest.raises(ValueError, match="no class column"):
         ds.load_labelled_release(bad, tmp_path)
+
+
+def test_blue_only_share_of_every_class_and_the_rest_unchanged():
+    """mkclass_fraction adds the same number of blue-only spectra to every class (MKCLASS standards;
+    X, which has none, its own templates cut to their band), masked beyond the band, and leaves
+    every other spectrum exactly as a build without them."""
+    from lamost_ostar.preprocess import grid_wavelength
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates()
+    base = ds.DetectorRecipe(n_per_class=16)
+    plain = ds.build_detector_training(lib, base, np.random.default_rng(4))
+    blue = ds.build_detector_training(lib, ds.DetectorRecipe(n_per_class=16, mkclass_fraction=0.5),
+                                      np.random.default_rng(4), extra_rng=np.random.default_rng(5))
+    extra = np.isin(blue.source, ["mkclass", "blue_cut"])
+    assert np.array_equal(blue.x[~extra], plain.x) and np.array_equal(blue.labels[~extra], plain.labels)
+    counts = {c: int(np.sum(blue.labels[extra] == c)) for c in ds.CLASSES_8}
+    assert counts == {c: 8 for c in ds.CLASSES_8}
+    assert set(blue.labels[blue.source == "blue_cut"]) == {"X"}
+    assert all(s.startswith("mkclass:") for s in blue.star[blue.source == "mkclass"])
+    lo, hi = ds.mkclass_band(ds.mkclass_training_standards())
+    assert 3790 < lo < 3850 and 5550 < hi < 5620
+    wave = grid_wavelength()
+    red = wave > hi + 20
+    assert np.all(blue.normalised[extra][:, red] == 1.0)          # masked as missing: nothing invented
+    assert not np.all(blue.normalised[~extra][:, red] == 1.0)
+
+
+def test_mkclass_neighbours_leave_with_a_held_out_star():
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates()
+    std = ds.mkclass_training_standards()
+
+    def near(name):
+        return set(std.name[ds.mkclass_neighbours(std, lib._take(np.array([lib.index(name)])))])
+
+    # lambda Lep (B0.5 IV): the B0-B1 giants and dwarfs, not the supergiants
+    assert near("stelib:HD034816") == {"mkclass:B0III", "mkclass:B0V", "mkclass:B0.7III", "mkclass:B1III",
+                                       "mkclass:B1V"}
+    assert near("stelib:HD036512") == {"mkclass:B0V"}            # O9.7 V: 0.3 subtypes from B0
+    assert near("stelib:HD030614") == {"mkclass:O9Ia", "mkclass:O9Ib", "mkclass:B0Ia", "mkclass:B0Ib"}
+    assert "mkclass:O5Ia" in near("stelib:HD269698")             # unknown luminosity class: every class
+    wd = lib.select("X")
+    assert not ds.mkclass_neighbours(std, wd).any()              # no MK type, no neighbour

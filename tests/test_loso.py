@@ -240,3 +240,30 @@ def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_write
     mod.main(["--out", str(out), "--apply-rule", str(out / "results.json")])
     applied = json.loads((out / "applied_rule.json").read_text())
     assert applied["lr2"]["tables"]["survey_false_o_count"] == ref["survey_false_o_count"]
+
+
+def test_mix_within_class_keeps_groups_apart():
+    """Blue-only spectra (group True) are mixed only with each other."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 30, 2)).astype(np.float32)
+    labels = np.array(["O"] * 40)
+    star = np.array([f"s{i}" for i in range(40)])
+    group = np.arange(40) >= 20
+    x[group, 20:] = 0.0                                           # blue-only: nothing beyond pixel 20
+    out, n = loso.mix_within_class(x, labels, star, np.random.default_rng(3), fraction=0.5, group=group)
+    assert n == 20 and np.all(out[group, 20:] == 0.0)
+    assert np.any(out[~group, 20:] != x[~group, 20:])             # the full-range ones were mixed too
+
+
+def test_loso_fold_leaves_out_the_standards_near_its_stars(tmp_path):
+    import dataclasses
+
+    cfg = loso.LosoConfig.from_profile("tiny")
+    cfg.models = ("lr2",)
+    cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=0.5)
+    loso.run_loso(cfg, tmp_path, log=lambda *a: None)
+    fold = json.loads((tmp_path / "folds.json").read_text())["folds"][0]
+    assert fold["o_unit"] == "HD030614"
+    assert {"mkclass:O9Ia", "mkclass:O9Ib", "mkclass:B0Ia", "mkclass:B0Ib"} <= set(fold["mkclass_left_out"])
+    assert "mkclass=" in fold["train"] and "blue_cut=" in fold["train"]
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["recipe"]["mkclass_fraction"] == 0.5
