@@ -21,13 +21,13 @@ tables) are refused with :class:`MediumResolutionError`.
 
 Three engines give identical :class:`Spectrum` records (tested on all real files):
 
-``"fitsio"`` (default)
+``"fitsio"``
     cfitsio opens (and gunzips) the file and reads the data; the ~20 header keywords
     needed are parsed from the raw header cards, which is several times faster than
     building fitsio's full header object. When cfitsio fails, the file is re-read
     once to classify the error, and decoded from memory if it is in fact readable
     (cfitsio cannot read multi-member gzip files, for example).
-``"native"`` (fastest, see ``scripts/bench_io.py``)
+``"native"`` (the default, :data:`DEFAULT_ENGINE`; fastest, see ``scripts/bench_io.py``)
     The file is read once, gunzipped with :mod:`zlib` (about 3x faster than cfitsio's
     own gzip reader) and decoded with numpy views over the bytes. It handles what
     LAMOST files use (unscaled images, fixed-width binary-table columns) and falls
@@ -102,6 +102,7 @@ __all__ = [
     "read_spectra",
     "read_file_bytes",
     "ENGINES",
+    "DEFAULT_ENGINE",
     "LAYOUTS",
     "REASONS",
     "IMAGE_ROWS",
@@ -121,6 +122,10 @@ __all__ = [
 
 #: Engines accepted by :func:`read_spectrum` / :func:`read_spectra`.
 ENGINES = ("fitsio", "astropy", "native")
+#: The engine every reading function, the reader plugin ``lamost``, the stages and the scan use
+#: unless told otherwise: ``native`` (identical records, about twice as fast as cfitsio's gzip
+#: open; it hands any FITS feature it does not decode to fitsio).
+DEFAULT_ENGINE = "native"
 #: Layout names stored in :attr:`Spectrum.layout`.
 LAYOUTS = ("image", "dr1", "coadd")
 #: Row meaning of the DR2-DR8 5 x N image (DR1 has ``"subcontinuum"`` in row 2).
@@ -966,7 +971,7 @@ def _unexpected(path: str, exc: BaseException) -> ReadError:
 _ENGINE_FUNCS = {"fitsio": _read_fitsio, "astropy": _read_astropy, "native": _read_native}
 
 
-def read_spectrum(path: str | os.PathLike, engine: str = "fitsio", *,
+def read_spectrum(path: str | os.PathLike, engine: str = DEFAULT_ENGINE, *,
                   max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> Spectrum:
     """Read one LAMOST low-resolution spectrum.
 
@@ -974,8 +979,9 @@ def read_spectrum(path: str | os.PathLike, engine: str = "fitsio", *,
     ----------
     path : str or os.PathLike
         A LAMOST LRS FITS file, plain or gzip-compressed (any file name).
-    engine : {"fitsio", "native", "astropy"}
-        Decoder; all give identical records (see the module docstring).
+    engine : {"native", "fitsio", "astropy"}
+        Decoder (default :data:`DEFAULT_ENGINE`, ``native``); all give identical
+        records (see the module docstring).
     max_nonfinite_fraction : float
         Largest fraction of pixels with non-finite flux/ivar that is masked
         (counted in :attr:`Spectrum.n_nonfinite`) rather than refused.
@@ -998,7 +1004,7 @@ def read_spectrum(path: str | os.PathLike, engine: str = "fitsio", *,
     return func(os.fspath(path), max_nonfinite_fraction)
 
 
-def read_spectra(paths: Iterable[str | os.PathLike], engine: str = "fitsio", *,
+def read_spectra(paths: Iterable[str | os.PathLike], engine: str = DEFAULT_ENGINE, *,
                  max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> BatchRead:
     """Read many files; a bad file never stops the batch.
 
@@ -1063,8 +1069,8 @@ class LamostReader:
 
     Parameters
     ----------
-    engine : {"fitsio", "native", "astropy"}
-        Decoder, see the module docstring.
+    engine : {"native", "fitsio", "astropy"}
+        Decoder (default :data:`DEFAULT_ENGINE`), see the module docstring.
     max_nonfinite_fraction : float
         See :func:`read_spectrum`.
     """
@@ -1072,7 +1078,7 @@ class LamostReader:
     name = "lamost"
     version = "lamost-1"
 
-    def __init__(self, engine: str = "fitsio", *,
+    def __init__(self, engine: str = DEFAULT_ENGINE, *,
                  max_nonfinite_fraction: float = MAX_NONFINITE_FRACTION) -> None:
         if engine not in _ENGINE_FUNCS:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

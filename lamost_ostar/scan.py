@@ -44,6 +44,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lamost_ostar.io import DEFAULT_ENGINE
+
 __all__ = [
     "FITS_SUFFIXES",
     "ResultSink",
@@ -924,7 +926,7 @@ def run_scan(
     models_dir: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 256,
-    read_engine: str = "fitsio",
+    read_engine: str = DEFAULT_ENGINE,
     partition_size: int = 256,
     threshold: float = 0.5,
     max_in_flight: int | None = None,
@@ -960,7 +962,7 @@ def run_scan(
         and pinned for the whole scan.
     models_dir, device, batch_size, read_engine
         Passed to the stages that accept them (``read_engine`` only when not the
-        default fitsio; it is also the LAMOST reader's ``engine``).
+        default :data:`lamost_ostar.io.DEFAULT_ENGINE`; it is also the LAMOST reader's ``engine``).
     reader : str
         Reader entry point name (group ``lamost_ostar.readers``; ``lamost``) or
         ``"module:attr"``; the scan reads every file with it.
@@ -1058,7 +1060,7 @@ def run_scan(
                         "device": device, "batch_size": batch_size}
         if models_dir is not None:
             stage_kwargs["models_dir"] = os.fspath(models_dir)
-        if read_engine != "fitsio":
+        if read_engine != DEFAULT_ENGINE:
             stage_kwargs["read_engine"] = read_engine
         plugin = ScanWorkerPlugin(stage_refs, stage_kwargs, sink, reader=reader,
                                   reader_kwargs={"engine": read_engine})

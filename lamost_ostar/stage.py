@@ -80,7 +80,7 @@ import numpy as np
 
 from lamost_ostar import entrypoints as _eps
 from lamost_ostar import lines as _lines
-from lamost_ostar.io import ENGINES, ReadError, Spectrum, read_spectra
+from lamost_ostar.io import DEFAULT_ENGINE, ENGINES, ReadError, Spectrum, read_spectra
 from lamost_ostar.models.decision import Decision
 from lamost_ostar.preprocess import PreparedBatch, model_input, prepare
 
@@ -704,7 +704,7 @@ def spectrum_metadata(s: Spectrum) -> dict[str, Any]:
     )
 
 
-def read_items(items: Sequence[Any], engine: str = "fitsio", reader: Any = None
+def read_items(items: Sequence[Any], engine: str = DEFAULT_ENGINE, reader: Any = None
                ) -> tuple[list[Spectrum], list[int], dict[int, tuple[str, str, str]]]:
     """Read the file paths among ``items``; :class:`Spectrum` records pass through.
 
@@ -973,7 +973,7 @@ class OStarStage:
 
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
-                 batch_size: int = 256, read_engine: str = "fitsio") -> None:
+                 batch_size: int = 256, read_engine: str = DEFAULT_ENGINE) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if read_engine not in ENGINES:
@@ -1017,7 +1017,7 @@ class OStarStage:
         ----------
         items : sequence of str, path-like or Spectrum
             Files are read with :func:`lamost_ostar.io.read_spectra` using
-            ``read_engine`` (fitsio by default; ``"native"`` is faster on gzip).
+            ``read_engine`` (:data:`lamost_ostar.io.DEFAULT_ENGINE`, ``native``, by default).
 
         Returns
         -------

@@ -382,7 +382,7 @@ def test_an_unforeseen_failure_is_classified_from_the_bytes(tmp_path, monkeypatc
     def boom(path, _max):
         raise TypeError("something deep inside a library")
 
-    monkeypatch.setitem(io._ENGINE_FUNCS, "fitsio", boom)
+    monkeypatch.setitem(io._ENGINE_FUNCS, io.DEFAULT_ENGINE, boom)
     (tmp_path / "r.fits.gz").write_bytes(b"\x00\xf0 not fits at all")
     batch = read_spectra([DATA / "io_image_dr7.fits", tmp_path / "r.fits.gz",
                           DATA / "io_empty.fits", tmp_path / "missing.fits"])

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from lamost_ostar.io import Spectrum
+from lamost_ostar.io import DEFAULT_ENGINE, Spectrum
 from lamost_ostar.lines import LINE_NAMES, measure_lines
 from lamost_ostar.preprocess import PreparedBatch, grid_wavelength, resample
 from lamost_ostar.stage import (SpectrumResult, outputs_from_dataclass, quality_flags, read_items,
@@ -228,7 +228,7 @@ class HeIILineStage:
 
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
-                 batch_size: int = 256, read_engine: str = "fitsio") -> None:
+                 batch_size: int = 256, read_engine: str = DEFAULT_ENGINE) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
