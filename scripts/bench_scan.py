@@ -6,12 +6,13 @@ Measures, on the same files and the same machine:
 (a) the read-only limit: fitsio reading every file's data (primary image, or
     the COADD table), nothing else (no header parsing), in ``--workers``
     processes; and (a') the project's reader :func:`lamost_ostar.io.read_spectra`
-    (fitsio engine), which also parses the header and checks the layout;
+    (fitsio engine), which also parses the header and checks the layout, and
+    (a'') the same with the native engine (the scan's default);
 (b) a naive baseline: astropy open + per-file preprocess + per-file
     ``predict`` in a Python loop, one process, on ``--naive-subset`` files,
     extrapolated to the whole release (reported as such);
 (c) the scanner end to end (:func:`lamost_ostar.scan.run_scan`: lazy walk,
-    Dask local cluster of ``--workers`` processes, fitsio read, vectorised
+    Dask local cluster of ``--workers`` processes, ``--read-engine`` read, vectorised
     preprocessing, batched inference, bulk writes) into a fresh SQLite file and
     into a fresh PostgreSQL database (created and dropped by this script).
 
@@ -64,6 +65,12 @@ def _read_project(paths: list[str]) -> int:
     return len(read_spectra(paths, engine="fitsio").spectra)
 
 
+def _read_project_native(paths: list[str]) -> int:
+    from lamost_ostar.io import read_spectra
+
+    return len(read_spectra(paths, engine="native").spectra)
+
+
 def _chunks(seq: list[str], n: int) -> list[list[str]]:
     k = max(1, len(seq) // (n * 8))
     return [seq[i:i + k] for i in range(0, len(seq), k)]
@@ -99,7 +106,7 @@ def bench_naive(paths: list[str], model_version: str | None, models_dir: str | N
 
 
 def bench_scan(release: str, db: str, workers: int, model_version, models_dir, partition_size,
-               batch_size, read_engine: str = "fitsio", device: str = "cpu") -> dict:
+               batch_size, read_engine: str = "native", device: str = "cpu") -> dict:
     from lamost_ostar.catalogue import Catalogue
     from lamost_ostar.scan import run_scan
 
@@ -154,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="PostgreSQL URL of a database to connect to for CREATE DATABASE "
                          "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: a,b,sqlite,pg")
-    ap.add_argument("--read-engine", default="fitsio", choices=["fitsio", "native", "astropy"],
-                    help="reader used by the scanner in (c)")
+    ap.add_argument("--read-engine", default="native", choices=["native", "fitsio", "astropy"],
+                    help="reader used by the scanner in (c) [native: the scan's default]")
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"],
                     help="inference device of the scan (c) [cpu: the figures in reports/ are CPU]")
     ap.add_argument("--json", default=None)
@@ -179,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         t = bench_read(paths, args.workers, _read_project)
         report["a_read_spectra"] = {"wall_s": t, "spectra_per_s": n / t}
         print(f"(a') io.read_spectra (fitsio):      {n / t:8.1f} spectra/s  ({t:.1f} s)")
+        t = bench_read(paths, args.workers, _read_project_native)
+        report["a_read_spectra_native"] = {"wall_s": t, "spectra_per_s": n / t}
+        print(f"(a'') io.read_spectra (native):     {n / t:8.1f} spectra/s  ({t:.1f} s)")
     if "b" not in skip:
         step = max(1, n // args.naive_subset)
         subset = paths[::step][:args.naive_subset]
