@@ -797,8 +797,8 @@ class DetectorRecipe:
     B0-B1 standards where the libraries hold 14 O stars and few early B
     dwarfs.  A class without standards (``X``) gets as many realisations of
     its own templates cut to the same band, so that a blue-only spectrum says
-    nothing about its class.  0 (the default, and every model before
-    ``ostar9``): no blue-only spectra.
+    nothing about its class.  0 (the default, and the recipe of every model
+    before 2026-12-06): no blue-only spectra.
     """
 
     classes: tuple[str, ...] = CLASSES_8
@@ -1060,11 +1060,12 @@ def mkclass_training_standards(classes: Sequence[str] = CLASSES_8):
 def mkclass_band(standards) -> tuple[float, float]:
     """The wavelength range (vacuum A) the MKCLASS standards cover on the grid (median over standards)."""
     wave = np.asarray(standards.wave)
-    valid = np.asarray(standards.valid)
-    has = valid.any(axis=1)
-    lo = [wave[v].min() for v in valid[has]]
-    hi = [wave[v].max() for v in valid[has]]
-    return (float(np.median(lo)), float(np.median(hi))) if lo else (3800.0, 5600.0)
+    valid = np.asarray(standards.valid)[np.asarray(standards.valid).any(axis=1)]
+    if not len(valid):
+        return (3800.0, 5600.0)
+    lo = wave[np.argmax(valid, axis=1)]
+    hi = wave[valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)]
+    return float(np.median(lo)), float(np.median(hi))
 
 
 def mkclass_neighbours(standards, held, max_type: float = 0.5, max_lum: float = 1.0) -> np.ndarray:

@@ -56,6 +56,10 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     assert card["temperature"] > 0
     assert "LCGAN" in card["training_data"]["augmentation"]
     assert card["train_config"]["model_kind"] == train.default_model_kind()      # the default's kind
+    # and the default's blue-only MKCLASS share (the packaged default was trained with one)
+    assert train.default_mkclass_fraction() > 0
+    assert card["train_config"]["mkclass_fraction"] == train.default_mkclass_fraction()
+    assert "blue-only MKCLASS" in card["training_data"]["description"]
     splits = {s["split"]: s for s in card["training_data"]["splits"]}
     assert set(splits) == {"train", "validation", "test"}
     assert card["metrics"]["test"]["n"] == splits["test"]["n_spectra"] > 0
