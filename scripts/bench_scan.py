@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -59,16 +60,10 @@ def _read_raw(paths: list[str]) -> int:
     return n
 
 
-def _read_project(paths: list[str]) -> int:
+def _read_project(paths: list[str], engine: str = "fitsio") -> int:
     from lamost_ostar.io import read_spectra
 
-    return len(read_spectra(paths, engine="fitsio").spectra)
-
-
-def _read_project_native(paths: list[str]) -> int:
-    from lamost_ostar.io import read_spectra
-
-    return len(read_spectra(paths, engine="native").spectra)
+    return len(read_spectra(paths, engine=engine).spectra)
 
 
 def _chunks(seq: list[str], n: int) -> list[list[str]]:
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t = bench_read(paths, args.workers, _read_project)
         report["a_read_spectra"] = {"wall_s": t, "spectra_per_s": n / t}
         print(f"(a') io.read_spectra (fitsio):      {n / t:8.1f} spectra/s  ({t:.1f} s)")
-        t = bench_read(paths, args.workers, _read_project_native)
+        t = bench_read(paths, args.workers, functools.partial(_read_project, engine="native"))
         report["a_read_spectra_native"] = {"wall_s": t, "spectra_per_s": n / t}
         print(f"(a'') io.read_spectra (native):     {n / t:8.1f} spectra/s  ({t:.1f} s)")
     if "b" not in skip:
