@@ -270,7 +270,36 @@ def _lamost_with_evidence(data_dir) -> LabelledSpectra | None:
     by = {s.path: s for s in batch.spectra}
     prep = preprocess.prepare([by[p] for p in lam.meta["path"]])
     lam.meta.update(evidence(prep))
+    lam.meta["pipeline_class"] = np.array([str(by[p].pipeline_class or "") for p in lam.meta["path"]])
     return lam
+
+
+def class_veto_mask(d: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Out-of-fold spectra the stage's pipeline-class veto removes (real LAMOST GALAXY / QSO files).
+
+    Uses the stored ``pipeline_class``; for runs made before it was stored, the
+    class is read from the real LAMOST files' headers (their stored ``path``).
+    Only the ``lamost`` set has a pipeline class (the simulated sets have none).
+    """
+    from .models.decision import class_vetoed
+
+    sets = d["set"].astype(str)
+    out = np.zeros(len(sets), bool)
+    lam = np.flatnonzero(sets == "lamost")
+    if not lam.size:
+        return out
+    if "pipeline_class" in d:
+        cls = d["pipeline_class"].astype(str)[lam]
+    elif "path" in d:
+        from . import io
+
+        paths = d["path"].astype(str)[lam]
+        got = {sp.path: sp.pipeline_class for sp in io.read_spectra(sorted(set(paths))).spectra}
+        cls = [got.get(p) for p in paths]
+    else:
+        return out
+    out[lam] = class_vetoed(cls)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -418,7 +447,8 @@ def _gan_samples(kind: str, train: LabelledSpectra, gan_input: LabelledSpectra |
 # --------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------
-_META_KEEP = (("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "path") + EVIDENCE_KEYS
+_META_KEEP = (("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "path", "pipeline_class")
+              + EVIDENCE_KEYS
               + tuple(f"ew_{n}{e}" for n in LINE_KEYS for e in ("", "_err")))
 
 
@@ -778,7 +808,7 @@ def _table_inputs(d: Mapping[str, np.ndarray]) -> tuple:
             d.get("kind", np.full(n, "")).astype(str))
 
 
-def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any]) -> dict:
+def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_veto: bool = True) -> dict:
     """Tables of a fixed operating point on another run's out-of-fold data (a clean check).
 
     ``op`` is an operating point as :func:`analyse` stores it (e.g. the
@@ -786,6 +816,8 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any]) -> dict:
     is applied unchanged to ``oof_<model>.npz`` of ``out_dir`` (a run made
     after the rule was chosen), the probabilities calibrated with that run's
     own out-of-fold temperature (as :func:`analyse` does; run it first).
+    ``class_veto``: real LAMOST files the pipeline calls GALAXY or QSO are not
+    candidates (:func:`class_veto_mask`), as in the scan.
 
     Returns
     -------
@@ -798,6 +830,8 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any]) -> dict:
     _, d, classes, probs, heii = _analysed_run(out_dir, model)
     cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
                     np.ones(len(probs), bool))
+    if class_veto:
+        cand = cand & ~class_veto_mask(d)
     return _tables(cand, *_table_inputs(d))
 
 
@@ -874,7 +908,7 @@ def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
 
 
 def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
-            max_false_per_million: float = 100.0) -> dict:
+            max_false_per_million: float = 100.0, class_veto: bool = True) -> dict:
     """Tables and operating points from the saved out-of-fold arrays.
 
     Three rules are tabulated besides the arg-max: ``operating_point`` (the
@@ -889,13 +923,16 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     set on the O spectra of the same folds as the other thresholds;
     ``sdo_index_veto`` / ``nested_sdo_index_veto`` (the veto on the raw index,
     the rule of run 4) and ``no_line_veto`` / ``nested_no_line_veto`` (none)
-    are the same choice with the other veto or none.
+    are the same choice with the other veto or none.  With ``class_veto`` the
+    real LAMOST files the pipeline calls GALAXY or QSO are never candidates
+    (:func:`class_veto_mask`, what ``OStarStage(class_veto=True)`` does), in the
+    choice of every rule and in every table.
     """
     from .models.calibration import fit_temperature
     from .models.decision import Decision, line_veto_thresholds, line_vetoed
 
     out = Path(out_dir)
-    res: dict[str, Any] = {"models": {}}
+    res: dict[str, Any] = {"models": {}, "class_veto": bool(class_veto)}
     for m in models:
         path = out / f"oof_{_safe(m)}.npz"
         if not path.exists():
@@ -917,6 +954,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
         index = _line_indices(d)
+        cveto = class_veto_mask(d) if class_veto else np.zeros(len(y), bool)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
             veto_sets["sdo_index_veto"] = ("sdo",)
@@ -930,12 +968,14 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
             thr = line_veto_thresholds(*(index[k][is_o & subset] if k in vetoes else None
                                          for k in ("sigma", "sdo")))
             veto = line_vetoed(thr["max_sdo_index"], index["sdo"], thr["max_sdo_sigma"], index["sigma"])
-            p = _select(*args, subset, max_false_per_million, veto=None if veto is False else veto)
+            veto = cveto if veto is False else (np.asarray(veto, bool) | cveto)
+            p = _select(*args, subset, max_false_per_million, veto=veto if veto.any() else None)
             p.update(thr)
             return p
 
         op = chosen(everything)
-        op_cnn = _select(*args, everything, max_false_per_million, heii_grid=(None,), weight_grid=(0.0,))
+        op_cnn = _select(*args, everything, max_false_per_million, veto=cveto if cveto.any() else None,
+                         heii_grid=(None,), weight_grid=(0.0,))
         rules = {"argmax": argmax_o}
         variants = [("operating_point", op), ("no_he_ii", op_cnn)]
         variants += [(tag, chosen(everything, vs)) for tag, vs in veto_sets.items() if tag]
@@ -962,7 +1002,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                     nested[fold == f] = _verdict(Decision.from_operating_point(classes, p), probs, heii, index,
                                                  fold == f)
                 rules["nested" + (f"_{tag}" if tag else "")] = nested
-        tables = {rname: _tables(cand, *inputs) for rname, cand in rules.items()}
+        tables = {rname: _tables(cand & ~cveto, *inputs) for rname, cand in rules.items()}
         # p(O) of the O spectra by E(B-V) (one- vs two-channel comparison)
         med = {}
         for lo, hi in EBV_BINS:
@@ -973,6 +1013,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                             "operating_point_variants": {k: p for k, p in variants[2:]},
                             "nested_operating_points": nested_ops,
                             "tables": tables, "p_o_by_ebv": med,
+                            "class_vetoed": sorted(np.unique(star[cveto]).tolist()),
                             "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
     return res
 
@@ -1078,6 +1119,10 @@ def render_report(results: dict) -> str:
               "of the fold's non-O stars with the mock release's own reddening and S/N, re-weighted to the",
               "survey mix (B 3 %, A 8 %, F 28 %, G 33 %, K 21 %, M 7 %, X 0.3 %); real LAMOST = the fold's",
               "shared real LAMOST files (all non-O). Recall 'S/N >= 10' counts O spectra with S/N(g) >= 10.", ""]
+    if results.get("class_veto"):
+        vetoed = sorted({s for m in results.get("models", {}).values() for s in m.get("class_vetoed", [])})
+        lines += ["Pipeline-class veto (as the scan's default): real LAMOST files the LAMOST pipeline calls",
+                  f"GALAXY or QSO are never candidates, in every rule and table ({len(vetoed)} such files here).", ""]
     models = results.get("models", {})
     lines += ["## Summary",
               "",

@@ -927,6 +927,7 @@ def run_scan(
     device: str = "auto",
     batch_size: int = 256,
     read_engine: str = DEFAULT_ENGINE,
+    class_veto: bool = True,
     partition_size: int = 256,
     threshold: float = 0.5,
     max_in_flight: int | None = None,
@@ -963,6 +964,10 @@ def run_scan(
     models_dir, device, batch_size, read_engine
         Passed to the stages that accept them (``read_engine`` only when not the
         default :data:`lamost_ostar.io.DEFAULT_ENGINE`; it is also the LAMOST reader's ``engine``).
+    class_veto : bool
+        False: the stages that accept ``class_veto`` (``ostar``) keep candidates the LAMOST
+        pipeline calls GALAXY or QSO (:data:`lamost_ostar.stage.VETO_CLASSES`); recorded in the
+        scan's parameters.
     reader : str
         Reader entry point name (group ``lamost_ostar.readers``; ``lamost``) or
         ``"module:attr"``; the scan reads every file with it.
@@ -1062,6 +1067,8 @@ def run_scan(
             stage_kwargs["models_dir"] = os.fspath(models_dir)
         if read_engine != DEFAULT_ENGINE:
             stage_kwargs["read_engine"] = read_engine
+        if not class_veto:
+            stage_kwargs["class_veto"] = False
         plugin = ScanWorkerPlugin(stage_refs, stage_kwargs, sink, reader=reader,
                                   reader_kwargs={"engine": read_engine})
         client.register_plugin(plugin, name=plugin.name)
@@ -1082,7 +1089,7 @@ def run_scan(
         parameters = {
             "sources": sources, "stage": stage_refs[0] if len(stage_refs) == 1 else stage_refs,
             "reader": info.get("reader"), "device": device,
-            "batch_size": batch_size, "read_engine": read_engine,
+            "batch_size": batch_size, "read_engine": read_engine, "class_veto": bool(class_veto),
             "partition_size": partition_size,
             "threshold": threshold, "scheduler": scheduler or "local",
             "n_workers": n_workers_seen, "threads_per_worker": threads_per_worker,

@@ -45,6 +45,9 @@ flag                   value  meaning
                               bands masked): the He II evidence is missing
 ``FLAG_HEII_EMISSION`` 128    He II 4686 in emission (Of supergiants, Wolf-Rayet
                               and central stars)
+``FLAG_CLASS_VETO``    256    the candidate rule said O, but the LAMOST pipeline
+                              CLASS is GALAXY or QSO (:data:`VETO_CLASSES`): not
+                              a candidate (``OStarStage(class_veto=True)``)
 =====================  =====  ===============================================
 
 The O-candidate decision (``is_candidate``) is the model card's rule
@@ -54,7 +57,14 @@ and the He II absorption measured on the spectrum (``heii_sigma``,
 :mod:`lamost_ostar.lines`).  Every result carries that evidence
 (:attr:`StageResult.evidence`: EWs and errors of the He II, He I and Balmer
 lines, the combined He II / He I significances, log W'), so an astronomer can
-see why a spectrum is, or is not, a candidate.
+see why a spectrum is, or is not, a candidate.  A spectrum the LAMOST pipeline
+calls a galaxy or a quasar (CLASS in :data:`VETO_CLASSES`) is never a candidate
+unless the stage is built with ``class_veto=False``; a spectrum the rule alone
+would have kept carries :data:`FLAG_CLASS_VETO`, so the veto is visible.  Why:
+the survey holds about as many galaxies and quasars as O stars times a thousand,
+the models never see one, and two of the nine real LAMOST galaxies were O by the
+held-out rule (reports/loso/run7/README.md).  CLASS ``Unknown`` and a missing
+CLASS are not vetoed (faint or odd stars get them).
 
 Examples
 --------
@@ -81,7 +91,7 @@ import numpy as np
 from lamost_ostar import entrypoints as _eps
 from lamost_ostar import lines as _lines
 from lamost_ostar.io import DEFAULT_ENGINE, ENGINES, ReadError, Spectrum, read_spectra
-from lamost_ostar.models.decision import Decision
+from lamost_ostar.models.decision import VETO_CLASSES, Decision, class_vetoed
 from lamost_ostar.preprocess import PreparedBatch, model_input, prepare
 
 __all__ = [
@@ -108,6 +118,9 @@ __all__ = [
     "FLAG_LOW_CONFIDENCE",
     "FLAG_NO_HE_LINES",
     "FLAG_HEII_EMISSION",
+    "FLAG_CLASS_VETO",
+    "VETO_CLASSES",
+    "class_vetoed",
     "FLAG_NAMES",
     "EVIDENCE_FIELDS",
     "evidence_records",
@@ -146,6 +159,9 @@ FLAG_LOW_CONFIDENCE = 1 << 5
 FLAG_NO_HE_LINES = 1 << 6
 #: He II 4686 is in emission.
 FLAG_HEII_EMISSION = 1 << 7
+#: The rule said O, but the pipeline CLASS is in :data:`VETO_CLASSES`: not a candidate.
+FLAG_CLASS_VETO = 1 << 8
+
 
 #: flag bit -> name
 FLAG_NAMES: dict[int, str] = {
@@ -157,6 +173,7 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_LOW_CONFIDENCE: "low_confidence",
     FLAG_NO_HE_LINES: "no_he_lines",
     FLAG_HEII_EMISSION: "heii_emission",
+    FLAG_CLASS_VETO: "class_veto",
 }
 
 #: Lines whose box EW and error every result stores (``ew_<line>``, ``ew_<line>_err``).
@@ -930,6 +947,12 @@ class OStarStage:
         Inference device; ``"auto"`` uses a GPU when the Keras backend sees one.
     batch_size : int
         Spectra read, prepared and classified together (bounds memory).
+    read_engine : str
+        Reader engine (:data:`lamost_ostar.io.ENGINES`).
+    class_veto : bool
+        A spectrum whose LAMOST pipeline CLASS is in :data:`VETO_CLASSES`
+        (GALAXY, QSO) is not a candidate whatever the rule says; it gets
+        :data:`FLAG_CLASS_VETO` when the rule said O.  ``False``: the rule alone.
 
     Attributes
     ----------
@@ -944,7 +967,7 @@ class OStarStage:
     #: Entry point name, and the name of the stage's table (``results`` for this stage).
     name = "ostar"
     #: Version of this stage's outputs (the model has its own ``model_version``).
-    version = "ostar-1"
+    version = "ostar-2"  # ostar-2: the pipeline-class veto (class_veto)
     #: What each result holds besides the shared fields (the ``results`` table's columns).
     outputs = OSTAR_OUTPUTS
 
@@ -973,13 +996,15 @@ class OStarStage:
 
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
-                 batch_size: int = 256, read_engine: str = DEFAULT_ENGINE) -> None:
+                 batch_size: int = 256, read_engine: str = DEFAULT_ENGINE,
+                 class_veto: bool = True) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if read_engine not in ENGINES:
             raise ValueError(f"read_engine must be one of {', '.join(ENGINES)}, got {read_engine!r}")
         self.batch_size = int(batch_size)
         self.read_engine = read_engine
+        self.class_veto = bool(class_veto)
         import_keras()
         self.device_name = resolve_device(device)
         from lamost_ostar.models.registry import load_model
@@ -1007,7 +1032,8 @@ class OStarStage:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_version={self.model_version!r}, "
-                f"device={self.device_name!r}, batch_size={self.batch_size})")
+                f"device={self.device_name!r}, batch_size={self.batch_size}, "
+                f"class_veto={self.class_veto})")
 
     # -- public API
     def process(self, items: Sequence[str | os.PathLike | Spectrum]) -> list[StageResult]:
@@ -1124,6 +1150,10 @@ class OStarStage:
                                        np.asarray(meas.sdo_index, dtype=np.float64),
                                        np.asarray(meas.sdo_sigma, dtype=np.float64))
                    if has_o else None)
+        if verdict is not None and self.class_veto:
+            vetoed = class_vetoed([s.pipeline_class for s in spectra]) & verdict.is_candidate
+            flags |= np.where(vetoed, FLAG_CLASS_VETO, 0)
+            verdict.is_candidate = verdict.is_candidate & ~vetoed
 
         out: list[StageResult] = []
         for k, s in enumerate(spectra):

@@ -29,14 +29,15 @@ from lamost_ostar import loso
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _apply_rule(rules_file: Path, out: Path) -> None:
+def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True) -> None:
     """Every model in both runs: the other run's operating point on ``out``'s out-of-fold data."""
     rules = json.loads(rules_file.read_text())["models"]
     mine = json.loads((out / "results.json").read_text())["models"]
     applied = {}
     for m in sorted(set(rules) & set(mine)):
-        t = loso.apply_rule(out, m, rules[m]["operating_point"])
-        applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"], "tables": t}
+        t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto)
+        applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"],
+                      "class_veto": class_veto, "tables": t}
         pct = loso._pct
         print(f"{m}: O recall (star-averaged, S/N >= 10) {pct(t['o_recall_star_averaged_snr_ge_10'])}, "
               f"B->O {pct(t['b_to_o'])} (B0-B1 {pct(t['b0_b1_to_o'])}), X->O {pct(t['x_to_o'])}, "
@@ -79,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-false-per-million", type=float, default=100.0,
                     help="with --reanalyse: the false-O budget of the operating point (per million non-O "
                          "of the survey mix; default 100, the issue's target)")
+    ap.add_argument("--no-class-veto", dest="class_veto", action="store_false",
+                    help="with --reanalyse / --apply-rule: let real LAMOST files the pipeline calls GALAXY or "
+                         "QSO be candidates (the scan's --no-class-veto; default: vetoed, as the scan does)")
     args = ap.parse_args(argv)
     if args.apply_rule is not None:
-        return _apply_rule(args.apply_rule, args.out)
+        return _apply_rule(args.apply_rule, args.out, args.class_veto)
     if args.reanalyse:
         if args.merge:
             loso.merge_runs(args.merge.split(","), args.out)
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz"))
         if args.add_lamost_others:
             loso.add_lamost_others(args.out, models, args.data_dir)
-        res = loso.analyse(args.out, models, loso.CLASSES_8, max_false_per_million=args.max_false_per_million)
+        res = loso.analyse(args.out, models, loso.CLASSES_8, max_false_per_million=args.max_false_per_million,
+                           class_veto=args.class_veto)
         res["max_false_per_million"] = args.max_false_per_million
         for key in ("config", "o_units", "folds", "total_seconds"):
             if key in prev:

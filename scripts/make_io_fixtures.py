@@ -28,6 +28,8 @@ IMAGE_GZ = LAMOST / "laspec" / "spec-57287-KP193637N444141V03_sp10-161.fits.gz" 
 DR1 = LAMOST / "learninglamost_dr1" / "spec-55862-B6212_sp06-003.fits"
 COADD_GZ = LAMOST / "cmost_dr7_vs_dr8" / "spec-55859-F5902_sp01-013_dr8.fits.gz"  # DR9
 MEDRES = LAMOST / "laspec" / "med-58408-TD230151N343645T01_sp01-015.fits"
+# DR7, CLASS GALAXY (z 0.087): two held-out LOSO rules called it O (reports/loso/run7)
+GALAXY = LAMOST / "lamost_sbc" / "spec-58575-HD103621N361936B01_sp03-088.fits"
 
 
 def _gzip_bytes(data: bytes) -> bytes:
@@ -68,6 +70,7 @@ def main() -> None:
     # DR1 real bytes, gzip-compressed but named .fits (content, not name, decides)
     (OUT / "io_dr1_gzip.fits").write_bytes(_gzip_bytes(DR1.read_bytes()))
     shutil.copyfile(COADD_GZ, OUT / "io_coadd_dr9.fits.gz")
+    (OUT / "io_galaxy_dr7.fits.gz").write_bytes(_gzip_bytes(GALAXY.read_bytes()))
 
     # files that are not (complete) FITS
     (OUT / "io_empty.fits").write_bytes(b"")

@@ -147,3 +147,13 @@ def test_hot_subdwarf_veto_in_sigma():
     assert line_vetoed(None, None, None, None) is False
     rule = Decision.from_operating_point(CLASSES, {"min_posterior": 0.5, **line_veto_thresholds(o_sigma)})
     assert rule.max_sdo_sigma == thr["max_sdo_sigma"] and rule.max_sdo_index is None
+
+
+def test_class_vetoed_galaxies_and_quasars_only():
+    from lamost_ostar.models.decision import VETO_CLASSES, class_vetoed
+
+    got = class_vetoed(["GALAXY", "qso ", "STAR", "Unknown", None, "", "galaxy"])
+    assert got.tolist() == [True, True, False, False, False, False, True]
+    assert set(VETO_CLASSES) == {"GALAXY", "QSO"}
+    assert class_vetoed([]).shape == (0,)
+    assert class_vetoed(["Unknown"], veto=("unknown",)).tolist() == [True]

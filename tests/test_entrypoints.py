@@ -80,7 +80,7 @@ def test_plugins_command_lists_and_survives_a_broken_plugin(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for group, name, version in (("lamost_ostar.readers", "lamost", "lamost-1"),
-                                 ("lamost_ostar.stages", "ostar", "ostar-1"),
+                                 ("lamost_ostar.stages", "ostar", "ostar-2"),
                                  ("lamost_ostar.stages", "heii_lines", "heii_lines-2"),
                                  ("lamost_ostar.sinks", "sql", "sql-1"),
                                  ("lamost_ostar.sinks", "parquet", "parquet-1")):

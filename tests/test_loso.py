@@ -267,3 +267,36 @@ def test_loso_fold_leaves_out_the_standards_near_its_stars(tmp_path):
     assert {"mkclass:O9Ia", "mkclass:O9Ib", "mkclass:B0Ia", "mkclass:B0Ib"} <= set(fold["mkclass_left_out"])
     assert "mkclass=" in fold["train"] and "blue_cut=" in fold["train"]
     assert json.loads((tmp_path / "results.json").read_text())["config"]["recipe"]["mkclass_fraction"] == 0.5
+
+
+def test_class_veto_mask_from_stored_classes_and_from_the_files(tiny_run):
+    """The real LAMOST galaxies of a run are what the scan's class veto removes; runs made before
+    the class was stored get it from the files' headers; every table leaves them out."""
+    out, _ = tiny_run
+    d = loso.load_oof(out / "oof_lr2.npz")
+    mask = loso.class_veto_mask(d)
+    lam = d["set"] == "lamost"
+    assert not mask[~lam].any()
+    if not lam.any():
+        pytest.skip("no real LAMOST files in the tiny run (shared data absent)")
+    cls = d["pipeline_class"].astype(str)
+    assert mask.tolist() == (lam & np.isin(cls, ["GALAXY", "QSO"])).tolist()
+    old = {k: v for k, v in d.items() if k != "pipeline_class"}
+    assert loso.class_veto_mask(old).tolist() == mask.tolist()
+    res = json.loads((out / "results.json").read_text())
+    assert res["class_veto"] is True
+    for m in res["models"].values():
+        assert set(m["class_vetoed"]) == set(d["star"][mask].astype(str))
+        vetoed = set(m["class_vetoed"])
+        for t in m["tables"].values():
+            assert not vetoed & set(t["real_lamost_candidate_stars"])
+    op = res["models"]["lr2"]["operating_point"]
+    with_veto = loso.apply_rule(out, "lr2", op)
+    without = loso.apply_rule(out, "lr2", op, class_veto=False)
+    assert with_veto["real_lamost_candidates"] <= without["real_lamost_candidates"]
+
+
+def test_class_veto_mask_only_touches_real_lamost_rows():
+    d = {"set": np.array(["o", "survey", "lamost", "lamost", "lamost"]),
+         "pipeline_class": np.array(["nan", "nan", "GALAXY", "STAR", "QSO"])}
+    assert loso.class_veto_mask(d).tolist() == [False, False, True, False, True]

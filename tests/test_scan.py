@@ -6,6 +6,7 @@ catalogue, on copies of the committed fixture files (good and bad).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -234,6 +235,37 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert {mv for _, mv in res + err} == {version}
     scans = cat.scans()
     assert list(scans["model_version"]) == [version, version]
+    assert all(json.loads(p)["class_veto"] is True for p in scans["parameters"])
+
+
+@pytest.mark.parametrize("class_veto", [True, False])
+def test_scan_vetoes_a_real_lamost_galaxy_unless_told_not_to(tmp_path, client, class_veto):
+    """The pipeline-class veto through the whole scan: a model whose rule accepts everything; the
+    real DR7 galaxy is a candidate only with ``class_veto=False``; the scan records the setting."""
+    import sqlalchemy as sa
+
+    from lamost_ostar.models.decision import Decision
+    from lamost_ostar.stage import FLAG_CLASS_VETO
+    from test_stage import CLASSES, save_tiny_model
+
+    models = tmp_path / "models"
+    version = save_tiny_model(models, prefix="acceptall",
+                              decision=Decision.balanced(CLASSES, min_posterior=0.0).to_dict())
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    for name in ("io_galaxy_dr7.fits.gz", "io_image_dr7.fits"):
+        (rel / name).write_bytes((DATA / name).read_bytes())
+    cat = _catalogue(tmp_path)
+    scanmod.run_scan([rel], cat, client=client, models_dir=models, model_version=version, device="cpu",
+                     class_veto=class_veto, progress=False)
+    with cat.engine.connect() as conn:
+        rows = {Path(p).name: (bool(c), int(f)) for p, c, f in conn.execute(
+            sa.text("select path, is_candidate, flags from results")).all()}
+    assert rows["io_image_dr7.fits"][0] is True
+    galaxy_candidate, galaxy_flags = rows["io_galaxy_dr7.fits.gz"]
+    assert galaxy_candidate is (not class_veto)
+    assert bool(galaxy_flags & FLAG_CLASS_VETO) is class_veto
+    assert json.loads(cat.scans()["parameters"][0])["class_veto"] is class_veto
 
 
 class CrashReader:

@@ -28,8 +28,8 @@ BAD = {"io_truncated.fits": "truncated", "io_not_fits.fits": "not_fits",
        "io_medres.fits": "medium_resolution", "io_zero_ivar.fits.gz": "no_usable_pixels"}
 
 
-def save_tiny_model(models_dir: Path, seed: int = 0) -> str:
-    """A tiny (NPIX, 1) -> 7 logits Keras model saved as a registry version."""
+def save_tiny_model(models_dir: Path, seed: int = 0, **card) -> str:
+    """A tiny (NPIX, 1) -> 7 logits Keras model saved as a registry version (``card``: more card keys)."""
     import keras
 
     from lamost_ostar.models.registry import save_model_version
@@ -42,7 +42,7 @@ def save_tiny_model(models_dir: Path, seed: int = 0) -> str:
     model = keras.Model(inp, out)
     return save_model_version(model, models_dir, {
         "classes": CLASSES, "temperature": 1.5, "prefix": "tiny",
-        "training_data": "untrained test model (random weights)"})
+        "training_data": "untrained test model (random weights)", **card})
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,30 @@ def test_lean_keras_import_skips_matplotlib_and_sklearn_and_still_classifies():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "skipped True" in out.stdout and "importable sklearn matplotlib" in out.stdout
+
+
+@pytest.mark.parametrize("class_veto", [True, False])
+def test_pipeline_class_veto_on_a_real_lamost_galaxy(models_dir, class_veto):
+    """A real DR7 galaxy (pipeline CLASS GALAXY) is never a candidate unless the veto is off.
+
+    The rule is made to accept everything, so that only the veto can say no; the
+    stars keep their verdict either way.
+    """
+    from lamost_ostar.models.decision import Decision
+    from lamost_ostar.stage import FLAG_CLASS_VETO
+
+    st = OStarStage(models_dir=models_dir, device="cpu", class_veto=class_veto)
+    st.decision = Decision.balanced(CLASSES, min_posterior=0.0)   # every spectrum passes the rule
+    res = st.process([str(DATA / "io_galaxy_dr7.fits.gz"), str(DATA / "io_image_dr7.fits")])
+    galaxy, star = res
+    assert galaxy.ok and galaxy.pipeline_class == "GALAXY" and galaxy.flags & FLAG_NOT_STAR
+    assert star.ok and star.is_candidate and not star.flags & FLAG_CLASS_VETO
+    if class_veto:
+        assert galaxy.is_candidate is False and galaxy.flags & FLAG_CLASS_VETO
+        assert "class_veto" in decode_flags(galaxy.flags)
+    else:
+        assert galaxy.is_candidate is True and not galaxy.flags & FLAG_CLASS_VETO
+    # the rule says no: no veto flag (the flag marks candidates the veto removed)
+    st.decision = Decision.balanced(CLASSES, min_posterior=1.1)
+    (again,) = st.process([str(DATA / "io_galaxy_dr7.fits.gz")])
+    assert again.is_candidate is False and not again.flags & FLAG_CLASS_VETO

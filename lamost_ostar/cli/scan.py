@@ -72,6 +72,9 @@ def _one_line(exc: BaseException) -> str:
                    "records, any FITS feature it does not decode goes to fitsio; fitsio: cfitsio).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True, help="Inference device (auto: GPU if the Keras backend sees one).")
+@click.option("--class-veto/--no-class-veto", default=True, show_default=True,
+              help="A spectrum the LAMOST pipeline calls GALAXY or QSO is never an O candidate "
+                   "(flag 256 class_veto when the rule alone said O); --no-class-veto: the rule alone.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="p(O) of an O candidate (summary only; every result is stored).")
 @click.option("--stage", "stage_names", multiple=True, metavar="NAME",
@@ -91,8 +94,8 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-         partition_size, batch_size, read_engine, device, threshold, stage_names, reader_name,
-         sink_name, out, max_in_flight, progress, dry_run) -> None:
+         partition_size, batch_size, read_engine, class_veto, device, threshold, stage_names,
+         reader_name, sink_name, out, max_in_flight, progress, dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
     PATH is a release directory (walked for *.fits and *.fits.gz), a single file,
@@ -108,7 +111,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
             _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers,
                   threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
                   list(stage_names) or ["ostar"], max_in_flight, progress, dry_run,
-                  reader_name=reader_name, sink_name=sink_name, out=out)
+                  reader_name=reader_name, sink_name=sink_name, out=out, class_veto=class_veto)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
         click.echo("interrupted during start-up (nothing scanned): run the same command again",
                    err=True)
@@ -117,7 +120,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 
 def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
           partition_size, batch_size, read_engine, device, threshold, stage_names, max_in_flight,
-          progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None) -> None:
+          progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None,
+          class_veto=True) -> None:
     # TensorFlow, should anything import it in this process (e.g. to unpickle a
     # worker's error), keeps its C++ start-up chatter off the terminal
     for key, value in _CLIENT_ENV.items():
@@ -200,8 +204,8 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                                 else model_version)),
                 reader=reader_name,
                 models_dir=models_dir, device=device,
-                batch_size=batch_size, read_engine=read_engine, partition_size=partition_size,
-                threshold=threshold, max_in_flight=max_in_flight, progress=progress,
+                batch_size=batch_size, read_engine=read_engine, class_veto=class_veto,
+                partition_size=partition_size, threshold=threshold, max_in_flight=max_in_flight, progress=progress,
                 worker_log=worker_log,
             )
     except (click.ClickException, KeyboardInterrupt):

@@ -48,6 +48,13 @@ passes; :func:`line_vetoed` applies whichever vetoes a rule has.
 (``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
 ``posterior_o >= min_posterior``.)
 
+The **pipeline-class veto** (:func:`class_vetoed`) is not part of a card's
+rule: the stage applies it on top (``OStarStage(class_veto=True)``), so it
+holds for every model version.  A spectrum the survey pipeline calls a galaxy
+or a quasar (:data:`VETO_CLASSES`) is never a candidate: the models are trained
+on stars only, and an extragalactic spectrum's redshifted lines can fall on the
+He lines.
+
 Pure numpy; the decision is a JSON-able dict in the model card (``decision``).
 """
 from __future__ import annotations
@@ -72,7 +79,32 @@ __all__ = [
     "sdo_vetoed",
     "line_vetoed",
     "line_veto_thresholds",
+    "VETO_CLASSES",
+    "class_vetoed",
 ]
+
+#: Survey-pipeline classes (LAMOST CLASS) that are never O candidates.
+VETO_CLASSES: tuple[str, ...] = ("GALAXY", "QSO")
+
+
+def class_vetoed(pipeline_class: Sequence[str | None],
+                 veto: Sequence[str] = VETO_CLASSES) -> np.ndarray:
+    """Whether each spectrum's pipeline CLASS is one of ``veto`` (case and blanks ignored).
+
+    Parameters
+    ----------
+    pipeline_class : sequence of str or None
+        LAMOST pipeline CLASS per spectrum (None or empty: not known, not vetoed).
+    veto : sequence of str
+        Classes that are never O candidates (:data:`VETO_CLASSES`).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(N,)``.
+    """
+    names = {v.strip().upper() for v in veto}
+    return np.array([str(c or "").strip().upper() in names for c in pipeline_class], dtype=bool)
 
 #: Class fractions of a LAMOST low-resolution release used as the survey prior:
 #: O ~ 200 in 10 million spectra; B, A..M roughly LAMOST's mix (the mock's
