@@ -466,6 +466,9 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     lamost = _lamost_with_evidence(data_dir)
     if lamost is not None:
         lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
+    else:
+        log(f"WARNING: no real LAMOST files found (data dir {data_dir or 'default: ../shared/data'}): this run "
+            "trains on no real LAMOST spectrum and has no real-LAMOST test set")
     rng = np.random.default_rng(cfg.seed)
     o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, rng)
     standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
@@ -531,6 +534,7 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     results = analyse(out, cfg.models, classes)
     results["config"] = _config_dict(cfg)
     results["o_units"] = o_units
+    results["real_lamost_files"] = 0 if lamost is None else int(len(lamost))
     results["folds"] = fold_info
     results["total_seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         res = loso.analyse(args.out, models, loso.CLASSES_8, max_false_per_million=args.max_false_per_million,
                            class_veto=args.class_veto)
         res["max_false_per_million"] = args.max_false_per_million
-        for key in ("config", "o_units", "folds", "total_seconds"):
+        for key in ("config", "o_units", "folds", "total_seconds", "real_lamost_files"):
             if key in prev:
                 res[key] = prev[key]
         folds_file = args.out / "folds.json"
