@@ -190,26 +190,29 @@ EVIDENCE_FIELDS: tuple[str, ...] = EVIDENCE_COMBINED + tuple(
 
 
 def evidence_records(m: "_lines.LineMeasurements") -> list[dict[str, Any]]:
-    """Per-spectrum evidence dicts (keys :data:`EVIDENCE_FIELDS`, None for NaN) of a measurement."""
-    cols = {}
-    for key in EVIDENCE_COMBINED:
-        cols[key] = np.asarray(getattr(m, key))
-    for n in EVIDENCE_LINES:
-        ew, err = m.ew_of(n)
-        cols[f"ew_{n}"], cols[f"ew_{n}_err"] = ew, err
-    out = []
-    for i in range(len(m)):
-        rec: dict[str, Any] = {}
-        for key in EVIDENCE_FIELDS:
-            v = cols[key][i]
-            if isinstance(v, (bool, np.bool_)):
-                rec[key] = bool(v)
-            elif isinstance(v, (int, np.integer)):
-                rec[key] = int(v)
-            else:
-                rec[key] = float(v) if np.isfinite(v) else None
-        out.append(rec)
-    return out
+    """Per-spectrum evidence dicts (keys :data:`EVIDENCE_FIELDS`, None for NaN) of a measurement.
+
+    Converted column by column (``tolist``), not value by value: bool and integer
+    columns give Python bools and ints, float columns Python floats with None for
+    a non-finite value.
+    """
+    cols: list[list[Any]] = []
+    for key in EVIDENCE_FIELDS:
+        if key in EVIDENCE_COMBINED:
+            a = np.asarray(getattr(m, key))
+        else:
+            ew, err = m.ew_of(key[3:-4] if key.endswith("_err") else key[3:])
+            a = np.asarray(err if key.endswith("_err") else ew)
+        if a.dtype.kind in "biu":
+            cols.append(a.tolist())
+            continue
+        a = a.astype(np.float64)
+        ok = np.isfinite(a)
+        vals = a.tolist()
+        if not ok.all():
+            vals = [v if f else None for v, f in zip(vals, ok.tolist())]
+        cols.append(vals)
+    return [dict(zip(EVIDENCE_FIELDS, row)) for row in zip(*cols)]
 
 #: g-band S/N threshold of ``FLAG_LOW_SNR``.
 LOW_SNR_G = 10.0

@@ -249,3 +249,37 @@ def test_pipeline_class_veto_on_a_real_lamost_galaxy(models_dir, class_veto):
     st.decision = Decision.balanced(CLASSES, min_posterior=1.1)
     (again,) = st.process([str(DATA / "io_galaxy_dr7.fits.gz")])
     assert again.is_candidate is False and not again.flags & FLAG_CLASS_VETO
+
+
+def test_evidence_records_convert_column_by_column_like_value_by_value():
+    """The evidence dicts: Python bool/int/float, None for NaN, the same values as a per-value
+    conversion, on the real fixtures (some lines unmeasurable: NaN) and on an empty batch."""
+    from lamost_ostar import lines
+    from lamost_ostar.preprocess import prepare
+    from lamost_ostar.stage import EVIDENCE_COMBINED, EVIDENCE_FIELDS, evidence_records
+
+    spectra = [read_spectrum(str(DATA / n)) for n in GOOD + ["io_nan_few.fits.gz", "io_galaxy_dr7.fits.gz"]]
+    prep = prepare(spectra, continuum=True)
+    m = lines.measure_lines(prep.flux, prep.ivar, prep.mask)
+    got = evidence_records(m)
+    assert len(got) == len(spectra)
+    saw_none = False
+    for i, rec in enumerate(got):
+        assert list(rec) == list(EVIDENCE_FIELDS)
+        for key, v in rec.items():
+            if key in EVIDENCE_COMBINED:
+                ref = np.asarray(getattr(m, key))[i]
+            else:
+                ew, err = m.ew_of(key[3:-4] if key.endswith("_err") else key[3:])
+                ref = (err if key.endswith("_err") else ew)[i]
+            if isinstance(ref, (bool, np.bool_)):
+                assert v is bool(ref)
+            elif isinstance(ref, (int, np.integer)):
+                assert type(v) is int and v == int(ref)
+            elif np.isfinite(ref):
+                assert type(v) is float and v == float(ref)
+            else:
+                assert v is None
+                saw_none = True
+    assert saw_none
+    assert evidence_records(lines.measure_lines(prep.flux[:0], prep.ivar[:0], prep.mask[:0])) == []
