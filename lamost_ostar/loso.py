@@ -302,6 +302,24 @@ def class_veto_mask(d: Mapping[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def stage_veto_mask(d: Mapping[str, np.ndarray], class_veto: bool = True,
+                    min_snr_g: float | None = None) -> np.ndarray:
+    """Out-of-fold spectra that the stage's own conditions keep from being candidates.
+
+    The pipeline-class veto (:func:`class_veto_mask`, with ``class_veto``) and the
+    S/N floor (:func:`lamost_ostar.models.decision.below_snr_floor` of the stored
+    ``snr_g``; ``min_snr_g`` None: :data:`~lamost_ostar.models.decision.MIN_SNR_G`,
+    0: none) -- what ``OStarStage`` applies on top of a card's rule.
+    """
+    from .models.decision import MIN_SNR_G, below_snr_floor
+
+    n = len(d["set"])
+    out = class_veto_mask(d) if class_veto else np.zeros(n, bool)
+    floor = MIN_SNR_G if min_snr_g is None else min_snr_g
+    snr = d.get("snr_g", np.full(n, np.nan)).astype(float)
+    return out | below_snr_floor(snr, floor)
+
+
 # --------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------
@@ -812,7 +830,8 @@ def _table_inputs(d: Mapping[str, np.ndarray]) -> tuple:
             d.get("kind", np.full(n, "")).astype(str))
 
 
-def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_veto: bool = True) -> dict:
+def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_veto: bool = True,
+               min_snr_g: float | None = None) -> dict:
     """Tables of a fixed operating point on another run's out-of-fold data (a clean check).
 
     ``op`` is an operating point as :func:`analyse` stores it (e.g. the
@@ -821,7 +840,8 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     after the rule was chosen), the probabilities calibrated with that run's
     own out-of-fold temperature (as :func:`analyse` does; run it first).
     ``class_veto``: real LAMOST files the pipeline calls GALAXY or QSO are not
-    candidates (:func:`class_veto_mask`), as in the scan.
+    candidates, nor (``min_snr_g``) spectra below the S/N floor
+    (:func:`stage_veto_mask`), as in the scan.
 
     Returns
     -------
@@ -834,8 +854,7 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     _, d, classes, probs, heii = _analysed_run(out_dir, model)
     cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
                     np.ones(len(probs), bool))
-    if class_veto:
-        cand = cand & ~class_veto_mask(d)
+    cand = cand & ~stage_veto_mask(d, class_veto, min_snr_g)
     return _tables(cand, *_table_inputs(d))
 
 
@@ -912,7 +931,8 @@ def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
 
 
 def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
-            max_false_per_million: float = 100.0, class_veto: bool = True) -> dict:
+            max_false_per_million: float = 100.0, class_veto: bool = True,
+            min_snr_g: float | None = None) -> dict:
     """Tables and operating points from the saved out-of-fold arrays.
 
     Three rules are tabulated besides the arg-max: ``operating_point`` (the
@@ -927,16 +947,19 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     set on the O spectra of the same folds as the other thresholds;
     ``sdo_index_veto`` / ``nested_sdo_index_veto`` (the veto on the raw index,
     the rule of run 4) and ``no_line_veto`` / ``nested_no_line_veto`` (none)
-    are the same choice with the other veto or none.  With ``class_veto`` the
-    real LAMOST files the pipeline calls GALAXY or QSO are never candidates
-    (:func:`class_veto_mask`, what ``OStarStage(class_veto=True)`` does), in the
-    choice of every rule and in every table.
+    are the same choice with the other veto or none.  The stage's own
+    conditions (:func:`stage_veto_mask`: with ``class_veto`` the real LAMOST files
+    the pipeline calls GALAXY or QSO, and spectra below the S/N floor
+    ``min_snr_g``) are never candidates, in the choice of every rule and in every
+    table, as in ``OStarStage``.
     """
+    from .models.decision import MIN_SNR_G
     from .models.calibration import fit_temperature
     from .models.decision import Decision, line_veto_thresholds, line_vetoed
 
     out = Path(out_dir)
-    res: dict[str, Any] = {"models": {}, "class_veto": bool(class_veto)}
+    floor = MIN_SNR_G if min_snr_g is None else float(min_snr_g)
+    res: dict[str, Any] = {"models": {}, "class_veto": bool(class_veto), "min_snr_g": floor if floor > 0 else None}
     for m in models:
         path = out / f"oof_{_safe(m)}.npz"
         if not path.exists():
@@ -958,7 +981,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
         index = _line_indices(d)
-        cveto = class_veto_mask(d) if class_veto else np.zeros(len(y), bool)
+        cveto = stage_veto_mask(d, class_veto, floor)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
             veto_sets["sdo_index_veto"] = ("sdo",)
@@ -1017,7 +1040,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
                             "operating_point_variants": {k: p for k, p in variants[2:]},
                             "nested_operating_points": nested_ops,
                             "tables": tables, "p_o_by_ebv": med,
-                            "class_vetoed": sorted(np.unique(star[cveto]).tolist()),
+                            "class_vetoed": sorted(np.unique(star[cveto & real]).tolist()),
                             "n": {str(s): int(np.sum(sets == s)) for s in np.unique(sets)}}
     return res
 
@@ -1127,6 +1150,9 @@ def render_report(results: dict) -> str:
         vetoed = sorted({s for m in results.get("models", {}).values() for s in m.get("class_vetoed", [])})
         lines += ["Pipeline-class veto (as the scan's default): real LAMOST files the LAMOST pipeline calls",
                   f"GALAXY or QSO are never candidates, in every rule and table ({len(vetoed)} such files here).", ""]
+    if results.get("min_snr_g"):
+        lines += [f"S/N floor (as the scan's default): no spectrum with S/N(g) < {results['min_snr_g']:g} is a candidate,",
+                  "in every rule and table (the O test spectra have S/N >= 5: the floor costs them nothing here).", ""]
     models = results.get("models", {})
     lines += ["## Summary",
               "",

@@ -928,6 +928,7 @@ def run_scan(
     batch_size: int = 256,
     read_engine: str = DEFAULT_ENGINE,
     class_veto: bool = True,
+    min_snr_g: float | None = None,
     partition_size: int = 256,
     threshold: float = 0.5,
     max_in_flight: int | None = None,
@@ -968,6 +969,10 @@ def run_scan(
         False: the stages that accept ``class_veto`` (``ostar``) keep candidates the LAMOST
         pipeline calls GALAXY or QSO (:data:`lamost_ostar.stage.VETO_CLASSES`); recorded in the
         scan's parameters.
+    min_snr_g : float, optional
+        The candidate S/N floor of the stages that accept ``min_snr_g`` (``ostar``); None: the
+        stage's default (:data:`lamost_ostar.models.decision.MIN_SNR_G`, 3); 0: none.  The
+        value in force is recorded in the scan's parameters.
     reader : str
         Reader entry point name (group ``lamost_ostar.readers``; ``lamost``) or
         ``"module:attr"``; the scan reads every file with it.
@@ -1069,6 +1074,8 @@ def run_scan(
             stage_kwargs["read_engine"] = read_engine
         if not class_veto:
             stage_kwargs["class_veto"] = False
+        if min_snr_g is not None:
+            stage_kwargs["min_snr_g"] = float(min_snr_g)
         plugin = ScanWorkerPlugin(stage_refs, stage_kwargs, sink, reader=reader,
                                   reader_kwargs={"engine": read_engine})
         client.register_plugin(plugin, name=plugin.name)
@@ -1090,6 +1097,7 @@ def run_scan(
             "sources": sources, "stage": stage_refs[0] if len(stage_refs) == 1 else stage_refs,
             "reader": info.get("reader"), "device": device,
             "batch_size": batch_size, "read_engine": read_engine, "class_veto": bool(class_veto),
+            "min_snr_g": _min_snr_in_force(min_snr_g),
             "partition_size": partition_size,
             "threshold": threshold, "scheduler": scheduler or "local",
             "n_workers": n_workers_seen, "threads_per_worker": threads_per_worker,
@@ -1277,6 +1285,14 @@ def _warm_stage_info(plugin_name: str, pins: Mapping[str, str]) -> dict[str, Any
     for ref, version in pins.items():
         _pin_stage(plugin_name, ref, version)
     return stage_info(plugin_name)
+
+
+def _min_snr_in_force(min_snr_g: float | None) -> float | None:
+    """The S/N floor an ``ostar`` stage applies for the scan's ``min_snr_g`` (None: no floor)."""
+    from lamost_ostar.models.decision import MIN_SNR_G
+
+    value = MIN_SNR_G if min_snr_g is None else float(min_snr_g)
+    return value if value > 0 else None
 
 
 def _warm_up_workers(client: Any, plugin_name: str, pins: Mapping[str, str]) -> list[Any]:

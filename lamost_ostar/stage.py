@@ -48,6 +48,9 @@ flag                   value  meaning
 ``FLAG_CLASS_VETO``    256    the candidate rule said O, but the LAMOST pipeline
                               CLASS is GALAXY or QSO (:data:`VETO_CLASSES`): not
                               a candidate (``OStarStage(class_veto=True)``)
+``FLAG_SNR_FLOOR``     512    the candidate rule said O, but S/N(g) is below the
+                              floor (:data:`MIN_SNR_G`, 3): not a candidate
+                              (``OStarStage(min_snr_g=...)``)
 =====================  =====  ===============================================
 
 The O-candidate decision (``is_candidate``) is the model card's rule
@@ -57,7 +60,10 @@ and the He II absorption measured on the spectrum (``heii_sigma``,
 :mod:`lamost_ostar.lines`).  Every result carries that evidence
 (:attr:`StageResult.evidence`: EWs and errors of the He II, He I and Balmer
 lines, the combined He II / He I significances, log W'), so an astronomer can
-see why a spectrum is, or is not, a candidate.  A spectrum the LAMOST pipeline
+see why a spectrum is, or is not, a candidate.  A spectrum with S/N(g) below
+:data:`MIN_SNR_G` (3) is never a candidate either (:data:`FLAG_SNR_FLOOR` where
+the rule alone would have kept it): it is noise to the network and to the
+He II measurement alike.  A spectrum the LAMOST pipeline
 calls a galaxy or a quasar (CLASS in :data:`VETO_CLASSES`) is never a candidate
 unless the stage is built with ``class_veto=False``; a spectrum the rule alone
 would have kept carries :data:`FLAG_CLASS_VETO`, so the veto is visible.  Why:
@@ -91,7 +97,8 @@ import numpy as np
 from lamost_ostar import entrypoints as _eps
 from lamost_ostar import lines as _lines
 from lamost_ostar.io import DEFAULT_ENGINE, ENGINES, ReadError, Spectrum, read_spectra
-from lamost_ostar.models.decision import VETO_CLASSES, Decision, class_vetoed
+from lamost_ostar.models.decision import (MIN_SNR_G, VETO_CLASSES, Decision, below_snr_floor,
+                                          class_vetoed)
 from lamost_ostar.preprocess import PreparedBatch, model_input, prepare
 
 __all__ = [
@@ -119,8 +126,11 @@ __all__ = [
     "FLAG_NO_HE_LINES",
     "FLAG_HEII_EMISSION",
     "FLAG_CLASS_VETO",
+    "FLAG_SNR_FLOOR",
     "VETO_CLASSES",
     "class_vetoed",
+    "MIN_SNR_G",
+    "below_snr_floor",
     "FLAG_NAMES",
     "EVIDENCE_FIELDS",
     "evidence_records",
@@ -161,6 +171,8 @@ FLAG_NO_HE_LINES = 1 << 6
 FLAG_HEII_EMISSION = 1 << 7
 #: The rule said O, but the pipeline CLASS is in :data:`VETO_CLASSES`: not a candidate.
 FLAG_CLASS_VETO = 1 << 8
+#: The rule said O, but S/N(g) is below the floor (:data:`MIN_SNR_G`): not a candidate.
+FLAG_SNR_FLOOR = 1 << 9
 
 
 #: flag bit -> name
@@ -174,6 +186,7 @@ FLAG_NAMES: dict[int, str] = {
     FLAG_NO_HE_LINES: "no_he_lines",
     FLAG_HEII_EMISSION: "heii_emission",
     FLAG_CLASS_VETO: "class_veto",
+    FLAG_SNR_FLOOR: "snr_floor",
 }
 
 #: Lines whose box EW and error every result stores (``ew_<line>``, ``ew_<line>_err``).
@@ -956,6 +969,10 @@ class OStarStage:
         A spectrum whose LAMOST pipeline CLASS is in :data:`VETO_CLASSES`
         (GALAXY, QSO) is not a candidate whatever the rule says; it gets
         :data:`FLAG_CLASS_VETO` when the rule said O.  ``False``: the rule alone.
+    min_snr_g : float or None
+        A spectrum with S/N(g) below it is not a candidate whatever the rule
+        says (:data:`FLAG_SNR_FLOOR` when the rule said O); unknown S/N passes;
+        None or 0: no floor.
 
     Attributes
     ----------
@@ -970,7 +987,7 @@ class OStarStage:
     #: Entry point name, and the name of the stage's table (``results`` for this stage).
     name = "ostar"
     #: Version of this stage's outputs (the model has its own ``model_version``).
-    version = "ostar-2"  # ostar-2: the pipeline-class veto (class_veto)
+    version = "ostar-2"  # ostar-2: the S/N floor (min_snr_g) and the pipeline-class veto (class_veto)
     #: What each result holds besides the shared fields (the ``results`` table's columns).
     outputs = OSTAR_OUTPUTS
 
@@ -1000,7 +1017,7 @@ class OStarStage:
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 256, read_engine: str = DEFAULT_ENGINE,
-                 class_veto: bool = True) -> None:
+                 class_veto: bool = True, min_snr_g: float | None = MIN_SNR_G) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if read_engine not in ENGINES:
@@ -1008,6 +1025,7 @@ class OStarStage:
         self.batch_size = int(batch_size)
         self.read_engine = read_engine
         self.class_veto = bool(class_veto)
+        self.min_snr_g = None if min_snr_g is None or float(min_snr_g) <= 0 else float(min_snr_g)
         import_keras()
         self.device_name = resolve_device(device)
         from lamost_ostar.models.registry import load_model
@@ -1036,7 +1054,7 @@ class OStarStage:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_version={self.model_version!r}, "
                 f"device={self.device_name!r}, batch_size={self.batch_size}, "
-                f"class_veto={self.class_veto})")
+                f"class_veto={self.class_veto}, min_snr_g={self.min_snr_g})")
 
     # -- public API
     def process(self, items: Sequence[str | os.PathLike | Spectrum]) -> list[StageResult]:
@@ -1153,10 +1171,14 @@ class OStarStage:
                                        np.asarray(meas.sdo_index, dtype=np.float64),
                                        np.asarray(meas.sdo_sigma, dtype=np.float64))
                    if has_o else None)
-        if verdict is not None and self.class_veto:
-            vetoed = class_vetoed([s.pipeline_class for s in spectra]) & verdict.is_candidate
+        if verdict is not None:
+            # the stage's own conditions on top of the card's rule: flagged where they said no
+            faint = below_snr_floor(snr_g, self.min_snr_g) & verdict.is_candidate
+            flags |= np.where(faint, FLAG_SNR_FLOOR, 0)
+            vetoed = (class_vetoed([s.pipeline_class for s in spectra]) if self.class_veto
+                      else np.zeros(len(spectra), bool)) & verdict.is_candidate
             flags |= np.where(vetoed, FLAG_CLASS_VETO, 0)
-            verdict.is_candidate = verdict.is_candidate & ~vetoed
+            verdict.is_candidate = verdict.is_candidate & ~faint & ~vetoed
 
         out: list[StageResult] = []
         for k, s in enumerate(spectra):

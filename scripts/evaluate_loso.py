@@ -25,19 +25,21 @@ import json
 from pathlib import Path
 
 from lamost_ostar import loso
+from lamost_ostar.models.decision import MIN_SNR_G
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True) -> None:
+def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True, min_snr_g: float | None = None) -> None:
     """Every model in both runs: the other run's operating point on ``out``'s out-of-fold data."""
     rules = json.loads(rules_file.read_text())["models"]
     mine = json.loads((out / "results.json").read_text())["models"]
     applied = {}
     for m in sorted(set(rules) & set(mine)):
-        t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto)
+        t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto, min_snr_g=min_snr_g)
         applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"],
-                      "class_veto": class_veto, "tables": t}
+                      "class_veto": class_veto, "min_snr_g": MIN_SNR_G if min_snr_g is None else min_snr_g,
+                      "tables": t}
         pct = loso._pct
         print(f"{m}: O recall (star-averaged, S/N >= 10) {pct(t['o_recall_star_averaged_snr_ge_10'])}, "
               f"B->O {pct(t['b_to_o'])} (B0-B1 {pct(t['b0_b1_to_o'])}), X->O {pct(t['x_to_o'])}, "
@@ -83,9 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-class-veto", dest="class_veto", action="store_false",
                     help="with --reanalyse / --apply-rule: let real LAMOST files the pipeline calls GALAXY or "
                          "QSO be candidates (the scan's --no-class-veto; default: vetoed, as the scan does)")
+    ap.add_argument("--min-snr-g", type=float, default=None,
+                    help="with --reanalyse / --apply-rule: the stage's S/N floor (no candidate below it; "
+                         "default: the scan's, 3; 0: none)")
     args = ap.parse_args(argv)
     if args.apply_rule is not None:
-        return _apply_rule(args.apply_rule, args.out, args.class_veto)
+        return _apply_rule(args.apply_rule, args.out, args.class_veto, args.min_snr_g)
     if args.reanalyse:
         if args.merge:
             loso.merge_runs(args.merge.split(","), args.out)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.add_lamost_others:
             loso.add_lamost_others(args.out, models, args.data_dir)
         res = loso.analyse(args.out, models, loso.CLASSES_8, max_false_per_million=args.max_false_per_million,
-                           class_veto=args.class_veto)
+                           class_veto=args.class_veto, min_snr_g=args.min_snr_g)
         res["max_false_per_million"] = args.max_false_per_million
         for key in ("config", "o_units", "folds", "total_seconds", "real_lamost_files"):
             if key in prev:

@@ -157,3 +157,13 @@ def test_class_vetoed_galaxies_and_quasars_only():
     assert set(VETO_CLASSES) == {"GALAXY", "QSO"}
     assert class_vetoed([]).shape == (0,)
     assert class_vetoed(["Unknown"], veto=("unknown",)).tolist() == [True]
+
+
+def test_below_snr_floor():
+    from lamost_ostar.models.decision import MIN_SNR_G, below_snr_floor
+
+    snr = np.array([0.5, 2.99, 3.0, 50.0, np.nan])
+    assert MIN_SNR_G == 3.0
+    assert below_snr_floor(snr).tolist() == [True, True, False, False, False]
+    assert not below_snr_floor(snr, 0).any() and not below_snr_floor(snr, None).any()
+    assert below_snr_floor(snr, 60).tolist() == [True, True, True, True, False]

@@ -284,7 +284,7 @@ def test_class_veto_mask_from_stored_classes_and_from_the_files(tiny_run):
     old = {k: v for k, v in d.items() if k != "pipeline_class"}
     assert loso.class_veto_mask(old).tolist() == mask.tolist()
     res = json.loads((out / "results.json").read_text())
-    assert res["class_veto"] is True
+    assert res["class_veto"] is True and res["min_snr_g"] == 3.0
     for m in res["models"].values():
         assert set(m["class_vetoed"]) == set(d["star"][mask].astype(str))
         vetoed = set(m["class_vetoed"])
@@ -296,7 +296,11 @@ def test_class_veto_mask_from_stored_classes_and_from_the_files(tiny_run):
     assert with_veto["real_lamost_candidates"] <= without["real_lamost_candidates"]
 
 
-def test_class_veto_mask_only_touches_real_lamost_rows():
+def test_class_veto_mask_only_touches_real_lamost_rows_and_the_snr_floor_every_row():
     d = {"set": np.array(["o", "survey", "lamost", "lamost", "lamost"]),
-         "pipeline_class": np.array(["nan", "nan", "GALAXY", "STAR", "QSO"])}
+         "pipeline_class": np.array(["nan", "nan", "GALAXY", "STAR", "QSO"]),
+         "snr_g": np.array([20.0, 1.5, 30.0, 2.0, np.nan])}
     assert loso.class_veto_mask(d).tolist() == [False, False, True, False, True]
+    assert loso.stage_veto_mask(d).tolist() == [False, True, True, True, True]
+    assert loso.stage_veto_mask(d, class_veto=False).tolist() == [False, True, False, True, False]
+    assert loso.stage_veto_mask(d, class_veto=False, min_snr_g=0).tolist() == [False] * 5

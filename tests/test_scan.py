@@ -235,7 +235,8 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert {mv for _, mv in res + err} == {version}
     scans = cat.scans()
     assert list(scans["model_version"]) == [version, version]
-    assert all(json.loads(p)["class_veto"] is True for p in scans["parameters"])
+    assert all(json.loads(p)["class_veto"] is True and json.loads(p)["min_snr_g"] == 3.0
+               for p in scans["parameters"])
 
 
 @pytest.mark.parametrize("class_veto", [True, False])
@@ -257,7 +258,7 @@ def test_scan_vetoes_a_real_lamost_galaxy_unless_told_not_to(tmp_path, client, c
         (rel / name).write_bytes((DATA / name).read_bytes())
     cat = _catalogue(tmp_path)
     scanmod.run_scan([rel], cat, client=client, models_dir=models, model_version=version, device="cpu",
-                     class_veto=class_veto, progress=False)
+                     class_veto=class_veto, min_snr_g=None if class_veto else 0, progress=False)
     with cat.engine.connect() as conn:
         rows = {Path(p).name: (bool(c), int(f)) for p, c, f in conn.execute(
             sa.text("select path, is_candidate, flags from results")).all()}
@@ -265,7 +266,8 @@ def test_scan_vetoes_a_real_lamost_galaxy_unless_told_not_to(tmp_path, client, c
     galaxy_candidate, galaxy_flags = rows["io_galaxy_dr7.fits.gz"]
     assert galaxy_candidate is (not class_veto)
     assert bool(galaxy_flags & FLAG_CLASS_VETO) is class_veto
-    assert json.loads(cat.scans()["parameters"][0])["class_veto"] is class_veto
+    params = json.loads(cat.scans()["parameters"][0])
+    assert params["class_veto"] is class_veto and params["min_snr_g"] == (3.0 if class_veto else None)
 
 
 class CrashReader:

@@ -283,3 +283,27 @@ def test_evidence_records_convert_column_by_column_like_value_by_value():
                 saw_none = True
     assert saw_none
     assert evidence_records(lines.measure_lines(prep.flux[:0], prep.ivar[:0], prep.mask[:0])) == []
+
+
+def test_snr_floor_keeps_noise_spectra_from_being_candidates(models_dir):
+    """A real spectrum given S/N(g) 2 is not a candidate (flag snr_floor) under the default floor;
+    with min_snr_g=0 it is; unknown S/N passes; the flag marks only what the rule had kept."""
+    import dataclasses
+
+    from lamost_ostar.models.decision import Decision
+    from lamost_ostar.stage import FLAG_SNR_FLOOR
+
+    sp = read_spectrum(str(DATA / "io_image_dr7.fits"))
+    faint = dataclasses.replace(sp, snr={**(sp.snr or {}), "g": 2.0}, path="faint")
+    unknown = dataclasses.replace(sp, snr={}, path="unknown")
+    st = OStarStage(models_dir=models_dir, device="cpu")
+    assert st.min_snr_g == 3.0
+    st.decision = Decision.balanced(CLASSES, min_posterior=0.0)   # every spectrum passes the rule
+    r_faint, r_bright, r_unknown = st.process([faint, sp, unknown])
+    assert r_faint.is_candidate is False and r_faint.flags & FLAG_SNR_FLOOR and "snr_floor" in decode_flags(r_faint.flags)
+    assert r_bright.is_candidate is True and not r_bright.flags & FLAG_SNR_FLOOR
+    assert r_unknown.is_candidate is True and r_unknown.flags & FLAG_NO_SNR
+    off = OStarStage(models_dir=models_dir, device="cpu", min_snr_g=0)
+    off.decision = st.decision
+    (again,) = off.process([faint])
+    assert off.min_snr_g is None and again.is_candidate is True and not again.flags & FLAG_SNR_FLOOR

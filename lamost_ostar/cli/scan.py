@@ -75,6 +75,9 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--class-veto/--no-class-veto", default=True, show_default=True,
               help="A spectrum the LAMOST pipeline calls GALAXY or QSO is never an O candidate "
                    "(flag 256 class_veto when the rule alone said O); --no-class-veto: the rule alone.")
+@click.option("--min-snr-g", type=click.FloatRange(min=0.0), default=None, metavar="S/N",
+              help="No spectrum with S/N(g) below this is an O candidate (flag 512 snr_floor when the "
+                   "rule alone said O) [default: 3]; 0: no floor.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="p(O) of an O candidate (summary only; every result is stored).")
 @click.option("--stage", "stage_names", multiple=True, metavar="NAME",
@@ -94,8 +97,8 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-         partition_size, batch_size, read_engine, class_veto, device, threshold, stage_names,
-         reader_name, sink_name, out, max_in_flight, progress, dry_run) -> None:
+         partition_size, batch_size, read_engine, class_veto, min_snr_g, device, threshold,
+         stage_names, reader_name, sink_name, out, max_in_flight, progress, dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
     PATH is a release directory (walked for *.fits and *.fits.gz), a single file,
@@ -111,7 +114,8 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
             _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers,
                   threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
                   list(stage_names) or ["ostar"], max_in_flight, progress, dry_run,
-                  reader_name=reader_name, sink_name=sink_name, out=out, class_veto=class_veto)
+                  reader_name=reader_name, sink_name=sink_name, out=out, class_veto=class_veto,
+                  min_snr_g=min_snr_g)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
         click.echo("interrupted during start-up (nothing scanned): run the same command again",
                    err=True)
@@ -121,7 +125,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
           partition_size, batch_size, read_engine, device, threshold, stage_names, max_in_flight,
           progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None,
-          class_veto=True) -> None:
+          class_veto=True, min_snr_g=None) -> None:
     # TensorFlow, should anything import it in this process (e.g. to unpickle a
     # worker's error), keeps its C++ start-up chatter off the terminal
     for key, value in _CLIENT_ENV.items():
@@ -205,6 +209,7 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                 reader=reader_name,
                 models_dir=models_dir, device=device,
                 batch_size=batch_size, read_engine=read_engine, class_veto=class_veto,
+                min_snr_g=min_snr_g,
                 partition_size=partition_size, threshold=threshold, max_in_flight=max_in_flight, progress=progress,
                 worker_log=worker_log,
             )

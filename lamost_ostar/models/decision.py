@@ -48,9 +48,11 @@ passes; :func:`line_vetoed` applies whichever vetoes a rule has.
 (``heii_weight = 0`` and no ``min_score`` give the plain posterior cut
 ``posterior_o >= min_posterior``.)
 
-The **pipeline-class veto** (:func:`class_vetoed`) is not part of a card's
-rule: the stage applies it on top (``OStarStage(class_veto=True)``), so it
-holds for every model version.  A spectrum the survey pipeline calls a galaxy
+The **S/N floor** (:func:`below_snr_floor`, :data:`MIN_SNR_G`) and the
+**pipeline-class veto** (:func:`class_vetoed`) are not part of a card's
+rule: the stage applies them on top (``OStarStage(min_snr_g=3, class_veto=True)``),
+so they hold for every model version.  A spectrum of S/N(g) below 3 is noise to
+the classifier and to the He II measurement.  A spectrum the survey pipeline calls a galaxy
 or a quasar (:data:`VETO_CLASSES`) is never a candidate: the models are trained
 on stars only, and an extragalactic spectrum's redshifted lines can fall on the
 He lines.
@@ -81,7 +83,40 @@ __all__ = [
     "line_veto_thresholds",
     "VETO_CLASSES",
     "class_vetoed",
+    "MIN_SNR_G",
+    "below_snr_floor",
 ]
+
+#: No spectrum with a g-band S/N below this is an O candidate (the stage's S/N floor).
+MIN_SNR_G: float = 3.0
+
+
+def below_snr_floor(snr_g: np.ndarray, min_snr_g: float | None = MIN_SNR_G) -> np.ndarray:
+    """Whether each spectrum's g-band S/N is below the candidate floor ``min_snr_g``.
+
+    Why a floor: at S/N 3 per pixel a 10 A window of ~1 A pixels measures an
+    equivalent width to about +-1 A, more than the He II 4200/4541 lines of an O star have
+    (0.3-0.8 A); below it a spectrum is noise to the classifier and to the line
+    evidence alike.  On a held-out run every A/F/G spectrum of the survey mix the
+    shipped rule called O had S/N(g) <= 2.8 (reports/loso/run8).  An unknown
+    S/N (NaN) is not below the floor; ``min_snr_g`` None or <= 0: no floor.
+
+    Parameters
+    ----------
+    snr_g : numpy.ndarray
+        ``(N,)`` g-band S/N, NaN where unknown.
+    min_snr_g : float or None
+        The floor (:data:`MIN_SNR_G`).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``(N,)``.
+    """
+    snr_g = np.asarray(snr_g, dtype=np.float64)
+    if min_snr_g is None or min_snr_g <= 0:
+        return np.zeros(snr_g.shape, bool)
+    return np.isfinite(snr_g) & (snr_g < float(min_snr_g))
 
 #: Survey-pipeline classes (LAMOST CLASS) that are never O candidates.
 VETO_CLASSES: tuple[str, ...] = ("GALAXY", "QSO")
