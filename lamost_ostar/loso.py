@@ -893,13 +893,15 @@ def _verdict(rule, probs: np.ndarray, heii: np.ndarray, index: Mapping[str, np.n
                                                for k in ("sdo", "sigma"))).is_candidate
 
 
-def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
+def false_o_by_star(out_dir: str | Path, model: str, class_veto: bool = True,
+                    min_snr_g: float | None = None) -> list[dict[str, Any]]:
     """Which non-O stars a LOSO run's rules call O: per star, spectra and counts called O.
 
     Re-applies the operating point and, fold by fold, the nested rules stored in
     ``results.json`` (run :func:`analyse` first) to ``oof_<model>.npz``.  Rows
     (sorted by the nested count): ``star``, ``label``, ``subclass``, ``set``
     (``survey`` / ``b`` / ``x``), ``fold``, ``n``, ``nested``, ``operating_point``.
+    The stage's own conditions (:func:`stage_veto_mask`) apply, as in :func:`analyse`.
     """
     from .models.decision import Decision
 
@@ -907,8 +909,10 @@ def false_o_by_star(out_dir: str | Path, model: str) -> list[dict[str, Any]]:
     index = _line_indices(d)
     fold = d["fold"].astype(int)
 
+    kept = ~stage_veto_mask(d, class_veto, min_snr_g)
+
     def verdict(op, sel):
-        return _verdict(Decision.from_operating_point(classes, op), probs, heii, index, sel)
+        return _verdict(Decision.from_operating_point(classes, op), probs, heii, index, sel) & kept[sel]
 
     everything = np.ones(len(probs), bool)
     at_op = verdict(r["operating_point"], everything)
