@@ -10,7 +10,7 @@ Reads the first ``--files`` + 256 files of the release (sorted walk), runs the
 default-model stage on the first 256 (warm-up: model load, tracing), then times
 ``process`` on the next ``--files`` (wall and process CPU time per file).  Then,
 on one 256-file batch, the steps the stage runs, each timed alone (best of 3):
-reading (``io.read_spectra``, fitsio), ``preprocess.prepare``, inference
+reading (``io.read_spectra``, default engine), ``preprocess.prepare``, inference
 (``predict_proba`` of the model input), ``lines.measure_lines``.  Run it with
 ``PYTHONPATH`` pointing at another checkout to compare code versions;
 ``--mallopt`` applies the scan workers' malloc settings (:func:`lamost_ostar.scan.tune_malloc`).
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     spectra = read_spectra(batch).spectra
     prep = prepare(spectra)
     x = model_input(prep, stage.channels)
-    steps = {"read (fitsio)": (lambda: read_spectra(batch), len(batch)),
+    steps = {"read (default engine)": (lambda: read_spectra(batch), len(batch)),
              "prepare": (lambda: prepare(spectra), len(spectra)),
              "inference": (lambda: stage.predict_proba(x), len(spectra)),
              "lines": (lambda: lines.measure_lines(prep.flux, prep.ivar, prep.mask), len(spectra))}
