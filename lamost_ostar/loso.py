@@ -311,13 +311,12 @@ def stage_veto_mask(d: Mapping[str, np.ndarray], class_veto: bool = True,
     ``snr_g``; ``min_snr_g`` None: :data:`~lamost_ostar.models.decision.MIN_SNR_G`,
     0: none) -- what ``OStarStage`` applies on top of a card's rule.
     """
-    from .models.decision import MIN_SNR_G, below_snr_floor
+    from .models.decision import below_snr_floor, snr_floor_in_force
 
     n = len(d["set"])
     out = class_veto_mask(d) if class_veto else np.zeros(n, bool)
-    floor = MIN_SNR_G if min_snr_g is None else min_snr_g
     snr = d.get("snr_g", np.full(n, np.nan)).astype(float)
-    return out | below_snr_floor(snr, floor)
+    return out | below_snr_floor(snr, snr_floor_in_force(min_snr_g))
 
 
 # --------------------------------------------------------------------------
@@ -985,7 +984,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
         index = _line_indices(d)
-        cveto = stage_veto_mask(d, class_veto, floor)
+        cveto = stage_veto_mask(d, class_veto, floor or 0)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
             veto_sets["sdo_index_veto"] = ("sdo",)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lamost_ostar.io import DEFAULT_ENGINE
+from lamost_ostar.models.decision import snr_floor_in_force
 
 __all__ = [
     "FITS_SUFFIXES",
@@ -1097,7 +1098,7 @@ def run_scan(
             "sources": sources, "stage": stage_refs[0] if len(stage_refs) == 1 else stage_refs,
             "reader": info.get("reader"), "device": device,
             "batch_size": batch_size, "read_engine": read_engine, "class_veto": bool(class_veto),
-            "min_snr_g": _min_snr_in_force(min_snr_g),
+            "min_snr_g": snr_floor_in_force(min_snr_g),
             "partition_size": partition_size,
             "threshold": threshold, "scheduler": scheduler or "local",
             "n_workers": n_workers_seen, "threads_per_worker": threads_per_worker,
@@ -1285,14 +1286,6 @@ def _warm_stage_info(plugin_name: str, pins: Mapping[str, str]) -> dict[str, Any
     for ref, version in pins.items():
         _pin_stage(plugin_name, ref, version)
     return stage_info(plugin_name)
-
-
-def _min_snr_in_force(min_snr_g: float | None) -> float | None:
-    """The S/N floor an ``ostar`` stage applies for the scan's ``min_snr_g`` (None: no floor)."""
-    from lamost_ostar.models.decision import MIN_SNR_G
-
-    value = MIN_SNR_G if min_snr_g is None else float(min_snr_g)
-    return value if value > 0 else None
 
 
 def _warm_up_workers(client: Any, plugin_name: str, pins: Mapping[str, str]) -> list[Any]:

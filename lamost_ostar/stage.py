@@ -67,9 +67,9 @@ He II measurement alike.  A spectrum the LAMOST pipeline
 calls a galaxy or a quasar (CLASS in :data:`VETO_CLASSES`) is never a candidate
 unless the stage is built with ``class_veto=False``; a spectrum the rule alone
 would have kept carries :data:`FLAG_CLASS_VETO`, so the veto is visible.  Why:
-the survey holds about as many galaxies and quasars as O stars times a thousand,
-the models never see one, and two of the nine real LAMOST galaxies were O by the
-held-out rule (reports/loso/run7/README.md).  CLASS ``Unknown`` and a missing
+a LAMOST release holds about a thousand galaxies and quasars for every O star,
+the models are trained on stars only, and two of the nine real LAMOST galaxies
+were O by a held-out rule (reports/loso/run7/README.md).  CLASS ``Unknown`` and a missing
 CLASS are not vetoed (faint or odd stars get them).
 
 Examples

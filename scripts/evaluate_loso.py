@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from lamost_ostar import loso
-from lamost_ostar.models.decision import MIN_SNR_G
+from lamost_ostar.models.decision import snr_floor_in_force
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True, min_snr_g:
     for m in sorted(set(rules) & set(mine)):
         t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto, min_snr_g=min_snr_g)
         applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"],
-                      "class_veto": class_veto, "min_snr_g": MIN_SNR_G if min_snr_g is None else min_snr_g,
+                      "class_veto": class_veto, "min_snr_g": snr_floor_in_force(min_snr_g),
                       "tables": t}
         pct = loso._pct
         print(f"{m}: O recall (star-averaged, S/N >= 10) {pct(t['o_recall_star_averaged_snr_ge_10'])}, "

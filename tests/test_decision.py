@@ -167,3 +167,11 @@ def test_below_snr_floor():
     assert below_snr_floor(snr).tolist() == [True, True, False, False, False]
     assert not below_snr_floor(snr, 0).any() and not below_snr_floor(snr, None).any()
     assert below_snr_floor(snr, 60).tolist() == [True, True, True, True, False]
+
+
+def test_snr_floor_in_force():
+    from lamost_ostar.models.decision import MIN_SNR_G, snr_floor_in_force
+
+    assert snr_floor_in_force() == MIN_SNR_G == snr_floor_in_force(None)
+    assert snr_floor_in_force(0) is None and snr_floor_in_force(-1) is None
+    assert snr_floor_in_force(5) == 5.0

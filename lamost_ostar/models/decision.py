@@ -85,10 +85,21 @@ __all__ = [
     "class_vetoed",
     "MIN_SNR_G",
     "below_snr_floor",
+    "snr_floor_in_force",
 ]
 
 #: No spectrum with a g-band S/N below this is an O candidate (the stage's S/N floor).
 MIN_SNR_G: float = 3.0
+
+
+def snr_floor_in_force(min_snr_g: float | None = None) -> float | None:
+    """The S/N floor a caller's ``min_snr_g`` means where None is "the default".
+
+    None: :data:`MIN_SNR_G`; a value <= 0: no floor (None); else the value.
+    (``OStarStage(min_snr_g=None)`` itself means no floor: it takes the value in force.)
+    """
+    value = MIN_SNR_G if min_snr_g is None else float(min_snr_g)
+    return value if value > 0 else None
 
 
 def below_snr_floor(snr_g: np.ndarray, min_snr_g: float | None = MIN_SNR_G) -> np.ndarray:
