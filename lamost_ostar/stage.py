@@ -1157,8 +1157,8 @@ class OStarStage:
                             np.nan)
         snr_g = np.array([np.nan if (s.snr or {}).get("g") is None else s.snr["g"]
                           for s in spectra], dtype=np.float64)
-        flags = quality_flags(prep.mask, prep.good_fraction, snr_g,
-                              [s.pipeline_class for s in spectra], max_prob)
+        pipeline_class = [s.pipeline_class for s in spectra]
+        flags = quality_flags(prep.mask, prep.good_fraction, snr_g, pipeline_class, max_prob)
         best = np.argmax(np.where(probs_ok[:, None], probs, -1.0), axis=1)
         # He II evidence on the spectrum itself, and the card's candidate rule
         meas = _lines.measure_lines(prep.flux, prep.ivar, prep.mask)
@@ -1175,7 +1175,7 @@ class OStarStage:
             # the stage's own conditions on top of the card's rule: flagged where they said no
             faint = below_snr_floor(snr_g, self.min_snr_g) & verdict.is_candidate
             flags |= np.where(faint, FLAG_SNR_FLOOR, 0)
-            vetoed = (class_vetoed([s.pipeline_class for s in spectra]) if self.class_veto
+            vetoed = (class_vetoed(pipeline_class) if self.class_veto
                       else np.zeros(len(spectra), bool)) & verdict.is_candidate
             flags |= np.where(vetoed, FLAG_CLASS_VETO, 0)
             verdict.is_candidate = verdict.is_candidate & ~faint & ~vetoed
