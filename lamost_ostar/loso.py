@@ -956,13 +956,12 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
     ``min_snr_g``) are never candidates, in the choice of every rule and in every
     table, as in ``OStarStage``.
     """
-    from .models.decision import MIN_SNR_G
     from .models.calibration import fit_temperature
-    from .models.decision import Decision, line_veto_thresholds, line_vetoed
+    from .models.decision import Decision, line_veto_thresholds, line_vetoed, snr_floor_in_force
 
     out = Path(out_dir)
-    floor = MIN_SNR_G if min_snr_g is None else float(min_snr_g)
-    res: dict[str, Any] = {"models": {}, "class_veto": bool(class_veto), "min_snr_g": floor if floor > 0 else None}
+    res: dict[str, Any] = {"models": {}, "class_veto": bool(class_veto),
+                           "min_snr_g": snr_floor_in_force(min_snr_g)}
     for m in models:
         path = out / f"oof_{_safe(m)}.npz"
         if not path.exists():
@@ -984,7 +983,7 @@ def analyse(out_dir: str | Path, models: Sequence[str], classes: Sequence[str],
         o_ok = is_o & (snr >= 10)
         b_ok = is_b & (snr >= 10)
         index = _line_indices(d)
-        cveto = stage_veto_mask(d, class_veto, floor or 0)
+        cveto = stage_veto_mask(d, class_veto, min_snr_g)
         veto_sets = {"": ("sigma",) if index["sigma"] is not None else ("sdo",) if index["sdo"] is not None else ()}
         if veto_sets[""] == ("sigma",) and index["sdo"] is not None:
             veto_sets["sdo_index_veto"] = ("sdo",)

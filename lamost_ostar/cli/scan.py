@@ -209,8 +209,8 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                 reader=reader_name,
                 models_dir=models_dir, device=device,
                 batch_size=batch_size, read_engine=read_engine, class_veto=class_veto,
-                min_snr_g=min_snr_g,
-                partition_size=partition_size, threshold=threshold, max_in_flight=max_in_flight, progress=progress,
+                min_snr_g=min_snr_g, partition_size=partition_size, threshold=threshold,
+                max_in_flight=max_in_flight, progress=progress,
                 worker_log=worker_log,
             )
     except (click.ClickException, KeyboardInterrupt):

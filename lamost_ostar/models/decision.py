@@ -129,6 +129,7 @@ def below_snr_floor(snr_g: np.ndarray, min_snr_g: float | None = MIN_SNR_G) -> n
         return np.zeros(snr_g.shape, bool)
     return np.isfinite(snr_g) & (snr_g < float(min_snr_g))
 
+
 #: Survey-pipeline classes (LAMOST CLASS) that are never O candidates.
 VETO_CLASSES: tuple[str, ...] = ("GALAXY", "QSO")
 
@@ -151,6 +152,7 @@ def class_vetoed(pipeline_class: Sequence[str | None],
     """
     names = {v.strip().upper() for v in veto}
     return np.array([str(c or "").strip().upper() in names for c in pipeline_class], dtype=bool)
+
 
 #: Class fractions of a LAMOST low-resolution release used as the survey prior:
 #: O ~ 200 in 10 million spectra; B, A..M roughly LAMOST's mix (the mock's
