@@ -95,3 +95,8 @@ def test_integrity_and_bad_cards(model, tmp_path):
 def test_default_models_dir():
     assert REG.default_models_dir({"LAMOST_OSTAR_MODELS": "/x/y"}).as_posix() == "/x/y"
     assert REG.default_models_dir({}).parts[-2:] == (".lamost_ostar", "models")
+
+
+def test_engine_argument(tmp_path):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        REG.load_model(engine="onnx")

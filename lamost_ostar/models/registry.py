@@ -28,14 +28,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
-from . import layers as _layers  # noqa: F401  (registers the custom layers)
 from .. import code_version
 from .calibration import softmax_t
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from .numpy_runtime import NumpyGraph
 
 __all__ = [
     "PACKAGED_MODELS_DIR",
@@ -47,6 +50,7 @@ __all__ = [
     "save_model_version",
     "list_versions",
     "load_model",
+    "ENGINES",
     "sha256_file",
     "code_version",
 ]
@@ -57,6 +61,9 @@ PACKAGED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 MODELS_DIR_ENV = "LAMOST_OSTAR_MODELS"
 
 MODEL_FILE = "model.keras"
+#: How :func:`load_model` evaluates a model: ``keras`` (any backend, CPU or GPU) or
+#: ``numpy`` (:mod:`lamost_ostar.models.numpy_runtime`: CPU, no Keras import).
+ENGINES = ("keras", "numpy")
 CARD_FILE = "card.json"
 CARD_MD = "card.md"
 #: card keys computed by :func:`save_model_version` (``card_fields`` cannot set them)
@@ -105,7 +112,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _keras() -> Any:
+    """Keras, with this package's custom layers registered (imported on first use)."""
+    import keras
+
+    from . import layers as _layers  # noqa: F401  (registers the custom layers)
+
+    return keras
+
+
 def _backend_versions() -> dict[str, str]:
+    keras = _keras()
     backend = keras.backend.backend()
     package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
     try:
@@ -183,6 +200,7 @@ def save_model_version(model: keras.Model, root: str | Path,
     if not temperature > 0:
         raise ValueError("temperature must be > 0")
     prefix = str(fields.pop("prefix", f"ostar{len(classes)}"))
+    keras = _keras()
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -259,18 +277,25 @@ def list_versions(root: str | Path | None) -> list[dict[str, Any]]:
 
 @dataclass
 class ModelBundle:
-    """A loaded model version: the Keras model, its card and its calibration.
+    """A loaded model version: the model, its card and its calibration.
 
     Attributes
     ----------
-    model : keras.Model
-        Outputs logits.
+    model : keras.Model or lamost_ostar.models.numpy_runtime.NumpyGraph
+        Outputs logits (a ``NumpyGraph`` when loaded with ``engine="numpy"``).
     card : dict
         The model card (``card.json`` plus ``path``).
     """
 
-    model: keras.Model
+    model: "keras.Model | NumpyGraph"
     card: dict[str, Any]
+
+    @property
+    def engine(self) -> str:
+        """``"keras"`` or ``"numpy"`` (:data:`ENGINES`): what evaluates the model."""
+        from .numpy_runtime import NumpyGraph
+
+        return "numpy" if isinstance(self.model, NumpyGraph) else "keras"
 
     @property
     def version(self) -> str:
@@ -299,6 +324,9 @@ class ModelBundle:
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Raw logits ``(N, C)`` for model input ``(N, npix[, channels])``."""
+        if self.engine == "numpy":
+            x = np.asarray(x, dtype=np.float32)
+            return self.model(x[..., None] if x.ndim == 2 else x, batch_size=batch_size)
         from .recogniser import predict_logits
 
         return predict_logits(self.model, x, batch_size=batch_size)
@@ -322,7 +350,8 @@ def _find(version: str, roots: list[Path]) -> Path | None:
 
 
 def load_model(version: str | None = None, models_dir: str | Path | None = None, *,
-               packaged_dir: str | Path | None = None, verify: bool = True) -> ModelBundle:
+               packaged_dir: str | Path | None = None, verify: bool = True,
+               engine: str = "keras") -> ModelBundle:
     """Load a model version.
 
     Parameters
@@ -337,6 +366,12 @@ def load_model(version: str | None = None, models_dir: str | Path | None = None,
         Override of :data:`PACKAGED_MODELS_DIR` (tests).
     verify : bool
         Check ``model.keras`` against the card's SHA-256.
+    engine : {"keras", "numpy"}
+        ``keras``: ``keras.saving.load_model`` (imports the backend);
+        ``numpy``: the same file evaluated by
+        :class:`~lamost_ostar.models.numpy_runtime.NumpyGraph` (CPU, no Keras
+        import; raises :class:`~lamost_ostar.models.numpy_runtime.UnsupportedModelError`
+        for a layer it does not know).
 
     Returns
     -------
@@ -350,6 +385,8 @@ def load_model(version: str | None = None, models_dir: str | Path | None = None,
     ModelIntegrityError
         The model file does not match its card.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     packaged = Path(packaged_dir) if packaged_dir is not None else PACKAGED_MODELS_DIR
     roots = ([Path(models_dir).expanduser()] if models_dir is not None else []) + [packaged]
     if version is not None:
@@ -380,5 +417,9 @@ def load_model(version: str | None = None, models_dir: str | Path | None = None,
     model_path = directory / MODEL_FILE
     if verify and card.get("sha256") and sha256_file(model_path) != card["sha256"]:
         raise ModelIntegrityError(f"{model_path} does not match the sha256 in its card")
-    model = keras.saving.load_model(model_path, compile=False)
+    if engine == "numpy":
+        from .numpy_runtime import load_graph
+
+        return ModelBundle(model=load_graph(model_path), card=card)
+    model = _keras().saving.load_model(model_path, compile=False)
     return ModelBundle(model=model, card=card)
