@@ -457,10 +457,11 @@ def stage_info(plugin_name: str) -> dict[str, Any]:
 
     plugin = _worker_plugin(plugin_name)
     stages = []
-    device = None
+    device = engine = None
     for name in plugin.stage_names:
         stage = plugin.get_stage(stage_name=name)
         device = device or getattr(stage, "device_name", None)
+        engine = engine or getattr(stage, "engine", None)
         spec = plugin.get_spec(name)
         stages.append({**spec.to_dict(), "entry_point": name,
                        "model_version": getattr(stage, "model_version", None) or spec.version})
@@ -472,6 +473,7 @@ def stage_info(plugin_name: str) -> dict[str, Any]:
         "reader": {"name": getattr(reader, "name", plugin.reader_name),
                    "version": getattr(reader, "version", None)},
         "device": device,
+        "engine": engine,
         "keras_backend": keras.backend.backend() if keras is not None else None,
     }
 
@@ -691,6 +693,8 @@ class ScanSummary:
     n_unwritten_files: int = 0
     device: str | None = None
     keras_backend: str | None = None
+    #: Inference engine used by the stages (``"numpy"`` or ``"keras"``; None: a stage without one).
+    engine: str | None = None
     n_workers: int = 0
     interrupted: bool = False
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -750,6 +754,11 @@ class ScanSummary:
                              for d, t in self._stage_list()}
         return out
 
+    def _runs_on(self) -> str:
+        if self.engine == "numpy":
+            return "numpy engine"
+        return self.keras_backend or "no Keras"
+
     def format(self) -> str:
         """One-screen, human-readable summary: what each stage produced."""
         t = self.totals
@@ -765,7 +774,7 @@ class ScanSummary:
                                          for d, _ in listed)
         lines = [
             f"scan {self.scan_id}: {head} "
-            f"({self.keras_backend or 'no Keras'} on {self.device or '?'}, {workers})"
+            f"({self._runs_on()} on {self.device or '?'}, {workers})"
             + ("  [INTERRUPTED]" if self.interrupted else ""),
             f"  files seen          {t.n_files:>10,d}",
         ]
@@ -854,7 +863,7 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     The local cluster uses processes (the GIL does not serialise reading and
     inference), ``n_workers`` defaults to ``os.cpu_count() // threads_per_worker``,
     has no dashboard (no port clash on shared machines), and gives each worker
-    ``cpu_count / n_workers`` TensorFlow intra-op threads (no over-subscription).
+    ``cpu_count / n_workers`` TensorFlow intra-op and OpenBLAS threads (no over-subscription).
 
     Parameters
     ----------
@@ -900,7 +909,9 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
             # port 8787 in use elsewhere gives no "Port 8787 is already in use" warning
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             env={**WORKER_ENV, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ},
-                 "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1"},
+                 "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1",
+                 # the numpy engine's matrix products (Dask's nanny default is 1 thread)
+                 "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads},
         )
     client = Client(cluster)
     if worker_log:
@@ -926,6 +937,7 @@ def run_scan(
     model_version: str | Mapping[str, str | None] | None = None,
     models_dir: str | os.PathLike | None = None,
     device: str = "auto",
+    engine: str = "auto",
     batch_size: int = 256,
     read_engine: str = DEFAULT_ENGINE,
     class_veto: bool = True,
@@ -966,6 +978,11 @@ def run_scan(
     models_dir, device, batch_size, read_engine
         Passed to the stages that accept them (``read_engine`` only when not the
         default :data:`lamost_ostar.io.DEFAULT_ENGINE`; it is also the LAMOST reader's ``engine``).
+    engine : {"auto", "keras", "numpy"}
+        Inference engine of the stages that accept ``engine`` (``ostar``;
+        :func:`lamost_ostar.stage.resolve_engine`, decided on each worker: numpy on a
+        CPU-only worker, Keras where a GPU may be).  Requested and used engines are
+        recorded in the scan's parameters.
     class_veto : bool
         False: the stages that accept ``class_veto`` (``ostar``) keep candidates the LAMOST
         pipeline calls GALAXY or QSO (:data:`lamost_ostar.stage.VETO_CLASSES`); recorded in the
@@ -1073,6 +1090,8 @@ def run_scan(
             stage_kwargs["models_dir"] = os.fspath(models_dir)
         if read_engine != DEFAULT_ENGINE:
             stage_kwargs["read_engine"] = read_engine
+        if engine != "auto":
+            stage_kwargs["engine"] = engine
         if not class_veto:
             stage_kwargs["class_veto"] = False
         if min_snr_g is not None:
@@ -1096,7 +1115,8 @@ def run_scan(
 
         parameters = {
             "sources": sources, "stage": stage_refs[0] if len(stage_refs) == 1 else stage_refs,
-            "reader": info.get("reader"), "device": device,
+            "reader": info.get("reader"), "device": device, "engine": engine,
+            "engine_used": info.get("engine"),
             "batch_size": batch_size, "read_engine": read_engine, "class_veto": bool(class_veto),
             "min_snr_g": snr_floor_in_force(min_snr_g),
             "partition_size": partition_size,
@@ -1203,7 +1223,7 @@ def run_scan(
                 n_failed_partitions=n_failed,
                 n_unwritten_files=n_unwritten,
                 device=info.get("device"), keras_backend=info.get("keras_backend"),
-                n_workers=n_workers_seen, interrupted=interrupted,
+                engine=info.get("engine"), n_workers=n_workers_seen, interrupted=interrupted,
             )
             sink.finish_scan(scan_id, summary.counts(),
                              status="interrupted" if interrupted

@@ -899,6 +899,46 @@ def import_keras(lean: bool | None = None) -> Any:
     return keras
 
 
+#: How :class:`OStarStage` evaluates its model: ``auto`` (below), ``keras`` or ``numpy``
+#: (:mod:`lamost_ostar.models.numpy_runtime`: the same ``model.keras`` on the CPU, no Keras import).
+INFERENCE_ENGINES = ("auto", "keras", "numpy")
+#: Environment switch: ``keras`` or ``numpy`` is what ``engine="auto"`` resolves to.
+ENGINE_ENV = "LAMOST_OSTAR_ENGINE"
+#: Device files whose presence means this machine may have a GPU (NVIDIA, AMD ROCm): where one
+#: exists, ``engine="auto"`` with ``device="auto"`` uses Keras, which finds out whether it can use it.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def resolve_engine(device: str = "auto", engine: str = "auto") -> str:
+    """The inference engine for ``device`` and ``engine`` (``"keras"`` or ``"numpy"``).
+
+    ``engine="auto"``: the value of :data:`ENGINE_ENV` if set; else Keras for
+    ``device="gpu"``, numpy for ``device="cpu"``, and for ``device="auto"``
+    Keras when a GPU device file (:data:`GPU_DEVICE_FILES`) exists, numpy
+    otherwise: a CPU-only worker then never imports Keras and its backend.
+    ``engine="numpy"`` with ``device="gpu"`` is an error.
+    """
+    if engine not in INFERENCE_ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(INFERENCE_ENGINES)}, got {engine!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if engine == "auto":
+        env = os.environ.get(ENGINE_ENV, "").strip().lower()
+        if env and env not in ("keras", "numpy"):
+            raise ValueError(f"{ENGINE_ENV} must be 'keras' or 'numpy', got {env!r}")
+        if env:
+            engine = env
+        elif device == "gpu":
+            engine = "keras"
+        elif device == "cpu":
+            engine = "numpy"
+        else:
+            engine = "keras" if any(os.path.exists(f) for f in GPU_DEVICE_FILES) else "numpy"
+    if engine == "numpy" and device == "gpu":
+        raise ValueError("the numpy engine runs on the CPU only: use engine 'keras' (or 'auto') for device 'gpu'")
+    return engine
+
+
 def _backend_sees_gpu() -> bool:
     """Whether the active Keras backend sees a GPU (backend-specific, isolated here)."""
     import keras
@@ -961,6 +1001,11 @@ class OStarStage:
         Directory of user model versions.
     device : {"auto", "cpu", "gpu"}
         Inference device; ``"auto"`` uses a GPU when the Keras backend sees one.
+    engine : {"auto", "keras", "numpy"}
+        What evaluates the model (:func:`resolve_engine`): ``numpy`` (the CPU,
+        no Keras import) or ``keras`` (CPU or GPU).  A model the numpy engine
+        cannot evaluate (a layer it does not know) falls back to Keras when
+        ``engine="auto"``.  The two agree to about 1e-5 of a logit (tests).
     batch_size : int
         Spectra read, prepared and classified together (bounds memory).
     read_engine : str
@@ -981,7 +1026,9 @@ class OStarStage:
     classes : tuple of str
         Class labels of the model outputs.
     device_name : str
-        Keras device used (``"cpu:0"`` or ``"gpu:0"``).
+        Device used (``"cpu:0"`` or ``"gpu:0"``).
+    engine : str
+        ``"keras"`` or ``"numpy"``.
     """
 
     #: Entry point name, and the name of the stage's table (``results`` for this stage).
@@ -1017,7 +1064,8 @@ class OStarStage:
     def __init__(self, model_version: str | None = None,
                  models_dir: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 256, read_engine: str = DEFAULT_ENGINE,
-                 class_veto: bool = True, min_snr_g: float | None = MIN_SNR_G) -> None:
+                 class_veto: bool = True, min_snr_g: float | None = MIN_SNR_G,
+                 engine: str = "auto") -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if read_engine not in ENGINES:
@@ -1026,11 +1074,28 @@ class OStarStage:
         self.read_engine = read_engine
         self.class_veto = bool(class_veto)
         self.min_snr_g = None if min_snr_g is None or float(min_snr_g) <= 0 else float(min_snr_g)
-        import_keras()
-        self.device_name = resolve_device(device)
         from lamost_ostar.models.registry import load_model
 
-        self.bundle = load_model(model_version, models_dir)
+        self.engine = resolve_engine(device, engine)
+        self.bundle = None
+        if self.engine == "numpy":
+            from lamost_ostar.models.numpy_runtime import UnsupportedModelError
+
+            try:
+                self.bundle = load_model(model_version, models_dir, engine="numpy")
+                self.device_name = "cpu:0"
+            except UnsupportedModelError as exc:
+                if engine == "numpy":
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "the numpy engine cannot evaluate this model (%s); using Keras", exc)
+                self.engine = "keras"
+        if self.bundle is None:
+            import_keras()
+            self.device_name = resolve_device(device)
+            self.bundle = load_model(model_version, models_dir)
         # one inference at a time per stage: several worker threads may share the
         # stage (reading/preparing overlap with inference; Keras' predict is not
         # guaranteed thread-safe)
@@ -1053,7 +1118,7 @@ class OStarStage:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_version={self.model_version!r}, "
-                f"device={self.device_name!r}, batch_size={self.batch_size}, "
+                f"device={self.device_name!r}, engine={self.engine!r}, batch_size={self.batch_size}, "
                 f"class_veto={self.class_veto}, min_snr_g={self.min_snr_g})")
 
     # -- public API
@@ -1081,14 +1146,16 @@ class OStarStage:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for model input ``(N, NPIX[, channels])``."""
-        import keras
-
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 2:
             x = x[..., None]
         if x.shape[-1] != self.channels:
             raise ValueError(f"model {self.model_version} takes {self.channels} input channel(s), "
                              f"got {x.shape[-1]}")
+        if self.engine == "numpy":  # thread-safe: no state changes during inference
+            return np.asarray(self.bundle.predict_proba(x, batch_size=self.batch_size), dtype=np.float64)
+        import keras
+
         with self._predict_lock, keras.device(self.device_name):
             if self._pass_batch_size:
                 probs = self.bundle.predict_proba(x, batch_size=self.batch_size)

@@ -101,14 +101,14 @@ def bench_naive(paths: list[str], model_version: str | None, models_dir: str | N
 
 
 def bench_scan(release: str, db: str, workers: int, model_version, models_dir, partition_size,
-               batch_size, read_engine: str = "native", device: str = "cpu") -> dict:
+               batch_size, read_engine: str = "native", device: str = "cpu", engine: str = "auto") -> dict:
     from lamost_ostar.catalogue import Catalogue
     from lamost_ostar.scan import run_scan
 
     sink = Catalogue(db)
     t0 = time.perf_counter()
     s = run_scan([release], sink, n_workers=workers, model_version=model_version,
-                 models_dir=models_dir, device=device, partition_size=partition_size,
+                 models_dir=models_dir, device=device, engine=engine, partition_size=partition_size,
                  batch_size=batch_size, read_engine=read_engine, progress=False,
                  worker_log=os.path.join(tempfile.gettempdir(), "bench_scan_workers.log"))
     wall = time.perf_counter() - t0
@@ -119,6 +119,7 @@ def bench_scan(release: str, db: str, workers: int, model_version, models_dir, p
             "first_result_s": s.first_result_s,
             "files": s.totals.n_files, "classified": s.totals.n_classified,
             "errors": s.totals.n_errors, "rows": counts, "model_version": s.model_version,
+            "engine": s.engine,
             "spectra_per_s": n / wall, "steady_spectra_per_s": s.steady_rate}
 
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="reader used by the scanner in (c) [native: the scan's default]")
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"],
                     help="inference device of the scan (c) [cpu: the figures in reports/ are CPU]")
+    ap.add_argument("--engine", default="auto", choices=["auto", "keras", "numpy"],
+                    help="inference engine of the scan (c) [auto: the scan's default, numpy on a CPU]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = list(iter_paths([args.release]))
     n = len(paths)
     report: dict = {"release": args.release, "files": n, "workers": args.workers, "device": args.device,
+                    "engine": args.engine,
                     "read_engine": args.read_engine,
                     "cpu_count": os.cpu_count(), "machine": platform.platform(),
                     "load_avg_start": os.getloadavg()}
@@ -197,16 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             r = bench_scan(args.release, f"sqlite:///{tmp}/bench.sqlite", args.workers,
                            args.model, args.models_dir, args.partition_size, args.batch_size,
-                           args.read_engine, args.device)
+                           args.read_engine, args.device, args.engine)
         report["c_sqlite"] = r
-        print(f"(c)  scan -> SQLite:                {r['spectra_per_s']:8.1f} spectra/s  "
+        print(f"(c)  scan -> SQLite ({r['engine']}):        {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
               f"{r['startup_s']:.1f} s start-up, first results at {r['first_result_s'] or float('nan'):.1f} s)")
     if "pg" not in skip and args.pg_url:
         url, name = _pg_create(args.pg_url)
         try:
             r = bench_scan(args.release, url, args.workers, args.model, args.models_dir,
-                           args.partition_size, args.batch_size, args.read_engine, args.device)
+                           args.partition_size, args.batch_size, args.read_engine, args.device,
+                           args.engine)
         finally:
             _pg_drop(args.pg_url, name)
         report["c_postgresql"] = r

@@ -278,7 +278,9 @@ def _assert_each_file_once(db: Path, files: list[str]) -> None:
 
 def test_ctrl_c_mid_scan_then_resume(release, files, tmp_path, env):
     """Ctrl-C to the process group mid-scan: exit 130, one clean line, a truthful scans row;
-    the resumed scan finishes the rest with a clean terminal; a third run has nothing to do."""
+    the resumed scan finishes the rest with a clean terminal; a third run has nothing to do.
+    The workers run Keras (TensorFlow's start-up chatter must go to the worker log)."""
+    env = {**env, "LAMOST_OSTAR_ENGINE": "keras"}
     db = tmp_path / "cat.sqlite"
     proc = _start(release, db, env)
     _wait_for(lambda: _count(db, "SELECT count(*) FROM results") >= 16, proc)
@@ -391,3 +393,15 @@ def test_plugin_stage_then_two_stages_then_parquet(tmp_path, monkeypatch):
     dry = runner.invoke(main, ["scan", str(rel), "--sink", "parquet", "--out", str(out), "--stage",
                                "heii_lines", "--dry-run"])
     assert f"{n_heii} done" in dry.output, dry.output
+
+
+def test_engine_numpy_with_device_gpu_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from lamost_ostar.cli import main
+
+    data = Path(__file__).resolve().parent / "data"
+    res = CliRunner().invoke(main, ["scan", str(data), "--db", str(tmp_path / "c.sqlite"),
+                                    "--engine", "numpy", "--device", "gpu"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "--engine numpy runs on the CPU" in res.output

@@ -237,6 +237,36 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert list(scans["model_version"]) == [version, version]
     assert all(json.loads(p)["class_veto"] is True and json.loads(p)["min_snr_g"] == 3.0
                for p in scans["parameters"])
+    # device cpu, engine auto: the numpy engine, recorded as asked and as used
+    assert all((json.loads(p)["engine"], json.loads(p)["engine_used"]) == ("auto", "numpy")
+               for p in scans["parameters"])
+    assert first.engine == "numpy" and "numpy engine on cpu:0" in first.format()
+
+
+def test_scan_with_the_keras_engine_gives_the_same_results(tmp_path, client):
+    from test_stage import save_tiny_model
+
+    models = tmp_path / "models"
+    version = save_tiny_model(models)
+    release = tmp_path / "rel"
+    release.mkdir()
+    for name in GOOD:
+        (release / name).write_bytes((DATA / name).read_bytes())
+    got = {}
+    for engine in ("numpy", "keras"):
+        (tmp_path / engine).mkdir()
+        cat = _catalogue(tmp_path / engine)
+        summary = scanmod.run_scan([release], cat, client=client, model_version=version,
+                                   models_dir=models, device="cpu", engine=engine, progress=False)
+        assert summary.engine == engine
+        assert json.loads(cat.scans()["parameters"][0])["engine_used"] == engine
+        with cat.engine.connect() as conn:
+            import sqlalchemy as sa
+
+            got[engine] = dict(conn.execute(sa.text("select path, p_o from results")).all())
+    assert got["numpy"].keys() == got["keras"].keys() and len(got["numpy"]) == len(GOOD)
+    for path, p in got["numpy"].items():
+        assert p == pytest.approx(got["keras"][path], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("class_veto", [True, False])

@@ -307,3 +307,58 @@ def test_snr_floor_keeps_noise_spectra_from_being_candidates(models_dir):
     off.decision = st.decision
     (again,) = off.process([faint])
     assert off.min_snr_g is None and again.is_candidate is True and not again.flags & FLAG_SNR_FLOOR
+
+
+# -- inference engine (numpy runtime or Keras): the policy and the agreement
+def test_resolve_engine_policy(monkeypatch, tmp_path):
+    from lamost_ostar import stage as stagemod
+    from lamost_ostar.stage import ENGINE_ENV, resolve_engine
+
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    assert resolve_engine("cpu") == "numpy"
+    assert resolve_engine("gpu") == "keras"
+    assert resolve_engine("cpu", "keras") == "keras"
+    monkeypatch.setattr(stagemod, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    assert resolve_engine("auto") == "numpy"
+    (tmp_path / "nvidiactl").touch()
+    assert resolve_engine("auto") == "keras"  # Keras then decides whether it can use the GPU
+    monkeypatch.setenv(ENGINE_ENV, "numpy")
+    assert resolve_engine("auto") == "numpy"
+    monkeypatch.setenv(ENGINE_ENV, "tpu")
+    with pytest.raises(ValueError, match=ENGINE_ENV):
+        resolve_engine("auto")
+    monkeypatch.delenv(ENGINE_ENV)
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_engine("gpu", "numpy")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve_engine("cpu", "onnx")
+
+
+def test_numpy_and_keras_engines_give_the_same_results(models_dir):
+    files = [str(DATA / f) for f in GOOD + list(BAD)]
+    by_numpy = OStarStage(models_dir=models_dir, device="cpu", engine="numpy").process(files)
+    by_keras = OStarStage(models_dir=models_dir, device="cpu", engine="keras").process(files)
+    assert [r.ok for r in by_numpy] == [r.ok for r in by_keras]
+    for a, b in zip(by_numpy, by_keras):
+        assert a.error_reason == b.error_reason and a.flags == b.flags
+        assert a.predicted_class == b.predicted_class and a.is_candidate == b.is_candidate
+        if a.ok:
+            np.testing.assert_allclose(a.p_o, b.p_o, rtol=1e-4, atol=1e-6)
+
+
+def test_engine_falls_back_to_keras_for_a_model_numpy_cannot_run(tmp_path, caplog):
+    import keras
+
+    from lamost_ostar.models.registry import save_model_version
+
+    inp = keras.Input((NPIX, 1))
+    h = keras.layers.Conv1D(2, 8, strides=64, dilation_rate=1)(inp)
+    h = keras.layers.LSTM(3)(h)  # no numpy evaluation
+    save_model_version(keras.Model(inp, keras.layers.Dense(len(CLASSES))(h)), tmp_path,
+                       {"classes": CLASSES, "prefix": "lstm"})
+    st = OStarStage(models_dir=tmp_path, device="cpu")
+    assert st.engine == "keras" and "using Keras" in caplog.text
+    from lamost_ostar.models.numpy_runtime import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError):
+        OStarStage(models_dir=tmp_path, device="cpu", engine="numpy")

@@ -72,6 +72,11 @@ def _one_line(exc: BaseException) -> str:
                    "records, any FITS feature it does not decode goes to fitsio; fitsio: cfitsio).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True, help="Inference device (auto: GPU if the Keras backend sees one).")
+@click.option("--engine", type=click.Choice(["auto", "keras", "numpy"]), default="auto",
+              show_default=True,
+              help="Inference engine (numpy: the same model evaluated with numpy on the CPU, no "
+                   "TensorFlow in the workers; keras: CPU or GPU; auto: numpy on a worker with no "
+                   "GPU device, keras where one may be, or $LAMOST_OSTAR_ENGINE).")
 @click.option("--class-veto/--no-class-veto", default=True, show_default=True,
               help="A spectrum the LAMOST pipeline calls GALAXY or QSO is never an O candidate "
                    "(flag 256 class_veto when the rule alone said O); --no-class-veto: the rule alone.")
@@ -97,7 +102,7 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
-         partition_size, batch_size, read_engine, class_veto, min_snr_g, device, threshold,
+         partition_size, batch_size, read_engine, class_veto, min_snr_g, device, engine, threshold,
          stage_names, reader_name, sink_name, out, max_in_flight, progress, dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
@@ -115,7 +120,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
                   threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
                   list(stage_names) or ["ostar"], max_in_flight, progress, dry_run,
                   reader_name=reader_name, sink_name=sink_name, out=out, class_veto=class_veto,
-                  min_snr_g=min_snr_g)
+                  min_snr_g=min_snr_g, engine=engine)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
         click.echo("interrupted during start-up (nothing scanned): run the same command again",
                    err=True)
@@ -125,7 +130,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
           partition_size, batch_size, read_engine, device, threshold, stage_names, max_in_flight,
           progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None,
-          class_veto=True, min_snr_g=None) -> None:
+          class_veto=True, min_snr_g=None, engine="auto") -> None:
     # TensorFlow, should anything import it in this process (e.g. to unpickle a
     # worker's error), keeps its C++ start-up chatter off the terminal
     for key, value in _CLIENT_ENV.items():
@@ -155,6 +160,8 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
     target = out if out is not None else (db if sink_name == "sql" else None)
     if target is None:
         raise click.ClickException(f"--sink {sink_name} needs --out (e.g. a folder)")
+    if engine == "numpy" and device == "gpu":
+        raise click.ClickException("--engine numpy runs on the CPU: use --engine keras or auto with --device gpu")
     if local and device == "gpu":
         why = _no_gpu_reason()
         if why:
@@ -207,7 +214,7 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                                (versions[stage_names[0]] if versions[stage_names[0]] is not None
                                 else model_version)),
                 reader=reader_name,
-                models_dir=models_dir, device=device,
+                models_dir=models_dir, device=device, engine=engine,
                 batch_size=batch_size, read_engine=read_engine, class_veto=class_veto,
                 min_snr_g=min_snr_g, partition_size=partition_size, threshold=threshold,
                 max_in_flight=max_in_flight, progress=progress,
