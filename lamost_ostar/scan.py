@@ -514,6 +514,9 @@ class PartitionSummary:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    #: Peak resident memory (MiB) of the worker process that ran the partition, when it
+    #: ended (summed summaries keep the largest: the most any worker used).
+    peak_rss_mb: float = 0.0
 
     @classmethod
     def from_results(cls, n_files: int, n_skipped: int, results: Sequence[Any],
@@ -537,6 +540,7 @@ class PartitionSummary:
         self.n_errors += other.n_errors
         self.n_candidates += other.n_candidates
         self.seconds += other.seconds
+        self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
         for k, v in other.errors_by_reason.items():
             self.errors_by_reason[k] = self.errors_by_reason.get(k, 0) + v
         for k, v in other.counts.items():
@@ -635,7 +639,20 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
         out[spec.name] = PartitionSummary.from_results(
             len(paths), len(paths) - len(wanted), results[k], threshold,
             time.perf_counter() - t0, _summary_fields(spec))
+        out[spec.name].peak_rss_mb = peak_rss_mb()
     return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (``getrusage``; 0.0 where unavailable)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return 0.0
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _prepare_shared(spectra: list[Any]) -> Any:
@@ -741,7 +758,8 @@ class ScanSummary:
                "startup_s": round(self.startup_s, 3),
                "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
                "failed_partitions": self.n_failed_partitions,
-               "unwritten_files": self.n_unwritten_files}
+               "unwritten_files": self.n_unwritten_files,
+               "worker_peak_rss_mb": round(self._peak_rss_mb(), 1)}
         first = self._stage_list()[0][0]
         if _decides_candidates(first):
             out["n_candidates"] = self.totals.n_candidates
@@ -753,6 +771,9 @@ class ScanSummary:
                                             else {}), **({"counts": dict(t.counts)} if t.counts else {})}
                              for d, t in self._stage_list()}
         return out
+
+    def _peak_rss_mb(self) -> float:
+        return max([t.peak_rss_mb for t in self.stage_totals.values()] + [self.totals.peak_rss_mb])
 
     def _runs_on(self) -> str:
         if self.engine == "numpy":
@@ -804,6 +825,9 @@ class ScanSummary:
             + ("classified" if one and _decides_candidates(listed[0][0]) else "processed")
             + f"  ({self.steady_rate:.1f}/s after start-up; {self.rate:.1f} files/s incl. skipped)",
         ]
+        if self._peak_rss_mb() > 0:
+            lines.append(f"  worker memory       {self._peak_rss_mb():>10,.0f} MB  (peak resident, "
+                         "largest worker)")
         if self.n_failed_partitions:
             lines.append(f"  FAILED partitions   {self.n_failed_partitions:>10,d}   "
                          f"({self.n_unwritten_files:,d} files not stored; "
@@ -1356,7 +1380,8 @@ def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: Par
         n_errors=int(rows["errors"]),
         n_candidates=int(rows.get("candidates", acked.n_candidates)),
         errors_by_reason=dict(rows.get("errors_by_reason", acked.errors_by_reason)),
-        seconds=acked.seconds, counts=dict(rows.get("counts", acked.counts)))
+        seconds=acked.seconds, counts=dict(rows.get("counts", acked.counts)),
+        peak_rss_mb=acked.peak_rss_mb)
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ def bench_scan(release: str, db: str, workers: int, model_version, models_dir, p
             "first_result_s": s.first_result_s,
             "files": s.totals.n_files, "classified": s.totals.n_classified,
             "errors": s.totals.n_errors, "rows": counts, "model_version": s.model_version,
-            "engine": s.engine,
+            "engine": s.engine, "worker_peak_rss_mb": s.counts()["worker_peak_rss_mb"],
             "spectra_per_s": n / wall, "steady_spectra_per_s": s.steady_rate}
 
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         report["c_sqlite"] = r
         print(f"(c)  scan -> SQLite ({r['engine']}):        {r['spectra_per_s']:8.1f} spectra/s  "
               f"({r['wall_s']:.1f} s; {r['steady_spectra_per_s']:.1f}/s after "
-              f"{r['startup_s']:.1f} s start-up, first results at {r['first_result_s'] or float('nan'):.1f} s)")
+              f"{r['startup_s']:.1f} s start-up, first results at {r['first_result_s'] or float('nan'):.1f} s; "
+              f"worker peak RSS {r['worker_peak_rss_mb']:.0f} MB)")
     if "pg" not in skip and args.pg_url:
         url, name = _pg_create(args.pg_url)
         try:

@@ -13,7 +13,7 @@ on one 256-file batch, the steps the stage runs, each timed alone (best of 3):
 reading (``io.read_spectra``, default engine), ``preprocess.prepare``, inference
 (``predict_proba`` of the model input), ``lines.measure_lines``.  Run it with
 ``PYTHONPATH`` pointing at another checkout to compare code versions;
-``--mallopt`` applies the scan workers' malloc settings (:func:`lamost_ostar.scan.tune_malloc`).
+``--engine`` picks the inference engine; ``--mallopt`` applies the scan workers' malloc settings (:func:`lamost_ostar.scan.tune_malloc`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("release")
     ap.add_argument("--files", type=int, default=2560)
     ap.add_argument("--label", default="")
+    ap.add_argument("--engine", default="auto", choices=["auto", "keras", "numpy"],
+                    help="the stage's inference engine [auto: numpy on the CPU]")
     ap.add_argument("--mallopt", action="store_true",
                     help="apply the scan workers' malloc settings (scan.tune_malloc) first")
     args = ap.parse_args(argv)
@@ -51,14 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     from lamost_ostar.stage import OStarStage
 
     paths = sorted(walk_release(args.release))[:args.files + 256]
-    stage = OStarStage(device="cpu")
+    stage = OStarStage(device="cpu", engine=args.engine)
     stage.process(paths[:256])
     t1 = time.perf_counter()
     t, c = time.perf_counter(), time.process_time()
     stage.process(paths[256:])
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     n = len(paths) - 256
-    print(f"{args.label} ({lamost_ostar.__file__}): process {1e3 * wall / n:.3f} ms/file wall ({n / wall:.0f}/s), "
+    print(f"{args.label} ({lamost_ostar.__file__}, {stage.engine} engine): process {1e3 * wall / n:.3f} ms/file wall ({n / wall:.0f}/s), "
           f"{1e3 * cpu / n:.3f} ms/file CPU; start (imports, model load, warm-up) {t1 - t0:.2f} s")
     batch = paths[256:512]
     spectra = read_spectra(batch).spectra

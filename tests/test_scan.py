@@ -241,6 +241,9 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert all((json.loads(p)["engine"], json.loads(p)["engine_used"]) == ("auto", "numpy")
                for p in scans["parameters"])
     assert first.engine == "numpy" and "numpy engine on cpu:0" in first.format()
+    # the workers' peak memory, in the summary and the scan row
+    assert 20 < first.counts()["worker_peak_rss_mb"] < 4000 and "worker memory" in first.format()
+    assert all(json.loads(sm)["worker_peak_rss_mb"] > 20 for sm in scans["summary"])
 
 
 def test_scan_with_the_keras_engine_gives_the_same_results(tmp_path, client):
