@@ -78,16 +78,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
-from astropy.table import MaskedColumn, Table, vstack
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from lamost_ostar import stage as _stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from astropy.table import Table
+
+# astropy.table (0.3 s to import) is imported by the query and export functions that
+# return Tables, not at module import: a scan worker unpickling the catalogue sink
+# only writes rows (reports/performance.md, worker start-up)
 
 __all__ = [
     "CLASS_COLUMNS",
@@ -197,6 +203,13 @@ _OUTPUT_SQL = {"float": sa.Float, "int": sa.BigInteger, "bool": sa.Boolean, "str
 _RESULTS_TYPES = {"predicted_class": sa.String(8), "flags": sa.Integer(), "n_heii_lines": sa.Integer()}
 _STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
+
+
+def _astropy_table():
+    """``astropy.table``, imported on first use."""
+    import astropy.table
+
+    return astropy.table
 
 def stage_table_name(stage: str) -> str:
     """The table of a stage's results: ``results`` for ``ostar``, ``results_<stage>`` otherwise."""
@@ -1056,7 +1069,7 @@ class Catalogue:
                     v = r[c]
                 data[c].append(v)
         kinds = {"id": int, "result_rows": int, "error_rows": int, **{c: int for c in SCAN_COUNT_COLUMNS}}
-        return Table([_column(c, data[c], kinds.get(c, str)) for c in cols])
+        return _astropy_table().Table([_column(c, data[c], kinds.get(c, str)) for c in cols])
 
     def _scan_model(self, conn, scan_id: int | None, stage: str = DEFAULT_STAGE) -> str | None:
         """The model version scan ``scan_id`` recorded for ``stage`` (None if unknown)."""
@@ -1287,7 +1300,7 @@ class Catalogue:
             data["error_rows"].append(int(errs.get(name, 0)))
             data["outputs"].append(len(r["outputs"] or []) if r is not None else 0)
         kinds = {"result_rows": int, "error_rows": int, "outputs": int}
-        return Table([_column(c, v, kinds.get(c, str)) for c, v in data.items()])
+        return _astropy_table().Table([_column(c, v, kinds.get(c, str)) for c, v in data.items()])
 
     def errors(self, *, scan_id: int | None = None, model_version: str | None = None,
                reason: str | None = None, limit: int | None = None,
@@ -1313,7 +1326,7 @@ class Catalogue:
             rows = conn.execute(q).all()
         names = ["path", "model_version", "scan_id", "reason", "message", "created", "stage"]
         data = {n: [(_iso(r[i]) if n == "created" else r[i]) for r in rows] for i, n in enumerate(names)}
-        return Table([_column(n, data[n], int if n == "scan_id" else str) for n in names])
+        return _astropy_table().Table([_column(n, data[n], int if n == "scan_id" else str) for n in names])
 
     def query(self, *, min_p_o: float | None = None, predicted_class: str | Sequence[str] | None = None,
               cone: tuple[float, float, float] | None = None, snr_min: float | None = None,
@@ -1387,7 +1400,7 @@ class Catalogue:
             snr_max=snr_max, snr_band=snr_band, scan_id=scan_id, model_version=model_version,
             sort=sort, descending=descending, limit=limit, all_rows=all_rows, candidates=candidates,
             min_posterior=min_posterior, min_heii_sigma=min_heii_sigma, join=join, where=where))
-        return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+        return parts[0] if len(parts) == 1 else _astropy_table().vstack(parts, metadata_conflicts="silent")
 
     def iter_query(self, *, min_p_o: float | None = None,
                    predicted_class: str | Sequence[str] | None = None,
@@ -1443,7 +1456,7 @@ class Catalogue:
     def query_stage(self, stage: str, **kwargs: Any) -> Table:
         """Select the results of any stage as an astropy Table (see :meth:`iter_query_stage`)."""
         parts = list(self.iter_query_stage(stage, **kwargs))
-        return parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+        return parts[0] if len(parts) == 1 else _astropy_table().vstack(parts, metadata_conflicts="silent")
 
     def iter_query_stage(self, stage: str, *, cone: tuple[float, float, float] | None = None,
                          snr_min: float | None = None, snr_max: float | None = None,
@@ -1582,7 +1595,7 @@ class Catalogue:
 
         if sort == "dist":  # the exact distance is known only after the fetch: sort in numpy
             parts = list(self._fetch(q, centre, chunk_rows, meta, cols))
-            table = parts[0] if len(parts) == 1 else vstack(parts, metadata_conflicts="silent")
+            table = parts[0] if len(parts) == 1 else _astropy_table().vstack(parts, metadata_conflicts="silent")
             order = np.argsort(np.asarray(table["dist"]), kind="stable")
             table = table[order[::-1] if descending else order]
             if limit is not None:
@@ -1808,7 +1821,7 @@ def _rows_table(rows: Sequence, centre: tuple[float, float, float] | None, meta:
         if c.description:
             col.description = c.description
         out.append(col)
-    table = Table(out, meta=dict(meta))
+    table = _astropy_table().Table(out, meta=dict(meta))
     if centre is not None:
         c_ra, c_dec, c_rad = centre
         ra = np.array([np.nan if v is None else v for v in data["ra"]], dtype=np.float64)
@@ -1928,7 +1941,7 @@ def _iso(v: Any) -> str | None:
     return str(v)
 
 
-def _column(name: str, values: list, kind: type) -> MaskedColumn:
+def _column(name: str, values: list, kind: type) -> "astropy.table.MaskedColumn":
     """A (masked where NULL) astropy column with a stable dtype, even when empty."""
     mask = np.array([v is None for v in values], dtype=bool)
     if kind is bool:
@@ -1941,7 +1954,7 @@ def _column(name: str, values: list, kind: type) -> MaskedColumn:
         strs = ["" if v is None else str(v) for v in values]
         width = max([1, *(len(s) for s in strs)])
         arr = np.array(strs, dtype=f"U{width}")
-    col = MaskedColumn(arr, name=name, mask=mask)
+    col = _astropy_table().MaskedColumn(arr, name=name, mask=mask)
     if name in _UNITS:
         col.unit = _UNITS[name]
     if name in _DESCRIPTIONS:
