@@ -12,7 +12,8 @@ worker starts:
 - **inference**: ms per spectrum of ``stage.predict_proba`` on batches of
   ``--batch-size`` model inputs, after one warm-up batch, over ``--repeats``
   batches (median and best), with ``--threads`` BLAS / TensorFlow intra-op
-  threads (1 = what each of two scan workers gets on a 2-core machine);
+  threads (1 = what each of two scan workers gets on a 2-core machine) and,
+  with ``--mallopt``, the scan workers' malloc settings;
 - **agreement**: the largest difference of p(O) between the engines on the
   same inputs.
 
@@ -37,6 +38,9 @@ from pathlib import Path
 
 _CHILD = r"""
 import json, os, sys, time
+if ARGS["mallopt"]:
+    from lamost_ostar.scan import tune_malloc
+    tune_malloc()
 t0 = time.perf_counter()
 import numpy as np
 from lamost_ostar.stage import OStarStage
@@ -110,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="OpenBLAS / TensorFlow intra-op threads of each engine's process")
     ap.add_argument("--engines", default="numpy,keras")
+    ap.add_argument("--mallopt", action="store_true",
+                    help="apply the scan workers' malloc settings (scan.tune_malloc) in each engine's process")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import numpy as np
 
     engines = [e for e in args.engines.split(",") if e]
     report: dict = {"model": args.model, "threads": args.threads, "batch_size": args.batch_size,
+                    "mallopt": args.mallopt,
                     "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = os.path.join(tmp, "x.npy")
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines:
                 out = os.path.join(tmp, f"p_{engine}.npy")
                 child_args = {"model": args.model, "engine": engine, "batch_size": args.batch_size,
+                              "mallopt": args.mallopt,
                               "repeats": args.repeats, "inputs": inputs, "out": out}
                 code = f"ARGS = {child_args!r}\n" + _CHILD
                 res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
