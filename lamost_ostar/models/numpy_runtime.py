@@ -1,18 +1,19 @@
 """CPU inference of a saved recogniser with numpy alone: the same ``model.keras``, no Keras import.
 
 A scan worker that imports Keras imports TensorFlow: 2.6-2.9 s per fresh worker
-on a 2-core machine and about 1 GB of memory, for a forward pass of a few small
-convolutions.  :class:`NumpyGraph` reads the saved file itself (``config.json``
+on a 2-core machine and 820-860 MB of resident memory per worker, for a forward
+pass of a few small convolutions.  :class:`NumpyGraph` reads the saved file itself (``config.json``
 for the graph, ``model.weights.h5`` through h5py for the weights) and evaluates
-it with vectorised numpy (each convolution is one strided view and one matrix
-product over the whole batch), in float32 like the Keras model.
+it with vectorised numpy (each convolution is an im2col copy and one matrix
+product over a chunk of :attr:`NumpyGraph.chunk` spectra), in float32 like the
+Keras model.
 
 It knows the layers this package's recognisers are built from
 (:data:`SUPPORTED_LAYERS`: the CNN, the logistic-regression model, their
 ensemble, the paper's one-channel model).  Any other layer, or weights it cannot
 match, raise :class:`UnsupportedModelError` when the graph is built, never at
-inference, so the caller can fall back to Keras
-(:func:`lamost_ostar.stage.resolve_inference` does).  The tests compare it with
+inference, so the caller can fall back to Keras (:class:`lamost_ostar.stage.OStarStage`
+does with ``engine="auto"``; :func:`lamost_ostar.stage.resolve_engine` is the policy).  The tests compare it with
 Keras on every packaged model version.
 
 Keras' weight file names the weights of a model's layers by class
@@ -98,7 +99,7 @@ def _same_pads(length: int, kernel: int, stride: int) -> tuple[int, int, int]:
 
 def conv1d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, stride: int,
            padding: str) -> np.ndarray:
-    """Keras ``Conv1D`` (channels last, dilation 1): one strided view, one matmul."""
+    """Keras ``Conv1D`` (channels last, dilation 1): an im2col copy and one matrix product."""
     n, length, c_in = x.shape
     k = kernel.shape[0]
     if padding == "same":
@@ -131,7 +132,7 @@ def conv1d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, stride: i
 def max_pool1d(x: np.ndarray, pool: int, stride: int, padding: str) -> np.ndarray:
     """Keras ``MaxPooling1D`` (channels last)."""
     n, length, c = x.shape
-    if pool == stride == 2 and padding == "same" or pool == stride == 2 and length % 2 == 0:
+    if pool == stride == 2 and (padding == "same" or length % 2 == 0):
         # the common 2/2 pooling: one pass over two strided views, no padded copy
         # ("same" pads an odd length with one -inf on the right: the last window is x[-1])
         m = length // 2
