@@ -904,9 +904,21 @@ def import_keras(lean: bool | None = None) -> Any:
 INFERENCE_ENGINES = ("auto", "keras", "numpy")
 #: Environment switch: ``keras`` or ``numpy`` is what ``engine="auto"`` resolves to.
 ENGINE_ENV = "LAMOST_OSTAR_ENGINE"
-#: Device files whose presence means this machine may have a GPU (NVIDIA, AMD ROCm): where one
-#: exists, ``engine="auto"`` with ``device="auto"`` uses Keras, which finds out whether it can use it.
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+#: Device files (glob patterns) whose presence means this machine may have a GPU (NVIDIA, AMD
+#: ROCm): where one exists, ``engine="auto"`` with ``device="auto"`` uses Keras, which finds out
+#: whether it can use it; the CLI's ``--device gpu`` check uses the same list.
+GPU_DEVICE_FILES = ("/proc/driver/nvidia/gpus/*", "/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/kfd")
+
+
+def gpu_device_present() -> bool:
+    """Whether the kernel lists a GPU device (:data:`GPU_DEVICE_FILES`) that
+    ``CUDA_VISIBLE_DEVICES`` does not hide; no GPU library is imported."""
+    import glob
+
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return False
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
 
 
 def resolve_engine(device: str = "auto", engine: str = "auto") -> str:
@@ -914,7 +926,7 @@ def resolve_engine(device: str = "auto", engine: str = "auto") -> str:
 
     ``engine="auto"``: the value of :data:`ENGINE_ENV` if set; else Keras for
     ``device="gpu"``, numpy for ``device="cpu"``, and for ``device="auto"``
-    Keras when a GPU device file (:data:`GPU_DEVICE_FILES`) exists, numpy
+    Keras when a GPU device is present (:func:`gpu_device_present`), numpy
     otherwise: a CPU-only worker then never imports Keras and its backend.
     ``engine="numpy"`` with ``device="gpu"`` is an error.
     """
@@ -933,7 +945,7 @@ def resolve_engine(device: str = "auto", engine: str = "auto") -> str:
         elif device == "cpu":
             engine = "numpy"
         else:
-            engine = "keras" if any(os.path.exists(f) for f in GPU_DEVICE_FILES) else "numpy"
+            engine = "keras" if gpu_device_present() else "numpy"
     if engine == "numpy" and device == "gpu":
         raise ValueError("the numpy engine runs on the CPU only: use engine 'keras' (or 'auto') for device 'gpu'")
     return engine

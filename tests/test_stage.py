@@ -318,10 +318,14 @@ def test_resolve_engine_policy(monkeypatch, tmp_path):
     assert resolve_engine("cpu") == "numpy"
     assert resolve_engine("gpu") == "keras"
     assert resolve_engine("cpu", "keras") == "keras"
-    monkeypatch.setattr(stagemod, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    monkeypatch.setattr(stagemod, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia[0-9]*"),))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert resolve_engine("auto") == "numpy"
-    (tmp_path / "nvidiactl").touch()
+    (tmp_path / "nvidia0").touch()
     assert resolve_engine("auto") == "keras"  # Keras then decides whether it can use the GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # every GPU hidden
+    assert resolve_engine("auto") == "numpy"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv(ENGINE_ENV, "numpy")
     assert resolve_engine("auto") == "numpy"
     monkeypatch.setenv(ENGINE_ENV, "tpu")

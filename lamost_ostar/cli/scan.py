@@ -424,20 +424,21 @@ def _no_gpu_reason() -> str | None:
     """Why this machine has no GPU for the workers, or None if it may have one (cheap checks only).
 
     ``CUDA_VISIBLE_DEVICES`` set to nothing or -1 hides every GPU; otherwise a
-    GPU is taken to be present when the kernel lists an NVIDIA device
-    (``/proc/driver/nvidia/gpus/*``, ``/dev/nvidia0``...), the ROCm device
-    ``/dev/kfd`` exists, or ``nvidia-smi -L`` lists one.  TensorFlow is not
-    imported: the worker still checks that the Keras backend sees the GPU.
+    GPU is taken to be present when the kernel lists an NVIDIA or ROCm device
+    (:func:`lamost_ostar.stage.gpu_device_present`: ``/proc/driver/nvidia/gpus/*``,
+    ``/dev/nvidia0``..., ``/dev/nvidiactl``, ``/dev/kfd``) or ``nvidia-smi -L`` lists
+    one.  TensorFlow is not imported: the worker still checks that the Keras backend
+    sees the GPU.
     """
-    import glob
     import shutil
     import subprocess
+
+    from lamost_ostar.stage import gpu_device_present
 
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None and cvd.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
-    if glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*") \
-            or os.path.exists("/dev/kfd"):
+    if gpu_device_present():
         return None
     smi = shutil.which("nvidia-smi")
     if smi:
