@@ -89,7 +89,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from lamost_ostar import stage as _stage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from astropy.table import Table
+    from astropy.table import MaskedColumn, Table
 
 # astropy.table (0.3 s to import) is imported by the query and export functions that
 # return Tables, not at module import: a scan worker unpickling the catalogue sink
@@ -204,12 +204,12 @@ _RESULTS_TYPES = {"predicted_class": sa.String(8), "flags": sa.Integer(), "n_hei
 _STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
-
 def _astropy_table():
     """``astropy.table``, imported on first use."""
     import astropy.table
 
     return astropy.table
+
 
 def stage_table_name(stage: str) -> str:
     """The table of a stage's results: ``results`` for ``ostar``, ``results_<stage>`` otherwise."""
@@ -1941,7 +1941,7 @@ def _iso(v: Any) -> str | None:
     return str(v)
 
 
-def _column(name: str, values: list, kind: type) -> "astropy.table.MaskedColumn":
+def _column(name: str, values: list, kind: type) -> MaskedColumn:
     """A (masked where NULL) astropy column with a stable dtype, even when empty."""
     mask = np.array([v is None for v in values], dtype=bool)
     if kind is bool:

@@ -189,3 +189,13 @@ def test_numpy_engine_never_imports_keras():
     engine, n_ok, keras_in, tf_in = out.stdout.split()
     assert (engine, keras_in, tf_in) == ("numpy", "False", "False")
     assert int(n_ok) >= 4
+
+
+def test_two_output_model_is_refused_when_built(tmp_path):
+    import keras
+
+    inp = keras.Input((16, 1))
+    h = keras.layers.Flatten()(inp)
+    keras.Model(inp, [keras.layers.Dense(2)(h), keras.layers.Dense(3)(h)]).save(tmp_path / "two.keras")
+    with pytest.raises(UnsupportedModelError, match="outputs"):
+        NumpyGraph.from_keras_file(tmp_path / "two.keras")

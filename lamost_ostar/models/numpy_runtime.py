@@ -448,8 +448,6 @@ class _Functional:
         values: dict[tuple[str, int, int], np.ndarray] = {(n, 0, 0): x for n, x in zip(self.inputs, xs)}
         for node in self.nodes:
             values[(node.name, 0, 0)] = node.op([values[r] for r in node.inputs])
-        if len(self.outputs) != 1:
-            raise UnsupportedModelError(f"model {self.name!r} has {len(self.outputs)} outputs")
         return values[self.outputs[0]]
 
 
@@ -464,6 +462,8 @@ def _build_functional(cfg: Mapping[str, Any], group: Any) -> _Functional:
     outs = conf.get("output_layers") or []
     if outs and not isinstance(outs[0], (list, tuple)):
         outs = [outs]
+    if len(outs) != 1:  # refused when built, never at inference
+        raise UnsupportedModelError(f"model {conf.get('name')!r} has {len(outs)} outputs (one is supported)")
     graph = _Functional(name=str(conf.get("name")), inputs=in_names,
                         outputs=[(str(o[0]), int(o[1]), int(o[2])) for o in outs])
     for layer in layers:
