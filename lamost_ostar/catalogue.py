@@ -460,7 +460,7 @@ class WriteSummary:
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
+    if _stage._is_mapping_type(type(obj)):
         return obj.get(name, default)
     return getattr(obj, name, default)
 
@@ -1126,57 +1126,50 @@ class Catalogue:
         default_mv = spec.model_version or self._scan_model(conn, scan_id, spec.name) or spec.version
         if spec.name == DEFAULT_STAGE and spec.model_version is None:
             default_mv = self._scan_model(conn, scan_id, spec.name) or ""
-        code_version = _code_version()
-        res_rows: dict[tuple[str, str], dict] = {}
-        err_rows: dict[tuple[str, str], dict] = {}
+        keys = []
         for item in items:
             path = _as_str(_get(item, "path"))
             if path is None:
                 raise CatalogueError("a stage result has no path")
-            mv = _as_str(_get(item, "model_version")) or default_mv or ""
-            key = (path, mv)
-            if _get(item, "ok", False):
-                if key not in res_rows:
-                    row = {"path": path, "model_version": mv, "scan_id": scan_id, "created": now,
-                           "stage_version": spec.version, "code_version": code_version}
-                    row.update(spec.metadata_values(item))
-                    row.update(spec.output_values(item))
-                    res_rows[key] = row
-            elif key not in err_rows:
-                err_rows[key] = {
-                    "path": path, "model_version": mv, "scan_id": scan_id, "stage": spec.name,
-                    "reason": _as_str(_get(item, "error_reason")) or "unknown",
-                    "message": _as_str(_get(item, "error_message")),
-                    "created": now,
-                }
-        for key in res_rows:  # a success in the same batch beats an error
-            err_rows.pop(key, None)
-
+            keys.append((path, _as_str(_get(item, "model_version")) or default_mv or ""))
+        # the first result of each (path, model_version); a success in the batch beats an error
+        res_at: dict[tuple[str, str], int] = {}
+        err_at: dict[tuple[str, str], int] = {}
+        for i, (item, key) in enumerate(zip(items, keys)):
+            (res_at if _get(item, "ok", False) else err_at).setdefault(key, i)
+        for key in res_at:
+            err_at.pop(key, None)
         # consistent key order -> no lock-order deadlocks between PostgreSQL writers
-        res_list = [res_rows[k] for k in sorted(res_rows)]
-        err_list = [err_rows[k] for k in sorted(err_rows)]
-        ins = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        res_keys, err_keys = sorted(res_at), sorted(err_at)
         in_stage = _ERRORS.c.stage == spec.name
-        if res_list:
-            conn.execute(ins(table).on_conflict_do_nothing(index_elements=["path", "model_version"]),
-                         res_list)
+        if res_keys:
+            n = len(res_keys)
+            cols = {"path": [k[0] for k in res_keys], "model_version": [k[1] for k in res_keys],
+                    **spec.value_columns([items[res_at[k]] for k in res_keys])}
+            const = {"scan_id": scan_id, "created": now, "stage_version": spec.version,
+                     "code_version": _code_version()}
+            _insert_new(conn, table, cols, const, n, ("path", "model_version"))
             # results take precedence: drop earlier error rows of files now classified
-            for mv, paths in _group_paths(res_rows):
+            for mv, paths in _group_paths(res_keys):
                 for chunk in _chunks(paths, _CHUNK):
                     conn.execute(sa.delete(_ERRORS).where(in_stage, _ERRORS.c.model_version == mv,
                                                           _ERRORS.c.path.in_(chunk)))
-        if err_list:
-            conn.execute(ins(_ERRORS).on_conflict_do_nothing(
-                index_elements=["stage", "path", "model_version"]), err_list)
+        if err_keys:
+            errs = [items[err_at[k]] for k in err_keys]
+            cols = {"path": [k[0] for k in err_keys], "model_version": [k[1] for k in err_keys],
+                    "reason": [_as_str(_get(e, "error_reason")) or "unknown" for e in errs],
+                    "message": [_as_str(_get(e, "error_message")) for e in errs]}
+            const = {"scan_id": scan_id, "stage": spec.name, "created": now}
+            _insert_new(conn, _ERRORS, cols, const, len(err_keys), ("stage", "path", "model_version"))
             # never keep an error for a file that already has a result
             r = table.alias("r")
-            for mv, paths in _group_paths(err_rows):
+            for mv, paths in _group_paths(err_keys):
                 for chunk in _chunks(paths, _CHUNK):
                     has_result = sa.exists().where(r.c.path == _ERRORS.c.path,
                                                    r.c.model_version == _ERRORS.c.model_version)
                     conn.execute(sa.delete(_ERRORS).where(in_stage, _ERRORS.c.model_version == mv,
                                                           _ERRORS.c.path.in_(chunk), has_result))
-        return WriteSummary(results=len(res_list), errors=len(err_list))
+        return WriteSummary(results=len(res_keys), errors=len(err_keys))
 
     # ---- resume
     def done_paths(self, paths: Iterable[str], model_version: str | None, *,
@@ -1898,7 +1891,50 @@ def _count_values(counts: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, 
     return out, extra
 
 
-def _group_paths(rows: Mapping[tuple[str, str], Any]) -> Iterator[tuple[str, list[str]]]:
+_INSERTS: dict[tuple, tuple[str, tuple[str, ...], list[Any]]] = {}
+
+
+def _insert_new(conn, table: sa.Table, cols: Mapping[str, list[Any]], const: Mapping[str, Any],
+                n: int, conflict: Sequence[str]) -> None:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of ``n`` rows given column by column.
+
+    The statement is compiled once per (dialect, table, columns); each column's
+    SQL type converts its values (``bind_processor``: JSON to text, timestamps
+    for SQLite), a constant column once; the rows go to the driver's
+    ``executemany`` as they are.  The same SQL and values as
+    ``conn.execute(insert(table).on_conflict_do_nothing(...), rows)``, without
+    SQLAlchemy building the parameters row by row.
+    """
+    dialect = conn.dialect
+    names = tuple(cols) + tuple(const)
+    key = (dialect.name, dialect.driver, id(table), table.name, names, tuple(conflict))
+    hit = _INSERTS.get(key)
+    if hit is None:
+        ins = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        compiled = ins(table).on_conflict_do_nothing(index_elements=list(conflict)).compile(
+            dialect=dialect, column_keys=list(names))
+        order = tuple(compiled.positiontup) if dialect.positional else tuple(compiled.params)
+        if set(order) != set(names):  # pragma: no cover - bind names other than the column keys
+            raise CatalogueError(f"cannot bind the columns of {table.name!r} by name")
+        procs = [table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in order]
+        hit = _INSERTS[key] = (str(compiled), order, procs)
+    sql, order, procs = hit
+    columns = []
+    for name, proc in zip(order, procs):
+        if name in const:
+            v = const[name]
+            columns.append([proc(v) if proc is not None else v] * n)
+        else:
+            values = cols[name]
+            columns.append([proc(v) for v in values] if proc is not None else values)
+    if dialect.positional:
+        params: list[Any] = list(zip(*columns))
+    else:
+        params = [dict(zip(order, row)) for row in zip(*columns)]
+    conn.exec_driver_sql(sql, params)
+
+
+def _group_paths(rows: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
     groups: dict[str, list[str]] = {}
     for path, mv in rows:
         groups.setdefault(mv, []).append(path)

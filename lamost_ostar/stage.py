@@ -80,6 +80,7 @@ Examples
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -374,12 +375,55 @@ def _to_str(v: Any) -> str | None:
     return coerce(v, "str")
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _to_json(v: Any) -> Any:
-    return None if v is None else coerce(v, "json")
+    if v is None:
+        return None
+    if type(v) is dict and all(type(k) is str and type(x) in _JSON_SCALARS for k, x in v.items()):
+        return dict(v)  # a flat mapping of plain scalars: what the JSON round trip would give
+    return coerce(v, "json")
 
 
 #: output type -> converter (fast paths for values that already have the type)
 _CONVERT = {"float": _to_float, "int": _to_int, "bool": _to_bool, "str": _to_str, "json": _to_json}
+
+
+def _float_column(values: list[Any]) -> list[Any]:
+    # v - v == 0.0 is False for NaN and +-inf: one comparison per value, no call
+    if all(type(v) is float or v is None for v in values):
+        return [v if v is not None and v - v == 0.0 else None for v in values]
+    return [_to_float(v) for v in values]
+
+
+def _int_column(values: list[Any]) -> list[Any]:
+    if all(type(v) is int or v is None for v in values):
+        return values
+    return [_to_int(v) for v in values]
+
+
+def _bool_column(values: list[Any]) -> list[Any]:
+    return [None if v is None else bool(v) for v in values]
+
+
+def _column_of(convert: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    return lambda values: [convert(v) for v in values]
+
+
+def _columns(rows: Sequence[Any], names: Sequence[str]) -> list[list[Any]]:
+    """``[[row's name for row in rows] for name in names]`` for objects or mappings."""
+    is_map = [_is_mapping_type(type(r)) for r in rows]
+    if all(is_map):
+        return [[r.get(n) for r in rows] for n in names]
+    if not any(is_map):
+        return [[getattr(r, n, None) for r in rows] for n in names]
+    return [[r.get(n) if m else getattr(r, n, None) for r, m in zip(rows, is_map)] for n in names]
+
+
+#: output type -> converter of a whole column (the same values as ``_CONVERT`` value by value)
+_CONVERT_COLUMN = {"float": _float_column, "int": _int_column, "bool": _bool_column,
+                   "str": _column_of(_to_str), "json": _column_of(_to_json)}
 
 
 def coerce(value: Any, kind: str) -> Any:
@@ -418,8 +462,14 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+@functools.lru_cache(maxsize=256)
+def _is_mapping_type(cls: type) -> bool:
+    """``issubclass(cls, Mapping)``, cached (the ABC check costs more than a dict lookup)."""
+    return issubclass(cls, Mapping)
+
+
 def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
+    if _is_mapping_type(type(obj)):
         return obj.get(name, default)
     return getattr(obj, name, default)
 
@@ -507,6 +557,31 @@ class StageSpec:
         if isinstance(result, Mapping):
             return {name: f(result.get(name)) for name, f in _META_CONV}
         return {name: f(getattr(result, name, None)) for name, f in _META_CONV}
+
+    def value_columns(self, results: Sequence[Any]) -> dict[str, list[Any]]:
+        """The shared metadata and the declared outputs of many results, column by column.
+
+        The same values as :meth:`metadata_values` and :meth:`output_values`
+        called on each result (an output named like a metadata field wins, as
+        in ``row.update(metadata); row.update(outputs)``), built one column at
+        a time: what a sink writing a batch of rows uses.
+
+        Parameters
+        ----------
+        results : sequence
+            The stage's results (objects or mappings).
+
+        Returns
+        -------
+        dict
+            Column name -> list of coerced values, one per result, in order.
+        """
+        cols = {m.name: _CONVERT_COLUMN[m.type](col) for m, col in
+                zip(METADATA_FIELDS, _columns(results, [m.name for m in METADATA_FIELDS]))}
+        raw = [self.values(r) for r in results] if self.values is not None else results
+        for o, col in zip(self.outputs, _columns(raw, self.output_names)):
+            cols[o.name] = _CONVERT_COLUMN[o.type](col)
+        return cols
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (no ``values`` hook)."""

@@ -792,3 +792,46 @@ def test_query_signatures_keep_their_arguments():
         params = list(inspect.signature(fn).parameters)[1:]
         assert params[:len(old) + len(extra)] == old + extra, params
         assert inspect.signature(fn).parameters["sort"].default == "p_o"
+
+
+def test_bulk_write_stores_what_a_sqlalchemy_insert_stores(db_url):
+    """``write`` inserts column by column through the driver; every stored value (JSON, NaN,
+    numpy scalars, booleans, timestamps) equals what SQLAlchemy's own insert of the same rows
+    stores, on SQLite and PostgreSQL."""
+    from datetime import datetime, timezone
+
+    from lamost_ostar.catalogue import _code_version
+    from lamost_ostar.stage import OStarStage, stage_spec
+
+    results = [make_result(i) for i in range(40)] + [make_result(40, ok=False)]
+    results[3].snr_g, results[4].ra, results[5].obsid = float("nan"), np.float32(1.5), np.int64(9)
+    results[6].probs = {"O": np.float32(0.5), "B": float("nan"), "A": None}
+    results[7].is_candidate, results[7].posterior_o = np.bool_(True), 0.75
+    results[8].evidence = {"ew_heii_4541": 0.4, "n_heii_lines": 2, "heii_detected": True}
+    cat = Catalogue(db_url)
+    sid = cat.start_scan(model_version="v1")
+    assert cat.write(sid, results).results == 40
+    spec = stage_spec(OStarStage)
+    table = cat.ensure_stage(spec)
+    now = datetime.now(timezone.utc)
+    ref = [{"path": r.path, "model_version": "ref", "scan_id": sid, "created": now,
+            "stage_version": spec.version, "code_version": _code_version(),
+            **spec.metadata_values(r), **spec.output_values(r)} for r in results if r.ok]
+    with cat.engine.begin() as conn:
+        conn.execute(sa.insert(table), ref)
+    with cat.engine.connect() as conn:
+        got = {mv: {row.path: row._asdict() for row in conn.execute(
+            sa.select(table).where(table.c.model_version == mv))} for mv in ("v1", "ref")}
+        err = conn.execute(sa.text("select path, reason, message, stage from errors")).all()
+    assert len(got["v1"]) == len(got["ref"]) == 40
+    for path, a in got["v1"].items():
+        b = got["ref"][path]
+        for name in a:
+            if name in ("id", "model_version", "created"):
+                continue
+            assert a[name] == b[name] or (a[name] != a[name] and b[name] != b[name]), (path, name)
+        assert isinstance(a["created"], datetime)
+    assert got["v1"][results[6].path]["probs"]["O"] == 0.5
+    assert got["v1"][results[8].path]["n_heii_lines"] == 2
+    assert [tuple(e) for e in err] == [(results[40].path, "corrupt", "file 40 is truncated", "ostar")]
+    cat.close()

@@ -366,3 +366,34 @@ def test_engine_falls_back_to_keras_for_a_model_numpy_cannot_run(tmp_path, caplo
 
     with pytest.raises(UnsupportedModelError):
         OStarStage(models_dir=tmp_path, device="cpu", engine="numpy")
+
+
+def test_value_columns_give_the_values_of_metadata_and_output_values(stage):
+    """``StageSpec.value_columns`` (what the catalogue writes a batch with) holds, column by
+    column, exactly what ``metadata_values`` + ``output_values`` give result by result: on real
+    results, on mappings, with numpy scalars, NaN, inf, None, strings with blanks and nested JSON."""
+    from lamost_ostar.stage import OutputField, StageSpec, stage_spec
+
+    real = [r for r in stage.process([str(DATA / n) for n in GOOD]) if r.ok]
+    odd = dict(vars(real[0]))
+    odd.update(path="odd.fits", ra=np.float32(12.5), snr_g=float("nan"), snr_r=float("inf"),
+               obsid=np.int64(7), planid="  ", p_o=np.float64(0.25), flags=np.int32(3),
+               probs={"O": np.float32(0.25), "B": float("nan")}, is_candidate=np.bool_(True))
+    for spec, results in ((stage_spec(stage), real + [odd]),
+                          (StageSpec(name="plain", version="plain-1", outputs=(
+                              OutputField("a", "float"), OutputField("n", "int"),
+                              OutputField("s", "str"), OutputField("j", "json"),
+                              OutputField("b", "bool"))),
+                           [{"a": 1.5, "n": 2, "s": " x ", "j": {"k": [1, (2, 3)]}, "b": 0},
+                            {"a": np.nan, "n": np.int16(4), "s": b"y", "j": {"q": 1.0}, "b": None},
+                            {"a": "3.5", "n": 2.0, "s": None, "j": None, "b": True, "ra": -1.0},
+                            {}])):
+        cols = spec.value_columns(results)
+        for i, r in enumerate(results):
+            row = {**spec.metadata_values(r), **spec.output_values(r)}
+            assert list(row) == list(cols)
+            for name, v in row.items():
+                w = cols[name][i]
+                assert type(w) is type(v) and (w == v or (v != v and w != w)), (name, v, w)
+    empty = stage_spec(stage).value_columns([])
+    assert empty and all(v == [] for v in empty.values())
