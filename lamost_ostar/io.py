@@ -28,8 +28,9 @@ Three engines give identical :class:`Spectrum` records (tested on all real files
     once to classify the error, and decoded from memory if it is in fact readable
     (cfitsio cannot read multi-member gzip files, for example).
 ``"native"`` (the default, :data:`DEFAULT_ENGINE`; fastest, see ``scripts/bench_io.py``)
-    The file is read once, gunzipped with :mod:`zlib` (about 3x faster than cfitsio's
-    own gzip reader) and decoded with numpy views over the bytes. It handles what
+    The file is read once, gunzipped with zlib-ng (:data:`GUNZIP_LIBRARY`; stdlib
+    :mod:`zlib` where the ``zlib-ng`` package is missing; both about 3x faster than
+    cfitsio's own gzip reader) and decoded with numpy views over the bytes. It handles what
     LAMOST files use (unscaled images, fixed-width binary-table columns) and falls
     back to the fitsio engine for any other FITS feature. fitsio cannot open an
     in-memory buffer (its ``mem://`` files are for writing), hence this engine.
@@ -85,6 +86,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 import numpy as np
+
+try:  # zlib-ng inflates the survey's .fits.gz files ~1.6x faster than stdlib zlib, same bytes
+    from zlib_ng import zlib_ng as _inflate
+except ImportError:  # pragma: no cover - the package is a dependency; zlib is the fallback
+    _inflate = zlib
+
+#: The library that gunzips files for the native and astropy engines (``"zlib-ng"`` or ``"zlib"``).
+GUNZIP_LIBRARY = "zlib-ng" if _inflate is not zlib else "zlib"
+_INFLATE_ERRORS = (zlib.error, _inflate.error)
 
 __all__ = [
     "Spectrum",
@@ -449,10 +459,10 @@ def _gunzip(data: bytes, path: str) -> bytes:
     parts = []
     budget = MAX_FILE_BYTES
     while True:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        d = _inflate.decompressobj(16 + zlib.MAX_WBITS)
         try:
             out = d.decompress(data, budget)
-        except zlib.error as exc:
+        except _INFLATE_ERRORS as exc:
             raise CorruptFileError(path, f"corrupt gzip stream ({exc})",
                                    "corrupt") from None
         if d.unconsumed_tail:

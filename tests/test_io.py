@@ -388,3 +388,21 @@ def test_an_unforeseen_failure_is_classified_from_the_bytes(tmp_path, monkeypatc
                           DATA / "io_empty.fits", tmp_path / "missing.fits"])
     assert [e.reason for e in batch.errors] == ["corrupt", "not_fits", "empty", "unreadable"]
     assert "TypeError" not in batch.errors[0].message
+
+
+def test_gunzip_library_gives_the_bytes_of_stdlib_gzip_and_typed_errors(tmp_path):
+    """The native engine's inflater (zlib-ng, a dependency) gives gzip's bytes, joins a
+    two-member stream, and a truncated or corrupt stream is a typed error."""
+    import gzip
+
+    assert io.GUNZIP_LIBRARY == "zlib-ng"
+    for name in ("io_coadd_dr9.fits.gz", "io_image_dr6.fits.gz", "io_galaxy_dr7.fits.gz"):
+        raw = (DATA / name).read_bytes()
+        assert io._gunzip(raw, name) == gzip.decompress(raw)
+    two = gzip.compress(b"A" * 5000) + gzip.compress(b"B" * 7000)
+    assert io._gunzip(two, "two") == b"A" * 5000 + b"B" * 7000
+    raw = (DATA / "io_image_dr6.fits.gz").read_bytes()
+    with pytest.raises(CorruptFileError, match="truncated"):
+        io._gunzip(raw[: len(raw) // 2], "half")
+    with pytest.raises(CorruptFileError, match="corrupt"):
+        io._gunzip(raw[:10] + bytes(200) + raw[210:], "damaged")

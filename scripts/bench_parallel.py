@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Parallel efficiency of the scan: 2 workers against one process, in one interleaved series.
+
+Usage::
+
+    python scripts/bench_parallel.py /work/runs/mock10k [--rounds 3] [--engine auto] [--json out.json]
+
+Each round runs, one after the other and each in a fresh interpreter, on every
+file of the release (sorted walk, the scan's order):
+
+``one``
+    One process, one thread (``OMP/OPENBLAS_NUM_THREADS=1``, the scan workers'
+    malloc settings): :class:`lamost_ostar.stage.OStarStage` reads and
+    classifies the files in 256-file chunks, as a scan worker's partition does,
+    and writes nothing.  This is issue #11's "one process".
+``scan1`` / ``scan2``
+    ``run_scan`` with 1 and 2 local Dask workers into a fresh SQLite file (the
+    ``lamost-ostar scan`` path, progress off).
+``pair``
+    Two ``one`` processes at once: what the machine's cores give when nothing
+    is shared (the ceiling of ``scan2``).
+
+Rates are files per second (results + error rows), ``steady`` after start-up
+(imports, cluster, model load) and ``overall`` from the interpreter's start.
+Printed per round, with the ratios ``scan2 / one``, ``scan2 / scan1`` and
+``pair / one``; ``--json`` keeps every figure.  Run it on a quiet machine: it
+measures the machine as much as the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+T0 = time.perf_counter()
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+              "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _child_one(release: str, engine: str) -> dict:
+    from lamost_ostar.scan import iter_paths, tune_malloc
+
+    tune_malloc()
+    from lamost_ostar.stage import OStarStage, read_items
+
+    paths = list(iter_paths([release]))
+    stage = OStarStage(device="cpu", engine=engine)
+    t_work = time.perf_counter()
+    n = 0
+    for i in range(0, len(paths), 256):
+        spectra, _slots, failed = read_items(paths[i:i + 256])
+        n += len(stage.process(spectra)) + len(failed)
+    t_end = time.perf_counter()
+    return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
+            "steady": n / (t_end - t_work), "engine": stage.engine}
+
+
+def _child_scan(release: str, engine: str, workers: int) -> dict:
+    from lamost_ostar.catalogue import Catalogue
+    from lamost_ostar.scan import run_scan
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = Catalogue(os.path.join(tmp, "bench.sqlite"))
+        s = run_scan([release], sink, n_workers=workers, device="cpu", engine=engine,
+                     progress=False, worker_log=os.path.join(tmp, "workers.log"))
+        t_end = time.perf_counter()
+        sink.close()
+    n = s.totals.n_classified + s.totals.n_errors
+    return {"files": n, "startup_s": s.startup_s, "first_result_s": s.first_result_s,
+            "overall": n / (t_end - T0), "steady": s.steady_rate, "engine": s.engine,
+            "worker_peak_rss_mb": s.counts()["worker_peak_rss_mb"]}
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
+                            stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
+
+
+def _result(p: subprocess.Popen) -> dict:
+    out, _ = p.communicate()
+    if p.returncode != 0:
+        raise SystemExit(f"a benchmark process failed (exit {p.returncode})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("release")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine", default="auto", choices=["auto", "keras", "numpy"])
+    ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--child", choices=["one", "scan"], help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child == "one":
+        print(json.dumps(_child_one(args.release, args.engine)))
+        return 0
+    if args.child == "scan":
+        print(json.dumps(_child_scan(args.release, args.engine, args.workers)))
+        return 0
+
+    common = [args.release, "--engine", args.engine]
+    rounds = []
+    for r in range(args.rounds):
+        got: dict[str, dict] = {}
+        got["one"] = _result(_spawn([*common, "--child", "one"], ONE_THREAD))
+        got["scan1"] = _result(_spawn([*common, "--child", "scan", "--workers", "1"]))
+        got["scan2"] = _result(_spawn([*common, "--child", "scan", "--workers", "2"]))
+        pair = [_spawn([*common, "--child", "one"], ONE_THREAD) for _ in range(2)]
+        a, b = (_result(p) for p in pair)
+        got["pair"] = {"files": a["files"] + b["files"], "steady": a["steady"] + b["steady"],
+                       "overall": a["overall"] + b["overall"], "each_steady": [a["steady"], b["steady"]]}
+        ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
+                  for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"))
+                  for k in ("steady", "overall")}
+        rounds.append({"round": r + 1, **got, "ratios": ratios})
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['overall']:.0f}"
+                                             for k, v in got.items()) + " files/s (steady/overall)")
+        print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"release": args.release, "engine": args.engine, "cpus": os.cpu_count(),
+                       "load_before": os.getloadavg()[0], "rounds": rounds}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
