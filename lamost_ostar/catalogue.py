@@ -1891,24 +1891,22 @@ def _count_values(counts: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, 
     return out, extra
 
 
-_INSERTS: dict[tuple, tuple[str, tuple[str, ...], list[Any]]] = {}
-
-
 def _insert_new(conn, table: sa.Table, cols: Mapping[str, list[Any]], const: Mapping[str, Any],
                 n: int, conflict: Sequence[str]) -> None:
     """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of ``n`` rows given column by column.
 
-    The statement is compiled once per (dialect, table, columns); each column's
-    SQL type converts its values (``bind_processor``: JSON to text, timestamps
-    for SQLite), a constant column once; the rows go to the driver's
-    ``executemany`` as they are.  The same SQL and values as
+    The statement is compiled once per (table, dialect, columns) and kept in
+    the table's ``info``; each column's SQL type converts its values
+    (``bind_processor``: JSON to text, timestamps for SQLite), a constant
+    column once; the rows go to the driver's ``executemany`` as they are.  The same SQL and values as
     ``conn.execute(insert(table).on_conflict_do_nothing(...), rows)``, without
     SQLAlchemy building the parameters row by row.
     """
     dialect = conn.dialect
     names = tuple(cols) + tuple(const)
-    key = (dialect.name, dialect.driver, id(table), table.name, names, tuple(conflict))
-    hit = _INSERTS.get(key)
+    key = (dialect.name, dialect.driver, names, tuple(conflict))
+    cache = table.info.setdefault("lamost_ostar_inserts", {})
+    hit = cache.get(key)
     if hit is None:
         ins = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
         compiled = ins(table).on_conflict_do_nothing(index_elements=list(conflict)).compile(
@@ -1917,7 +1915,7 @@ def _insert_new(conn, table: sa.Table, cols: Mapping[str, list[Any]], const: Map
         if set(order) != set(names):  # pragma: no cover - bind names other than the column keys
             raise CatalogueError(f"cannot bind the columns of {table.name!r} by name")
         procs = [table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in order]
-        hit = _INSERTS[key] = (str(compiled), order, procs)
+        hit = cache[key] = (str(compiled), order, procs)
     sql, order, procs = hit
     columns = []
     for name, proc in zip(order, procs):
