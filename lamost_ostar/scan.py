@@ -517,6 +517,9 @@ class PartitionSummary:
     #: Peak resident memory (MiB) of the worker process that ran the partition, when it
     #: ended (summed summaries keep the largest: the most any worker used).
     peak_rss_mb: float = 0.0
+    #: CPU seconds of the worker thread that ran the partition (``time.thread_time``:
+    #: reading, the stages, the writes; summed over partitions).
+    cpu_seconds: float = 0.0
 
     @classmethod
     def from_results(cls, n_files: int, n_skipped: int, results: Sequence[Any],
@@ -540,6 +543,7 @@ class PartitionSummary:
         self.n_errors += other.n_errors
         self.n_candidates += other.n_candidates
         self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
         self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
         for k, v in other.errors_by_reason.items():
             self.errors_by_reason[k] = self.errors_by_reason.get(k, 0) + v
@@ -587,7 +591,7 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
     """
     from lamost_ostar.stage import accepts_prepared, read_items
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     plugin = _worker_plugin(plugin_name)
     if not isinstance(model_version, Mapping):
         model_version = {plugin.stage_names[0]: model_version} if len(plugin.stage_names) == 1 \
@@ -640,6 +644,7 @@ def process_partition(paths: list[str], plugin_name: str, scan_id: Any,
             len(paths), len(paths) - len(wanted), results[k], threshold,
             time.perf_counter() - t0, _summary_fields(spec))
         out[spec.name].peak_rss_mb = peak_rss_mb()
+        out[spec.name].cpu_seconds = time.thread_time() - cpu0
     return out
 
 
@@ -759,7 +764,8 @@ class ScanSummary:
                "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
                "failed_partitions": self.n_failed_partitions,
                "unwritten_files": self.n_unwritten_files,
-               "worker_peak_rss_mb": round(self._peak_rss_mb(), 1)}
+               "worker_peak_rss_mb": round(self._peak_rss_mb(), 1),
+               "partition_cpu_ms_per_file": round(self._cpu_ms_per_file(), 4)}
         first = self._stage_list()[0][0]
         if _decides_candidates(first):
             out["n_candidates"] = self.totals.n_candidates
@@ -771,6 +777,11 @@ class ScanSummary:
                                             else {}), **({"counts": dict(t.counts)} if t.counts else {})}
                              for d, t in self._stage_list()}
         return out
+
+    def _cpu_ms_per_file(self) -> float:
+        """Workers' CPU in partitions per file read (ms; 0.0 when nothing was read)."""
+        n = self._n_read()
+        return 1e3 * self.totals.cpu_seconds / n if n else 0.0
 
     def _peak_rss_mb(self) -> float:
         return max([t.peak_rss_mb for t in self.stage_totals.values()] + [self.totals.peak_rss_mb])
@@ -828,6 +839,9 @@ class ScanSummary:
         if self._peak_rss_mb() > 0:
             lines.append(f"  worker memory       {self._peak_rss_mb():>10,.0f} MB  (peak resident, "
                          "largest worker)")
+        if self._cpu_ms_per_file() > 0:
+            lines.append(f"  worker CPU          {self._cpu_ms_per_file():>10,.3f} ms per file read "
+                         "(read, stages, writes)")
         if self.n_failed_partitions:
             lines.append(f"  FAILED partitions   {self.n_failed_partitions:>10,d}   "
                          f"({self.n_unwritten_files:,d} files not stored; "
@@ -1381,7 +1395,7 @@ def _final_totals(sink: Any, scan_id: Any, model_version: str | None, acked: Par
         n_candidates=int(rows.get("candidates", acked.n_candidates)),
         errors_by_reason=dict(rows.get("errors_by_reason", acked.errors_by_reason)),
         seconds=acked.seconds, counts=dict(rows.get("counts", acked.counts)),
-        peak_rss_mb=acked.peak_rss_mb)
+        peak_rss_mb=acked.peak_rss_mb, cpu_seconds=acked.cpu_seconds)
 
 
 @contextlib.contextmanager

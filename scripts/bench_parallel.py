@@ -23,7 +23,11 @@ file of the release (sorted walk, the scan's order):
 Rates are files per second (results + error rows), ``steady`` after start-up
 (imports, cluster, model load) and ``overall`` from the interpreter's start.
 Printed per round, with the ratios ``scan2 / one``, ``scan2 / scan1`` and
-``pair / one``; ``--json`` keeps every figure.  Run it on a quiet machine: it
+``pair / one``, and the CPU time per file of all the processes of each run
+(``getrusage``: the process and its finished children, i.e. a local cluster's
+client, scheduler and workers) and of the thread that reads and classifies
+(``time.thread_time``; for ``pair`` the mean of its two processes: the cost of
+a file when both cores are busy); ``--json`` keeps every figure.  Run it on a quiet machine: it
 measures the machine as much as the code.
 """
 from __future__ import annotations
@@ -50,14 +54,25 @@ def _child_one(release: str, engine: str) -> dict:
 
     paths = list(iter_paths([release]))
     stage = OStarStage(device="cpu", engine=engine)
-    t_work = time.perf_counter()
+    t_work, cpu0 = time.perf_counter(), time.thread_time()
     n = 0
     for i in range(0, len(paths), 256):
         spectra, _slots, failed = read_items(paths[i:i + 256])
         n += len(stage.process(spectra)) + len(failed)
     t_end = time.perf_counter()
     return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
-            "steady": n / (t_end - t_work), "engine": stage.engine}
+            "steady": n / (t_end - t_work), "engine": stage.engine,
+            "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
+
+
+def _cpu(n: int) -> dict:
+    """CPU seconds of this process and of its finished children (a local cluster's workers)."""
+    import resource
+
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    cpu_self, cpu_kids = me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+    return {"cpu_s": cpu_self + cpu_kids, "cpu_client_s": cpu_self, "cpu_workers_s": cpu_kids,
+            "cpu_ms_per_file": 1e3 * (cpu_self + cpu_kids) / max(n, 1)}
 
 
 def _child_scan(release: str, engine: str, workers: int) -> dict:
@@ -73,7 +88,8 @@ def _child_scan(release: str, engine: str, workers: int) -> dict:
     n = s.totals.n_classified + s.totals.n_errors
     return {"files": n, "startup_s": s.startup_s, "first_result_s": s.first_result_s,
             "overall": n / (t_end - T0), "steady": s.steady_rate, "engine": s.engine,
-            "worker_peak_rss_mb": s.counts()["worker_peak_rss_mb"]}
+            "worker_peak_rss_mb": s.counts()["worker_peak_rss_mb"], "wall_s": t_end - T0,
+            "partition_cpu_ms_per_file": s.counts()["partition_cpu_ms_per_file"], **_cpu(n)}
 
 
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -114,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         pair = [_spawn([*common, "--child", "one"], ONE_THREAD) for _ in range(2)]
         a, b = (_result(p) for p in pair)
         got["pair"] = {"files": a["files"] + b["files"], "steady": a["steady"] + b["steady"],
-                       "overall": a["overall"] + b["overall"], "each_steady": [a["steady"], b["steady"]]}
+                       "overall": a["overall"] + b["overall"], "each_steady": [a["steady"], b["steady"]],
+                       "partition_cpu_ms_per_file": 0.5 * (
+                           a["partition_cpu_ms_per_file"] + b["partition_cpu_ms_per_file"])}
         ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
                   for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"))
                   for k in ("steady", "overall")}
@@ -122,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['overall']:.0f}"
                                              for k, v in got.items()) + " files/s (steady/overall)")
         print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+        print("  CPU ms per file, reading and classifying (the worker thread): " + ", ".join(
+            f"{k} {got[k]['partition_cpu_ms_per_file']:.3f}" for k in ("one", "pair", "scan1", "scan2")))
+        print("  CPU ms per file, all processes, start-up included: " + ", ".join(
+            f"{k} {got[k]['cpu_ms_per_file']:.3f}" for k in ("one", "scan1", "scan2"))
+            + f"; scan2 client {got['scan2']['cpu_client_s']:.1f} s, workers "
+            f"{got['scan2']['cpu_workers_s']:.1f} s", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"release": args.release, "engine": args.engine, "cpus": os.cpu_count(),

@@ -244,6 +244,9 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     # the workers' peak memory, in the summary and the scan row
     assert 20 < first.counts()["worker_peak_rss_mb"] < 4000 and "worker memory" in first.format()
     assert all(json.loads(sm)["worker_peak_rss_mb"] > 20 for sm in scans["summary"])
+    # the workers' CPU per file read (the partition's thread), in the summary and the scan row
+    assert 0 < first.counts()["partition_cpu_ms_per_file"] < 1000 and "worker CPU" in first.format()
+    assert json.loads(scans["summary"][0])["partition_cpu_ms_per_file"] > 0
 
 
 def test_scan_with_the_keras_engine_gives_the_same_results(tmp_path, client):
