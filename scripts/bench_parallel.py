@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", default="auto", choices=["auto", "keras", "numpy"])
     ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--runs", default="one,scan1,scan2,pair",
+                    help="which runs each round makes, in order [one,scan1,scan2,pair]")
     ap.add_argument("--child", choices=["one", "scan"], help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -124,28 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for r in range(args.rounds):
         got: dict[str, dict] = {}
-        got["one"] = _result(_spawn([*common, "--child", "one"], ONE_THREAD))
-        got["scan1"] = _result(_spawn([*common, "--child", "scan", "--workers", "1"]))
-        got["scan2"] = _result(_spawn([*common, "--child", "scan", "--workers", "2"]))
-        pair = [_spawn([*common, "--child", "one"], ONE_THREAD) for _ in range(2)]
-        a, b = (_result(p) for p in pair)
-        got["pair"] = {"files": a["files"] + b["files"], "steady": a["steady"] + b["steady"],
-                       "overall": a["overall"] + b["overall"], "each_steady": [a["steady"], b["steady"]],
-                       "partition_cpu_ms_per_file": 0.5 * (
-                           a["partition_cpu_ms_per_file"] + b["partition_cpu_ms_per_file"])}
+        for run in args.runs.split(","):
+            if run == "one":
+                got["one"] = _result(_spawn([*common, "--child", "one"], ONE_THREAD))
+            elif run in ("scan1", "scan2"):
+                got[run] = _result(_spawn([*common, "--child", "scan", "--workers", run[-1]]))
+            elif run == "pair":
+                pair = [_spawn([*common, "--child", "one"], ONE_THREAD) for _ in range(2)]
+                a, b = (_result(p) for p in pair)
+                got["pair"] = {"files": a["files"] + b["files"], "steady": a["steady"] + b["steady"],
+                               "overall": a["overall"] + b["overall"],
+                               "each_steady": [a["steady"], b["steady"]],
+                               "partition_cpu_ms_per_file": 0.5 * (
+                                   a["partition_cpu_ms_per_file"] + b["partition_cpu_ms_per_file"])}
+            else:
+                raise SystemExit(f"unknown run {run!r} (one, scan1, scan2, pair)")
         ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
-                  for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"))
-                  for k in ("steady", "overall")}
+                  for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"), ("scan2", "pair"))
+                  if x in got and y in got for k in ("steady", "overall")}
         rounds.append({"round": r + 1, **got, "ratios": ratios})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['overall']:.0f}"
                                              for k, v in got.items()) + " files/s (steady/overall)")
         print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
         print("  CPU ms per file, reading and classifying (the worker thread): " + ", ".join(
-            f"{k} {got[k]['partition_cpu_ms_per_file']:.3f}" for k in ("one", "pair", "scan1", "scan2")))
-        print("  CPU ms per file, all processes, start-up included: " + ", ".join(
-            f"{k} {got[k]['cpu_ms_per_file']:.3f}" for k in ("one", "scan1", "scan2"))
-            + f"; scan2 client {got['scan2']['cpu_client_s']:.1f} s, workers "
-            f"{got['scan2']['cpu_workers_s']:.1f} s", flush=True)
+            f"{k} {v['partition_cpu_ms_per_file']:.3f}" for k, v in got.items()), flush=True)
+        if "scan2" in got:
+            print(f"  scan2 CPU, all processes, start-up included: "
+                  f"{got['scan2']['cpu_ms_per_file']:.3f} ms per file; client "
+                  f"{got['scan2']['cpu_client_s']:.1f} s, workers {got['scan2']['cpu_workers_s']:.1f} s",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"release": args.release, "engine": args.engine, "cpus": os.cpu_count(),
