@@ -1898,9 +1898,10 @@ def _insert_new(conn, table: sa.Table, cols: Mapping[str, list[Any]], const: Map
     The statement is compiled once per (table, dialect, columns) and kept in
     the table's ``info``; each column's SQL type converts its values
     (``bind_processor``: JSON to text, timestamps for SQLite), a constant
-    column once; the rows go to the driver's ``executemany`` as they are.  The same SQL and values as
-    ``conn.execute(insert(table).on_conflict_do_nothing(...), rows)``, without
-    SQLAlchemy building the parameters row by row.
+    column once; the rows go to the driver's ``executemany`` as they are.
+    The same SQL and values as ``conn.execute(insert(table)
+    .on_conflict_do_nothing(...), rows)``, without SQLAlchemy building the
+    parameters row by row.
     """
     dialect = conn.dialect
     names = tuple(cols) + tuple(const)
