@@ -459,10 +459,8 @@ class WriteSummary:
     errors: int = 0
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if _stage._is_mapping_type(type(obj)):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
+#: a result's field, from a mapping or an object (the stage module's accessor)
+_get = _stage._get
 
 
 def _as_int(v: Any) -> int | None:
