@@ -305,8 +305,18 @@ MALLOPT_ENV = "LAMOST_OSTAR_MALLOPT"
 #: temporaries are 1-8 MiB arrays allocated and freed hundreds of times a second; with Dask's
 #: ``MALLOC_TRIM_THRESHOLD_=65536`` (nanny default) each was mmapped, page-faulted and unmapped
 #: again.  Scan steady state on a 2-worker ``dask worker`` cluster: 740-750 -> 967-1006 files/s
-#: (reports/performance.md).
+#: (reports/performance.md).  See also :data:`ARENA_ENV`.
 MALLOPT_SETTINGS: dict[str, int] = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 128 * 2**20}
+#: Environment of a local cluster's worker processes, set before they start (glibc reads it
+#: once, at its first allocation): one malloc arena.  A Dask task runs in a pool thread, which
+#: glibc otherwise gives an arena of its own, made of 64 MiB heaps that are unmapped as soon as
+#: a batch frees them (whatever the trim threshold) and faulted in again by the next batch:
+#: 18-120 minor page faults per file against 7.6, and 6-14 % fewer files/s in a 2-worker scan
+#: (``scripts/bench_scan_env.py``, reports/performance.md).  ``mallopt(M_ARENA_MAX)`` from
+#: :func:`tune_malloc` would come too late: glibc fixes the arena limit when a process's
+#: first thread takes an arena, and a worker's event-loop threads do that at start-up.  Workers
+#: started with ``dask worker`` need it in their own environment (README).
+ARENA_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
 _MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
 
 
@@ -930,6 +940,11 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     import dask
 
     threads = str(max(1, cores // n_workers))
+    # one malloc arena (ARENA_ENV) unless turned off with the other malloc settings, or the
+    # user's own value, which the workers inherit
+    arena = {} if os.environ.get(MALLOPT_ENV, "1") == "0" else {
+        f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in ARENA_ENV.items()
+        if k not in os.environ}
     # Dask's own statistical profiler samples every worker thread every 10 ms and reads
     # source lines for each frame: a few % of a 2-core machine (seen in a py-spy profile of
     # a scan, reports/performance.md). The nannies hand this config to the worker processes.
@@ -939,7 +954,8 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     # per 256 spectra, reports/performance.md). None unsets it (a value the user exported
     # still reaches the workers through the inherited environment).
     with dask.config.set({"distributed.worker.profile.enabled": False,
-                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                          **arena}):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,

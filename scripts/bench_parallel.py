@@ -4,6 +4,7 @@
 Usage::
 
     python scripts/bench_parallel.py /work/runs/mock10k [--rounds 3] [--engine auto] [--json out.json]
+        [--runs one,scan1,scan2,pair,part,partpair]
 
 Each round runs, one after the other and each in a fresh interpreter, on every
 file of the release (sorted walk, the scan's order):
@@ -19,6 +20,13 @@ file of the release (sorted walk, the scan's order):
 ``pair``
     Two ``one`` processes at once: what the machine's cores give when nothing
     is shared (the ceiling of ``scan2``).
+``part`` / ``partpair``
+    The scan worker's own task, :func:`lamost_ostar.scan.process_partition`
+    (resume check, read, stages, one bulk write per 256-file partition), run
+    without Dask in one process on every file / in two processes at once on
+    half the files each (every other partition), both writing one SQLite file
+    as a scan's two workers do; one thread each, as ``one``.  ``one`` -> ``part`` is the cost of the worker's bookkeeping and
+    writes; ``partpair`` -> ``scan2`` the cost of Dask.
 
 Rates are files per second (results + error rows), ``steady`` after start-up
 (imports, cluster, model load) and ``overall`` from the interpreter's start.
@@ -63,6 +71,50 @@ def _child_one(release: str, engine: str) -> dict:
     return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
             "steady": n / (t_end - t_work), "engine": stage.engine,
             "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
+
+
+def _child_part(release: str, engine: str, db: str, half: int) -> dict:
+    """``process_partition`` on the release's files (``half`` 0/1: every other partition; -1: all)."""
+    from lamost_ostar import scan
+    from lamost_ostar.catalogue import Catalogue
+
+    scan.tune_malloc()
+    paths = list(scan.iter_paths([release]))
+    parts = list(scan.iter_partitions(paths, 256))
+    if half >= 0:
+        parts = parts[half::2]
+    sink = Catalogue(db)
+    plugin = scan.ScanWorkerPlugin("ostar", {"device": "cpu", "engine": engine,
+                                             "batch_size": 256}, sink)
+    plugin.setup(None)
+    scan._worker_plugin = lambda name: plugin  # the task finds its plugin here, not on a Dask worker
+    info = scan.stage_info(plugin.name)
+    mv = info["stages"][0]["model_version"]
+    with open(db + ".scan_id") as fh:
+        scan_id = int(fh.read())
+    t_work, cpu0 = time.perf_counter(), time.thread_time()
+    n = 0
+    for chunk in parts:
+        got = scan.process_partition(chunk, plugin.name, scan_id, {"ostar": mv}, 0.5)
+        n += sum(s.n_classified + s.n_errors for s in got.values())
+    t_end = time.perf_counter()
+    sink.close()
+    return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
+            "steady": n / (t_end - t_work), "engine": info.get("engine"),
+            "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
+
+
+def _new_scan_db(tmp: str) -> str:
+    """A fresh SQLite catalogue with one scan row; its id in ``<db>.scan_id``."""
+    from lamost_ostar.catalogue import Catalogue
+
+    db = os.path.join(tmp, "part.sqlite")
+    cat = Catalogue(db)
+    scan_id = cat.start_scan(model_version=None, code_version="bench", parameters={})
+    cat.close()
+    with open(db + ".scan_id", "w") as fh:
+        fh.write(str(scan_id))
+    return db
 
 
 def _cpu(n: int) -> dict:
@@ -112,14 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("--runs", default="one,scan1,scan2,pair",
                     help="which runs each round makes, in order [one,scan1,scan2,pair]")
-    ap.add_argument("--child", choices=["one", "scan"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["one", "scan", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--db", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--half", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child == "one":
         print(json.dumps(_child_one(args.release, args.engine)))
         return 0
     if args.child == "scan":
         print(json.dumps(_child_scan(args.release, args.engine, args.workers)))
+        return 0
+    if args.child == "part":
+        print(json.dumps(_child_part(args.release, args.engine, args.db, args.half)))
         return 0
 
     common = [args.release, "--engine", args.engine]
@@ -139,10 +196,24 @@ def main(argv: list[str] | None = None) -> int:
                                "each_steady": [a["steady"], b["steady"]],
                                "partition_cpu_ms_per_file": 0.5 * (
                                    a["partition_cpu_ms_per_file"] + b["partition_cpu_ms_per_file"])}
+            elif run in ("part", "partpair"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    db = _new_scan_db(tmp)
+                    halves = [-1] if run == "part" else [0, 1]
+                    procs = [_spawn([*common, "--child", "part", "--db", db, "--half", str(h)],
+                                    ONE_THREAD) for h in halves]
+                    res = [_result(p) for p in procs]
+                got[run] = {"files": sum(r["files"] for r in res),
+                            "steady": sum(r["steady"] for r in res),
+                            "overall": sum(r["overall"] for r in res),
+                            "each_steady": [r["steady"] for r in res],
+                            "partition_cpu_ms_per_file": sum(r["partition_cpu_ms_per_file"]
+                                                             for r in res) / len(res)}
             else:
-                raise SystemExit(f"unknown run {run!r} (one, scan1, scan2, pair)")
+                raise SystemExit(f"unknown run {run!r} (one, scan1, scan2, pair, part, partpair)")
         ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
-                  for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"), ("scan2", "pair"))
+                  for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"), ("scan2", "pair"),
+                               ("part", "one"), ("partpair", "pair"), ("scan2", "partpair"))
                   if x in got and y in got for k in ("steady", "overall")}
         rounds.append({"round": r + 1, **got, "ratios": ratios})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['overall']:.0f}"

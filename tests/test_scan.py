@@ -126,6 +126,39 @@ def test_local_workers_keep_glibc_malloc_adaptive(client):
     assert trim and set(trim.values()) == {None}
 
 
+def _malloc_arenas() -> int:
+    """Number of glibc malloc arenas of this process (``malloc_info``'s heaps)."""
+    import ctypes
+    import os
+    import tempfile
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    bytearray(2**20)  # this thread allocates: it takes an arena if it has none
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "malloc.xml")
+        fp = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, ctypes.c_void_p(fp))
+        libc.fclose(ctypes.c_void_p(fp))
+        with open(path) as fh:
+            return fh.read().count("<heap nr=")
+
+
+def test_local_workers_run_tasks_in_one_malloc_arena(client):
+    """A local worker's task thread allocates from the main arena (scan.ARENA_ENV): a thread arena's
+    heaps are unmapped after every batch and faulted in again (reports/performance.md)."""
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc malloc only")
+    if os.environ.get("MALLOC_ARENA_MAX", "1") != "1" or os.environ.get(scanmod.MALLOPT_ENV) == "0":
+        pytest.skip("this shell sets the workers' malloc arenas itself")
+    env = client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
+    assert env and set(env.values()) == {"1"}
+    assert client.submit(_malloc_arenas, pure=False).result() == 1   # in the worker's task thread
+
+
 def test_local_workers_import_keras_lean(client):
     """The local workers import Keras without matplotlib / scikit-learn (stage.import_keras)."""
     import os
