@@ -32,6 +32,7 @@ import tempfile
 import time
 
 TICK = os.sysconf("SC_CLK_TCK")
+TOTAL = "__process__"  # a snapshot's key for the whole process's CPU
 
 
 def _children(pid: int) -> list[int]:
@@ -88,6 +89,16 @@ def _threads(pid: int) -> dict[str, float]:
     return out
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of a whole process, its finished threads included."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("release")
@@ -111,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             for pid in _tree(proc.pid):
                 if pid not in roles or roles[pid] == "gone":
                     roles[pid] = _role(pid, proc.pid)
-                snap[pid] = (roles[pid], _threads(pid))
+                th = _threads(pid)
+                th[TOTAL] = _process_cpu(pid)
+                snap[pid] = (roles[pid], th)
             samples.append((time.perf_counter() - t0, snap))
             time.sleep(args.interval)
         out = proc.stdout.read()
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the scan failed (exit {proc.returncode})")
 
     def role_cpu(snap: dict, role: str) -> dict[int, float]:
-        return {pid: sum(th.values()) for pid, (r, th) in snap.items() if r == role}
+        return {pid: th[TOTAL] for pid, (r, th) in snap.items() if r == role}
 
     # steady window: every worker over half a core between consecutive samples
     busy = []
@@ -145,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         before = a.get(pid, (role, {}))[1]
         for name, cpu in th.items():
             d = cpu - before.get(name, 0.0)
-            key = (f"{role}:{pid}", name)
-            per_thread[key] = per_thread.get(key, 0.0) + d
-            per_role[role] = per_role.get(role, 0.0) + d
+            if name == TOTAL:
+                per_role[role] = per_role.get(role, 0.0) + d
+            else:
+                per_thread[(f"{role}:{pid}", name)] = d
     used = sum(per_role.values())
     ncpu = os.cpu_count() or 1
     print(out.strip().splitlines()[-1] if out.strip() else "")
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     last: dict[int, float] = {}  # each process's last sample (the workers exit before the client)
     for _, snap in samples:
         for pid, (_, th) in snap.items():
-            last[pid] = sum(th.values())
+            last[pid] = th[TOTAL]
     total = {r: sum(c for pid, c in last.items() if roles[pid] == r) for r in set(roles.values())}
     if args.timeline:
         print("  timeline (s: cores by role):")
