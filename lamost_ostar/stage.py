@@ -1143,9 +1143,12 @@ class OStarStage:
         row["flags"] = _to_int(_get(result, "flags")) or 0
         for key in ("posterior_o", "is_candidate", "heii_sigma", "o_score"):
             row[key] = _get(result, key)
-        evidence = _get(result, "evidence") or {}
-        for name in _EVIDENCE_OUTPUTS:
-            row[name] = evidence.get(name) if isinstance(evidence, Mapping) else None
+        evidence = _get(result, "evidence")
+        if evidence and _is_mapping_type(type(evidence)):
+            get = evidence.get
+            row.update({name: get(name) for name in _EVIDENCE_OUTPUTS})
+        else:
+            row.update(dict.fromkeys(_EVIDENCE_OUTPUTS))
         return row
 
     def __init__(self, model_version: str | None = None,
