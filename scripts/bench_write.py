@@ -9,7 +9,9 @@ Classifies the first ``--files`` files of the release (sorted walk) with the
 default stage, then writes the results in 256-row batches, as a scan worker
 does, into a fresh SQLite file (or ``--db``: a PostgreSQL URL whose database
 should be empty), the first batch untimed.  Prints the CPU and wall time per
-row of the timed batches and of ``done_paths`` (the resume check).  Run it with
+row of the timed batches and of ``done_paths`` (the resume check), and the CPU
+time per row of building a batch's columns (``StageSpec.value_columns``, best
+of 5 passes).  Run it with
 ``PYTHONPATH`` pointing at another checkout to compare code versions.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     import lamost_ostar
     from lamost_ostar.catalogue import Catalogue
     from lamost_ostar.scan import iter_paths, tune_malloc
-    from lamost_ostar.stage import OStarStage, read_items
+    from lamost_ostar.stage import OStarStage, read_items, stage_spec
 
     tune_malloc()
     paths = list(iter_paths([args.release]))[:args.files]
@@ -52,9 +54,20 @@ def main(argv: list[str] | None = None) -> None:
             cat.done_paths(paths[i:i + 256], stage.model_version)
         done_cpu = time.process_time() - c
         cat.close()
+    # the columns of a batch alone (StageSpec.value_columns: metadata + the stage's outputs)
+    spec = stage_spec(stage)
+    oks = [[r for r in b if r.ok] for b in batches[1:]]
+    best = float("inf")
+    for _ in range(5):
+        c = time.process_time()
+        for b in oks:
+            spec.value_columns(b)
+        best = min(best, time.process_time() - c)
+    n_ok = sum(len(b) for b in oks)
     print(f"{lamost_ostar.__file__}: write {n} rows in {len(batches) - 1} batches: "
           f"{1e3 * cpu / n:.3f} ms CPU, {1e3 * wall / n:.3f} ms wall per row; "
-          f"done_paths {1e3 * done_cpu / len(paths):.3f} ms CPU per path")
+          f"done_paths {1e3 * done_cpu / len(paths):.3f} ms CPU per path; "
+          f"of a write, value_columns {1e6 * best / max(n_ok, 1):.1f} us CPU per row (best of 5)")
 
 
 if __name__ == "__main__":
