@@ -31,28 +31,10 @@ import sys
 import tempfile
 import time
 
+from bench_scan_env import _tree  # the scan's process tree from /proc (this folder)
+
 TICK = os.sysconf("SC_CLK_TCK")
 TOTAL = "__process__"  # a snapshot's key for the whole process's CPU
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out += [int(c) for c in fh.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    seen, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo += _children(p)
-    return seen
 
 
 def _role(pid: int, root: int) -> str:
