@@ -311,8 +311,8 @@ MALLOPT_SETTINGS: dict[str, int] = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRE
 #: once, at its first allocation): one malloc arena.  A Dask task runs in a pool thread, which
 #: glibc otherwise gives an arena of its own, made of 64 MiB heaps that are unmapped as soon as
 #: a batch frees them (whatever the trim threshold) and faulted in again by the next batch:
-#: 18-120 minor page faults per file against 7.6, and 6-14 % fewer files/s in a 2-worker scan
-#: (``scripts/bench_scan_env.py``, reports/performance.md).  ``mallopt(M_ARENA_MAX)`` from
+#: 18-120 minor page faults per file against 7.6; one arena gave 2-worker scans 6-22 % more
+#: files/s in 7 of 8 alternating pairs (``scripts/bench_scan_env.py``, reports/performance.md).  ``mallopt(M_ARENA_MAX)`` from
 #: :func:`tune_malloc` would come too late: glibc fixes the arena limit when a process's
 #: first thread takes an arena, and a worker's event-loop threads do that at start-up.  Workers
 #: started with ``dask worker`` need it in their own environment (README).
