@@ -846,7 +846,10 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     -------
     dict
         :func:`_tables` of the verdicts (recall per star, B->O, false O per
-        million, real LAMOST candidates, by S/N and E(B-V)).
+        million, real LAMOST candidates, by S/N and E(B-V)), and
+        ``false_o_by_star``: the non-O stars (survey, B and X test sets) with
+        at least one spectrum called O, most first (``star``, ``label``,
+        ``subclass``, ``set``, ``fold``, ``n`` spectra, ``called_o``).
     """
     from .models.decision import Decision
 
@@ -854,7 +857,27 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
                     np.ones(len(probs), bool))
     cand = cand & ~stage_veto_mask(d, class_veto, min_snr_g)
-    return _tables(cand, *_table_inputs(d))
+    t = _tables(cand, *_table_inputs(d))
+    t["false_o_by_star"] = sorted((r for r in _non_o_star_rows(d, {"called_o": cand}) if r["called_o"]),
+                                  key=lambda r: (-r["called_o"], r["star"]))
+    return t
+
+
+def _non_o_star_rows(d: Mapping[str, np.ndarray], verdicts: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per non-O star of the survey, B and X test sets: its spectra and, per verdict, how many are O."""
+    sets, star, label = d["set"].astype(str), d["star"].astype(str), d["label"].astype(str)
+    sub = d.get("subclass", np.full(len(star), "")).astype(str)
+    fold = d["fold"].astype(int)
+    rows = []
+    for st_set in ("survey", "b", "x"):
+        sel = (sets == st_set) & (label != "O")
+        for st in np.unique(star[sel]):
+            m = sel & (star == st)
+            i = int(np.flatnonzero(m)[0])
+            rows.append({"star": str(st), "label": str(label[i]), "subclass": str(sub[i]), "set": st_set,
+                         "fold": int(fold[i]), "n": int(m.sum()),
+                         **{k: int(v[m].sum()) for k, v in verdicts.items()}})
+    return rows
 
 
 def _analysed_run(out_dir: str | Path, model: str) -> tuple:
@@ -919,17 +942,7 @@ def false_o_by_star(out_dir: str | Path, model: str, class_veto: bool = True,
     for f, op in (r.get("nested_operating_points") or {}).items():
         sel = fold == int(f)
         nested[sel] = verdict(op, sel)
-    sets, star, label = d["set"].astype(str), d["star"].astype(str), d["label"].astype(str)
-    sub = d.get("subclass", np.full(len(probs), "")).astype(str)
-    rows = []
-    for st_set in ("survey", "b", "x"):
-        sel = (sets == st_set) & (label != "O")
-        for st in np.unique(star[sel]):
-            m = sel & (star == st)
-            i = int(np.flatnonzero(m)[0])
-            rows.append({"star": str(st), "label": str(label[i]), "subclass": str(sub[i]), "set": st_set,
-                         "fold": int(fold[i]), "n": int(m.sum()), "nested": int(nested[m].sum()),
-                         "operating_point": int(at_op[m].sum())})
+    rows = _non_o_star_rows(d, {"nested": nested, "operating_point": at_op})
     return sorted(rows, key=lambda row: (-row["nested"], -row["operating_point"], row["star"]))
 
 

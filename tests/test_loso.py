@@ -234,6 +234,12 @@ def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_write
     for key in ("o_recall_star_averaged_snr_ge_10", "b_to_o", "x_to_o", "false_o_per_million",
                 "real_lamost_candidates", "survey_false_o_count"):
         assert t[key] == pytest.approx(ref[key]), key
+    # the stars behind the false O: the same verdicts as false_o_by_star's operating point
+    by_star = {(r["star"], r["set"]): r["operating_point"] for r in loso.false_o_by_star(out, "lr2")}
+    assert {(r["star"], r["set"]): r["called_o"] for r in t["false_o_by_star"]} == \
+        {k: v for k, v in by_star.items() if v}
+    survey = [r for r in t["false_o_by_star"] if r["set"] == "survey"]
+    assert sum(r["called_o"] for r in survey) == t["survey_false_o_count"]
     spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
