@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Probes of a 2-worker scan on one warm local cluster: task stream, threads, GC, pinning, partition size.
+"""Probes of a 2-worker scan on one warm local cluster: threads, GC, pinning, partition size.
 
 Usage::
 
@@ -7,12 +7,9 @@ Usage::
 
 One local cluster (:func:`lamost_ostar.scan.make_client`, as ``lamost-ostar
 scan`` starts it) runs every scan of the probe, each into a fresh SQLite file,
-so no scan pays the cluster's start-up.  Probes:
+so no scan pays the cluster's start-up (how busy each worker is: Dask's task
+stream, ``scripts/scan_task_stream.py``).  Probes:
 
-``taskstream``
-    One scan under Dask's task stream: per worker, the partitions' compute
-    start and duration (the first ones and the last ones), the time the worker
-    spent computing, and the gaps between its partitions.
 ``threads``
     CPU seconds of every thread of each worker during each scan
     (``/proc/self/task``, Linux): the task thread against the event loop.
@@ -111,7 +108,7 @@ def _pin(core: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("release")
-    ap.add_argument("--probe", required=True, choices=["taskstream", "threads", "gc", "pin", "psize"])
+    ap.add_argument("--probe", required=True, choices=["threads", "gc", "pin", "psize"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--freeze", action="store_true", help="gc probe: gc.freeze() in each worker first")
@@ -122,27 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     client, cluster = make_client(n_workers=args.workers)
     try:
-        if args.probe == "taskstream":
-            from distributed import get_task_stream
-
-            t0 = time.time()
-            with get_task_stream(client) as ts:
-                s = _scan(client, args.release)
-            print(_line(s))
-            by: dict[str, list] = {}
-            for t in ts.data:
-                for x in t["startstops"]:
-                    if x["action"] == "compute":
-                        by.setdefault(t["worker"], []).append((x["start"] - t0, x["stop"] - t0))
-            for w, spans in sorted(by.items()):
-                spans.sort()
-                gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-                print(f"  {w}: {len(spans)} tasks, computing {sum(b - a for a, b in spans):.2f} s of "
-                      f"{spans[-1][1] - spans[0][0]:.2f} s; gaps {sum(gaps):.3f} s (largest "
-                      f"{max(gaps, default=0):.3f} s)")
-                print("    first (start, s): " + ", ".join(f"({a:.2f}, {b - a:.3f})" for a, b in spans[:4])
-                      + "; last: " + ", ".join(f"({a:.2f}, {b - a:.3f})" for a, b in spans[-2:]))
-        elif args.probe == "threads":
+        if args.probe == "threads":
             for _ in range(args.rounds):
                 before = client.run(_threads)
                 s = _scan(client, args.release)
