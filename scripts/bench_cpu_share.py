@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         while proc.poll() is None:
             snap = {}
             for pid in _tree(proc.pid):
-                if pid not in roles or roles[pid] == "gone":
+                if roles.get(pid, "other") in ("other", "gone"):  # until its exec has named it
                     roles[pid] = _role(pid, proc.pid)
                 th = _threads(pid)
                 th[TOTAL] = _process_cpu(pid)

@@ -32,16 +32,23 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, from every process's parent in ``/proc/<pid>/stat``
+    (the kernel's ``children`` lists are not reliable for running processes)."""
+    parent: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parent.setdefault(ppid, []).append(int(entry))
     seen, todo = [], [root]
     while todo:
         p = todo.pop()
         seen.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as fh:
-                    todo += [int(c) for c in fh.read().split()]
-        except OSError:
-            pass
+        todo += parent.get(p, [])
     return seen
 
 
@@ -67,8 +74,9 @@ def _scan(release: str, workers: int, env: dict[str, str], extra: list[str]) -> 
         while p.poll() is None:
             for pid in _tree(p.pid):
                 s = _proc(pid)
-                if s is not None:
-                    last[pid] = s
+                if s is not None:  # a worker stays one: before its exec and as a zombie it has
+                    # no spawn_main command line
+                    last[pid] = {**s, "worker": s["worker"] or last.get(pid, {}).get("worker", False)}
             time.sleep(0.2)
         out = p.stdout.read()
     if p.returncode != 0:
