@@ -219,18 +219,17 @@ def _start(release: Path, db: Path, env: dict, *extra: str) -> subprocess.Popen:
 
 def _has_worker_process(pid: int) -> bool:
     """Whether process ``pid`` has a child started by multiprocessing (a local Dask worker)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    import psutil  # a dependency of distributed
+
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return False
+    for child in children:
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            if ppid != pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if b"spawn_main" in fh.read():
-                    return True
-        except (OSError, ValueError, IndexError):
+            if any("spawn_main" in part for part in child.cmdline()):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return False
 
