@@ -312,10 +312,10 @@ MALLOPT_SETTINGS: dict[str, int] = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRE
 #: glibc otherwise gives an arena of its own, made of 64 MiB heaps that are unmapped as soon as
 #: a batch frees them (whatever the trim threshold) and faulted in again by the next batch:
 #: 18-120 minor page faults per file against 7.6; one arena gave 2-worker scans 6-22 % more
-#: files/s in 7 of 8 alternating pairs (``scripts/bench_scan_env.py``, reports/performance.md).  ``mallopt(M_ARENA_MAX)`` from
-#: :func:`tune_malloc` would come too late: glibc fixes the arena limit when a process's
-#: first thread takes an arena, and a worker's event-loop threads do that at start-up.  Workers
-#: started with ``dask worker`` need it in their own environment (README).
+#: files/s in 7 of 8 alternating pairs (``scripts/bench_scan_env.py``, reports/performance.md).
+#: ``mallopt(M_ARENA_MAX)`` from :func:`tune_malloc` would come too late: glibc fixes the arena
+#: limit when a process's first thread takes an arena, and a worker's event-loop threads do that
+#: at start-up.  Workers started with ``dask worker`` need it in their own environment (README).
 ARENA_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
 _MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
 

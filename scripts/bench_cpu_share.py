@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from bench_scan_env import _tree  # the scan's process tree from /proc (this folder)
+from bench_scan_env import _proc, _tree  # a process's CPU and the scan's process tree (/proc)
 
 TICK = os.sysconf("SC_CLK_TCK")
 TOTAL = "__process__"  # a snapshot's key for the whole process's CPU
@@ -73,12 +73,8 @@ def _threads(pid: int) -> dict[str, float]:
 
 def _process_cpu(pid: int) -> float:
     """CPU seconds of a whole process, its finished threads included."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    p = _proc(pid)
+    return 0.0 if p is None else p["utime"] + p["stime"]
 
 
 def main(argv: list[str] | None = None) -> int:

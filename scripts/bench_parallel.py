@@ -25,8 +25,9 @@ file of the release (sorted walk, the scan's order):
     (resume check, read, stages, one bulk write per 256-file partition), run
     without Dask in one process on every file / in two processes at once on
     half the files each (every other partition), both writing one SQLite file
-    as a scan's two workers do; one thread each, as ``one``.  ``one`` -> ``part`` is the cost of the worker's bookkeeping and
-    writes; ``partpair`` -> ``scan2`` the cost of Dask.
+    as a scan's two workers do; one thread each, as ``one``.  ``one`` ->
+    ``part`` is the cost of the worker's bookkeeping and writes;
+    ``partpair`` -> ``scan2`` the cost of Dask.
 
 Rates are files per second (results + error rows), ``steady`` after start-up
 (imports, cluster, model load) and ``overall`` from the interpreter's start.
@@ -67,13 +68,18 @@ def _child_one(release: str, engine: str) -> dict:
     for i in range(0, len(paths), 256):
         spectra, _slots, failed = read_items(paths[i:i + 256])
         n += len(stage.process(spectra)) + len(failed)
+    return _loop_figures(n, t_work, cpu0, stage.engine)
+
+
+def _loop_figures(n: int, t_work: float, cpu0: float, engine: str | None) -> dict:
+    """A child's figures for ``n`` files classified since ``t_work`` (thread CPU since ``cpu0``)."""
     t_end = time.perf_counter()
     return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
-            "steady": n / (t_end - t_work), "engine": stage.engine,
+            "steady": n / (t_end - t_work), "engine": engine,
             "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
 
 
-def _child_part(release: str, engine: str, db: str, half: int) -> dict:
+def _child_part(release: str, engine: str, db: str, scan_id: int, half: int) -> dict:
     """``process_partition`` on the release's files (``half`` 0/1: every other partition; -1: all)."""
     from lamost_ostar import scan
     from lamost_ostar.catalogue import Catalogue
@@ -90,31 +96,32 @@ def _child_part(release: str, engine: str, db: str, half: int) -> dict:
     scan._worker_plugin = lambda name: plugin  # the task finds its plugin here, not on a Dask worker
     info = scan.stage_info(plugin.name)
     mv = info["stages"][0]["model_version"]
-    with open(db + ".scan_id") as fh:
-        scan_id = int(fh.read())
     t_work, cpu0 = time.perf_counter(), time.thread_time()
     n = 0
     for chunk in parts:
         got = scan.process_partition(chunk, plugin.name, scan_id, {"ostar": mv}, 0.5)
         n += sum(s.n_classified + s.n_errors for s in got.values())
-    t_end = time.perf_counter()
+    figures = _loop_figures(n, t_work, cpu0, info.get("engine"))
     sink.close()
-    return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
-            "steady": n / (t_end - t_work), "engine": info.get("engine"),
-            "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
+    return figures
 
 
-def _new_scan_db(tmp: str) -> str:
-    """A fresh SQLite catalogue with one scan row; its id in ``<db>.scan_id``."""
+def _new_scan_db(tmp: str) -> tuple[str, int]:
+    """A fresh SQLite catalogue with one scan row: its path and the scan's id."""
     from lamost_ostar.catalogue import Catalogue
 
     db = os.path.join(tmp, "part.sqlite")
     cat = Catalogue(db)
     scan_id = cat.start_scan(model_version=None, code_version="bench", parameters={})
     cat.close()
-    with open(db + ".scan_id", "w") as fh:
-        fh.write(str(scan_id))
-    return db
+    return db, scan_id
+
+
+def _together(res: list[dict]) -> dict:
+    """Processes run at once: summed rates, each one's steady rate, their mean thread CPU per file."""
+    return {"files": sum(r["files"] for r in res), "steady": sum(r["steady"] for r in res),
+            "overall": sum(r["overall"] for r in res), "each_steady": [r["steady"] for r in res],
+            "partition_cpu_ms_per_file": sum(r["partition_cpu_ms_per_file"] for r in res) / len(res)}
 
 
 def _cpu(n: int) -> dict:
@@ -163,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="auto", choices=["auto", "keras", "numpy"])
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("--runs", default="one,scan1,scan2,pair",
-                    help="which runs each round makes, in order [one,scan1,scan2,pair]")
+                    help="which runs each round makes, in order: one, scan1, scan2, pair, part, partpair "
+                         "[one,scan1,scan2,pair]")
     ap.add_argument("--child", choices=["one", "scan", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--db", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scan-id", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--half", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child == "one":
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child_scan(args.release, args.engine, args.workers)))
         return 0
     if args.child == "part":
-        print(json.dumps(_child_part(args.release, args.engine, args.db, args.half)))
+        print(json.dumps(_child_part(args.release, args.engine, args.db, args.scan_id, args.half)))
         return 0
 
     common = [args.release, "--engine", args.engine]
@@ -190,25 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                 got[run] = _result(_spawn([*common, "--child", "scan", "--workers", run[-1]]))
             elif run == "pair":
                 pair = [_spawn([*common, "--child", "one"], ONE_THREAD) for _ in range(2)]
-                a, b = (_result(p) for p in pair)
-                got["pair"] = {"files": a["files"] + b["files"], "steady": a["steady"] + b["steady"],
-                               "overall": a["overall"] + b["overall"],
-                               "each_steady": [a["steady"], b["steady"]],
-                               "partition_cpu_ms_per_file": 0.5 * (
-                                   a["partition_cpu_ms_per_file"] + b["partition_cpu_ms_per_file"])}
+                got["pair"] = _together([_result(p) for p in pair])
             elif run in ("part", "partpair"):
                 with tempfile.TemporaryDirectory() as tmp:
-                    db = _new_scan_db(tmp)
+                    db, scan_id = _new_scan_db(tmp)
                     halves = [-1] if run == "part" else [0, 1]
-                    procs = [_spawn([*common, "--child", "part", "--db", db, "--half", str(h)],
-                                    ONE_THREAD) for h in halves]
-                    res = [_result(p) for p in procs]
-                got[run] = {"files": sum(r["files"] for r in res),
-                            "steady": sum(r["steady"] for r in res),
-                            "overall": sum(r["overall"] for r in res),
-                            "each_steady": [r["steady"] for r in res],
-                            "partition_cpu_ms_per_file": sum(r["partition_cpu_ms_per_file"]
-                                                             for r in res) / len(res)}
+                    procs = [_spawn([*common, "--child", "part", "--db", db, "--scan-id", str(scan_id),
+                                     "--half", str(h)], ONE_THREAD) for h in halves]
+                    got[run] = _together([_result(p) for p in procs])
             else:
                 raise SystemExit(f"unknown run {run!r} (one, scan1, scan2, pair, part, partpair)")
         ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
