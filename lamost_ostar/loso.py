@@ -47,7 +47,8 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class", "apply_rule"]
+           "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_logits", "member_temperature",
+           "ensemble_logits"]
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
@@ -213,9 +214,14 @@ def _take_stars(lib, stars: set[str], keep: bool):
 # --------------------------------------------------------------------------
 # fold data
 # --------------------------------------------------------------------------
-def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
-               rng: np.random.Generator) -> dict[str, LabelledSpectra]:
-    """The fold's test spectra (held-out stars only), with evidence in ``meta``."""
+def star_test_sets(test_lib, cfg: LosoConfig, rng: np.random.Generator,
+                   measure: Callable | None = None) -> dict[str, LabelledSpectra]:
+    """The fold's O / B / X test realisations (``o``, ``b``, ``x``) of the stars in ``test_lib``.
+
+    Per star ``cfg.o_per_star`` (``b_per_star``, ``x_per_star``) spectra spread
+    evenly over :data:`SNR_BINS`, E(B-V) and the other degradations of
+    ``cfg.recipe``; ``measure`` (default :func:`evidence`) fills ``meta``.
+    """
     recipe = cfg.recipe
     out: dict[str, LabelledSpectra] = {}
     per_bin = {"O": cfg.o_per_star, "B": cfg.b_per_star, "X": cfg.x_per_star}
@@ -228,8 +234,15 @@ def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
         for lo, hi in SNR_BINS:
             cfg_m = recipe.mock_config(snr_range=(float(lo), float(min(hi, 150.0))), calib_sigma=recipe.calib_sigma)
             per = spread(sub, {c: n // len(SNR_BINS) * max(1, len(np.unique(library_star_ids(sub))))}, rng)
-            parts.append(realise_templates(sub, per, rng, cfg_m, 0.0, evidence, source="test"))
+            parts.append(realise_templates(sub, per, rng, cfg_m, 0.0, measure or evidence, source="test"))
         out[name] = LabelledSpectra.concat(parts)
+    return out
+
+
+def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
+               rng: np.random.Generator) -> dict[str, LabelledSpectra]:
+    """The fold's test spectra (held-out stars only), with evidence in ``meta``."""
+    out = star_test_sets(test_lib, cfg, rng)
     # survey-preset sample of the fold's non-O stars, the mock release's own physics
     from .mock import MockConfig
 
@@ -722,8 +735,6 @@ def ensemble_oof(out_dir: str | Path, members: Sequence[str], name: str | None =
     their probabilities.  The members must have been run on the same folds
     (their test spectra are the same, row for row).
     """
-    from .models.calibration import fit_temperature
-
     out = Path(out_dir)
     name = name or "ens-" + "-".join(members)
     data = [load_oof(out / f"oof_{_safe(m)}.npz") for m in members]
@@ -732,21 +743,32 @@ def ensemble_oof(out_dir: str | Path, members: Sequence[str], name: str | None =
         for key in ("fold", "set", "label", "star"):
             if d[key].shape != ref[key].shape or not np.array_equal(d[key], ref[key]):
                 raise ValueError(f"{m} and {members[0]} were not run on the same spectra ({key} differs)")
-    classes = [str(c) for c in ref["classes"]]
-    y = np.array([classes.index(c) if c in classes else -1 for c in ref["label"]])
-    fit = np.isin(ref["set"].astype(str), ["o", "b", "x", "survey"]) & (y >= 0)
-    logp = []
-    for d in data:
-        z = np.asarray(d["logits"], np.float64)
-        ok = fit & np.all(np.isfinite(z), axis=1)
-        t = float(fit_temperature(z[ok], y[ok]))
-        zt = z / t
-        zt = zt - np.max(zt, axis=1, keepdims=True)
-        logp.append(zt - np.log(np.sum(np.exp(zt), axis=1, keepdims=True)))
+    temps = [member_temperature(d) for d in data]
     merged = dict(ref)
-    merged["logits"] = np.mean(logp, axis=0)
+    merged["logits"] = ensemble_logits([d["logits"] for d in data], temps)
     _write_oof(out / f"oof_{name}.npz", merged)
     return name
+
+
+def member_temperature(d: Mapping[str, np.ndarray]) -> float:
+    """An ensemble member's temperature, fitted on its out-of-fold O / B / X / survey spectra."""
+    from .models.calibration import fit_temperature
+
+    classes = [str(c) for c in d["classes"]]
+    y = np.array([classes.index(c) if c in classes else -1 for c in d["label"]])
+    z = np.asarray(d["logits"], np.float64)
+    ok = np.isin(d["set"].astype(str), ["o", "b", "x", "survey"]) & (y >= 0) & np.all(np.isfinite(z), axis=1)
+    return float(fit_temperature(z[ok], y[ok]))
+
+
+def ensemble_logits(logits: Sequence[np.ndarray], temperatures: Sequence[float]) -> np.ndarray:
+    """Mean of the members' log-softmax of ``logits / temperature`` (a geometric mean of probabilities)."""
+    logp = []
+    for z, t in zip(logits, temperatures):
+        zt = np.asarray(z, np.float64) / float(t)
+        zt = zt - np.max(zt, axis=1, keepdims=True)
+        logp.append(zt - np.log(np.sum(np.exp(zt), axis=1, keepdims=True)))
+    return np.mean(logp, axis=0)
 
 
 # --------------------------------------------------------------------------
@@ -1294,6 +1316,31 @@ def _comparison_sections(models: dict) -> list[str]:
     return out
 
 
+def saved_fold_logits(out_dir: str | Path, model: str, fold: int, data: LabelledSpectra,
+                      n_classes: int) -> np.ndarray:
+    """Logits of ``data`` by fold ``fold``'s model ``model`` saved in a run's ``models/``.
+
+    The run must have been made with ``save_models`` (the CNNs as ``.keras``,
+    the logistic regressions as ``.npz`` of their scaler and coefficients).
+    Classes a logistic regression never saw get -1e4, as in :func:`run_loso`.
+    """
+    base = model.split("+")[0]
+    ch = 1 if base in ("cnn1", "lr1") else 2
+    stem = Path(out_dir) / "models" / f"fold{int(fold):02d}_{_safe(model)}"
+    if base.startswith("cnn"):
+        import keras
+
+        from .models import recogniser
+
+        net = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
+        return np.asarray(recogniser.predict_logits(net, data.inputs(ch)), np.float64)
+    z = np.load(stem.with_suffix(".npz"))
+    x = (data.inputs(ch).reshape(len(data), -1) - z["mean"]) / z["scale"]
+    full = np.full((len(data), n_classes), -1e4)
+    full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
+    return full
+
+
 def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,
                       log: Callable[[str], None] = print) -> int:
     """Score the real non-star LAMOST files (label N) with a finished run's saved fold models.
@@ -1304,8 +1351,6 @@ def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str 
     ``lamost``.  Returns the number of files added.
     """
     import zlib
-
-    from .models import recogniser
 
     out = Path(out_dir)
     lam = _lamost_with_evidence(data_dir)
@@ -1324,23 +1369,10 @@ def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str 
         if np.any((d["set"] == "lamost") & (d["label"] == OTHER_LABEL)):
             continue
         logits = np.zeros((len(others), len(d["classes"])))
-        base = m.split("+")[0]
-        ch = 1 if base in ("cnn1", "lr1") else 2
         for f in np.unique(fold_of):
             sel = fold_of == f
-            stem = out / "models" / f"fold{int(f):02d}_{_safe(m)}"
-            sub = others.subset(np.flatnonzero(sel))
-            if base.startswith("cnn"):
-                import keras
-
-                model = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
-                logits[sel] = recogniser.predict_logits(model, sub.inputs(ch))
-            else:
-                z = np.load(stem.with_suffix(".npz"))
-                x = (sub.inputs(ch).reshape(len(sub), -1) - z["mean"]) / z["scale"]
-                full = np.full((len(sub), len(d["classes"])), -1e4)
-                full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
-                logits[sel] = full
+            logits[sel] = saved_fold_logits(out, m, int(f), others.subset(np.flatnonzero(sel)),
+                                            len(d["classes"]))
         rec = {"fold": fold_of, "set": np.full(len(others), "lamost"), "label": others.labels,
                "star": others.star, "logits": logits}
         for key in _META_KEEP:

@@ -397,3 +397,25 @@ def test_pickles_reader_on_shared(shared_data, tmp_path):
     names = [m["name"] for m in out["meta"]]
     assert out["flux"][names.index("m10iii"), -1] == pytest.approx(117.747047)
     assert out["wave_air"][[0, -1]].tolist() == [1150.0, 10620.0]
+
+
+def test_balmer_emission_adds_the_requested_equivalent_widths_on_valid_pixels_only(lib):
+    from lamost_ostar.templates import BALMER_VAC, BE_DECREMENT
+
+    hot = lib.select(("O", "B"))
+    e = hot.with_balmer_emission(20.0)
+    assert len(e) == len(hot) and e.flux.dtype == hot.flux.dtype
+    assert np.array_equal(hot.with_balmer_emission(0.0).flux, hot.flux)
+    w = np.asarray(hot.wave, float)
+    dw = np.gradient(w)
+    added = e.flux.astype(float) - hot.flux.astype(float)
+    assert np.all(added[~hot.valid] == 0) and np.all(added >= 0)
+    for lam0, rel in zip(BALMER_VAC[:2], BE_DECREMENT[:2]):
+        near = np.abs(w - lam0) < 40
+        side = (np.abs(w - lam0) >= 30) & (np.abs(w - lam0) <= 90)
+        whole = hot.valid[:, near].all(axis=1) & hot.valid[:, side].all(axis=1)
+        cont = np.median(hot.flux[whole][:, side], axis=1)
+        ew = (added[whole][:, near] * dw[near]).sum(axis=1) / cont
+        np.testing.assert_allclose(ew, 20.0 * rel, rtol=0.02)
+    # the original library is untouched
+    assert not np.shares_memory(e.flux, hot.flux)
