@@ -8,9 +8,10 @@ the verdicts with the unchanged realisations (same random draws, so the
 comparison is paired).
 
 :func:`emission_probe` adds Balmer emission (:meth:`TemplateLibrary.with_balmer_emission`):
-Be stars are a sixth or so of the survey's B stars and Oe stars a tenth of
-the O stars, their discs filling in the Balmer absorption that separates the
-two classes, and no template of the libraries is an emission-line star.
+Be stars are about a sixth of the Galaxy's B stars (Zorec & Briot 1997) and
+Oe stars several per cent of the O stars; their discs fill in the Balmer
+absorption whose strength separates the two classes, and no template of the
+libraries is an emission-line star.
 
 Run it with ``scripts/loso_emission.py``.
 """
@@ -128,10 +129,25 @@ def emission_probe(run_dir: str | Path, rules: Mapping[str, Mapping[str, Any]], 
             sets = data["set"].astype(str)
             t["median_p_o"] = {name: float(np.median(probs[sets == name, o_col]))
                                for name in ("o", "b") if np.any(sets == name)}
+            t["missed_o_snr_ge_10"] = _missed(cand, sets, data, probs, classes, op, index)
             by_model[m] = t
         out["levels"][f"{float(level):g}"] = by_model
         out["n"][f"{float(level):g}"] = {name: int(np.sum(data["set"] == name)) for name in ("o", "b")}
     return out
+
+
+def _missed(cand, sets, data, probs, classes, op, index) -> dict[str, Any]:
+    """O spectra at S/N >= 10 that are not candidates: how many, the hot-subdwarf veto's share, arg-max class."""
+    from .models.decision import line_vetoed
+
+    snr = data.get("snr_g", np.full(len(sets), np.nan)).astype(float)
+    miss = (sets == "o") & (snr >= 10) & ~cand
+    vetoed = np.asarray(line_vetoed(op.get("max_sdo_index"), index["sdo"], op.get("max_sdo_sigma"),
+                                    index["sigma"]), bool)
+    top = np.asarray(classes)[np.argmax(probs, axis=1)]
+    return {"n": int(miss.sum()), "of": int(np.sum((sets == "o") & (snr >= 10))),
+            "sdo_veto": int(np.sum(miss & vetoed)),
+            "argmax": {str(c): int(np.sum(miss & (top == c))) for c in classes if np.any(miss & (top == c))}}
 
 
 def render_emission(result: Mapping[str, Any], rule_from: str = "") -> str:
@@ -150,6 +166,11 @@ def render_emission(result: Mapping[str, Any], rule_from: str = "") -> str:
             lines.append(f"| {lv} Å | {pct(t['o_recall_star_averaged_snr_ge_10'])} | "
                          f"{pct(t['o_recall_star_averaged'])} | {pct(t['b_to_o'])} | {pct(t['b0_b1_to_o'])} | "
                          f"{t['median_p_o'].get('o', float('nan')):.3f} | {t['median_p_o'].get('b', float('nan')):.3f} |")
+        lines += ["", "O spectra at S/N ≥ 10 not called O (of all), how many the hot-subdwarf veto stopped, and "
+                  "their arg-max class: " + "; ".join(
+                      f"{lv} Å: {t['n']} of {t['of']}, veto {t['sdo_veto']}, "
+                      + ", ".join(f"{c} {k}" for c, k in sorted(t["argmax"].items(), key=lambda x: -x[1]))
+                      for lv, t in ((lv, result["levels"][lv][m]["missed_o_snr_ge_10"]) for lv in levels))]
         stars = sorted(result["levels"][levels[0]][m]["o_recall_per_star"])
         lines += ["", "O recall per unit, S/N ≥ 10: " + "; ".join(
             f"{s} " + " / ".join(pct(result["levels"][lv][m]["o_recall_per_star"][s]["snr_ge_10"]) for lv in levels)
