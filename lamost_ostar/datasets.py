@@ -799,6 +799,14 @@ class DetectorRecipe:
     its own templates cut to the same band, so that a blue-only spectrum says
     nothing about its class.  0 (the default, and the recipe of every model
     before 2026-12-06): no blue-only spectra.
+
+    ``emission_fraction`` of the O and B single-star realisations are
+    replaced by realisations of the same class's templates with Be / Oe-like
+    Balmer emission (:meth:`~lamost_ostar.templates.TemplateLibrary.with_balmer_emission`,
+    H-alpha equivalent width log-uniform in ``emission_ew_range``, one level
+    per group of ``emission_levels``), so that a disc's emission says nothing
+    about the class; their source is ``"emission"``.  0 (the default, and
+    every model so far): none.
     """
 
     classes: tuple[str, ...] = CLASSES_8
@@ -816,6 +824,9 @@ class DetectorRecipe:
     early_b_fraction: float = 0.5
     min_coverage: float = 0.85
     mkclass_fraction: float = 0.0
+    emission_fraction: float = 0.0
+    emission_ew_range: tuple[float, float] = (3.0, 50.0)
+    emission_levels: int = 8
 
     def mock_config(self, **overrides):
         """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
@@ -978,6 +989,10 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
         rest = max(0, recipe.n_per_class - n_real[c])
         m = 0 if c == "X" else int(round(rest * recipe.mix_fraction))
         mixed[c], pure[c] = m, rest - m
+    n_emission = {c: int(round(recipe.emission_fraction * pure[c])) for c in ("O", "B") if c in pure}
+    n_emission = {c: k for c, k in n_emission.items() if k > 0}
+    for c, k in n_emission.items():
+        pure[c] -= k
     per = _class_spread(lib, pure, recipe.early_b_fraction, rng)
     parts = [realise_templates(lib, per, rng, cfg, recipe.coverage_cut, measure)]
     ids = dict(zip(np.asarray(lib.name).astype(str), library_star_ids(lib)))
@@ -994,7 +1009,29 @@ def build_detector_training(lib, recipe: DetectorRecipe, rng: np.random.Generato
             extra_rng = np.random.default_rng(int(rng.integers(2**63)))
         standards = mkclass_training_standards(recipe.classes) if mkclass is None else mkclass
         parts.extend(_blue_only_share(lib, standards, recipe, n_blue, extra_rng, cfg, measure))
+    if n_emission:
+        # after the blue-only share, from the same separate stream: that share is drawn as without it
+        if extra_rng is None:
+            extra_rng = np.random.default_rng(int(rng.integers(2**63)))
+        parts.extend(_emission_share(lib, n_emission, recipe, extra_rng, cfg, measure))
     return LabelledSpectra.concat(parts)
+
+
+def _emission_share(lib, n_per_class: Mapping[str, int], recipe: DetectorRecipe, rng: np.random.Generator,
+                    config, measure) -> list[LabelledSpectra]:
+    """Realisations of the O / B templates with Balmer emission, ``recipe.emission_levels`` levels per class."""
+    lo, hi = (float(v) for v in recipe.emission_ew_range)
+    parts = []
+    for c, n in n_per_class.items():
+        sub = lib.select(c)
+        groups = np.bincount(rng.integers(0, max(1, recipe.emission_levels), n),
+                             minlength=max(1, recipe.emission_levels))
+        for k in groups[groups > 0]:
+            level = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            per = _class_spread(sub, {c: int(k)}, recipe.early_b_fraction, rng)
+            parts.append(realise_templates(sub.with_balmer_emission(level), per, rng, config,
+                                           recipe.coverage_cut, measure, source="emission"))
+    return parts
 
 
 def _class_spread(lib, n_per_class: Mapping[str, int], early_b_fraction: float,

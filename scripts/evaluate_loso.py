@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="blue-only MKCLASS standards added to every class, as a fraction of n_per_class "
                          "(DetectorRecipe.mkclass_fraction; default 0: none); each fold leaves out the "
                          "standards near its held-out stars (datasets.mkclass_neighbours)")
+    ap.add_argument("--emission-fraction", type=float, default=None,
+                    help="share of the O and B training realisations given Be/Oe-like Balmer emission "
+                         "(DetectorRecipe.emission_fraction; default 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.gan_iterations = args.gan_iterations
     if args.mkclass_fraction is not None:
         cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=args.mkclass_fraction)
+    if args.emission_fraction is not None:
+        cfg.recipe = dataclasses.replace(cfg.recipe, emission_fraction=args.emission_fraction)
     path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
     print(f"report: {path}")
 

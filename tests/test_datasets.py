@@ -183,6 +183,34 @@ def test_blue_only_share_of_every_class_and_the_rest_unchanged():
     assert not np.all(blue.normalised[~extra][:, red] == 1.0)
 
 
+def test_emission_share_replaces_part_of_the_o_and_b_realisations_and_keeps_the_balance():
+    """emission_fraction swaps that share of the O and B single-star realisations for ones with
+    Balmer emission (source "emission"); every class keeps its count, the blue-only share is drawn
+    as without it, and the default draws nothing of it."""
+    from lamost_ostar.preprocess import grid_wavelength
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates()
+    kw = dict(n_per_class=24, mkclass_fraction=0.5)
+    plain = ds.build_detector_training(lib, ds.DetectorRecipe(**kw), np.random.default_rng(4),
+                                       extra_rng=np.random.default_rng(5))
+    em = ds.build_detector_training(lib, ds.DetectorRecipe(**kw, emission_fraction=0.5, emission_levels=2),
+                                    np.random.default_rng(4), extra_rng=np.random.default_rng(5))
+    assert "emission" not in set(plain.source)
+    for c in ds.CLASSES_8:
+        assert np.sum(em.labels == c) == np.sum(plain.labels == c)
+    is_em = em.source == "emission"
+    assert set(em.labels[is_em]) == {"O", "B"} and is_em.sum() > 0
+    blue = np.isin(plain.source, ["mkclass", "blue_cut"])
+    assert np.array_equal(em.x[np.isin(em.source, ["mkclass", "blue_cut"])], plain.x[blue])
+    # H-alpha stands above its surroundings in the normalised flux of the emission spectra
+    wave = grid_wavelength()
+    line = np.abs(wave - 6564.6) < 8
+    ok = np.all(em.normalised[is_em][:, line] != 1.0, axis=1)     # not masked there
+    peak = em.normalised[is_em][ok][:, line].max(axis=1)
+    assert np.median(peak) > 1.05
+
+
 def test_mkclass_neighbours_leave_with_a_held_out_star():
     from lamost_ostar.templates import load_templates
 
