@@ -47,8 +47,8 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_logits", "member_temperature",
-           "ensemble_logits"]
+           "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
+           "ensemble_logits", "rule_candidates"]
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
@@ -873,16 +873,28 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
         at least one spectrum called O, most first (``star``, ``label``,
         ``subclass``, ``set``, ``fold``, ``n`` spectra, ``called_o``).
     """
-    from .models.decision import Decision
-
     _, d, classes, probs, heii = _analysed_run(out_dir, model)
-    cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
-                    np.ones(len(probs), bool))
-    cand = cand & ~stage_veto_mask(d, class_veto, min_snr_g)
+    cand = rule_candidates(op, classes, probs, heii, d, class_veto, min_snr_g)
     t = _tables(cand, *_table_inputs(d))
     t["false_o_by_star"] = sorted((r for r in _non_o_star_rows(d, {"called_o": cand}) if r["called_o"]),
                                   key=lambda r: (-r["called_o"], r["star"]))
     return t
+
+
+def rule_candidates(op: Mapping[str, Any], classes: Sequence[str], probs: np.ndarray, heii: np.ndarray,
+                    d: Mapping[str, np.ndarray], class_veto: bool = True,
+                    min_snr_g: float | None = None) -> np.ndarray:
+    """Candidate verdicts of the fixed operating point ``op`` on out-of-fold-like data ``d``.
+
+    ``probs`` are the calibrated probabilities of ``d``'s rows, ``heii`` their
+    He II evidence; the line vetoes come from ``d`` (:func:`_line_indices`) and
+    the stage's own conditions (:func:`stage_veto_mask`) apply, as in the scan.
+    """
+    from .models.decision import Decision
+
+    cand = _verdict(Decision.from_operating_point(classes, op), probs, heii, _line_indices(d),
+                    np.ones(len(probs), bool))
+    return cand & ~stage_veto_mask(d, class_veto, min_snr_g)
 
 
 def _non_o_star_rows(d: Mapping[str, np.ndarray], verdicts: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -1316,9 +1328,9 @@ def _comparison_sections(models: dict) -> list[str]:
     return out
 
 
-def saved_fold_logits(out_dir: str | Path, model: str, fold: int, data: LabelledSpectra,
-                      n_classes: int) -> np.ndarray:
-    """Logits of ``data`` by fold ``fold``'s model ``model`` saved in a run's ``models/``.
+def saved_fold_model(out_dir: str | Path, model: str, fold: int,
+                     n_classes: int) -> Callable[[LabelledSpectra], np.ndarray]:
+    """Fold ``fold``'s model ``model`` saved in a run's ``models/``, loaded once: ``data -> logits``.
 
     The run must have been made with ``save_models`` (the CNNs as ``.keras``,
     the logistic regressions as ``.npz`` of their scaler and coefficients).
@@ -1333,12 +1345,16 @@ def saved_fold_logits(out_dir: str | Path, model: str, fold: int, data: Labelled
         from .models import recogniser
 
         net = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
-        return np.asarray(recogniser.predict_logits(net, data.inputs(ch)), np.float64)
-    z = np.load(stem.with_suffix(".npz"))
-    x = (data.inputs(ch).reshape(len(data), -1) - z["mean"]) / z["scale"]
-    full = np.full((len(data), n_classes), -1e4)
-    full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
-    return full
+        return lambda data: np.asarray(recogniser.predict_logits(net, data.inputs(ch)), np.float64)
+    z = dict(np.load(stem.with_suffix(".npz")))
+
+    def predict(data: LabelledSpectra) -> np.ndarray:
+        x = (data.inputs(ch).reshape(len(data), -1) - z["mean"]) / z["scale"]
+        full = np.full((len(data), n_classes), -1e4)
+        full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
+        return full
+
+    return predict
 
 
 def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,
@@ -1371,8 +1387,7 @@ def add_lamost_others(out_dir: str | Path, models: Sequence[str], data_dir: str 
         logits = np.zeros((len(others), len(d["classes"])))
         for f in np.unique(fold_of):
             sel = fold_of == f
-            logits[sel] = saved_fold_logits(out, m, int(f), others.subset(np.flatnonzero(sel)),
-                                            len(d["classes"]))
+            logits[sel] = saved_fold_model(out, m, int(f), len(d["classes"]))(others.subset(np.flatnonzero(sel)))
         rec = {"fold": fold_of, "set": np.full(len(others), "lamost"), "label": others.labels,
                "star": others.star, "logits": logits}
         for key in _META_KEEP:

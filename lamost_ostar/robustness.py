@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from .datasets import LabelledSpectra, _usable_for_training
-from .loso import (_META_KEEP, _line_indices, _safe, _softmax, _table_inputs, _tables, _take_stars,
-                   ensemble_logits, load_oof, member_temperature, saved_fold_logits, stage_veto_mask,
-                   star_test_sets, LosoConfig)
+from .loso import (_META_KEEP, _line_indices, _pct, _safe, _softmax, _table_inputs, _tables, _take_stars,
+                   LosoConfig, ensemble_logits, load_oof, member_temperature, rule_candidates, saved_fold_model,
+                   star_test_sets)
 
 __all__ = ["emission_probe", "render_emission"]
 
@@ -41,18 +41,11 @@ def _run_config(folds_json: Mapping[str, Any]) -> LosoConfig:
     return cfg
 
 
-def _probe_spectra(lib, folds: Sequence[Mapping[str, Any]], cfg: LosoConfig, level: float,
-                   log: Callable[[str], None]) -> tuple[list[int], list[dict[str, LabelledSpectra]]]:
-    """Per fold: the O and B test realisations of its held-out stars with ``level`` A of H-alpha emission."""
-    out = []
-    for f in folds:
-        k = int(f["fold"])
-        test_lib = _take_stars(lib, set(f["test_stars"]), True).select(("O", "B"))
-        # the same stream for every level: the realisations differ only by the emission
-        rng = np.random.default_rng([cfg.seed, k, 4242])
-        out.append(star_test_sets(test_lib.with_balmer_emission(level), cfg, rng))
-        log(f"  fold {k}: " + ", ".join(f"{n} {len(d)}" for n, d in out[-1].items()))
-    return [int(f["fold"]) for f in folds], out
+def _probe_spectra(test_lib, fold: int, cfg: LosoConfig, level: float) -> dict[str, LabelledSpectra]:
+    """The O and B test realisations of a fold's held-out stars with ``level`` A of H-alpha emission."""
+    # the same stream for every level: the realisations differ only by the emission
+    rng = np.random.default_rng([cfg.seed, int(fold), 4242])
+    return star_test_sets(test_lib.select(("O", "B")).with_balmer_emission(level), cfg, rng)
 
 
 def emission_probe(run_dir: str | Path, rules: Mapping[str, Mapping[str, Any]], members: Sequence[str],
@@ -83,7 +76,6 @@ def emission_probe(run_dir: str | Path, rules: Mapping[str, Mapping[str, Any]], 
         (O recall per star and star-averaged, B->O, B0-B1->O, by S/N and E(B-V))
         plus ``median_p_o`` of the O and B spectra; and the run, rule and sizes.
     """
-    from .models.decision import Decision
     from .templates import load_templates
 
     run = Path(run_dir)
@@ -97,25 +89,27 @@ def emission_probe(run_dir: str | Path, rules: Mapping[str, Mapping[str, Any]], 
     lib = _usable_for_training(load_templates(), tuple(fj["config"]["recipe"]["classes"]))
     out: dict[str, Any] = {"run": str(run), "seed": cfg.seed, "members": list(members),
                            "levels": {}, "n": {}}
-    for level in levels:
-        log(f"H-alpha emission {level:g} A")
-        fold_ids, per_fold = _probe_spectra(lib, fj["folds"], cfg, float(level), log)
-        recs = []
-        for k, sets in zip(fold_ids, per_fold):
-            for name in ("o", "b"):
-                if name not in sets or not len(sets[name]):
+    recs: dict[float, list[dict[str, np.ndarray]]] = {float(lv): [] for lv in levels}
+    for f in fj["folds"]:
+        k = int(f["fold"])
+        test_lib = _take_stars(lib, set(f["test_stars"]), True)
+        predict = {m: saved_fold_model(run, m, k, len(classes)) for m in members}   # loaded once per fold
+        for level in recs:
+            sets = _probe_spectra(test_lib, k, cfg, level)
+            log(f"  fold {k}, H-alpha emission {level:g} A: " + ", ".join(f"{n} {len(d)}" for n, d in sets.items()))
+            for name, d in sets.items():
+                if not len(d):
                     continue
-                d = sets[name]
                 rec = {"fold": np.full(len(d), k), "set": np.full(len(d), name), "label": d.labels,
                        "star": d.star}
                 rec.update({key: d.meta[key] for key in _META_KEEP if key in d.meta})
-                rec.update({f"z_{m}": saved_fold_logits(run, m, k, d, len(classes)) for m in members})
-                recs.append(rec)
-        data = {key: np.concatenate([r[key] for r in recs]) for key in recs[0]}
+                rec.update({f"z_{m}": predict[m](d) for m in members})
+                recs[level].append(rec)
+    for level, level_recs in recs.items():
+        data = {key: np.concatenate([r[key] for r in level_recs]) for key in level_recs[0]}
         logits = {m: data[f"z_{m}"] for m in members}
         logits[ens] = ensemble_logits([logits[m] for m in members], [member_t[m] for m in members])
-        kept = ~stage_veto_mask(data, class_veto, min_snr_g)
-        heii = data.get("heii_sigma", np.full(len(kept), np.nan)).astype(float)
+        heii = data.get("heii_sigma", np.full(len(data["set"]), np.nan)).astype(float)
         index = _line_indices(data)
         o_col = classes.index("O")
         by_model = {}
@@ -123,8 +117,7 @@ def emission_probe(run_dir: str | Path, rules: Mapping[str, Mapping[str, Any]], 
             if m not in logits:
                 continue
             probs = _softmax(logits[m], float(res[m]["temperature"]))
-            cand = Decision.from_operating_point(classes, op).apply(
-                probs, heii, index["sdo"], index["sigma"]).is_candidate & kept
+            cand = rule_candidates(op, classes, probs, heii, data, class_veto, min_snr_g)
             t = _tables(cand, *_table_inputs(data))
             sets = data["set"].astype(str)
             t["median_p_o"] = {name: float(np.median(probs[sets == name, o_col]))
@@ -152,7 +145,6 @@ def _missed(cand, sets, data, probs, classes, op, index) -> dict[str, Any]:
 
 def render_emission(result: Mapping[str, Any], rule_from: str = "") -> str:
     """Markdown tables of :func:`emission_probe`'s result."""
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"   # noqa: E731
     levels = list(result["levels"])
     models = list(result["levels"][levels[0]])
     lines = [f"# Balmer emission on held-out stars: seed {result['seed']} (`{result['run']}`)", "",
@@ -163,8 +155,8 @@ def render_emission(result: Mapping[str, Any], rule_from: str = "") -> str:
                   "B0–B1→O | median p(O), O | median p(O), B |", "|---|---|---|---|---|---|---|"]
         for lv in levels:
             t = result["levels"][lv][m]
-            lines.append(f"| {lv} Å | {pct(t['o_recall_star_averaged_snr_ge_10'])} | "
-                         f"{pct(t['o_recall_star_averaged'])} | {pct(t['b_to_o'])} | {pct(t['b0_b1_to_o'])} | "
+            lines.append(f"| {lv} Å | {_pct(t['o_recall_star_averaged_snr_ge_10'])} | "
+                         f"{_pct(t['o_recall_star_averaged'])} | {_pct(t['b_to_o'])} | {_pct(t['b0_b1_to_o'])} | "
                          f"{t['median_p_o'].get('o', float('nan')):.3f} | {t['median_p_o'].get('b', float('nan')):.3f} |")
         lines += ["", "O spectra at S/N ≥ 10 not called O (of all), how many the hot-subdwarf veto stopped, and "
                   "their arg-max class: " + "; ".join(
@@ -173,6 +165,6 @@ def render_emission(result: Mapping[str, Any], rule_from: str = "") -> str:
                       for lv, t in ((lv, result["levels"][lv][m]["missed_o_snr_ge_10"]) for lv in levels))]
         stars = sorted(result["levels"][levels[0]][m]["o_recall_per_star"])
         lines += ["", "O recall per unit, S/N ≥ 10: " + "; ".join(
-            f"{s} " + " / ".join(pct(result["levels"][lv][m]["o_recall_per_star"][s]["snr_ge_10"]) for lv in levels)
+            f"{s} " + " / ".join(_pct(result["levels"][lv][m]["o_recall_per_star"][s]["snr_ge_10"]) for lv in levels)
             for s in stars) + f" (levels {', '.join(levels)} Å)", ""]
     return "\n".join(lines) + "\n"

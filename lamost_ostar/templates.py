@@ -265,6 +265,7 @@ class TemplateLibrary:
         wave = np.asarray(self.wave, np.float64)
         flux = np.asarray(out.flux, np.float64).copy()
         ok = np.asarray(out.valid, bool)
+        width = np.gradient(wave)   # pixel widths of the (log-linear) grid
         for lam0, rel in zip(BALMER_VAC, decrement):
             side = (np.abs(wave - lam0) >= 30.0) & (np.abs(wave - lam0) <= 90.0)
             with warnings.catch_warnings():   # templates with no valid pixel there (blue-only)
@@ -272,8 +273,7 @@ class TemplateLibrary:
                 cont = np.nanmedian(np.where(ok[:, side], flux[:, side], np.nan), axis=1)
             cont = np.where(np.isfinite(cont) & (cont > 0), cont, 0.0)
             sigma = lam0 * fwhm_kms / 299792.458 / 2.3548
-            # unit-area profile sampled on the (log-linear) grid: pixel widths from the grid
-            width = np.gradient(wave)
+            # unit-area profile sampled on the grid
             prof = np.exp(-0.5 * ((wave - lam0) / sigma) ** 2)
             prof /= np.sum(prof * width)
             flux += np.where(ok, (halpha_ew * rel) * cont[:, None] * prof[None, :], 0.0)

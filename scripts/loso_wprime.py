@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from lamost_ostar import loso
-from lamost_ostar.models.decision import Decision
 
 
 def _line(name: str, x: np.ndarray) -> str:
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
     op = json.loads(args.rule.read_text())["models"][args.model]["operating_point"]
     _, d, classes, probs, heii = loso._analysed_run(args.run, args.model)
-    cand = loso._verdict(Decision.from_operating_point(classes, op), probs, heii, loso._line_indices(d),
-                         np.ones(len(probs), bool)) & ~loso.stage_veto_mask(d, True, None)
+    cand = loso.rule_candidates(op, classes, probs, heii, d)
     lw = d["log_wprime"].astype(float)
     label, star = d["label"].astype(str), d["star"].astype(str)
     bright = d["snr_g"].astype(float) >= args.min_snr

@@ -34,9 +34,9 @@ def test_probe_realisations_differ_only_by_the_emission():
     cfg.b_per_star = 8
     lib = _usable_for_training(load_templates(), loso.CLASSES_8)
     units, fold_of_star, _ = loso.assign_folds(lib, None, np.random.default_rng(0))
-    folds = [{"fold": 0, "test_stars": sorted(s for s, f in fold_of_star.items() if f == 0)}]
-    _, (plain,) = robustness._probe_spectra(lib, folds, cfg, 0.0, lambda m: None)
-    _, (be,) = robustness._probe_spectra(lib, folds, cfg, 40.0, lambda m: None)
+    test_lib = loso._take_stars(lib, {s for s, f in fold_of_star.items() if f == 0}, True)
+    plain = robustness._probe_spectra(test_lib, 0, cfg, 0.0)
+    be = robustness._probe_spectra(test_lib, 0, cfg, 40.0)
     assert set(plain) == set(be) == {"o", "b"}
     for name in plain:
         a, b = plain[name], be[name]
@@ -61,7 +61,7 @@ def test_emission_probe_scores_held_out_stars_with_the_saved_fold_models(saved_r
     assert "| 40 Å |" in text and "## ens-cnn2-lr2" in text
 
 
-def test_saved_fold_logits_match_the_run_for_its_own_real_lamost_rows(saved_run):
+def test_saved_fold_model_matches_the_run_for_its_own_real_lamost_rows(saved_run):
     """The saved logistic regression reproduces the logits the run stored for the same spectra."""
     d = loso.load_oof(saved_run / "oof_lr2.npz")
     lam = loso._lamost_with_evidence(None)
@@ -70,7 +70,7 @@ def test_saved_fold_logits_match_the_run_for_its_own_real_lamost_rows(saved_run)
     rows = np.flatnonzero(d["set"] == "lamost")
     index = {str(p): i for i, p in enumerate(lam.meta["path"])}
     sub = lam.subset(np.array([index[str(p)] for p in d["path"][rows]]))
-    z = loso.saved_fold_logits(saved_run, "lr2", 0, sub, len(d["classes"]))
+    z = loso.saved_fold_model(saved_run, "lr2", 0, len(d["classes"]))(sub)
     np.testing.assert_allclose(z, d["logits"][rows], rtol=1e-5, atol=1e-4)   # float32 inputs
 
 
