@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,9 +335,11 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     parts = [train_r]
     timings: dict = {}
     mkclass_fraction = default_mkclass_fraction() if library else 0.0
+    emission_fraction = default_emission_fraction() if library else 0.0
     if library:
         lib = _usable_for_training(load_templates(), classes)
-        recipe = DetectorRecipe(n_per_class=n_library_per_class, mkclass_fraction=mkclass_fraction)
+        recipe = DetectorRecipe(n_per_class=n_library_per_class, mkclass_fraction=mkclass_fraction,
+                                emission_fraction=emission_fraction)
         parts.append(build_detector_training(lib, recipe, rng))
     o = train_r.only(["O"])
     gan_used = False
@@ -388,7 +391,9 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
                    f"{len(rel.skipped)} rows skipped"
                    + ("; + LAMOST-like realisations of the packaged template stars" if library else "")
                    + (f" and {mkclass_fraction:g} x {n_library_per_class} blue-only MKCLASS standard spectra "
-                      "per class (as the default model)" if mkclass_fraction > 0 else ""))
+                      "per class (as the default model)" if mkclass_fraction > 0 else "")
+                   + (f"; {emission_fraction:g} of the O and B realisations with Be/Oe-like Balmer emission "
+                      "(as the default model)" if emission_fraction > 0 else ""))
     card = {
         "classes": list(classes),
         "temperature": temperature,
@@ -406,7 +411,8 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         "calibration": "temperature scaling fitted on the validation split (held-out stars)",
         "train_config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                          "seed": seed, "library": library, "n_library_per_class": n_library_per_class,
-                         "mkclass_fraction": mkclass_fraction, "gan_iterations": gan_iterations,
+                         "mkclass_fraction": mkclass_fraction, "emission_fraction": emission_fraction,
+                         "gan_iterations": gan_iterations,
                          "model_kind": kind},
         "prefix": f"ostar{len(classes)}d",
     }
@@ -436,6 +442,12 @@ def default_mkclass_fraction() -> float:
     """The blue-only MKCLASS share of the packaged default's training recipe (0 for older cards)."""
     recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
     return float(recipe.get("mkclass_fraction") or 0.0)
+
+
+def default_emission_fraction() -> float:
+    """The Be/Oe emission share of the packaged default's training recipe (0 for older cards)."""
+    recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
+    return float(recipe.get("emission_fraction") or 0.0)
 
 
 def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operating_point):
@@ -518,6 +530,18 @@ def decision_from_loso(results: dict, model_kind: str = "cnn2"):
     return dec, float(r["temperature"])
 
 
+#: Figures of a clean check that go into a model card.
+CLEAN_CHECK_KEYS: tuple[str, ...] = ("o_recall_star_averaged_snr_ge_10", "b_to_o", "b0_b1_to_o", "x_to_o",
+                                     "false_o_per_million", "real_lamost_candidates", "real_lamost_n")
+
+
+def _clean_check_summary(path: str | Path, model_kind: str) -> dict:
+    """The headline figures of one ``applied_rule.json`` (a fixed rule on another seed's run)."""
+    d = json.loads(Path(path).read_text())[model_kind]
+    t = d["tables"]
+    return {"rule_from": d.get("rule_from"), **{k: t.get(k) for k in CLEAN_CHECK_KEYS}}
+
+
 def _no_real_lamost_candidates(model, decision, temperature: float, classes, channels: int, data_dir):
     """Make sure no real LAMOST file of the shared data is a candidate of *this* model.
 
@@ -591,7 +615,9 @@ def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int,
 def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=None, epochs: int = 30,
                    batch_size: int = 32, patience: int = 5, learning_rate: float = 1e-3,
                    n_val_per_class: int = 100, seed: int = 0, data_dir: str | Path | None = None,
-                   model_kind: str = "cnn2", verbose: int = 0) -> tuple[str, dict]:
+                   model_kind: str = "cnn2", verbose: int = 0,
+                   calibration_results: str | Path | None = None,
+                   clean_checks: Sequence[str | Path] = ()) -> tuple[str, dict]:
     """Train the two-channel detector on every star and register it with the LOSO decision.
 
     The network is trained like one LOSO fold but on all template stars and all
@@ -600,6 +626,22 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     calibration temperature and its O-candidate rule come from the
     leave-one-star-out run (out-of-fold data only), whose tables go into the
     card.
+
+    Parameters
+    ----------
+    loso_results : path
+        ``results.json`` of the LOSO run (usually pooled seeds) whose operating
+        point becomes the model's rule.
+    calibration_results : path, optional
+        ``results.json`` of LOSO runs of *this* model's training recipe, when
+        the rule comes from runs of another recipe (a fixed rule applied
+        unchanged, as in a clean check): the recipe, the temperatures and the
+        LOSO tables of the card come from it, the rule from ``loso_results``.
+        Default: both from ``loso_results``.
+    clean_checks : paths
+        ``applied_rule.json`` files of :func:`lamost_ostar.loso.apply_rule`
+        (runs of other seeds scored with this rule, unchanged); their summary
+        goes into the card (``metrics.loso.clean_checks``).
 
     Returns
     -------
@@ -612,8 +654,16 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
 
     results = json.loads(Path(loso_results).read_text())
     decision, temperature = decision_from_loso(results, model_kind)
+    if calibration_results is not None:
+        calib = json.loads(Path(calibration_results).read_text())
+        temperature = float(calib["models"][model_kind]["temperature"])
+        decision = dataclasses.replace(decision, chosen_on=(
+            decision.chosen_on + f"; rule from {loso_results} applied unchanged to this model, whose training "
+            f"recipe and temperatures come from other runs ({calibration_results}, out-of-fold logits)"))
+    else:
+        calib = results
     if recipe is None:
-        rd = dict(results["config"]["recipe"])
+        rd = dict(calib["config"]["recipe"])
         rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in rd.items()}
         rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
         recipe = DetectorRecipe(**rd)
@@ -630,7 +680,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                                   rng, None)
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lr_c = float((results.get("config") or {}).get("lr_c", 0.05))
+    lr_c = float((calib.get("config") or {}).get("lr_c", 0.05))
     fit = dict(epochs=epochs, batch_size=batch_size, patience=patience, learning_rate=learning_rate,
                lr_c=lr_c, seed=seed, verbose=verbose)
     if model_kind.startswith("ens-"):
@@ -638,7 +688,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
         # out-of-fold temperature (the same combination as loso.ensemble_oof)
         members = model_kind[4:].split("-")
         fitted = [_fit_member(m, train, val, classes, **fit) for m in members]
-        temps = [float(results["models"][m]["temperature"]) for m in members]
+        temps = [float(calib["models"][m]["temperature"]) for m in members]
         model = recogniser.ensemble_model([f[0] for f in fitted], temps)
         history = {"loss": fitted[0][1]["loss"], "best_epoch": [0],
                    "val_accuracy": [float(np.mean(recogniser.predict_logits(model, val.inputs(2)).argmax(1)
@@ -649,7 +699,8 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     t_fit = time.perf_counter() - t0
     decision, real_check = _no_real_lamost_candidates(model, decision, temperature, classes,
                                                       2 if model_kind != "lr1" else 1, data_dir)
-    loso_m = results["models"][model_kind]
+    loso_m = calib["models"][model_kind]
+    checks = {str(c): _clean_check_summary(c, model_kind) for c in clean_checks}
     card = {
         "classes": list(classes),
         "temperature": temperature,
@@ -661,7 +712,11 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                 "real LAMOST A/F/G/K/M files; degradations as in 'recipe'; "
                 + (f"+ {recipe.mkclass_fraction:g} x n_per_class blue-only spectra per class (MKCLASS "
                    "averaged MK standards O4-M, 3800-5600 A, the rest masked; X: its own templates cut "
-                   "to that band)" if recipe.mkclass_fraction > 0 else "MKCLASS blue-only averages not used")),
+                   "to that band)" if recipe.mkclass_fraction > 0 else "MKCLASS blue-only averages not used")
+                + (f"; {recipe.emission_fraction:g} of the O and B single-star realisations with Be/Oe-like "
+                   "Balmer emission (H-alpha EW "
+                   f"{recipe.emission_ew_range[0]:g}-{recipe.emission_ew_range[1]:g} A)"
+                   if recipe.emission_fraction > 0 else "")),
             "train": train.describe(), "validation": val.describe(),
             "recipe": dataclasses.asdict(recipe),
             "build_seconds": t_data,
@@ -670,14 +725,16 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
             "loso": {"operating_point": loso_m["operating_point"],
                      "operating_point_without_he_ii": loso_m.get("operating_point_without_he_ii"),
                      "tables": loso_m["tables"], "p_o_by_ebv": loso_m.get("p_o_by_ebv"),
-                     "o_units": results.get("o_units"), "config": results.get("config"),
+                     "o_units": calib.get("o_units"), "config": calib.get("config"),
+                     "rule_from": str(loso_results),
+                     **({"clean_checks": checks} if checks else {}),
                      "baselines": {k: {"operating_point": v["operating_point"],
                                        "summary": {key: v["tables"]["operating_point"].get(key)
                                                    for key in ("o_recall_star_averaged_snr_ge_10", "b_to_o",
                                                                "b0_b1_to_o", "false_o_per_million",
                                                                "real_lamost_candidates")}
                                        if "operating_point" in v["tables"] else None}
-                                   for k, v in results["models"].items() if k != model_kind}},
+                                   for k, v in calib["models"].items() if k != model_kind}},
             "validation_same_stars": {"best_epoch": history["best_epoch"][0],
                                       "val_accuracy": history["val_accuracy"][history["best_epoch"][0]]},
             "history": history,

@@ -89,6 +89,41 @@ def test_detector_trained_with_the_loso_decision_scans_real_files(tiny_run, tmp_
     assert not bad.ok and bad.is_candidate is None
 
 
+def test_a_rule_applied_unchanged_to_another_recipe_takes_that_recipes_calibration(tiny_run, tmp_path):
+    """calibration_results: the rule from one run; recipe, temperature and tables from another; clean checks carded."""
+    from lamost_ostar import train
+    from lamost_ostar.datasets import DetectorRecipe
+    from lamost_ostar.models.registry import load_model
+
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    if res["models"]["cnn2"]["operating_point"].get("min_posterior") is None:
+        res["models"]["cnn2"]["operating_point"].update(min_posterior=0.5, min_heii_sigma=2.0)
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps(res))
+    calib = json.loads(json.dumps(res))
+    calib["models"]["cnn2"]["temperature"] = 1.7
+    calib["config"]["recipe"]["emission_fraction"] = 0.5
+    calib_path = tmp_path / "calib.json"
+    calib_path.write_text(json.dumps(calib))
+    t = loso.apply_rule(out, "cnn2", res["models"]["cnn2"]["operating_point"])
+    check = tmp_path / "applied_rule.json"
+    check.write_text(json.dumps({"cnn2": {"rule_from": str(rule), "tables": t}}, default=loso._json_default))
+    version, card = train.train_detector(tmp_path / "models", rule, recipe=DetectorRecipe(n_per_class=10),
+                                         epochs=1, n_val_per_class=3, calibration_results=calib_path,
+                                         clean_checks=[check])
+    bundle = load_model(version, tmp_path / "models")
+    assert bundle.card["temperature"] == pytest.approx(1.7)
+    dec = bundle.card["decision"]
+    assert dec["min_posterior"] == pytest.approx(res["models"]["cnn2"]["operating_point"]["min_posterior"])
+    assert str(calib_path) in dec["chosen_on"] and "applied unchanged" in dec["chosen_on"]
+    loso_card = bundle.card["metrics"]["loso"]
+    assert loso_card["rule_from"] == str(rule)
+    got = loso_card["clean_checks"][str(check)]
+    assert got["false_o_per_million"] == pytest.approx(t["false_o_per_million"])
+    assert got["real_lamost_candidates"] == t["real_lamost_candidates"]
+
+
 def test_mix_within_class_mixes_different_stars_of_one_class():
     import numpy as np
 

@@ -60,6 +60,8 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     assert train.default_mkclass_fraction() > 0
     assert card["train_config"]["mkclass_fraction"] == train.default_mkclass_fraction()
     assert "blue-only MKCLASS" in card["training_data"]["description"]
+    # and its Be/Oe emission share (0 for a default trained without it)
+    assert card["train_config"]["emission_fraction"] == train.default_emission_fraction()
     splits = {s["split"]: s for s in card["training_data"]["splits"]}
     assert set(splits) == {"train", "validation", "test"}
     assert card["metrics"]["test"]["n"] == splits["test"]["n_spectra"] > 0
