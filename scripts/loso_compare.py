@@ -7,10 +7,10 @@ Usage::
 
 For each run folder (its ``results.json``, after ``evaluate_loso.py --reanalyse``;
 ``applied_rule.json`` too where ``--apply-rule`` wrote one) prints a Markdown table
-of the operating point, the nested rule and the applied rule: star-averaged O
+of the operating point, the nested rule and the applied rule (``applied_rule*.json``): star-averaged O
 recall at S/N >= 10, B->O, B0-B1->O, X->O, false O per million non-O of the
-survey mix and the real LAMOST candidates; then the nested O recall (S/N >= 10)
-of every O unit, so that two runs of one seed (the same held-out realisations)
+survey mix and the real LAMOST candidates; then the O recall (S/N >= 10) of
+every O unit under the nested and the applied rules, so that two runs of one seed (the same held-out realisations)
 are compared star by star.  Reads only the stored tables: no out-of-fold data
 needed.
 """
@@ -36,8 +36,8 @@ def rows(run: Path, model: str) -> list[tuple[str, dict]]:
     res = json.loads((run / "results.json").read_text())
     tables = res["models"][model]["tables"]
     out = [("operating point", tables.get("operating_point")), ("nested", tables.get("nested"))]
-    applied = run / "applied_rule.json"
-    if applied.exists():
+    # applied_rule.json as --apply-rule writes it, applied_rule_<name>.json as reports/ keep it
+    for applied in sorted(run.glob("applied_rule*.json")):
         a = json.loads(applied.read_text()).get(model)
         if a:
             out.append((f"rule of {a.get('rule_from')}", a.get("tables")))
@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         for label, t in rows(run, args.model):
             cells = " | ".join(_fmt(t.get(k), kind) for k, _, kind in KEYS)
             print(f"| {run} | {label} | {cells} | {t.get('real_lamost_candidates')}/{t.get('real_lamost_n')} |")
-            if label == "nested":
-                per_star[run] = t.get("o_recall_per_star") or {}
+            if label == "nested" or label.startswith("rule of"):
+                per_star[f"{run} ({label})"] = t.get("o_recall_per_star") or {}
     stars = sorted({s for v in per_star.values() for s in v})
     if stars:
-        print("\nNested O recall per O unit (S/N >= 10)\n")
+        print("\nO recall per O unit (S/N >= 10), nested and applied rules\n")
         print("| O unit | " + " | ".join(str(r) for r in per_star) + " |")
         print("|---|" + "---|" * len(per_star))
         for s in stars:
