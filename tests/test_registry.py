@@ -58,6 +58,8 @@ def test_never_overwrites_and_newest_wins(model, tmp_path):
     v1 = REG.save_model_version(model, tmp_path, {"classes": CLASSES_7})
     v2 = REG.save_model_version(model, tmp_path, {"classes": CLASSES_7})
     assert v1 != v2                                # same model, same second: suffixed
+    # two saves in one second are listed in the order they were made (created has microseconds)
+    assert [c["version"] for c in REG.list_versions(tmp_path)] == [v1, v2]
     time.sleep(1.1)
     v3 = REG.save_model_version(model, tmp_path, {"classes": CLASSES_7, "prefix": "ostar7x"})
     versions = [c["version"] for c in REG.list_versions(tmp_path)]

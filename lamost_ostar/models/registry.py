@@ -224,7 +224,7 @@ def save_model_version(model: keras.Model, root: str | Path,
 
     card: dict[str, Any] = {
         "version": version,
-        "created": now.isoformat(timespec="seconds"),
+        "created": now.isoformat(timespec="microseconds"),  # orders two saves in one second
         "classes": classes,
         "temperature": temperature,
         "npix": npix,
