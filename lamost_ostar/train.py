@@ -438,16 +438,20 @@ def default_model_kind() -> str:
     return str((_default_card().get("train_config") or {}).get("model_kind") or "cnn2")
 
 
+def _default_recipe_share(key: str) -> float:
+    """A share of the packaged default's training recipe (0 where its card has none)."""
+    recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
+    return float(recipe.get(key) or 0.0)
+
+
 def default_mkclass_fraction() -> float:
     """The blue-only MKCLASS share of the packaged default's training recipe (0 for older cards)."""
-    recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
-    return float(recipe.get("mkclass_fraction") or 0.0)
+    return _default_recipe_share("mkclass_fraction")
 
 
 def default_emission_fraction() -> float:
     """The Be/Oe emission share of the packaged default's training recipe (0 for older cards)."""
-    recipe = (_default_card().get("training_data") or {}).get("recipe") or {}
-    return float(recipe.get("emission_fraction") or 0.0)
+    return _default_recipe_share("emission_fraction")
 
 
 def _release_decision(classes, p_val, val, survey_non_o, Decision, choose_operating_point):
