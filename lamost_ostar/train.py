@@ -534,16 +534,14 @@ def decision_from_loso(results: dict, model_kind: str = "cnn2"):
     return dec, float(r["temperature"])
 
 
-#: Figures of a clean check that go into a model card.
-CLEAN_CHECK_KEYS: tuple[str, ...] = ("o_recall_star_averaged_snr_ge_10", "b_to_o", "b0_b1_to_o", "x_to_o",
-                                     "false_o_per_million", "real_lamost_candidates", "real_lamost_n")
-
-
 def _clean_check_summary(path: str | Path, model_kind: str) -> dict:
-    """The headline figures of one ``applied_rule.json`` (a fixed rule on another seed's run)."""
+    """The headline figures of one ``applied_rule.json`` (a fixed rule on another seed's run):
+    those :func:`lamost_ostar.loso.per_run_summary` keeps, and the real LAMOST files scored."""
+    from .loso import SUMMARY_KEYS
+
     d = json.loads(Path(path).read_text())[model_kind]
     t = d["tables"]
-    return {"rule_from": d.get("rule_from"), **{k: t.get(k) for k in CLEAN_CHECK_KEYS}}
+    return {"rule_from": d.get("rule_from"), **{k: t.get(k) for k in (*SUMMARY_KEYS, "real_lamost_n")}}
 
 
 def _no_real_lamost_candidates(model, decision, temperature: float, classes, channels: int, data_dir):
