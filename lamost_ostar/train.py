@@ -551,6 +551,10 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
     every star gives other scores, so its every real file (the stars it was
     trained on and the galaxies / unknowns it never saw) is scored, and the
     score threshold is raised just above the highest where one would pass.
+    As in the LOSO run that chose the rule and in the scan, the stage's own
+    conditions are in force (:func:`lamost_ostar.loso.stage_veto_mask`: files
+    the LAMOST pipeline calls GALAXY or QSO, spectra below the S/N floor); the
+    record also counts the files the rule alone would pass.
     Returns the (possibly raised) decision and a record of the check.
     """
     from . import loso
@@ -563,19 +567,27 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
     heii = np.asarray(lam.meta["heii_sigma"], float)
     sdo = np.asarray(lam.meta["sdo_index"], float)
     sigma = np.asarray(lam.meta["sdo_sigma"], float)
+    paths = np.asarray(lam.meta["path"]).astype(str)
+    kept = ~loso.stage_veto_mask({"set": np.full(len(lam), "lamost"), "pipeline_class": lam.meta["pipeline_class"],
+                                  "snr_g": np.asarray(lam.meta["snr_g"], float)})
     out = decision.apply(probs, heii, sdo, sigma)
-    record = {"checked": True, "n_files": int(len(lam)), "candidates_at_loso_threshold": int(out.is_candidate.sum()),
-              "candidate_files": [str(p) for p in np.asarray(lam.meta["path"])[out.is_candidate]]}
-    if out.is_candidate.any() and decision.min_score is not None:
-        passing = out.score[out.is_candidate]
+    rule = out.is_candidate
+    cand = rule & kept
+    record = {"checked": True, "n_files": int(len(lam)), "scan_conditions": True,
+              "candidates_at_loso_threshold": int(cand.sum()),
+              "candidate_files": paths[cand].tolist(),
+              "rule_alone_candidates_at_loso_threshold": int(rule.sum()),
+              "kept_out_by_scan_conditions": paths[rule & ~kept].tolist()}
+    if cand.any() and decision.min_score is not None:
+        passing = out.score[cand]
         raised = float(np.max(passing)) + 0.01
         record.update(loso_min_score=decision.min_score, raised_min_score=raised)
         decision = dataclasses.replace(
             decision, min_score=raised,
             chosen_on=decision.chosen_on + f"; threshold raised from {decision.min_score:.3f} to {raised:.3f} so "
                       "that no real LAMOST file of the shared data is a candidate of this model "
-                      f"({len(passing)} was, at the LOSO threshold)")
-        record["candidates_after"] = int(decision.apply(probs, heii, sdo, sigma).is_candidate.sum())
+                      f"({len(passing)} was, at the LOSO threshold, with the scan's conditions in force)")
+        record["candidates_after"] = int((decision.apply(probs, heii, sdo, sigma).is_candidate & kept).sum())
     return decision, record
 
 

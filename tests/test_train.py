@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,38 @@ def test_softmax_temperature():
     p2 = train.softmax(z, 2.0)
     np.testing.assert_allclose(p1.sum(1), 1)
     assert p2[0, 0] < p1[0, 0]
+
+
+def test_real_lamost_check_keeps_the_scans_conditions(tmp_path):
+    """The packaged-model check on real LAMOST files applies the scan's class veto, as the LOSO choice did.
+
+    A model that calls everything O: the galaxy file (pipeline CLASS GALAXY) is kept out by the
+    class veto and does not raise the threshold; the star file does, until it is no candidate.
+    """
+    import shutil
+
+    from lamost_ostar.models import recogniser
+    from lamost_ostar.models.decision import Decision
+
+    data = Path(__file__).parent / "data"
+    lam = tmp_path / "lamost"
+    lam.mkdir()
+    for f in ("io_image_dr7.fits", "io_galaxy_dr7.fits.gz"):
+        shutil.copy(data / f, lam / f)
+    (lam / "manifest.csv").write_text(
+        "file,cls,subclass,mk,snrg,desig\n"
+        "io_image_dr7.fits,STAR,G3,G,153.72,LAMOST J013730.44+252537.7\n"
+        "io_galaxy_dr7.fits.gz,GALAXY,Non,,9.69,LAMOST J103025.27+360334.7\n")
+    classes = list(ds.CLASSES_8)
+    icpt = np.where(np.array(classes) == "O", 20.0, 0.0)
+    model = recogniser.linear_model_from_sklearn(np.zeros((len(classes), NPIX * 2)), icpt,
+                                                 np.zeros(NPIX * 2), np.ones(NPIX * 2), channels=2)
+    decision = Decision.balanced(classes, min_score=-5.0, heii_weight=0.0)
+    new, record = train._no_real_lamost_candidates(model, decision, 1.0, classes, 2, tmp_path)
+    assert record["checked"] and record["n_files"] == 2 and record["scan_conditions"]
+    assert record["rule_alone_candidates_at_loso_threshold"] == 2
+    assert record["candidates_at_loso_threshold"] == 1
+    assert [Path(p).name for p in record["candidate_files"]] == ["io_image_dr7.fits"]
+    assert [Path(p).name for p in record["kept_out_by_scan_conditions"]] == ["io_galaxy_dr7.fits.gz"]
+    assert new.min_score > decision.min_score and record["candidates_after"] == 0
+    assert "scan's conditions in force" in new.chosen_on
