@@ -119,8 +119,8 @@ def conv1d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, stride: i
         y = (win.reshape(n * out, c_in * k) @ kernel.transpose(1, 0, 2).reshape(c_in * k, -1)).reshape(n, out, -1)
     else:
         # many: one batched product per tap on the strided view itself, no im2col copy
-        # (each (out, c_in) slice is BLAS-ready: unit stride over channels); 15-45 %
-        # faster per layer than the copy at c_in 16-64 (2026-12-06)
+        # (each (out, c_in) slice is BLAS-ready: unit stride over channels); faster per
+        # layer than the copy at c_in 16-64 (scripts/bench_conv.py)
         y = np.matmul(x[:, 0:span:stride, :], kernel[0])
         if k > 1:
             tap = np.empty_like(y)
