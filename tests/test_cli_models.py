@@ -143,3 +143,18 @@ def test_evaluate_loso_tiny_writes_report(tmp_path):
               "--out", str(tmp_path / "loso"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "loso" / "report.md").is_file() and (tmp_path / "loso" / "oof_lr2.npz").is_file()
+
+
+def test_models_list_figures_are_the_clean_checks_mean_where_a_card_has_them():
+    """A rule applied to another recipe lists its clean checks' mean, not the calibration run's own point."""
+    from lamost_ostar.cli.models import loso_figures
+
+    op = {"o_recall_star_averaged_snr_ge_10": 0.93, "false_o_per_million": 99.0}
+    card = {"metrics": {"loso": {"tables": {"operating_point": op}}}}
+    assert loso_figures(card) == (0.93, 99.0)
+    card["metrics"]["loso"]["clean_checks"] = {
+        "a.json": {"o_recall_star_averaged_snr_ge_10": 0.92, "false_o_per_million": 120.0},
+        "b.json": {"o_recall_star_averaged_snr_ge_10": 0.96, "false_o_per_million": 30.0}}
+    rec, fpm = loso_figures(card)
+    assert rec == pytest.approx(0.94) and fpm == pytest.approx(75.0)
+    assert loso_figures({"metrics": {"test": {"accuracy": 0.6}}}) == (None, None)

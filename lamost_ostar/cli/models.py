@@ -131,10 +131,7 @@ def list_cmd(models_dir: Path | None, as_json: bool) -> None:
         aug = (card.get("training_data") or {}).get("augmentation", "") \
             if isinstance(card.get("training_data"), dict) else ""
         mark = "*" if d == default_dir else " "
-        # detectors: the leave-one-star-out operating point (held-out stars)
-        op = _metric(card, "loso", "tables", "operating_point") or {}
-        loso_rec = op.get("o_recall_star_averaged_snr_ge_10") if isinstance(op, dict) else None
-        loso_fpm = op.get("false_o_per_million") if isinstance(op, dict) else None
+        loso_rec, loso_fpm = loso_figures(card)
         click.echo(
             f"{mark} {str(card.get('version', '?')):<{width}} {origin:<9} {str(card.get('created', ''))[:19]:<20} "
             f"{classes:<9} {_fmt(card.get('temperature')):>6} "
@@ -142,9 +139,34 @@ def list_cmd(models_dir: Path | None, as_json: bool) -> None:
             f"{_fmt(_metric(card, 'test', 'o_precision')):>6} {_fmt(loso_rec):>10} "
             f"{'-' if loso_fpm is None else f'{loso_fpm:.0f}':>9}  {'yes' if str(aug).startswith('LCGAN') else 'no'}"
         )
+    click.echo("LOSO O rec, false O/M: held-out stars (O recall at S/N >= 10, star-averaged; false O per "
+               "million non-O): the mean of the card's clean checks (its rule on seeds it was not chosen on) "
+               "where it has them, else the leave-one-star-out operating point")
     if default is not None:
         click.echo(f"* default: the version `lamost-ostar scan` uses without --model "
                    f"({'newest user version' if default[0] == 'user' else 'newest packaged version'})")
+
+
+def loso_figures(card: dict) -> tuple[float | None, float | None]:
+    """A detector's held-out figures: (star-averaged O recall at S/N >= 10, false O per million).
+
+    The mean over the card's clean checks (its rule applied unchanged to LOSO
+    runs of seeds it was not chosen on, ``metrics.loso.clean_checks``) where it
+    has them, since the card's LOSO tables of a rule applied to another recipe
+    are those of the calibration run's own operating point; else that
+    operating point (``metrics.loso.tables.operating_point``).  None where the
+    card has neither (not a detector).
+    """
+    checks = _metric(card, "loso", "clean_checks") or {}
+    rows = [c for c in checks.values() if isinstance(c, dict)] if isinstance(checks, dict) else []
+    rec = [c["o_recall_star_averaged_snr_ge_10"] for c in rows if c.get("o_recall_star_averaged_snr_ge_10") is not None]
+    fpm = [c["false_o_per_million"] for c in rows if c.get("false_o_per_million") is not None]
+    if rec and fpm:
+        return sum(rec) / len(rec), sum(fpm) / len(fpm)
+    op = _metric(card, "loso", "tables", "operating_point") or {}
+    if not isinstance(op, dict):
+        return None, None
+    return op.get("o_recall_star_averaged_snr_ge_10"), op.get("false_o_per_million")
 
 
 def _wrap(label: str, text: str, width: int = 100) -> list[str]:
