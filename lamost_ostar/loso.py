@@ -51,7 +51,7 @@ __all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "
            "ensemble_logits", "rule_candidates"]
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2+lcgan", "cnn2+sgan",
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn2+lcgan", "cnn2+sgan",
                                  "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
@@ -388,7 +388,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx"):
+    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw"):
         import keras
 
         from .models import recogniser
@@ -399,7 +399,14 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])
         x_train = train.inputs(ch)
-        if base == "cnn2dx":
+        if base == "cnn2dw":
+            # cnn2dx plus a linear path on per-pixel standardised input (the lr2 baseline inside
+            # the network), its L2 matched to lr2's C on this training set
+            x64 = x_train.reshape(len(x_train), -1, ch).astype(np.float64)
+            build = dict(build, wide=(x64.mean(axis=0), x64.var(axis=0)),
+                         wide_l2=1.0 / (2.0 * cfg.lr_c * len(x_train)))
+            del x64
+        if base in ("cnn2dx", "cnn2dw"):
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
                                                       np.random.default_rng([seed, 7]),
                                                       group=train.source == "mkclass")

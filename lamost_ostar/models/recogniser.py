@@ -99,6 +99,8 @@ def build_recogniser(
     name: str = "recogniser",
     channels: int = 1,
     head: str = "gap",
+    wide: tuple[np.ndarray, np.ndarray] | None = None,
+    wide_l2: float = 0.0,
 ) -> keras.Model:
     """Build the residual + attention recogniser (not compiled).
 
@@ -129,6 +131,17 @@ def build_recogniser(
         ``dense``: a 1x1 squeeze to 8 channels, flatten and a 64-unit dense
         layer, so the classifier knows *where* along the spectrum a feature
         sits (He II 4541 is not He I 4471).
+    wide : (mean, variance), optional
+        Per-pixel ``(npix, channels)`` mean and variance of the training
+        input.  When given, a linear path is added to the network
+        ("wide and deep"): the input standardised pixel by pixel with these
+        (a fixed :class:`keras.layers.Normalization`), flattened and mapped by
+        one dense layer to logits that are added to the convolutional logits.
+        That path is the logistic regression baseline (``lr2``) inside the
+        network, trained jointly with it.
+    wide_l2 : float
+        L2 weight of the linear path's kernel (per-sample loss units:
+        ``1 / (2 C N)`` reproduces scikit-learn's ``C`` on ``N`` spectra).
 
     Returns
     -------
@@ -166,6 +179,14 @@ def build_recogniser(
     else:
         raise ValueError(f"head must be 'gap' or 'dense', got {head!r}")
     out = keras.layers.Dense(n_classes, name="logits")(h)
+    if wide is not None:
+        mean, var = (np.asarray(a, np.float32).reshape(npix, channels) for a in wide)
+        w = keras.layers.Normalization(axis=(1, 2), mean=mean, variance=np.maximum(var, 1e-12),
+                                       name="wide_standardise")(inp)
+        w = keras.layers.Flatten(name="wide_flatten")(w)
+        w = keras.layers.Dense(n_classes, name="wide_logits",
+                               kernel_regularizer=keras.regularizers.L2(wide_l2) if wide_l2 else None)(w)
+        out = keras.layers.Add(name="wide_and_deep")([out, w])
     return keras.Model(inp, out, name=name)
 
 
