@@ -27,7 +27,11 @@ two-channel CNN (``cnn2``), the paper's one-channel CNN (``cnn1``), and
 logistic-regression baselines on one channel (``lr1``) and both (``lr2``);
 optionally the CNN with LCGAN / SGAN O samples added (``cnn2+lcgan``,
 ``cnn2+sgan``), the generators trained on high-S/N realisations of the fold's
-training O stars with noise added after generation.
+training O stars with noise added after generation.  ``cnn2d`` is the CNN
+with the position-aware dense head, ``cnn2dx`` that with within-class mixing
+(the default's CNN), and ``cnn2dw`` (experimental, run 15) ``cnn2dx`` with a
+linear path on the per-pixel standardised input added to its logits: the
+``lr2`` baseline inside the network, with ``lr2``'s L2 penalty, trained jointly.
 """
 from __future__ import annotations
 

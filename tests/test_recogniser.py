@@ -143,3 +143,28 @@ def test_predict_logits_padding_does_not_change_real_rows(n):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     # the same rows give the same logits whatever batch they are in
     np.testing.assert_allclose(R.predict_logits(model, x[:1], batch_size=32), got[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_wide_path_is_the_linear_model_on_standardised_pixels(tmp_path):
+    """``wide=(mean, var)`` adds a dense layer on per-pixel standardised input to the logits."""
+    x, _ = synthetic(40, npix=64)
+    x2 = np.stack([x, 1 + 0.1 * x], axis=-1)
+    mean, var = x2.mean(axis=0), x2.var(axis=0)
+    model = R.build_recogniser(3, npix=64, width=8, depth=1, channels=2, head="dense",
+                               wide=(mean, var), wide_l2=1e-3)
+    assert model.output_shape == (None, 3)
+    wide = model.get_layer("wide_logits")
+    assert wide.kernel.shape == (64 * 2, 3) and model.losses        # L2 on the wide kernel
+    # with the deep logits zeroed, the output is the linear model on (x - mean) / std
+    deep = model.get_layer("logits")
+    deep.set_weights([np.zeros_like(w) for w in deep.get_weights()])
+    rng = np.random.default_rng(0)
+    k, b = rng.standard_normal((128, 3)).astype("float32"), rng.standard_normal(3).astype("float32")
+    wide.set_weights([k, b])
+    z = ((x2 - mean) / np.sqrt(var)).reshape(len(x2), -1) @ k + b
+    np.testing.assert_allclose(R.predict_logits(model, x2), z, rtol=1e-3, atol=1e-3)
+    # the standardisation constants travel with the saved model
+    path = tmp_path / "w.keras"
+    model.save(path)
+    back = keras.saving.load_model(path, compile=False)
+    np.testing.assert_allclose(R.predict_logits(back, x2), z, rtol=1e-3, atol=1e-3)
