@@ -25,7 +25,6 @@ counts scaled down (see :class:`PaperScale`).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field

@@ -83,8 +83,12 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from .datasets import LabelledSpectra
 
 #: The paper's Table 2 (GAN-train, GAN-test) and recognition accuracies (Figure 7 / text).
 PAPER = {
@@ -391,7 +395,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
                     f"acc(real O) {s['acc_real_o']:.3f}")
 
             t0 = time.perf_counter()
-            hist = trainer.fit(gan_input.x, iterations=cfg.gan_iterations, batch_size=cfg.gan_batch_size,
+            trainer.fit(gan_input.x, iterations=cfg.gan_iterations, batch_size=cfg.gan_batch_size,
                                checkpoint_every=cfg.checkpoint_every, callback=on_checkpoint,
                                seed=cfg.seed * 1000 + r, progress=progress)
             total = time.perf_counter() - t0

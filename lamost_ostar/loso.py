@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, build_detector_training,
+from .datasets import (OTHER_LABEL, DetectorRecipe, LabelledSpectra, build_detector_training,
                        library_star_ids, load_lamost, mkclass_neighbours, mkclass_training_standards,
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 

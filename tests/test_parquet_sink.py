@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pyarrow.dataset as ds
-import pytest
 
 from lamost_ostar.entrypoints import SINKS, load
 from lamost_ostar.stage import OutputField, StageResult, StageSpec
