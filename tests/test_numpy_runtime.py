@@ -199,3 +199,24 @@ def test_two_output_model_is_refused_when_built(tmp_path):
     keras.Model(inp, [keras.layers.Dense(2)(h), keras.layers.Dense(3)(h)]).save(tmp_path / "two.keras")
     with pytest.raises(UnsupportedModelError, match="outputs"):
         NumpyGraph.from_keras_file(tmp_path / "two.keras")
+
+
+@pytest.mark.parametrize("axis", [(1, 2), -1])
+def test_fixed_normalization_matches_keras(tmp_path, axis):
+    """The wide path of ``cnn2dw``: a fixed per-pixel (or per-channel) Normalization."""
+    import keras
+
+    rng = np.random.default_rng(3)
+    shape = (37, 2) if axis == (1, 2) else (2,)
+    mean = rng.normal(size=shape).astype(np.float32)
+    var = rng.uniform(0.1, 3.0, shape).astype(np.float32)
+    var.flat[0] = 0.0                                     # a constant pixel: Keras divides by epsilon
+    inp = keras.Input((37, 2))
+    h = keras.layers.Normalization(axis=axis, mean=mean, variance=var)(inp)
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    model = keras.Model(inp, out)
+    model.save(tmp_path / "n.keras")
+    x = _input(6, (37, 2), seed=4)
+    x[:, 0, 0] = mean.flat[0]
+    graph = NumpyGraph.from_keras_file(tmp_path / "n.keras")
+    np.testing.assert_allclose(graph(x), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)

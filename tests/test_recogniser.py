@@ -168,3 +168,7 @@ def test_wide_path_is_the_linear_model_on_standardised_pixels(tmp_path):
     model.save(path)
     back = keras.saving.load_model(path, compile=False)
     np.testing.assert_allclose(R.predict_logits(back, x2), z, rtol=1e-3, atol=1e-3)
+    # and the scan's numpy engine runs it
+    from lamost_ostar.models.numpy_runtime import NumpyGraph
+
+    np.testing.assert_allclose(NumpyGraph.from_keras_file(path)(x2), z, rtol=1e-3, atol=1e-3)

@@ -311,6 +311,34 @@ def _dense_op(cfg: Mapping[str, Any], group: Any, d_in: int, what: str) -> Op:
     return op
 
 
+def _normalization_op(cfg: Mapping[str, Any], shape: Sequence[int | None], what: str) -> Op:
+    """A :class:`keras.layers.Normalization` built with fixed ``mean`` and ``variance``.
+
+    Keras computes ``(x - mean) / max(sqrt(variance), epsilon)``, the
+    constants broadcast along the kept ``axis`` (adapted statistics, kept as
+    weights, and ``invert`` are not supported).
+    """
+    if cfg.get("invert") or cfg.get("mean") is None or cfg.get("variance") is None:
+        raise UnsupportedModelError(f"{what}: only a fixed mean and variance (not adapted, not inverted)")
+    ndim = len(shape)
+    axes = cfg.get("axis", -1)
+    axes = [axes] if isinstance(axes, int) else list(axes or [])
+    axes = {a % ndim for a in axes}
+    bshape = [1] + [int(shape[d]) if d in axes else 1 for d in range(1, ndim)]
+
+    def kept(v: Any) -> np.ndarray:           # a scalar or the kept axes' shape -> broadcastable
+        return np.broadcast_to(np.asarray(v, np.float32).reshape(
+            bshape if np.size(v) > 1 else [1] * ndim), bshape).copy()
+    mean, var = kept(cfg["mean"]), kept(cfg["variance"])
+    inv = (1.0 / np.maximum(np.sqrt(var), np.float32(1e-7))).astype(np.float32)
+
+    def normalise(xs: list[np.ndarray]) -> np.ndarray:
+        y = np.subtract(xs[0], mean, dtype=np.float32)
+        y *= inv
+        return y
+    return normalise
+
+
 def _layer_op(layer: Mapping[str, Any], group: Any) -> Op:
     """The numpy function of one saved layer (``group``: its weights, or None)."""
     cls = layer["class_name"]
@@ -383,6 +411,8 @@ def _layer_op(layer: Mapping[str, Any], group: Any) -> Op:
             _per_channel(y, off, np.subtract)
             return _per_channel(y, sc, np.multiply)
         return affine
+    if cls == "Normalization":
+        return _normalization_op(cfg, _in_shape(layer), what)
     if cls == "ScaledLogSoftmax":
         t = np.float32(cfg["temperature"])
         return lambda xs: _log_softmax(xs[0] / t)
@@ -413,7 +443,7 @@ def _layer_op(layer: Mapping[str, Any], group: Any) -> Op:
 #: Layer classes :class:`NumpyGraph` evaluates (plus nested ``Functional`` models and inputs).
 SUPPORTED_LAYERS = ("Conv1D", "Dense", "BatchNormalization", "ReLU", "Activation", "MaxPooling1D",
                     "GlobalAveragePooling1D", "Flatten", "Add", "Average", "Rescaling", "Dropout",
-                    "ChannelAffine", "ScaledLogSoftmax", "ChannelAttention1D")
+                    "Normalization", "ChannelAffine", "ScaledLogSoftmax", "ChannelAttention1D")
 
 
 def _history(arg: Any) -> tuple[str, int, int]:
