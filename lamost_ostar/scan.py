@@ -317,6 +317,20 @@ MALLOPT_SETTINGS: dict[str, int] = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRE
 #: limit when a process's first thread takes an arena, and a worker's event-loop threads do that
 #: at start-up.  Workers started with ``dask worker`` need it in their own environment (README).
 ARENA_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
+
+#: Dask settings of a local cluster (:func:`make_client`) that slow down its monitors.  A local
+#: cluster's scheduler and nannies live in the client process and share its event loop; at Dask's
+#: defaults (system monitor every 500 ms with disk counters, each nanny's memory check every
+#: 100 ms, the admin tick every 20 ms) that loop took 0.070-0.078 of the machine's 2 cores during a
+#: scan, and 0.037-0.040 with these (``scripts/bench_cpu_share.py``, reports/performance.md).  The
+#: local cluster has no dashboard, so the system monitor's history has no reader; a nanny still
+#: checks its worker's memory every second.
+QUIET_MONITORS: dict[str, Any] = {
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.tick.interval": "1s",
+}
 _MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
 
 
@@ -955,7 +969,7 @@ def make_client(scheduler: str | None = None, n_workers: int | None = None,
     # still reaches the workers through the inherited environment).
     with dask.config.set({"distributed.worker.profile.enabled": False,
                           "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                          **arena}):
+                          **QUIET_MONITORS, **arena}):
         cluster = LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=None, silence_logs=logging.ERROR, memory_limit=memory_limit,

@@ -116,6 +116,18 @@ def test_local_workers_run_without_dask_profiler(client):
     assert dask.config.get("distributed.worker.profile.enabled")   # the caller's config is untouched
 
 
+def test_local_cluster_monitors_are_quiet(client):
+    """The local cluster's monitors run at scan.QUIET_MONITORS, in the workers and in the nannies."""
+    import dask
+
+    for key, value in scanmod.QUIET_MONITORS.items():
+        got = client.run(lambda k=key: dask.config.get(k))
+        assert got and set(got.values()) == {value}, key
+    nanny = next(iter(client.cluster.workers.values()))
+    assert nanny.memory_manager.memory_monitor_interval == 1.0
+    assert dask.config.get("distributed.admin.tick.interval") != "1s"   # the caller's config is untouched
+
+
 def test_local_workers_keep_glibc_malloc_adaptive(client):
     """Dask's MALLOC_TRIM_THRESHOLD_=65536 (it made the stage 44 % slower) is not set in local workers."""
     import os
