@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import (OTHER_LABEL, DetectorRecipe, LabelledSpectra, build_detector_training,
+from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, build_detector_training,
                        library_star_ids, load_lamost, mkclass_neighbours, mkclass_training_standards,
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
-__all__ = ["LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
+__all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
            "ensemble_logits", "rule_candidates"]
