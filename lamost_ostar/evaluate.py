@@ -396,8 +396,8 @@ def run_evaluation(cfg: EvalConfig, out_dir: str | Path, data_dir: str | Path | 
 
             t0 = time.perf_counter()
             trainer.fit(gan_input.x, iterations=cfg.gan_iterations, batch_size=cfg.gan_batch_size,
-                               checkpoint_every=cfg.checkpoint_every, callback=on_checkpoint,
-                               seed=cfg.seed * 1000 + r, progress=progress)
+                        checkpoint_every=cfg.checkpoint_every, callback=on_checkpoint,
+                        seed=cfg.seed * 1000 + r, progress=progress)
             total = time.perf_counter() - t0
             evals = sum(v["eval_seconds"] for v in scores.values())
             rec["checkpoints"][kind] = scores

@@ -138,7 +138,8 @@ def build_recogniser(
         (a fixed :class:`keras.layers.Normalization`), flattened and mapped by
         one dense layer to logits that are added to the convolutional logits.
         That path is the logistic regression baseline (``lr2``) inside the
-        network, trained jointly with it.
+        network, trained jointly with it (LOSO kind ``cnn2dw``; in run 15 it
+        did worse than both the CNN and ``lr2``: ``reports/loso/run15``).
     wide_l2 : float
         L2 weight of the linear path's kernel (per-sample loss units:
         ``1 / (2 C N)`` reproduces scikit-learn's ``C`` on ``N`` spectra).
