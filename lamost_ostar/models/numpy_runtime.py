@@ -327,8 +327,7 @@ def _normalization_op(cfg: Mapping[str, Any], shape: Sequence[int | None], what:
     bshape = [1] + [int(shape[d]) if d in axes else 1 for d in range(1, ndim)]
 
     def kept(v: Any) -> np.ndarray:           # a scalar or the kept axes' shape -> broadcastable
-        return np.broadcast_to(np.asarray(v, np.float32).reshape(
-            bshape if np.size(v) > 1 else [1] * ndim), bshape).copy()
+        return np.asarray(v, np.float32).reshape(bshape if np.size(v) > 1 else [1] * ndim)
     mean, var = kept(cfg["mean"]), kept(cfg["variance"])
     inv = (1.0 / np.maximum(np.sqrt(var), np.float32(1e-7))).astype(np.float32)
 
