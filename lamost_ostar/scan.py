@@ -322,7 +322,7 @@ ARENA_ENV: dict[str, str] = {"MALLOC_ARENA_MAX": "1"}
 #: cluster's scheduler and nannies live in the client process and share its event loop; at Dask's
 #: defaults (system monitor every 500 ms with disk counters, each nanny's memory check every
 #: 100 ms, the admin tick every 20 ms) that loop took 0.070-0.078 of the machine's 2 cores during a
-#: scan, and 0.037-0.040 with these (``scripts/bench_cpu_share.py``, reports/performance.md).  The
+#: scan, and 0.034-0.040 with these (``scripts/bench_cpu_share.py``, reports/performance.md).  The
 #: local cluster has no dashboard, so the system monitor's history has no reader; a nanny still
 #: checks its worker's memory every second.
 QUIET_MONITORS: dict[str, Any] = {
