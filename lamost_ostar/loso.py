@@ -35,6 +35,7 @@ linear path on the per-pixel standardised input added to its logits: the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -104,6 +105,12 @@ class LosoConfig:
         training realisations.
     seed : int
         Master seed.
+    interstellar_tests : bool
+        Also test on ``o_ism`` / ``b_ism``: the same O and B test
+        realisations (same draws) with the interstellar lines and diffuse
+        bands of their added E(B-V) (``MockConfig.interstellar``); the
+        standard tables ignore them, :func:`apply_rule` reads them with
+        ``interstellar=True``.
     """
 
     recipe: DetectorRecipe = field(default_factory=DetectorRecipe)
@@ -127,6 +134,7 @@ class LosoConfig:
     lr_c: float = 0.05
     seed: int = 0
     profile: str = "full"
+    interstellar_tests: bool = False
 
     @classmethod
     def from_profile(cls, name: str, seed: int = 0) -> "LosoConfig":
@@ -233,13 +241,20 @@ def star_test_sets(test_lib, cfg: LosoConfig, rng: np.random.Generator,
         sub = test_lib.select(c)
         if len(sub) == 0:
             continue
-        parts = []
-        n = per_bin[c]
-        for lo, hi in SNR_BINS:
-            cfg_m = recipe.mock_config(snr_range=(float(lo), float(min(hi, 150.0))), calib_sigma=recipe.calib_sigma)
-            per = spread(sub, {c: n // len(SNR_BINS) * max(1, len(np.unique(library_star_ids(sub))))}, rng)
-            parts.append(realise_templates(sub, per, rng, cfg_m, 0.0, measure or evidence, source="test"))
-        out[name] = LabelledSpectra.concat(parts)
+        # the interstellar twin replays this set's random draws from a copy of the generator, so
+        # the run's other data are those of a run without it
+        twin_rng = copy.deepcopy(rng) if cfg.interstellar_tests and c in ("O", "B") else None
+        for target, r, ism in ((name, rng, False), (f"{name}_ism", twin_rng, True)):
+            if r is None:
+                continue
+            parts = []
+            n = per_bin[c]
+            for lo, hi in SNR_BINS:
+                cfg_m = recipe.mock_config(snr_range=(float(lo), float(min(hi, 150.0))),
+                                           calib_sigma=recipe.calib_sigma, interstellar=ism)
+                per = spread(sub, {c: n // len(SNR_BINS) * max(1, len(np.unique(library_star_ids(sub))))}, r)
+                parts.append(realise_templates(sub, per, r, cfg_m, 0.0, measure or evidence, source="test"))
+            out[target] = LabelledSpectra.concat(parts)
     return out
 
 
@@ -863,7 +878,7 @@ def _table_inputs(d: Mapping[str, np.ndarray]) -> tuple:
 
 
 def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_veto: bool = True,
-               min_snr_g: float | None = None) -> dict:
+               min_snr_g: float | None = None, interstellar: bool = False) -> dict:
     """Tables of a fixed operating point on another run's out-of-fold data (a clean check).
 
     ``op`` is an operating point as :func:`analyse` stores it (e.g. the
@@ -873,7 +888,9 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     own out-of-fold temperature (as :func:`analyse` does; run it first).
     ``class_veto``: real LAMOST files the pipeline calls GALAXY or QSO are not
     candidates, nor (``min_snr_g``) spectra below the S/N floor
-    (:func:`stage_veto_mask`), as in the scan.
+    (:func:`stage_veto_mask`), as in the scan.  ``interstellar``: the O and B
+    rows of the tables are the interstellar twins (``o_ism``, ``b_ism``, of a
+    run with ``LosoConfig.interstellar_tests``) instead of ``o`` and ``b``.
 
     Returns
     -------
@@ -886,6 +903,12 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     """
     _, d, classes, probs, heii = _analysed_run(out_dir, model)
     cand = rule_candidates(op, classes, probs, heii, d, class_veto, min_snr_g)
+    if interstellar:
+        sets = d["set"].astype(str)
+        if not np.isin(sets, ["o_ism", "b_ism"]).any():
+            raise ValueError(f"{out_dir} has no interstellar test sets (run with interstellar_tests)")
+        d = dict(d, set=np.select([sets == "o", sets == "b", sets == "o_ism", sets == "b_ism"],
+                                  ["o_plain", "b_plain", "o", "b"], sets))
     t = _tables(cand, *_table_inputs(d))
     t["false_o_by_star"] = sorted((r for r in _non_o_star_rows(d, {"called_o": cand}) if r["called_o"]),
                                   key=lambda r: (-r["called_o"], r["star"]))

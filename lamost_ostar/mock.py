@@ -484,6 +484,12 @@ class MockConfig:
         4500 A (``TemplateLibrary.resolution``; the coarser of a pair); no
         smoothing where the template is already coarser.  Truth
         ``resolution`` = min(R, R_tpl) (= R_tpl without this knob).
+    interstellar : bool
+        Add the interstellar lines and diffuse bands of the drawn E(B-V)
+        (:mod:`lamost_ostar.interstellar`), at the spectrum's resolution, on
+        top of the template's own.  Its random draws come from a stream
+        spawned from the batch's generator, so every other draw (and so the
+        rest of the release) is the same with and without it.
     min_coverage : float
         The picker prefers templates whose ``coverage`` (fraction of valid grid
         pixels) is at least this (default 0.85, meant for releases; pass 0 for
@@ -529,6 +535,7 @@ class MockConfig:
     ebv_ranges: Mapping[str, tuple[float, float]] | None = None
     r_v_range: tuple[float, float] | None = None
     resolution_range: tuple[float, float] | None = None
+    interstellar: bool = False
     min_coverage: float = DEFAULT_MIN_COVERAGE
     compresslevel: int = 1
     batch_size: int = 256
@@ -1001,6 +1008,11 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
             vnat = None
     else:
         vnat = None
+
+    # --- interstellar lines and bands of the added reddening (own random stream)
+    if cfg.interstellar:
+        from lamost_ostar.interstellar import transmission
+        f *= transmission(wave, ebv, r_eff, rng.spawn(1)[0])
 
     # --- reddening (added to the template's own), flux-calibration distortion, dichroic
     if cfg.r_v_range is None:

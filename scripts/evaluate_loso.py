@@ -30,22 +30,25 @@ from lamost_ostar.models.decision import snr_floor_in_force
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True, min_snr_g: float | None = None) -> None:
+def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True, min_snr_g: float | None = None,
+                interstellar: bool = False) -> None:
     """Every model in both runs: the other run's operating point on ``out``'s out-of-fold data."""
     rules = json.loads(rules_file.read_text())["models"]
     mine = json.loads((out / "results.json").read_text())["models"]
     applied = {}
     for m in sorted(set(rules) & set(mine)):
-        t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto, min_snr_g=min_snr_g)
+        t = loso.apply_rule(out, m, rules[m]["operating_point"], class_veto=class_veto, min_snr_g=min_snr_g,
+                            interstellar=interstellar)
         applied[m] = {"rule_from": str(rules_file), "operating_point": rules[m]["operating_point"],
                       "class_veto": class_veto, "min_snr_g": snr_floor_in_force(min_snr_g),
-                      "tables": t}
+                      "interstellar": interstellar, "tables": t}
         pct = loso._pct
         print(f"{m}: O recall (star-averaged, S/N >= 10) {pct(t['o_recall_star_averaged_snr_ge_10'])}, "
               f"B->O {pct(t['b_to_o'])} (B0-B1 {pct(t['b0_b1_to_o'])}), X->O {pct(t['x_to_o'])}, "
               f"false O per million {loso._num(t['false_o_per_million'])}, "
               f"real LAMOST {t['real_lamost_candidates']}/{t['real_lamost_n']}")
-    (out / "applied_rule.json").write_text(json.dumps(applied, indent=1, default=loso._json_default))
+    name = "applied_rule_interstellar.json" if interstellar else "applied_rule.json"
+    (out / name).write_text(json.dumps(applied, indent=1, default=loso._json_default))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--emission-fraction", type=float, default=None,
                     help="share of the O and B training realisations given Be/Oe-like Balmer emission "
                          "(DetectorRecipe.emission_fraction; default 0: none)")
+    ap.add_argument("--interstellar-tests", action="store_true",
+                    help="also test on o_ism / b_ism: the O and B test realisations again, same draws, with the "
+                         "interstellar lines and diffuse bands of their E(B-V) (LosoConfig.interstellar_tests)")
+    ap.add_argument("--interstellar", action="store_true",
+                    help="with --apply-rule: the O and B rows are the interstellar twins (o_ism, b_ism); "
+                         "writes applied_rule_interstellar.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                          "default: the scan's, 3; 0: none)")
     args = ap.parse_args(argv)
     if args.apply_rule is not None:
-        return _apply_rule(args.apply_rule, args.out, args.class_veto, args.min_snr_g)
+        return _apply_rule(args.apply_rule, args.out, args.class_veto, args.min_snr_g, args.interstellar)
     if args.reanalyse:
         if args.merge:
             loso.merge_runs(args.merge.split(","), args.out)
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=args.mkclass_fraction)
     if args.emission_fraction is not None:
         cfg.recipe = dataclasses.replace(cfg.recipe, emission_fraction=args.emission_fraction)
+    cfg.interstellar_tests = args.interstellar_tests
     path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
     print(f"report: {path}")
 
