@@ -345,3 +345,29 @@ def test_class_veto_mask_only_touches_real_lamost_rows_and_the_snr_floor_every_r
     assert loso.stage_veto_mask(d).tolist() == [False, True, True, True, True]
     assert loso.stage_veto_mask(d, class_veto=False).tolist() == [False, True, False, True, False]
     assert loso.stage_veto_mask(d, class_veto=False, min_snr_g=0).tolist() == [False] * 5
+
+
+def test_interstellar_twins_are_the_same_draws_and_change_nothing_else(tmp_path):
+    base = loso.LosoConfig.from_profile("tiny", seed=3)
+    base.models = ("lr2",)
+    twin = loso.LosoConfig.from_profile("tiny", seed=3)
+    twin.models, twin.interstellar_tests = ("lr2",), True
+    loso.run_loso(base, tmp_path / "plain", log=lambda *a: None)
+    loso.run_loso(twin, tmp_path / "twin", log=lambda *a: None)
+    a, b = loso.load_oof(tmp_path / "plain" / "oof_lr2.npz"), loso.load_oof(tmp_path / "twin" / "oof_lr2.npz")
+    sa, sb = a["set"].astype(str), b["set"].astype(str)
+    assert "o_ism" in set(sb) and "o_ism" not in set(sa)
+    for k in set(sa):                         # every other test set, and so the model, is unchanged
+        np.testing.assert_array_equal(a["logits"][sa == k], b["logits"][sb == k])
+    o, oi = sb == "o", sb == "o_ism"
+    np.testing.assert_array_equal(b["ebv"][o], b["ebv"][oi])
+    np.testing.assert_array_equal(b["star"][o], b["star"][oi])
+    assert not np.array_equal(b["logits"][o], b["logits"][oi])
+    # the rule on the twins: the O rows are o_ism; a run without twins says so
+    op = json.loads((tmp_path / "twin" / "results.json").read_text())["models"]["lr2"]["operating_point"]
+    plain_t = loso.apply_rule(tmp_path / "twin", "lr2", op)
+    twin_t = loso.apply_rule(tmp_path / "twin", "lr2", op, interstellar=True)
+    assert plain_t["false_o_per_million"] == twin_t["false_o_per_million"]
+    assert set(plain_t["o_recall_per_star"]) == set(twin_t["o_recall_per_star"])
+    with pytest.raises(ValueError, match="no interstellar test sets"):
+        loso.apply_rule(tmp_path / "plain", "lr2", op, interstellar=True)
