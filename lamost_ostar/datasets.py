@@ -806,6 +806,12 @@ class DetectorRecipe:
     per group of ``emission_levels``), so that a disc's emission says nothing
     about the class; their source is ``"emission"``.  0 (the default, and
     every model so far): none.
+
+    ``interstellar``: every realisation also shows the interstellar lines and
+    diffuse bands of its drawn E(B-V) (``MockConfig.interstellar``,
+    :mod:`lamost_ostar.interstellar`); their draws come from a separate
+    stream, so everything else is drawn as without them.  False (the
+    default, and every model so far): continuum reddening only.
     """
 
     classes: tuple[str, ...] = CLASSES_8
@@ -826,6 +832,7 @@ class DetectorRecipe:
     emission_fraction: float = 0.0
     emission_ew_range: tuple[float, float] = (3.0, 50.0)
     emission_levels: int = 8
+    interstellar: bool = False
 
     def mock_config(self, **overrides):
         """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
@@ -833,7 +840,8 @@ class DetectorRecipe:
 
         kw = dict(ebv_ranges=dict(self.ebv_ranges), r_v_range=tuple(self.r_v_range),
                   resolution_range=tuple(self.resolution_range), snr_range=tuple(self.snr_range),
-                  calib_sigma=self.calib_sigma, min_coverage=self.min_coverage)
+                  calib_sigma=self.calib_sigma, min_coverage=self.min_coverage,
+                  interstellar=self.interstellar)
         kw.update(overrides)
         return MockConfig(**kw)
 

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--emission-fraction", type=float, default=None,
                     help="share of the O and B training realisations given Be/Oe-like Balmer emission "
                          "(DetectorRecipe.emission_fraction; default 0: none)")
+    ap.add_argument("--interstellar-training", action="store_true",
+                    help="train on realisations with the interstellar lines and diffuse bands of their E(B-V) "
+                         "(DetectorRecipe.interstellar; default: continuum reddening only)")
     ap.add_argument("--interstellar-tests", action="store_true",
                     help="also test on o_ism / b_ism: the O and B test realisations again, same draws, with the "
                          "interstellar lines and diffuse bands of their E(B-V) (LosoConfig.interstellar_tests)")
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=args.mkclass_fraction)
     if args.emission_fraction is not None:
         cfg.recipe = dataclasses.replace(cfg.recipe, emission_fraction=args.emission_fraction)
+    if args.interstellar_training:
+        cfg.recipe = dataclasses.replace(cfg.recipe, interstellar=True)
     cfg.interstellar_tests = args.interstellar_tests
     path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
     print(f"report: {path}")

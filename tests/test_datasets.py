@@ -211,6 +211,27 @@ def test_emission_share_replaces_part_of_the_o_and_b_realisations_and_keeps_the_
     assert np.median(peak) > 1.05
 
 
+def test_interstellar_recipe_adds_the_features_and_draws_everything_else_the_same():
+    """DetectorRecipe.interstellar: the same stars, labels and E(B-V); the spectra differ only
+    where the interstellar features are (Na D here), in proportion to the reddening."""
+    from lamost_ostar.preprocess import grid_wavelength
+    from lamost_ostar.templates import load_templates
+
+    lib = load_templates()
+    kw = dict(n_per_class=16, classes=("O", "B", "F"), mix_fraction=0.0)
+    plain = ds.build_detector_training(lib, ds.DetectorRecipe(**kw), np.random.default_rng(4))
+    ism = ds.build_detector_training(lib, ds.DetectorRecipe(**kw, interstellar=True), np.random.default_rng(4))
+    assert np.array_equal(plain.labels, ism.labels) and np.array_equal(plain.star, ism.star)
+    assert np.array_equal(plain.meta["ebv"], ism.meta["ebv"])
+    wave = grid_wavelength()
+    nad = (wave > 5888) & (wave < 5900)
+    drop = (plain.normalised[:, nad] - ism.normalised[:, nad]).mean(axis=1)
+    red = (plain.meta["ebv"] > 1.0) & np.all(plain.normalised[:, nad] != 1.0, axis=1)
+    assert red.sum() >= 5 and np.all(drop[red] > 0.03)
+    far = (wave > 4000) & (wave < 4200)
+    assert np.abs(plain.normalised[:, far] - ism.normalised[:, far]).mean() < 0.01
+
+
 def test_mkclass_neighbours_leave_with_a_held_out_star():
     from lamost_ostar.templates import load_templates
 
