@@ -86,3 +86,17 @@ def test_sensitivity_script_scans_both_releases_of_the_same_stars(tmp_path, caps
     # the same stars and S/N in both releases, so the same counts per bin
     assert rep["plain"]["O"]["n"] == rep["interstellar"]["O"]["n"]
     assert "candidates" in capsys.readouterr().out
+
+
+def test_sensitivity_script_line_evidence_mode(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ism_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("ism_sensitivity_lines", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path), "--lines", "12", "--seed", "3"]) == 0
+    ev = json.loads((tmp_path / "ism_lines.json").read_text())["evidence"]
+    assert len(ev["O"]["heii_sigma"]) == 2 and "heii_detected_b0_b1" in ev["B"]
