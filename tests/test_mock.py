@@ -258,6 +258,14 @@ def test_cli(tmp_path):
         assert res.output.strip().splitlines()[-1].startswith("Error:")
     res = runner.invoke(main, ["mock", str(tmp_path / "r"), "--n", "2"])
     assert res.exit_code == 2 and "not empty" in res.output
+    # --interstellar: the same release (same truth) with the interstellar features in the files
+    for d, extra in (("p", []), ("i", ["--interstellar"])):
+        res = runner.invoke(main, ["mock", str(tmp_path / d), "--n", "4", "--seed", "3", "--quiet",
+                                   "--preset", "O=1", *extra])
+        assert res.exit_code == 0, res.output
+    def drawn(path):        # the drawn truth (the S/N columns are measured on the written spectra)
+        return [{k: v for k, v in r.items() if not k.startswith("snr_")} for r in read_truth(path)]
+    assert drawn(tmp_path / "p" / "truth.csv") == drawn(tmp_path / "i" / "truth.csv")
 
 
 # ---------------------------------------------------------------- templates: coverage, kinds, knobs

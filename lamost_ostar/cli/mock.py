@@ -33,11 +33,14 @@ def _parse_snr_range(value: str | None) -> tuple[float, float] | None:
 @click.option("--compresslevel", type=int, default=1, show_default=True, help="gzip level 0-9.")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Spectra per vectorised batch / worker task.")
+@click.option("--interstellar", is_flag=True,
+              help="Add the interstellar lines and diffuse bands of each spectrum's E(B-V) "
+                   "(Na I D, Ca II H & K, K I, the 4428/5780/6284 A bands, ...).")
 @click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty OUTDIR.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def mock(outdir: str, n: int, preset: str, layout: str, seed: int, broken_rate: float,
          workers: int, snr_range: str | None, compresslevel: int, batch_size: int,
-         overwrite: bool, quiet: bool) -> None:
+         interstellar: bool, overwrite: bool, quiet: bool) -> None:
     """Write a mock LAMOST release of N spectra under OUTDIR.
 
     Files: OUTDIR/<LMJD>/<PLANID>/spec-<LMJD>-<PLANID>_sp<SS>-<FFF>.fits.gz, and the
@@ -55,7 +58,7 @@ def mock(outdir: str, n: int, preset: str, layout: str, seed: int, broken_rate: 
         raise click.UsageError(f"{outdir} is not empty (use --overwrite to write into it)")
     cfg = MockConfig(n=n, preset=preset, layout=layout, seed=seed, broken_rate=broken_rate,
                      snr_range=_parse_snr_range(snr_range), compresslevel=compresslevel,
-                     batch_size=batch_size)
+                     batch_size=batch_size, interstellar=interstellar)
     try:
         cfg.validate()
     except ValueError as exc:
