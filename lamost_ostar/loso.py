@@ -106,10 +106,10 @@ class LosoConfig:
     seed : int
         Master seed.
     interstellar_tests : bool
-        Also test on ``o_ism`` / ``b_ism``: the same O and B test
-        realisations (same draws) with the interstellar lines and diffuse
-        bands of their added E(B-V) (``MockConfig.interstellar``); the
-        standard tables ignore them, :func:`apply_rule` reads them with
+        Also test on ``o_ism`` / ``b_ism`` / ``survey_ism``: the same O, B
+        and survey test realisations (same draws) with the interstellar lines
+        and diffuse bands of their added E(B-V) (``MockConfig.interstellar``);
+        the standard tables ignore them, :func:`apply_rule` reads them with
         ``interstellar=True``.
     """
 
@@ -275,14 +275,16 @@ def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
             counts[np.argmax(frac)] += cfg.survey_per_fold - counts.sum()
         mk = [c for c, m in zip(present, counts) for _ in range(int(m))]
         ids = dict(zip(np.asarray(test_lib.name).astype(str), library_star_ids(test_lib)))
-        parts = []
         mk = list(rng.permutation(mk))
-        for start in range(0, len(mk), 2048):
-            parts.append(_simulate_lib(test_lib, mk[start:start + 2048], rng, MockConfig(), 0.0,
-                                       ids, "survey", evidence))
-        surv = LabelledSpectra.concat(parts)
-        # weights re-establish the survey mix where a fold lacks a class
-        out["survey"] = surv
+        # the interstellar twin replays the survey draws from a copy of the generator (as the O/B twins)
+        twin_rng = copy.deepcopy(rng) if cfg.interstellar_tests else None
+        for target, r, ism in (("survey", rng, False), ("survey_ism", twin_rng, True)):
+            if r is None:
+                continue
+            parts = [_simulate_lib(test_lib, mk[start:start + 2048], r, MockConfig(interstellar=ism), 0.0,
+                                   ids, "survey", evidence) for start in range(0, len(mk), 2048)]
+            # weights re-establish the survey mix where a fold lacks a class
+            out[target] = LabelledSpectra.concat(parts)
     if lamost_test is not None and len(lamost_test):
         out["lamost"] = lamost_test
     return out
@@ -888,9 +890,10 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
     own out-of-fold temperature (as :func:`analyse` does; run it first).
     ``class_veto``: real LAMOST files the pipeline calls GALAXY or QSO are not
     candidates, nor (``min_snr_g``) spectra below the S/N floor
-    (:func:`stage_veto_mask`), as in the scan.  ``interstellar``: the O and B
-    rows of the tables are the interstellar twins (``o_ism``, ``b_ism``, of a
-    run with ``LosoConfig.interstellar_tests``) instead of ``o`` and ``b``.
+    (:func:`stage_veto_mask`), as in the scan.  ``interstellar``: the O, B
+    and (where the run has it) survey rows of the tables are the interstellar
+    twins (``o_ism``, ``b_ism``, ``survey_ism``, of a run with
+    ``LosoConfig.interstellar_tests``) instead of ``o``, ``b``, ``survey``.
 
     Returns
     -------
@@ -907,8 +910,9 @@ def apply_rule(out_dir: str | Path, model: str, op: Mapping[str, Any], class_vet
         sets = d["set"].astype(str)
         if not np.isin(sets, ["o_ism", "b_ism"]).any():
             raise ValueError(f"{out_dir} has no interstellar test sets (run with interstellar_tests)")
-        d = dict(d, set=np.select([sets == "o", sets == "b", sets == "o_ism", sets == "b_ism"],
-                                  ["o_plain", "b_plain", "o", "b"], sets))
+        twins = [t for t in ("o", "b", "survey") if np.any(sets == f"{t}_ism")]
+        d = dict(d, set=np.select([sets == t for t in twins] + [sets == f"{t}_ism" for t in twins],
+                                  [f"{t}_plain" for t in twins] + twins, sets))
     t = _tables(cand, *_table_inputs(d))
     t["false_o_by_star"] = sorted((r for r in _non_o_star_rows(d, {"called_o": cand}) if r["called_o"]),
                                   key=lambda r: (-r["called_o"], r["star"]))
