@@ -537,23 +537,8 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     log(f"LOSO: {len(o_units)} O units ({', '.join(o_units)}); running folds {folds}; models {cfg.models}")
     for k in folds:
         t0 = time.perf_counter()
-        rng_k = np.random.default_rng([cfg.seed, k])
-        held = {s for s, f in fold_of_star.items() if f == k}
-        train_lib, test_lib = _take_stars(lib, held, False), _take_stars(lib, held, True)
-        lam_train = lam_test = None
-        if lamost is not None:
-            in_k = np.array([fold_of_lamost.get(s, -1) == k for s in lamost.star])
-            lam_train, lam_test = lamost.subset(np.flatnonzero(~in_k)), lamost.subset(np.flatnonzero(in_k))
-        # the MKCLASS standards that could average a held-out star leave with it; the blue-only
-        # share has its own random streams, so the rest of the fold's data are those of a run without it
-        std_k = None if standards is None else standards._take(
-            np.flatnonzero(~mkclass_neighbours(standards, test_lib)))
-        train = build_detector_training(train_lib, cfg.recipe, rng_k, lamost=lam_train, mkclass=std_k,
-                                        extra_rng=np.random.default_rng([cfg.seed, k, 17]))
-        val = build_detector_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
-                                                                     mix_fraction=0.0), rng_k, None, mkclass=std_k,
-                                      extra_rng=np.random.default_rng([cfg.seed, k, 18]))
-        tests = _test_sets(test_lib, lam_test, cfg, rng_k)
+        held, train_lib, std_k, train, val, tests, rng_k = _fold_data(cfg, k, lib, lamost, fold_of_star,
+                                                                      fold_of_lamost, standards)
         gan_input = None
         if any("+" in m for m in cfg.models):
             o_lib = train_lib.select("O")
@@ -599,6 +584,98 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     path = out / "report.md"
     path.write_text(render_report(results))
     return path
+
+
+def _fold_data(cfg: LosoConfig, k: int, lib, lamost: LabelledSpectra | None, fold_of_star: Mapping[str, int],
+               fold_of_lamost: Mapping[str, int], standards) -> tuple:
+    """Fold ``k``'s data, drawn from its own generator: ``(held, train_lib, std_k, train, val, tests, rng_k)``.
+
+    ``rng_k`` is returned in the state after the test sets (the GAN input, when
+    asked for, is drawn from it next).
+    """
+    rng_k = np.random.default_rng([cfg.seed, k])
+    held = {s for s, f in fold_of_star.items() if f == k}
+    train_lib, test_lib = _take_stars(lib, held, False), _take_stars(lib, held, True)
+    lam_train = lam_test = None
+    if lamost is not None:
+        in_k = np.array([fold_of_lamost.get(s, -1) == k for s in lamost.star])
+        lam_train, lam_test = lamost.subset(np.flatnonzero(~in_k)), lamost.subset(np.flatnonzero(in_k))
+    # the MKCLASS standards that could average a held-out star leave with it; the blue-only
+    # share has its own random streams, so the rest of the fold's data are those of a run without it
+    std_k = None if standards is None else standards._take(
+        np.flatnonzero(~mkclass_neighbours(standards, test_lib)))
+    train = build_detector_training(train_lib, cfg.recipe, rng_k, lamost=lam_train, mkclass=std_k,
+                                    extra_rng=np.random.default_rng([cfg.seed, k, 17]))
+    val = build_detector_training(train_lib, dataclasses.replace(cfg.recipe, n_per_class=cfg.n_val_per_class,
+                                                                 mix_fraction=0.0), rng_k, None, mkclass=std_k,
+                                  extra_rng=np.random.default_rng([cfg.seed, k, 18]))
+    tests = _test_sets(test_lib, lam_test, cfg, rng_k)
+    return held, train_lib, std_k, train, val, tests, rng_k
+
+
+def config_from_dict(d: Mapping[str, Any]) -> LosoConfig:
+    """The :class:`LosoConfig` of a run's ``folds.json`` / ``results.json`` ``config``."""
+    rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d["recipe"]).items()}
+    rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
+    known = {f.name for f in dataclasses.fields(LosoConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known and k != "recipe"}
+    if isinstance(kw.get("seed"), tuple):
+        raise ValueError("a pooled run's config (several seeds) cannot be replayed")
+    return LosoConfig(recipe=DetectorRecipe(**rd), **kw)
+
+
+def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,
+                           log: Callable[[str], None] = print) -> int:
+    """Score the interstellar twin test sets with a finished run's saved fold models.
+
+    For runs made without ``interstellar_tests`` (or before the survey twin
+    existed): each fold's data are drawn again from its own generator, exactly
+    as the run drew them (checked: the re-drawn ``o`` set must score the
+    logits the run stored, else ``RuntimeError``), and the twins the run lacks
+    (``o_ism``, ``b_ism``, ``survey_ism``) are scored by that fold's saved
+    models and appended to ``oof_<model>.npz``.  Returns the number of
+    spectra added per model.
+    """
+    from .templates import load_templates
+
+    out = Path(out_dir)
+    meta = json.loads((out / "folds.json").read_text())
+    cfg = dataclasses.replace(config_from_dict(meta["config"]), interstellar_tests=True)
+    lib = _usable_for_training(load_templates(), cfg.recipe.classes)
+    lamost = _lamost_with_evidence(data_dir)
+    if lamost is not None:
+        lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
+    _, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, np.random.default_rng(cfg.seed))
+    standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
+    oof = {m: load_oof(out / f"oof_{_safe(m)}.npz") for m in models}
+    added = 0
+    new: dict[str, list[dict]] = {m: [] for m in models}
+    for f in sorted({int(x["fold"]) for x in meta["folds"]}):
+        t0 = time.perf_counter()
+        *_, tests, _ = _fold_data(cfg, f, lib, lamost, fold_of_star, fold_of_lamost, standards)
+        for m in models:
+            d = oof[m]
+            have = set(d["set"][d["fold"] == f].astype(str))
+            predict = saved_fold_model(out, m, f, len(d["classes"]))
+            stored = d["logits"][(d["fold"] == f) & (d["set"] == "o")]
+            if "o" in tests and not np.allclose(predict(tests["o"]), stored, atol=1e-3):
+                raise RuntimeError(f"fold {f}: the re-drawn O test set does not score as the run stored it "
+                                   f"(model {m}): not the run's data")
+            for name, data in tests.items():
+                if not name.endswith("_ism") or name in have or not len(data):
+                    continue
+                rec = {"fold": np.full(len(data), f), "set": np.full(len(data), name), "label": data.labels,
+                       "star": data.star, "logits": predict(data)}
+                rec.update({key: data.meta[key] for key in _META_KEEP if key in data.meta})
+                new[m].append(rec)
+        log(f"fold {f}: twins scored in {time.perf_counter() - t0:.0f} s")
+    for m in models:
+        if new[m]:
+            d = oof[m]
+            _save_oof(out / f"oof_{_safe(m)}.npz", [{k: d[k] for k in d if k != "classes"}, *new[m]],
+                      [str(c) for c in d["classes"]])
+            added = sum(len(r["set"]) for r in new[m])
+    return added
 
 
 def _safe(name: str) -> str:

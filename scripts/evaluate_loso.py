@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--interstellar", action="store_true",
                     help="with --apply-rule: the O and B rows are the interstellar twins (o_ism, b_ism); "
                          "writes applied_rule_interstellar.json")
+    ap.add_argument("--add-interstellar-twins", action="store_true",
+                    help="score the interstellar twins a finished run lacks (o_ism, b_ism, survey_ism) with its "
+                         "saved fold models, on its own data drawn again (loso.add_interstellar_twins); "
+                         "run it on each part before --merge")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
@@ -104,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --reanalyse / --apply-rule: the stage's S/N floor (no candidate below it; "
                          "default: the scan's, 3; 0: none)")
     args = ap.parse_args(argv)
+    if args.add_interstellar_twins:
+        models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz")
+                        if not p.stem.startswith("oof_ens-"))
+        n = loso.add_interstellar_twins(args.out, models, args.data_dir, log=lambda m: print(m, flush=True))
+        print(f"{n} twin spectra added per model ({', '.join(models)})")
+        return
     if args.apply_rule is not None:
         return _apply_rule(args.apply_rule, args.out, args.class_veto, args.min_snr_g, args.interstellar)
     if args.reanalyse:

@@ -349,7 +349,7 @@ def test_class_veto_mask_only_touches_real_lamost_rows_and_the_snr_floor_every_r
 
 def test_interstellar_twins_are_the_same_draws_and_change_nothing_else(tmp_path):
     base = loso.LosoConfig.from_profile("tiny", seed=3)
-    base.models = ("lr2",)
+    base.models, base.save_models = ("lr2",), True
     twin = loso.LosoConfig.from_profile("tiny", seed=3)
     twin.models, twin.interstellar_tests = ("lr2",), True
     loso.run_loso(base, tmp_path / "plain", log=lambda *a: None)
@@ -373,3 +373,10 @@ def test_interstellar_twins_are_the_same_draws_and_change_nothing_else(tmp_path)
     assert set(plain_t["o_recall_per_star"]) == set(twin_t["o_recall_per_star"])
     with pytest.raises(ValueError, match="no interstellar test sets"):
         loso.apply_rule(tmp_path / "plain", "lr2", op, interstellar=True)
+    # a finished run without twins gets them afterwards, from its saved models and its own data drawn again
+    assert loso.add_interstellar_twins(tmp_path / "plain", ["lr2"], log=lambda *a: None) > 0
+    c = loso.load_oof(tmp_path / "plain" / "oof_lr2.npz")
+    sc = c["set"].astype(str)
+    for k in ("o_ism", "b_ism", "survey_ism"):
+        np.testing.assert_allclose(c["logits"][sc == k], b["logits"][sb == k], atol=1e-4)
+    assert loso.add_interstellar_twins(tmp_path / "plain", ["lr2"], log=lambda *a: None) == 0
