@@ -625,7 +625,7 @@ def config_from_dict(d: Mapping[str, Any]) -> LosoConfig:
 
 
 def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,
-                           log: Callable[[str], None] = print) -> int:
+                           log: Callable[[str], None] = print, replace: bool = False) -> int:
     """Score the interstellar twin test sets with a finished run's saved fold models.
 
     For runs made without ``interstellar_tests`` (or before the survey twin
@@ -633,8 +633,9 @@ def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir:
     as the run drew them (checked: the re-drawn ``o`` set must score the
     logits the run stored, else ``RuntimeError``), and the twins the run lacks
     (``o_ism``, ``b_ism``, ``survey_ism``) are scored by that fold's saved
-    models and appended to ``oof_<model>.npz``.  Returns the number of
-    spectra added per model.
+    models and appended to ``oof_<model>.npz``.  ``replace``: the twins the
+    run has are dropped and drawn again too (runs whose twins were drawn by
+    earlier code).  Returns the number of spectra added per model.
     """
     from .templates import load_templates
 
@@ -648,6 +649,10 @@ def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir:
     _, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, np.random.default_rng(cfg.seed))
     standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
     oof = {m: load_oof(out / f"oof_{_safe(m)}.npz") for m in models}
+    if replace:
+        for m, d in oof.items():
+            keep = ~np.char.endswith(d["set"].astype(str), "_ism")
+            oof[m] = {k: (v if k == "classes" else v[keep]) for k, v in d.items()}
     added = 0
     new: dict[str, list[dict]] = {m: [] for m in models}
     for f in sorted({int(x["fold"]) for x in meta["folds"]}):
@@ -670,7 +675,7 @@ def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir:
                 new[m].append(rec)
         log(f"fold {f}: twins scored in {time.perf_counter() - t0:.0f} s")
     for m in models:
-        if new[m]:
+        if new[m] or replace:
             d = oof[m]
             _save_oof(out / f"oof_{_safe(m)}.npz", [{k: d[k] for k in d if k != "classes"}, *new[m]],
                       [str(c) for c in d["classes"]])

@@ -487,9 +487,9 @@ class MockConfig:
     interstellar : bool
         Add the interstellar lines and diffuse bands of the drawn E(B-V)
         (:mod:`lamost_ostar.interstellar`), at the spectrum's resolution, on
-        top of the template's own.  Its random draws come from a stream
-        spawned from the batch's generator, so every other draw (and so the
-        rest of the release) is the same with and without it.
+        top of the template's own.  Its random draws come from
+        :func:`side_stream` of the batch's generator, so every other draw (and
+        so the rest of the release) is the same with and without it.
     min_coverage : float
         The picker prefers templates whose ``coverage`` (fraction of valid grid
         pixels) is at least this (default 0.85, meant for releases; pass 0 for
@@ -954,6 +954,20 @@ def _smooth_to_resolution(flux: np.ndarray, valid: np.ndarray | None, r_tpl: np.
     return out, vout
 
 
+def side_stream(rng: np.random.Generator) -> np.random.Generator:
+    """A generator seeded from ``rng``'s current state, without drawing from ``rng``.
+
+    Optional physics (``MockConfig.interstellar``) draws from it, so that
+    switching it on changes no other draw, and the same state of ``rng`` gives
+    the same side draws whatever happened to other generators before (unlike
+    ``Generator.spawn``, whose children depend on how many were spawned).
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(repr(rng.bit_generator.state).encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
 def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _TemplatePicker,
                      inst: InstrumentModel, cfg: MockConfig) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Core vectorised simulation on the native LAMOST grid (N x NATIVE_NPIX)."""
@@ -1012,7 +1026,7 @@ def _simulate_native(n: int, mk: np.ndarray, rng: np.random.Generator, picker: _
     # --- interstellar lines and bands of the added reddening (own random stream)
     if cfg.interstellar:
         from lamost_ostar.interstellar import transmission
-        f *= transmission(wave, ebv, r_eff, rng.spawn(1)[0])
+        f *= transmission(wave, ebv, r_eff, side_stream(rng))
 
     # --- reddening (added to the template's own), flux-calibration distortion, dichroic
     if cfg.r_v_range is None:

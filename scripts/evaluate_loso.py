@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="score the interstellar twins a finished run lacks (o_ism, b_ism, survey_ism) with its "
                          "saved fold models, on its own data drawn again (loso.add_interstellar_twins); "
                          "run it on each part before --merge")
+    ap.add_argument("--replace-twins", action="store_true",
+                    help="with --add-interstellar-twins: draw the twins the run has again too")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--reanalyse", action="store_true")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.add_interstellar_twins:
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz")
                         if not p.stem.startswith("oof_ens-"))
-        n = loso.add_interstellar_twins(args.out, models, args.data_dir, log=lambda m: print(m, flush=True))
+        n = loso.add_interstellar_twins(args.out, models, args.data_dir, log=lambda m: print(m, flush=True),
+                                        replace=args.replace_twins)
         print(f"{n} twin spectra added per model ({', '.join(models)})")
         return
     if args.apply_rule is not None:

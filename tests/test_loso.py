@@ -380,3 +380,28 @@ def test_interstellar_twins_are_the_same_draws_and_change_nothing_else(tmp_path)
     for k in ("o_ism", "b_ism", "survey_ism"):
         np.testing.assert_allclose(c["logits"][sc == k], b["logits"][sb == k], atol=1e-4)
     assert loso.add_interstellar_twins(tmp_path / "plain", ["lr2"], log=lambda *a: None) == 0
+    n = len(c["set"])
+    assert loso.add_interstellar_twins(tmp_path / "plain", ["lr2"], log=lambda *a: None, replace=True) > 0
+    r = loso.load_oof(tmp_path / "plain" / "oof_lr2.npz")
+    assert len(r["set"]) == n
+    np.testing.assert_allclose(r["logits"][r["set"] == "o_ism"], c["logits"][sc == "o_ism"], atol=1e-9)
+
+
+def test_interstellar_twins_do_not_depend_on_the_training_recipe():
+    """The interstellar draws are a function of the generator's state (mock.side_stream): a fold's
+    twins are the same spectra whether or not its training set was drawn with interstellar features."""
+    import dataclasses
+
+    from lamost_ostar.templates import load_templates
+
+    lib = loso._usable_for_training(load_templates(), loso.CLASSES_8)
+    _, fold_of_star, _ = loso.assign_folds(lib, None, np.random.default_rng(3))
+    got = []
+    for ism in (False, True):
+        cfg = loso.LosoConfig.from_profile("tiny", seed=3)
+        cfg.interstellar_tests = True
+        cfg.recipe = dataclasses.replace(cfg.recipe, interstellar=ism)
+        *_, tests, _ = loso._fold_data(cfg, 0, lib, None, fold_of_star, {}, None)
+        got.append(tests)
+    for k in ("o", "o_ism", "survey", "survey_ism"):
+        np.testing.assert_array_equal(got[0][k].x, got[1][k].x)
