@@ -53,7 +53,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
-           "ensemble_logits", "rule_candidates"]
+           "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn2+lcgan", "cnn2+sgan",

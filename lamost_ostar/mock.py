@@ -99,6 +99,7 @@ __all__ = [
     "resolve_fractions",
     "class_counts",
     "simulate_spectra",
+    "side_stream",
     "designation",
     "extinction_odonnell",
     "fits_image_bytes",
