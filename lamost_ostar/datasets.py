@@ -834,6 +834,13 @@ class DetectorRecipe:
     emission_levels: int = 8
     interstellar: bool = False
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> "DetectorRecipe":
+        """The recipe a run or a card stored as JSON (lists back to tuples)."""
+        rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d).items()}
+        rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
+        return cls(**rd)
+
     def mock_config(self, **overrides):
         """The :class:`lamost_ostar.mock.MockConfig` of these degradations."""
         from .mock import MockConfig

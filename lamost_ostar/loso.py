@@ -615,13 +615,11 @@ def _fold_data(cfg: LosoConfig, k: int, lib, lamost: LabelledSpectra | None, fol
 
 def config_from_dict(d: Mapping[str, Any]) -> LosoConfig:
     """The :class:`LosoConfig` of a run's ``folds.json`` / ``results.json`` ``config``."""
-    rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d["recipe"]).items()}
-    rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
     known = {f.name for f in dataclasses.fields(LosoConfig)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known and k != "recipe"}
     if isinstance(kw.get("seed"), tuple):
         raise ValueError("a pooled run's config (several seeds) cannot be replayed")
-    return LosoConfig(recipe=DetectorRecipe(**rd), **kw)
+    return LosoConfig(recipe=DetectorRecipe.from_dict(d["recipe"]), **kw)
 
 
 def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir: str | Path | None = None,

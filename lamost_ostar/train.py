@@ -677,10 +677,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     else:
         calib = results
     if recipe is None:
-        rd = dict(calib["config"]["recipe"])
-        rd = {k: (tuple(v) if isinstance(v, list) else v) for k, v in rd.items()}
-        rd["ebv_ranges"] = {k: tuple(v) for k, v in rd["ebv_ranges"].items()}
-        recipe = DetectorRecipe(**rd)
+        recipe = DetectorRecipe.from_dict(calib["config"]["recipe"])
     classes = tuple(recipe.classes)
     rng = np.random.default_rng(seed)
     lib = loso._usable_for_training(load_templates(), classes)
