@@ -241,12 +241,7 @@ def star_test_sets(test_lib, cfg: LosoConfig, rng: np.random.Generator,
         sub = test_lib.select(c)
         if len(sub) == 0:
             continue
-        # the interstellar twin replays this set's random draws from a copy of the generator, so
-        # the run's other data are those of a run without it
-        twin_rng = copy.deepcopy(rng) if cfg.interstellar_tests and c in ("O", "B") else None
-        for target, r, ism in ((name, rng, False), (f"{name}_ism", twin_rng, True)):
-            if r is None:
-                continue
+        for target, r, ism in _with_twin(name, rng, cfg.interstellar_tests and c in ("O", "B")):
             parts = []
             n = per_bin[c]
             for lo, hi in SNR_BINS:
@@ -256,6 +251,16 @@ def star_test_sets(test_lib, cfg: LosoConfig, rng: np.random.Generator,
                 parts.append(realise_templates(sub, per, r, cfg_m, 0.0, measure or evidence, source="test"))
             out[target] = LabelledSpectra.concat(parts)
     return out
+
+
+def _with_twin(name: str, rng: np.random.Generator, twin: bool) -> list[tuple[str, np.random.Generator, bool]]:
+    """``(set name, generator, interstellar)`` of a test set, and of its interstellar twin when asked.
+
+    The twin (``<name>_ism``) replays the set's random draws from a copy of the
+    generator taken before them, so the run's other data are those of a run
+    without it.
+    """
+    return [(name, rng, False)] + ([(f"{name}_ism", copy.deepcopy(rng), True)] if twin else [])
 
 
 def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
@@ -276,11 +281,7 @@ def _test_sets(test_lib, lamost_test: LabelledSpectra | None, cfg: LosoConfig,
         mk = [c for c, m in zip(present, counts) for _ in range(int(m))]
         ids = dict(zip(np.asarray(test_lib.name).astype(str), library_star_ids(test_lib)))
         mk = list(rng.permutation(mk))
-        # the interstellar twin replays the survey draws from a copy of the generator (as the O/B twins)
-        twin_rng = copy.deepcopy(rng) if cfg.interstellar_tests else None
-        for target, r, ism in (("survey", rng, False), ("survey_ism", twin_rng, True)):
-            if r is None:
-                continue
+        for target, r, ism in _with_twin("survey", rng, cfg.interstellar_tests):
             parts = [_simulate_lib(test_lib, mk[start:start + 2048], r, MockConfig(interstellar=ism), 0.0,
                                    ids, "survey", evidence) for start in range(0, len(mk), 2048)]
             # weights re-establish the survey mix where a fold lacks a class
@@ -513,23 +514,10 @@ _META_KEEP = (("snr_g", "ebv_total", "ebv", "subclass", "kind", "template", "pat
 def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None = None,
              lib=None, log: Callable[[str], None] = print) -> Path:
     """Run the leave-one-star-out protocol; write ``oof_<model>.npz``, ``results.json`` and ``report.md``."""
-    from .templates import load_templates
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    lib = _usable_for_training(lib if lib is not None else load_templates(), cfg.recipe.classes)
-    # every readable real LAMOST file: stars of the classes (trained on in the other folds) and the
-    # galaxies / unknowns (label N, never trained on) -- none may become a candidate
-    lamost = _lamost_with_evidence(data_dir)
-    if lamost is not None:
-        lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
-    else:
-        log(f"WARNING: no real LAMOST files found (data dir {data_dir or 'default: ../shared/data'}): this run "
-            "trains on no real LAMOST spectrum and has no real-LAMOST test set")
-    rng = np.random.default_rng(cfg.seed)
-    o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, rng)
-    standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
+    lib, lamost, o_units, fold_of_star, fold_of_lamost, standards = _run_setup(cfg, data_dir, lib, log)
     classes = list(cfg.recipe.classes)
     folds = list(range(len(o_units))) if cfg.folds is None else [f for f in cfg.folds if f < len(o_units)]
     store: dict[str, list[dict]] = {m: [] for m in cfg.models}
@@ -586,6 +574,29 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     return path
 
 
+def _run_setup(cfg: LosoConfig, data_dir: str | Path | None, lib=None,
+               log: Callable[[str], None] = print) -> tuple:
+    """A run's data that no fold draws: ``(lib, lamost, o_units, fold_of_star, fold_of_lamost, standards)``.
+
+    The templates usable for training, every readable real LAMOST file (stars of
+    the classes, trained on in the other folds, and galaxies / unknowns, label
+    N, never trained on: none may become a candidate), the folds (drawn from
+    ``cfg.seed``'s generator) and the MKCLASS standards of the recipe.
+    """
+    from .templates import load_templates
+
+    lib = _usable_for_training(lib if lib is not None else load_templates(), cfg.recipe.classes)
+    lamost = _lamost_with_evidence(data_dir)
+    if lamost is not None:
+        lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
+    else:
+        log(f"WARNING: no real LAMOST files found (data dir {data_dir or 'default: ../shared/data'}): this run "
+            "trains on no real LAMOST spectrum and has no real-LAMOST test set")
+    o_units, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, np.random.default_rng(cfg.seed))
+    standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
+    return lib, lamost, o_units, fold_of_star, fold_of_lamost, standards
+
+
 def _fold_data(cfg: LosoConfig, k: int, lib, lamost: LabelledSpectra | None, fold_of_star: Mapping[str, int],
                fold_of_lamost: Mapping[str, int], standards) -> tuple:
     """Fold ``k``'s data, drawn from its own generator: ``(held, train_lib, std_k, train, val, tests, rng_k)``.
@@ -635,17 +646,10 @@ def add_interstellar_twins(out_dir: str | Path, models: Sequence[str], data_dir:
     run has are dropped and drawn again too (runs whose twins were drawn by
     earlier code).  Returns the number of spectra added per model.
     """
-    from .templates import load_templates
-
     out = Path(out_dir)
     meta = json.loads((out / "folds.json").read_text())
     cfg = dataclasses.replace(config_from_dict(meta["config"]), interstellar_tests=True)
-    lib = _usable_for_training(load_templates(), cfg.recipe.classes)
-    lamost = _lamost_with_evidence(data_dir)
-    if lamost is not None:
-        lamost = lamost.only(list(cfg.recipe.classes) + [OTHER_LABEL])
-    _, fold_of_star, fold_of_lamost = assign_folds(lib, lamost, np.random.default_rng(cfg.seed))
-    standards = mkclass_training_standards(cfg.recipe.classes) if cfg.recipe.mkclass_fraction > 0 else None
+    lib, lamost, _, fold_of_star, fold_of_lamost, standards = _run_setup(cfg, data_dir, log=log)
     oof = {m: load_oof(out / f"oof_{_safe(m)}.npz") for m in models}
     if replace:
         for m, d in oof.items():
