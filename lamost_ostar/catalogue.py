@@ -887,6 +887,88 @@ class Catalogue:
         self._ready.add(key)
         return table
 
+    # ---- query indexes: deferred during a bulk scan, built at its end
+    def defer_indexes(self, stages: Sequence[str]) -> list[str]:
+        """Drop the query indexes of the stages' empty tables, for a bulk scan to build later.
+
+        A table's *query* indexes are its secondary indexes (sky position,
+        S/N, p(O), candidates, ...), not the ``(path, model_version)`` key
+        that writes and the resume check use.  Keeping a dozen of them up to
+        date row by row makes each written row several times dearer once the
+        table holds millions of rows (``reports/performance.md``); building
+        them once at the end of the scan is the bulk-loading practice.
+
+        Parameters
+        ----------
+        stages : sequence of str
+            Stage names (their tables must exist: :meth:`ensure_stage`).
+
+        Returns
+        -------
+        list of str
+            The stages whose query indexes are now absent: their table was
+            empty and its indexes were dropped, or an earlier deferring scan
+            did not build them.  A table that already holds rows and all its
+            indexes is left as it is (an incremental scan).
+        """
+        deferred: list[str] = []
+
+        def _do(conn):
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+            deferred.clear()  # a retried transaction starts again
+            insp = sa.inspect(conn)
+            for stage in stages:
+                table = self._table_of(conn, stage)
+                if table is None or not table.indexes:
+                    continue
+                have = {ix["name"] for ix in insp.get_indexes(table.name)}
+                missing = [ix for ix in table.indexes if ix.name not in have]
+                empty = conn.execute(sa.select(table.c.path).limit(1)).first() is None
+                if empty:
+                    for index in table.indexes:
+                        if index.name in have:
+                            index.drop(conn)
+                if empty or missing:
+                    deferred.append(stage)
+
+        self._write_tx(_do)
+        return deferred
+
+    def build_indexes(self, stages: Sequence[str] | None = None) -> float:
+        """Create every missing query index of the stages' tables (all stages: None).
+
+        Idempotent; the counterpart of :meth:`defer_indexes`.  Returns the
+        seconds it took.
+        """
+        t0 = time.perf_counter()
+        names = list(stages) if stages is not None else self.stage_names()
+
+        def _do(conn):
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+            insp = sa.inspect(conn)
+            for stage in names:
+                table = self._table_of(conn, stage)
+                if table is None:
+                    continue
+                have = {ix["name"] for ix in insp.get_indexes(table.name)}
+                for index in table.indexes:
+                    if index.name not in have:
+                        index.create(conn)
+
+        self._write_tx(_do)
+        return time.perf_counter() - t0
+
+    def missing_indexes(self, stage: str = DEFAULT_STAGE) -> list[str]:
+        """Names of the query indexes a stage's table lacks (deferred by an unfinished scan)."""
+        with self.engine.connect() as conn:
+            table = self._table_of(conn, stage)
+            if table is None:
+                return []
+            have = {ix["name"] for ix in sa.inspect(conn).get_indexes(table.name)}
+            return [ix.name for ix in table.indexes if ix.name not in have]
+
     def _table_of(self, conn, stage: str) -> sa.Table | None:
         """The result table of a stage the catalogue holds (from ``stages``), or None."""
         if stage == DEFAULT_STAGE:

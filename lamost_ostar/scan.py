@@ -746,6 +746,10 @@ class ScanSummary:
     stages: list[dict[str, Any]] = field(default_factory=list)
     stage_totals: dict[str, PartitionSummary] = field(default_factory=dict)
     reader: str | None = None
+    #: Stages whose query indexes the scan deferred (empty tables at its start).
+    indexes_deferred: list[str] = field(default_factory=list)
+    #: Seconds spent building those indexes at the end (None: not built, e.g. interrupted).
+    index_build_s: float | None = None
 
     @property
     def rate(self) -> float:
@@ -790,6 +794,9 @@ class ScanSummary:
                "unwritten_files": self.n_unwritten_files,
                "worker_peak_rss_mb": round(self._peak_rss_mb(), 1),
                "partition_cpu_ms_per_file": round(self._cpu_ms_per_file(), 4)}
+        if self.indexes_deferred:
+            out["indexes_deferred"] = list(self.indexes_deferred)
+            out["index_build_s"] = None if self.index_build_s is None else round(self.index_build_s, 3)
         first = self._stage_list()[0][0]
         if _decides_candidates(first):
             out["n_candidates"] = self.totals.n_candidates
@@ -866,6 +873,12 @@ class ScanSummary:
         if self._cpu_ms_per_file() > 0:
             lines.append(f"  worker CPU          {self._cpu_ms_per_file():>10,.3f} ms per file read "
                          "(read, stages, writes)")
+        if self.indexes_deferred:
+            lines.append("  query indexes       " + (
+                f"{self.index_build_s:>10.1f} s   (built at the end: the scan wrote into empty tables "
+                "without them)" if self.index_build_s is not None else
+                "  NOT BUILT   (the next scan into this catalogue builds them; queries are slower "
+                "until then)"))
         if self.n_failed_partitions:
             lines.append(f"  FAILED partitions   {self.n_failed_partitions:>10,d}   "
                          f"({self.n_unwritten_files:,d} files not stored; "
@@ -1021,6 +1034,7 @@ def run_scan(
     memory_limit: str | float | None = "auto",
     interrupt_grace_s: float = 30.0,
     reader: str = "lamost",
+    defer_indexes: bool = True,
 ) -> ScanSummary:
     """Scan files with a stage on Dask and store every result through ``sink``.
 
@@ -1088,6 +1102,13 @@ def run_scan(
         the partitions in flight to finish, so their writes are counted.  A
         local cluster started here is closed at once instead (its workers stop,
         so nothing is written after the count).
+    defer_indexes : bool
+        When the sink can (``defer_indexes``/``build_indexes``, as
+        :class:`~lamost_ostar.catalogue.Catalogue`): write into a stage table
+        that is empty at the start without its query indexes and build them once
+        when the scan ends (also after an interrupt; a build that does not
+        happen is done by the next scan).  A table that holds rows keeps its
+        indexes.  False: always write with them.
 
     Returns
     -------
@@ -1200,6 +1221,10 @@ def run_scan(
                                       stages=[{k: v for k, v in d.items() if k != "entry_point"}
                                               for d in stage_defs])
 
+        defer = getattr(sink, "defer_indexes", None) if defer_indexes else None
+        deferred = list(defer(names)) if defer is not None else []
+        index_build_s = None
+
         totals = {d["name"]: PartitionSummary() for d in stage_defs}
         n_failed = 0
         n_unwritten = 0
@@ -1277,6 +1302,9 @@ def run_scan(
             else:
                 _drain(pending, totals, interrupt_grace_s)
                 client.cancel(list(pending))
+        if deferred:
+            index_build_s, stopped = _build_indexes(sink, deferred)
+            interrupted = interrupted or stopped
         with _interrupts_deferred():
             unacked = [p for paths in pending.values() for p in paths] + failed_paths
             totals = {name: _final_totals(sink, scan_id, by_name[name]["model_version"], t, unacked,
@@ -1292,6 +1320,7 @@ def run_scan(
                 n_unwritten_files=n_unwritten,
                 device=info.get("device"), keras_backend=info.get("keras_backend"),
                 engine=info.get("engine"), n_workers=n_workers_seen, interrupted=interrupted,
+                indexes_deferred=deferred, index_build_s=index_build_s,
             )
             sink.finish_scan(scan_id, summary.counts(),
                              status="interrupted" if interrupted
@@ -1312,6 +1341,21 @@ def run_scan(
                 _close_quietly(client, cluster)
         if logs is not None:
             logs.stop()
+
+
+def _build_indexes(sink: Any, stages: Sequence[str]) -> tuple[float | None, bool]:
+    """Build the deferred query indexes: (their seconds or None if not built, interrupted)."""
+    import logging
+
+    try:
+        return float(sink.build_indexes(stages)), False
+    except KeyboardInterrupt:
+        return None, True
+    except Exception as exc:  # noqa: BLE001 - the results are stored; only the indexes are missing
+        logging.getLogger(__name__).warning(
+            "building the catalogue's query indexes failed (%s: %s); the next scan builds them",
+            type(exc).__name__, exc)
+        return None, False
 
 
 def _close_quietly(client: Any, cluster: Any) -> None:

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from astropy.table import Table
 
+from lamost_ostar import catalogue as catmod
 from lamost_ostar.catalogue import (
     DEFAULT_P_O_THRESHOLD,
     Catalogue,
@@ -626,6 +627,32 @@ def test_a_plugin_stage_gets_its_own_table(db_url):
     cat.write(sid, [_line(9)], stage=LINES)
     cat.write(sid, [_line(0, ok=False)], stage=LINES)
     assert cat.counts(stage="lines_test") == {"results": 7, "errors": 0}
+    cat.close()
+
+
+def test_query_indexes_are_deferred_on_empty_tables_and_built_once(db_url):
+    cat = Catalogue(db_url)
+    sid = cat.start_scan(stages=[StageSpec.from_dict(LINES.to_dict())])
+    all_ostar = {ix.name for ix in catmod._RESULTS.indexes}
+    assert cat.missing_indexes("ostar") == [] and all_ostar
+    # empty tables: their query indexes go; the (path, model_version) key stays
+    assert cat.defer_indexes(["ostar", "lines_test"]) == ["ostar", "lines_test"]
+    assert set(cat.missing_indexes("ostar")) == all_ostar
+    assert "ix_results_lines_test_heii_sigma" in cat.missing_indexes("lines_test")
+    cat.write(sid, [make_result(i) for i in range(5)])
+    cat.write(sid, [make_result(i) for i in range(5)])                    # still idempotent
+    cat.write(sid, [_line(i) for i in range(4)], stage=LINES)
+    assert cat.counts() == {"results": 5, "errors": 0}
+    # a table that holds rows keeps whatever it has: still deferred, nothing dropped or built
+    assert cat.defer_indexes(["ostar"]) == ["ostar"]
+    assert cat.build_indexes(["ostar", "lines_test"]) >= 0
+    assert cat.missing_indexes("ostar") == [] == cat.missing_indexes("lines_test")
+    assert cat.build_indexes() >= 0                                         # idempotent, every stage
+    # rows and every index: an incremental scan keeps them
+    assert cat.defer_indexes(["ostar", "lines_test"]) == []
+    assert cat.missing_indexes("ostar") == []
+    t = cat.query(all_rows=True, sort="p_o", descending=True)
+    assert len(t) == 5 and list(t["p_o"]) == sorted(t["p_o"], reverse=True)
     cat.close()
 
 

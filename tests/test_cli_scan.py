@@ -381,15 +381,17 @@ def test_plugin_stage_then_two_stages_then_parquet(tmp_path, monkeypatch):
     res = runner.invoke(main, ["scan", str(rel), "--db", db, "--stage", "heii_lines", *common])
     assert res.exit_code == 0, res.output
     assert "O candidates" not in res.output and "heii_detected" in res.output and "measured" in res.output
+    assert "query indexes" in res.output                      # an empty table: built at the end
     q = runner.invoke(main, ["query", "--db", db, "--stage", "heii_lines", "--format", "csv"])
     lines = list(csv.DictReader(io.StringIO(q.stdout)))
     assert lines and all(r["heii_sigma"] != "" and r["o_star_like"] in ("True", "False") for r in lines)
     n_heii = len(lines)
 
     res = runner.invoke(main, ["scan", str(rel), "--db", db, "--stage", "ostar", "--stage", "heii_lines",
-                               *common])
+                               "--no-defer-indexes", *common])
     assert res.exit_code == 0, res.output
     assert "O candidates" in res.output and "heii_lines" in res.output
+    assert "query indexes" not in res.output                  # written with its indexes, as told
     every = runner.invoke(main, ["query", "--db", db, "--all", "--format", "csv"])
     ostar_rows = list(csv.DictReader(io.StringIO(every.stdout)))
     assert ostar_rows and len({r["path"] for r in ostar_rows}) == len(ostar_rows)   # one row per file

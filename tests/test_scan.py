@@ -488,6 +488,10 @@ def test_two_stages_one_read_each_and_resume_per_stage(tmp_path, release, client
         assert (t.n_files, t.n_skipped, t.n_errors) == (n, 0, len(BAD))
     text = first.format()
     assert "ostar" in text and "heii_lines" in text and text.count("O candidates") == 1
+    # both tables were empty: written without their query indexes, which were built at the end
+    assert sorted(first.indexes_deferred) == ["heii_lines", "ostar"] and first.index_build_s >= 0
+    assert "query indexes" in text and first.counts()["indexes_deferred"] == first.indexes_deferred
+    assert cat.missing_indexes("ostar") == [] == cat.missing_indexes("heii_lines")
     assert len(_rows(cat, "results")) == len(GOOD) == len(_rows(cat, "results_heii_lines"))
     (row,) = cat.scans()
     assert row["stages"] == "ostar,heii_lines" and row["result_rows"] == len(GOOD)
@@ -505,6 +509,7 @@ def test_two_stages_one_read_each_and_resume_per_stage(tmp_path, release, client
                              reader="test_scan:CountingReader", models_dir=models, device="cpu",
                              model_version={"ostar": version}, progress=False)
     assert sorted((tmp_path / "data" / "reads.log").read_text().split()) == gone
+    assert again.indexes_deferred == [] and "query indexes" not in again.format()  # tables hold rows
     assert again.stage_totals["ostar"].n_skipped == n
     assert again.stage_totals["heii_lines"].n_classified == 2
     assert len(_rows(cat, "results_heii_lines")) == len(GOOD) and len(_rows(cat, "results")) == len(GOOD)

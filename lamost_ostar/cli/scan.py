@@ -99,11 +99,15 @@ def _one_line(exc: BaseException) -> str:
               help="Partitions in flight at once [default: 2 per worker thread].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on when stderr is a terminal].")
+@click.option("--defer-indexes/--no-defer-indexes", default=True, show_default=True,
+              help="Write into an empty catalogue table without its query indexes and build them "
+                   "once at the end (several times faster writes once it holds millions of rows).")
 @click.option("--dry-run", is_flag=True,
               help="Count the files (new, done, failed before) and partitions; classify nothing.")
 def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
          partition_size, batch_size, read_engine, class_veto, min_snr_g, device, engine, threshold,
-         stage_names, reader_name, sink_name, out, max_in_flight, progress, dry_run) -> None:
+         stage_names, reader_name, sink_name, out, max_in_flight, progress, defer_indexes,
+         dry_run) -> None:
     """Classify every spectrum under PATH... and store the results in a catalogue.
 
     PATH is a release directory (walked for *.fits and *.fits.gz), a single file,
@@ -120,7 +124,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
                   threads_per_worker, partition_size, batch_size, read_engine, device, threshold,
                   list(stage_names) or ["ostar"], max_in_flight, progress, dry_run,
                   reader_name=reader_name, sink_name=sink_name, out=out, class_veto=class_veto,
-                  min_snr_g=min_snr_g, engine=engine)
+                  min_snr_g=min_snr_g, engine=engine, defer_indexes=defer_indexes)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the scan began: no scan row written
         click.echo("interrupted during start-up (nothing scanned): run the same command again",
                    err=True)
@@ -130,7 +134,7 @@ def scan(paths, db, model_version, models_dir, scheduler, n_workers, threads_per
 def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, threads_per_worker,
           partition_size, batch_size, read_engine, device, threshold, stage_names, max_in_flight,
           progress, dry_run, *, reader_name="lamost", sink_name="sql", out=None,
-          class_veto=True, min_snr_g=None, engine="auto") -> None:
+          class_veto=True, min_snr_g=None, engine="auto", defer_indexes=True) -> None:
     # TensorFlow, should anything import it in this process (e.g. to unpickle a
     # worker's error), keeps its C++ start-up chatter off the terminal
     for key, value in _CLIENT_ENV.items():
@@ -218,7 +222,7 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                 batch_size=batch_size, read_engine=read_engine, class_veto=class_veto,
                 min_snr_g=min_snr_g, partition_size=partition_size, threshold=threshold,
                 max_in_flight=max_in_flight, progress=progress,
-                worker_log=worker_log,
+                worker_log=worker_log, defer_indexes=defer_indexes,
             )
     except (click.ClickException, KeyboardInterrupt):
         raise
