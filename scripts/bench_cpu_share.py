@@ -15,7 +15,9 @@ nannies spawn) and ``tracker`` (multiprocessing's resource tracker); threads by
 their kernel name (``comm``).
 
 The **steady window** runs from the first sample at which every worker process
-uses more than half a core to the last one at which any worker still does.
+has a thread other than its main thread (the task thread, not the event loop
+that also imports and unpickles at start-up) over half a core, to the last one
+at which any worker still does.
 Printed: the cores used in that window by each role and by its busiest
 threads, the window's share of the machine (cores in use / ``os.cpu_count()``),
 and the whole run's totals.  What the scan's workers do not get of the two
@@ -114,11 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     def role_cpu(snap: dict, role: str) -> dict[int, float]:
         return {pid: th[TOTAL] for pid, (r, th) in snap.items() if r == role}
 
-    # steady window: every worker over half a core between consecutive samples
+    def task_rate(pid: int, a: dict, b: dict, dt: float) -> float:
+        """The busiest non-main thread of a worker between two samples (cores)."""
+        before, after = a.get(pid, ("", {}))[1], b[pid][1]
+        return max([(cpu - before.get(name, 0.0)) / dt for name, cpu in after.items()
+                    if name != TOTAL and not name.endswith(f"/{pid}")] or [0.0])
+
+    # steady window: every worker's task thread over half a core between consecutive samples
+    # (not its process: at start-up the main thread imports and unpickles while no task runs)
     busy = []
     for (ta, a), (tb, b) in zip(samples, samples[1:]):
-        wa, wb = role_cpu(a, "worker"), role_cpu(b, "worker")
-        rates = [(wb[p] - wa.get(p, 0.0)) / (tb - ta) for p in wb]
+        rates = [task_rate(p, a, b, tb - ta) for p in role_cpu(b, "worker")]
         busy.append((ta, tb, len(rates) == args.workers and min(rates) > 0.5,
                      bool(rates) and max(rates) > 0.5))
     starts = [i for i, (_, _, every, _) in enumerate(busy) if every]
