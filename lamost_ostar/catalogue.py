@@ -961,13 +961,13 @@ class Catalogue:
         return time.perf_counter() - t0
 
     def missing_indexes(self, stage: str = DEFAULT_STAGE) -> list[str]:
-        """Names of the query indexes a stage's table lacks (deferred by an unfinished scan)."""
+        """Names of the query indexes a stage's table lacks (deferred by an unfinished scan), sorted."""
         with self.engine.connect() as conn:
             table = self._table_of(conn, stage)
             if table is None:
                 return []
             have = {ix["name"] for ix in sa.inspect(conn).get_indexes(table.name)}
-            return [ix.name for ix in table.indexes if ix.name not in have]
+            return sorted(ix.name for ix in table.indexes if ix.name not in have)
 
     def _table_of(self, conn, stage: str) -> sa.Table | None:
         """The result table of a stage the catalogue holds (from ``stages``), or None."""

@@ -294,6 +294,11 @@ def query(db, min_p_o, min_posterior, min_heii_sigma, candidates, classes, cone,
                           descending=None if ascending is None else not ascending, limit=limit,
                           join=list(joins), where=list(wheres))
             cols = _terminal_columns(cat, stage, joins, wheres)
+            if cat.missing_indexes(stage):
+                click.echo(f"note: the {stage} table's query indexes are not built yet (a scan writing "
+                           "into it defers them to its end, or one that did not finish; `lamost-ostar "
+                           "scan` of the same files builds them): this query reads the whole table",
+                           err=True)
         if not (list_stages or list_scans or list_errors) and stage != "ostar":
             if fmt == "csv":
                 n_rows = _stream_csv(cat.iter_query_stage(stage, **common), output, overwrite)

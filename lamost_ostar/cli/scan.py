@@ -204,6 +204,7 @@ def _scan(stop, paths, db, model_version, models_dir, scheduler, n_workers, thre
                                  for n, lf in lefts.items())
                 click.echo(f"nothing to do: all {left['files']:,d} {what} already have a row for every "
                            f"stage in {target} ({each}); no scan started")
+            _finish_indexes(sink, [_table_stage(n) for n in versions])
             return
     if progress is None:
         progress = sys.stderr.isatty()
@@ -453,6 +454,16 @@ def _no_gpu_reason() -> str | None:
         except (OSError, subprocess.SubprocessError):
             pass
     return "no GPU on this machine (no NVIDIA or ROCm device found)"
+
+
+def _finish_indexes(sink, stages: list[str]) -> None:
+    """Build the query indexes that a scan deferred and did not build (it was killed)."""
+    missing = getattr(sink, "missing_indexes", None)
+    lacking = [s for s in stages if missing is not None and missing(s)]
+    if lacking:
+        seconds = sink.build_indexes(lacking)
+        click.echo(f"query indexes of {', '.join(lacking)} built in {seconds:.1f} s (a scan that "
+                   "deferred them did not finish)")
 
 
 def _table_stage(stage_ref: str) -> str:
