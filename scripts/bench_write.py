@@ -22,6 +22,22 @@ import tempfile
 import time
 
 
+def classified_batches(release: str, files: int) -> tuple:
+    """``(stage, paths, batches)``: the default stage's results for the first ``files`` files of
+    ``release`` (sorted walk), one list per 256 files, in the scan workers' malloc settings."""
+    from lamost_ostar.scan import iter_paths, tune_malloc
+    from lamost_ostar.stage import OStarStage, read_items
+
+    tune_malloc()
+    paths = list(iter_paths([release]))[:files]
+    stage = OStarStage(device="cpu")
+    batches = []
+    for i in range(0, len(paths), 256):
+        spectra, _slots, _failed = read_items(paths[i:i + 256])
+        batches.append(list(stage.process(spectra)))
+    return stage, paths, batches
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("release")
@@ -30,16 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import lamost_ostar
     from lamost_ostar.catalogue import Catalogue
-    from lamost_ostar.scan import iter_paths, tune_malloc
-    from lamost_ostar.stage import OStarStage, read_items, stage_spec
+    from lamost_ostar.stage import stage_spec
 
-    tune_malloc()
-    paths = list(iter_paths([args.release]))[:args.files]
-    stage = OStarStage(device="cpu")
-    batches = []
-    for i in range(0, len(paths), 256):
-        spectra, _slots, _failed = read_items(paths[i:i + 256])
-        batches.append(list(stage.process(spectra)))
+    stage, paths, batches = classified_batches(args.release, args.files)
     with tempfile.TemporaryDirectory() as tmp:
         cat = Catalogue(args.db or os.path.join(tmp, "w.sqlite"))
         sid = cat.start_scan(stage.model_version)

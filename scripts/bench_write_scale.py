@@ -94,16 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="kept,deferred")
     ap.add_argument("--db", default=None, help="PostgreSQL URL of an empty database [a SQLite file]")
     args = ap.parse_args(argv)
-    from lamost_ostar.scan import iter_paths, tune_malloc
-    from lamost_ostar.stage import OStarStage, read_items
+    from bench_write import classified_batches  # a sibling script (scripts/ is on sys.path)
 
-    tune_malloc()
-    paths = list(iter_paths([args.release]))[:args.files]
-    stage = OStarStage(device="cpu")
-    base = []
-    for i in range(0, len(paths), 256):
-        spectra, _slots, _failed = read_items(paths[i:i + 256])
-        base += [r for r in stage.process(spectra) if getattr(r, "ok", True)]
+    stage, paths, batches = classified_batches(args.release, args.files)
+    base = [r for b in batches for r in b if getattr(r, "ok", True)]
     print(f"{len(base)} classified results from {len(paths)} files; {args.rows:,d} rows per mode",
           flush=True)
     for mode in args.modes.split(","):

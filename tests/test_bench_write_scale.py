@@ -9,7 +9,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_write_scale.py
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def test_both_modes_write_every_row_and_end_with_every_index(tmp_path, capsys):
+def test_both_modes_write_every_row_and_end_with_every_index(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))         # it imports its sibling bench_write
     spec = importlib.util.spec_from_file_location("bench_write_scale", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
