@@ -1106,9 +1106,10 @@ def run_scan(
         When the sink can (``defer_indexes``/``build_indexes``, as
         :class:`~lamost_ostar.catalogue.Catalogue`): write into a stage table
         that is empty at the start without its query indexes and build them once
-        when the scan ends (also after an interrupt; a build that does not
-        happen is done by the next scan).  A table that holds rows keeps its
-        indexes.  False: always write with them.
+        when the scan ends.  An interrupted scan (or one interrupted while it
+        builds them) leaves them to the next scan, which builds them even with
+        nothing left to classify.  A table that holds rows keeps its indexes.
+        False: always write with them.
 
     Returns
     -------
@@ -1302,9 +1303,8 @@ def run_scan(
             else:
                 _drain(pending, totals, interrupt_grace_s)
                 client.cancel(list(pending))
-        if deferred:
-            index_build_s, stopped = _build_indexes(sink, deferred)
-            interrupted = interrupted or stopped
+        if deferred and not interrupted:  # an interrupted scan closes its row first; the next one builds
+            index_build_s, interrupted = _build_indexes(sink, deferred)
         with _interrupts_deferred():
             unacked = [p for paths in pending.values() for p in paths] + failed_paths
             totals = {name: _final_totals(sink, scan_id, by_name[name]["model_version"], t, unacked,

@@ -310,6 +310,11 @@ def test_ctrl_c_mid_scan_then_resume(release, files, tmp_path, env):
     assert first["status"] == "interrupted"
     _assert_truthful(first)
     assert 0 < first["files_read"] < len(files)
+    assert "NOT BUILT" in out                       # the query indexes are left to the next scan
+    from lamost_ostar.catalogue import Catalogue
+
+    with Catalogue(db) as cat:
+        assert cat.missing_indexes("ostar")
 
     proc = _start(release, db, env)  # resume
     rc, out, err = _finish(proc)
@@ -323,6 +328,9 @@ def test_ctrl_c_mid_scan_then_resume(release, files, tmp_path, env):
     assert second["files_seen"] == len(files)
     assert second["files_skipped"] == first["files_read"]
     _assert_each_file_once(db, files)
+    assert "query indexes" in out and "NOT BUILT" not in out  # the resumed scan built them
+    with Catalogue(db) as cat:
+        assert cat.missing_indexes("ostar") == []
     # TensorFlow's start-up lines went to the worker log in the log folder, not /tmp or the terminal
     logs = sorted((tmp_path / "logs").glob("scan-*.log"), key=lambda p: p.stat().st_mtime)
     assert len(logs) == 2 and f"worker log          {logs[-1]}" in out
