@@ -56,7 +56,7 @@ __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn2+lcgan", "cnn2+sgan",
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2+lcgan", "cnn2+sgan",
                                  "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
@@ -360,7 +360,8 @@ def stage_veto_mask(d: Mapping[str, np.ndarray], class_veto: bool = True,
 def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, rng: np.random.Generator,
                      fraction: float = 0.5, classes: Sequence[str] = ("O", "B"),
                      weight_range: tuple[float, float] = (0.25, 0.75),
-                     group: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+                     group: np.ndarray | None = None,
+                     unit_norm_first: bool = True) -> tuple[np.ndarray, int]:
     """Replace a share of the O and B training spectra by mixtures of two stars of the class.
 
     A composite of two O stars is an O spectrum of a type between theirs (He II
@@ -372,7 +373,10 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
     by channel; the labels do not change.  ``group`` (optional, (N,)): a
     spectrum is mixed only with one of its own group (the blue-only spectra,
     source ``"mkclass"``, with each other, never with a full-range one).
-    Returns the new inputs and the number of spectra mixed.
+    ``unit_norm_first``: channel 0 is the unit-norm standardised flux, and a
+    mixture's is renormalised (False: an input without it, e.g. the
+    continuum-normalised flux alone).  Returns the new inputs and the number
+    of spectra mixed.
     """
     out = np.array(inputs, dtype=np.float32, copy=True)
     n_mixed = 0
@@ -393,13 +397,22 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
         w = rng.uniform(*weight_range, size=pick.size).astype(np.float32)
         shape = (-1,) + (1,) * (out.ndim - 1)
         mixed = w.reshape(shape) * inputs[pick] + (1 - w).reshape(shape) * inputs[partner]
-        # channel 0 is the unit-norm standardised flux: a mixture is renormalised
-        ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
-        norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
-        ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+        if unit_norm_first:  # channel 0 is the unit-norm standardised flux: a mixture is renormalised
+            ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
+            norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
+            ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
         out[pick] = mixed
         n_mixed += int(pick.size)
     return out, n_mixed
+
+
+def model_input(kind: str, data: LabelledSpectra) -> np.ndarray:
+    """A model kind's input ``(N, NPIX, channels)``: ``cnn1``/``lr1`` the paper's ``x/||x||``,
+    ``cnn1n*`` the continuum-normalised flux alone (its lines, no continuum shape), the others both."""
+    base = kind.split("+")[0]
+    if base.startswith("cnn1n"):
+        return data.normalised[..., None]
+    return data.inputs(1 if base in ("cnn1", "lr1") else 2)
 
 
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
@@ -410,17 +423,17 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw"):
+    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx"):
         import keras
 
         from .models import recogniser
 
-        ch = 1 if base == "cnn1" else 2
-        build = {"head": "dense"} if base.startswith("cnn2d") else None
+        build = {"head": "dense"} if base.startswith("cnn2d") or base == "cnn1nx" else None
         if "+" in kind:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])
-        x_train = train.inputs(ch)
+        x_train = model_input(kind, train)
+        ch = x_train.shape[-1]
         if base == "cnn2dw":
             # cnn2dx plus a linear path on per-pixel standardised input (the lr2 baseline inside
             # the network), its L2 matched to lr2's C on this training set
@@ -428,28 +441,27 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             build = dict(build, wide=(x64.mean(axis=0), x64.var(axis=0)),
                          wide_l2=1.0 / (2.0 * cfg.lr_c * len(x_train)))
             del x64
-        if base in ("cnn2dx", "cnn2dw"):
+        if base in ("cnn2dx", "cnn2dw", "cnn1nx"):
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
                                                       np.random.default_rng([seed, 7]),
-                                                      group=train.source == "mkclass")
+                                                      group=train.source == "mkclass",
+                                                      unit_norm_first=base != "cnn1nx")
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
-            x_train, train.y(classes), val.inputs(ch), val.y(classes), epochs=cfg.epochs,
+            x_train, train.y(classes), model_input(kind, val), val.y(classes), epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
             n_classes=len(classes), build_kwargs=build)
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
                     val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
-        predict = lambda d: recogniser.predict_logits(model, d.inputs(ch))   # noqa: E731
+        predict = lambda d: recogniser.predict_logits(model, model_input(kind, d))   # noqa: E731
         if save_to is not None:
             model.save(save_to.with_suffix(".keras"))
     elif base in ("lr1", "lr2"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        ch = 1 if base == "lr1" else 2
-
         def feats(d):
-            return d.inputs(ch).reshape(len(d), -1)
+            return model_input(kind, d).reshape(len(d), -1)
 
         scaler = StandardScaler().fit(feats(train))
         clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
@@ -1458,20 +1470,18 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
     the logistic regressions as ``.npz`` of their scaler and coefficients).
     Classes a logistic regression never saw get -1e4, as in :func:`run_loso`.
     """
-    base = model.split("+")[0]
-    ch = 1 if base in ("cnn1", "lr1") else 2
     stem = Path(out_dir) / "models" / f"fold{int(fold):02d}_{_safe(model)}"
-    if base.startswith("cnn"):
+    if model.split("+")[0].startswith("cnn"):
         import keras
 
         from .models import recogniser
 
         net = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
-        return lambda data: np.asarray(recogniser.predict_logits(net, data.inputs(ch)), np.float64)
+        return lambda data: np.asarray(recogniser.predict_logits(net, model_input(model, data)), np.float64)
     z = dict(np.load(stem.with_suffix(".npz")))
 
     def predict(data: LabelledSpectra) -> np.ndarray:
-        x = (data.inputs(ch).reshape(len(data), -1) - z["mean"]) / z["scale"]
+        x = (model_input(model, data).reshape(len(data), -1) - z["mean"]) / z["scale"]
         full = np.full((len(data), n_classes), -1e4)
         full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
         return full

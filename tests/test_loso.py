@@ -405,3 +405,35 @@ def test_interstellar_twins_do_not_depend_on_the_training_recipe():
         got.append(tests)
     for k in ("o", "o_ism", "survey", "survey_ism"):
         np.testing.assert_array_equal(got[0][k].x, got[1][k].x)
+
+
+def test_cnn1nx_sees_only_the_continuum_normalised_flux(tmp_path):
+    """The line-only CNN's input is the normalised flux; its mixtures are not renormalised; its logits do
+    not change when the standardised flux (the continuum shape) does."""
+    import numpy as np
+
+    from lamost_ostar.datasets import LabelledSpectra
+
+    rng = np.random.default_rng(5)
+    n, npix = 48, 3909
+    x = rng.normal(1.0, 0.1, size=(n, npix)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    xn = rng.normal(1.0, 0.05, size=(n, npix)).astype(np.float32)
+    labels = np.array(list("OBAFGKMX") * 6)
+    star = np.array([f"{c}{i % 3}" for i, c in enumerate(labels)])
+    data = LabelledSpectra(x, labels, star, np.full(n, "lib"), xn=xn)
+    assert loso.model_input("cnn1nx", data).shape == (n, npix, 1)
+    assert np.array_equal(loso.model_input("cnn1nx", data)[..., 0], xn)
+    assert np.array_equal(loso.model_input("cnn1", data)[..., 0], x)
+    assert loso.model_input("lr2", data).shape == (n, npix, 2)
+    mixed, k = loso.mix_within_class(xn[..., None], labels, star, np.random.default_rng(1),
+                                     unit_norm_first=False)
+    changed = np.flatnonzero(np.any(mixed != xn[..., None], axis=(1, 2)))
+    assert k > 0 and len(changed) == k
+    assert np.all(mixed.mean(axis=(1, 2))[changed] > 0.9)    # still ~1: not scaled to unit norm
+    cfg = loso.LosoConfig.from_profile("tiny")
+    other = LabelledSpectra(x[::-1].copy(), labels, star, np.full(n, "lib"), xn=xn)
+    logits, info = loso._fit_predict("cnn1nx", data, data, {"a": data, "b": other}, cfg,
+                                     list(loso.CLASSES_8), seed=3, log=lambda *a: None)
+    assert info["mixed"] > 0 and logits["a"].shape == (n, len(loso.CLASSES_8))
+    assert np.allclose(logits["a"], logits["b"], atol=1e-5)
