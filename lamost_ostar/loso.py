@@ -56,7 +56,7 @@ __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2+lcgan", "cnn2+sgan",
+MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs", "cnn2+lcgan", "cnn2+sgan",
                                  "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
@@ -415,6 +415,11 @@ def model_input(kind: str, data: LabelledSpectra) -> np.ndarray:
     return data.inputs(1 if base in ("cnn1", "lr1") else 2)
 
 
+def _standardised(x: np.ndarray, scale: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """``(x - mean) / std`` per pixel and channel (``scale``: None leaves ``x`` as it is)."""
+    return x if scale is None else ((x - scale[0]) / scale[1]).astype(np.float32)
+
+
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
                  cfg: LosoConfig, classes: Sequence[str], seed: int, log,
                  gan_input: LabelledSpectra | None = None,
@@ -423,7 +428,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx"):
+    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs"):
         import keras
 
         from .models import recogniser
@@ -441,21 +446,30 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             build = dict(build, wide=(x64.mean(axis=0), x64.var(axis=0)),
                          wide_l2=1.0 / (2.0 * cfg.lr_c * len(x_train)))
             del x64
-        if base in ("cnn2dx", "cnn2dw", "cnn1nx"):
+        if base in ("cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs"):
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
                                                       np.random.default_rng([seed, 7]),
                                                       group=train.source == "mkclass",
                                                       unit_norm_first=base != "cnn1nx")
+        scale = None
+        if base == "cnn2dxs":
+            # every pixel of every channel standardised by the training set, as lr2's scaler does
+            sd = x_train.std(axis=0)
+            scale = (x_train.mean(axis=0), np.where(sd > 1e-8, sd, 1.0).astype(np.float32))
+            x_train = _standardised(x_train, scale)
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
-            x_train, train.y(classes), model_input(kind, val), val.y(classes), epochs=cfg.epochs,
+            x_train, train.y(classes), _standardised(model_input(kind, val), scale), val.y(classes),
+            epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
             n_classes=len(classes), build_kwargs=build)
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
                     val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
-        predict = lambda d: recogniser.predict_logits(model, model_input(kind, d))   # noqa: E731
+        predict = lambda d: recogniser.predict_logits(model, _standardised(model_input(kind, d), scale))  # noqa: E731
         if save_to is not None:
             model.save(save_to.with_suffix(".keras"))
+            if scale is not None:
+                np.savez(save_to.with_suffix(".scale.npz"), mean=scale[0], std=scale[1])
     elif base in ("lr1", "lr2"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -1477,7 +1491,10 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
         from .models import recogniser
 
         net = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
-        return lambda data: np.asarray(recogniser.predict_logits(net, model_input(model, data)), np.float64)
+        sc = stem.with_suffix(".scale.npz")
+        scale = tuple(np.load(sc)[k] for k in ("mean", "std")) if sc.exists() else None
+        return lambda data: np.asarray(recogniser.predict_logits(
+            net, _standardised(model_input(model, data), scale)), np.float64)
     z = dict(np.load(stem.with_suffix(".npz")))
 
     def predict(data: LabelledSpectra) -> np.ndarray:

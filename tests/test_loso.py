@@ -437,3 +437,28 @@ def test_cnn1nx_sees_only_the_continuum_normalised_flux(tmp_path):
                                      list(loso.CLASSES_8), seed=3, log=lambda *a: None)
     assert info["mixed"] > 0 and logits["a"].shape == (n, len(loso.CLASSES_8))
     assert np.allclose(logits["a"], logits["b"], atol=1e-5)
+
+
+def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tmp_path):
+    """The CNN on per-pixel standardised input keeps its training scale beside the saved model, and the
+    fold's saved model (``saved_fold_model``) gives the logits the run stored."""
+    import numpy as np
+
+    from lamost_ostar.datasets import LabelledSpectra
+
+    rng = np.random.default_rng(6)
+    n, npix = 48, 3909
+    x = rng.normal(1.0, 0.1, size=(n, npix)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.array(list("OBAFGKMX") * 6)
+    star = np.array([f"{c}{i % 3}" for i, c in enumerate(labels)])
+    data = LabelledSpectra(x, labels, star, np.full(n, "lib"),
+                           xn=rng.normal(1.0, 0.05, size=(n, npix)).astype(np.float32))
+    cfg = loso.LosoConfig.from_profile("tiny")
+    (tmp_path / "models").mkdir()
+    logits, info = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, list(loso.CLASSES_8), seed=3,
+                                     log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxs")
+    z = np.load(tmp_path / "models" / "fold00_cnn2dxs.scale.npz")
+    assert z["mean"].shape == z["std"].shape == (npix, 2) and np.all(z["std"] > 0)
+    again = loso.saved_fold_model(tmp_path, "cnn2dxs", 0, len(loso.CLASSES_8))(data)
+    assert np.allclose(again, logits["a"], atol=1e-4)
