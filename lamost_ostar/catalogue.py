@@ -673,16 +673,15 @@ class Catalogue:
             raise CatalogueError(f"{_safe_url(self.url)} holds no lamost_ostar catalogue "
                                  f"(tables scans/results/errors missing)")
         with engine.connect().execution_options(lamost_write=True) as conn, conn.begin():
-            if self.dialect == "postgresql":
-                # serialise concurrent first-use DDL from many workers
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
-                if conn.execute(sa.text("SELECT current_schema()")).scalar() is None:
-                    # the URL's search_path names a schema that does not exist yet
-                    first = conn.execute(sa.text("SHOW search_path")).scalar().split(",")[0]
-                    first = first.strip().strip('"')
-                    if not first or first == "$user":
-                        raise CatalogueError("no schema to create the catalogue in (check search_path)")
-                    conn.execute(sa.schema.CreateSchema(first, if_not_exists=True))
+            self._ddl_lock(conn)  # serialise concurrent first-use DDL from many workers
+            if self.dialect == "postgresql" and \
+                    conn.execute(sa.text("SELECT current_schema()")).scalar() is None:
+                # the URL's search_path names a schema that does not exist yet
+                first = conn.execute(sa.text("SHOW search_path")).scalar().split(",")[0]
+                first = first.strip().strip('"')
+                if not first or first == "$user":
+                    raise CatalogueError("no schema to create the catalogue in (check search_path)")
+                conn.execute(sa.schema.CreateSchema(first, if_not_exists=True))
             metadata.create_all(conn, checkfirst=True)
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(_VIEW_SQL.format(verb="OR REPLACE", ifne=""))
@@ -740,8 +739,7 @@ class Catalogue:
         moved: dict[str, tuple[int, int]] = {}
         try:
             with engine.connect().execution_options(lamost_write=True) as conn, conn.begin():
-                if self.dialect == "postgresql":
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                self._ddl_lock(conn)
                 need = self._migration_needed(conn)     # another process may have done it
                 if not need:
                     return
@@ -869,8 +867,7 @@ class Catalogue:
                     set(spec.output_names) <= {o["name"] for o in (row[0] or [])}
         if not ok:
             def _do(conn):
-                if self.dialect == "postgresql":
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+                self._ddl_lock(conn)
                 insp = sa.inspect(conn)
                 if not insp.has_table(table.name):
                     table.create(conn, checkfirst=True)
@@ -886,6 +883,12 @@ class Catalogue:
             self._write_tx(_do)
         self._ready.add(key)
         return table
+
+    def _ddl_lock(self, conn) -> None:
+        """PostgreSQL: take the catalogue's DDL lock for this transaction (one process changes
+        the schema at a time); SQLite needs none (its writers take the file's lock)."""
+        if self.dialect == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
 
     # ---- query indexes: deferred during a bulk scan, built at its end
     def defer_indexes(self, stages: Sequence[str]) -> list[str]:
@@ -914,21 +917,18 @@ class Catalogue:
         deferred: list[str] = []
 
         def _do(conn):
-            if self.dialect == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+            self._ddl_lock(conn)
             deferred.clear()  # a retried transaction starts again
             insp = sa.inspect(conn)
             for stage in stages:
                 table = self._table_of(conn, stage)
                 if table is None or not table.indexes:
                     continue
-                have = {ix["name"] for ix in insp.get_indexes(table.name)}
-                missing = [ix for ix in table.indexes if ix.name not in have]
+                missing = _absent_indexes(insp, table)
                 empty = conn.execute(sa.select(table.c.path).limit(1)).first() is None
                 if empty:
-                    for index in table.indexes:
-                        if index.name in have:
-                            index.drop(conn)
+                    for index in table.indexes - set(missing):
+                        index.drop(conn)
                 if empty or missing:
                     deferred.append(stage)
 
@@ -945,17 +945,14 @@ class Catalogue:
         names = list(stages) if stages is not None else self.stage_names()
 
         def _do(conn):
-            if self.dialect == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_DDL_LOCK_KEY)))
+            self._ddl_lock(conn)
             insp = sa.inspect(conn)
             for stage in names:
                 table = self._table_of(conn, stage)
                 if table is None:
                     continue
-                have = {ix["name"] for ix in insp.get_indexes(table.name)}
-                for index in table.indexes:
-                    if index.name not in have:
-                        index.create(conn)
+                for index in _absent_indexes(insp, table):
+                    index.create(conn)
 
         self._write_tx(_do)
         return time.perf_counter() - t0
@@ -966,8 +963,7 @@ class Catalogue:
             table = self._table_of(conn, stage)
             if table is None:
                 return []
-            have = {ix["name"] for ix in sa.inspect(conn).get_indexes(table.name)}
-            return sorted(ix.name for ix in table.indexes if ix.name not in have)
+            return sorted(ix.name for ix in _absent_indexes(sa.inspect(conn), table))
 
     def _table_of(self, conn, stage: str) -> sa.Table | None:
         """The result table of a stage the catalogue holds (from ``stages``), or None."""
@@ -2011,6 +2007,12 @@ def _insert_new(conn, table: sa.Table, cols: Mapping[str, list[Any]], const: Map
     else:
         params = [dict(zip(order, row)) for row in zip(*columns)]
     conn.exec_driver_sql(sql, params)
+
+
+def _absent_indexes(insp, table: sa.Table) -> list[sa.Index]:
+    """The declared query indexes of ``table`` that the database lacks (``insp``: an inspector)."""
+    have = {ix["name"] for ix in insp.get_indexes(table.name)}
+    return [ix for ix in table.indexes if ix.name not in have]
 
 
 def _group_paths(rows: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
