@@ -26,6 +26,10 @@ T0 = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+#: what each round scans into, in the order given by ``--kinds``
+KINDS = ("sqlite", "sqlite-kept", "null")
+
+
 class NullSink:
     """A result sink that stores nothing (the scan's sink protocol, every method a no-op)."""
 
@@ -64,14 +68,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kinds", default="sqlite,null", help="sqlite, sqlite-kept, null, in this order")
-    ap.add_argument("--child", choices=["sqlite", "sqlite-kept", "null"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args.release, args.child, args.workers)
         return
     kinds = args.kinds.split(",")
-    if set(kinds) - {"sqlite", "sqlite-kept", "null"}:
-        ap.error(f"--kinds: one or more of sqlite, sqlite-kept, null (got {args.kinds!r})")
+    if set(kinds) - set(KINDS):
+        ap.error(f"--kinds: one or more of {', '.join(KINDS)} (got {args.kinds!r})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)}
     for _ in range(args.rounds):
         for kind in kinds:

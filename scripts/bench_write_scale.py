@@ -33,17 +33,16 @@ def _renamed(result, suffix: str):
     return dataclasses.replace(result, path=result.path + suffix)
 
 
-def _run_mode(mode: str, url: str, base: list, rows: int, every: int, model_version: str,
-              stage) -> dict:
+def _run_mode(mode: str, url: str, base: list, rows: int, every: int, stage) -> None:
     from lamost_ostar.catalogue import Catalogue
 
     cat = Catalogue(url)
-    sid = cat.start_scan(model_version, stages=[stage])
+    sid = cat.start_scan(stage.model_version, stages=[stage])
     if mode == "deferred":
         cat.defer_indexes(["ostar"])
     t_all, c_all = time.perf_counter(), time.process_time()
     t_seg, c_seg, n_seg = t_all, c_all, 0
-    written, k, segments = 0, 0, []
+    written, k = 0, 0
     while written < rows:
         k += 1
         for i in range(0, len(base), 256):
@@ -55,9 +54,9 @@ def _run_mode(mode: str, url: str, base: list, rows: int, every: int, model_vers
             n_seg += len(batch)
             if n_seg >= every or written >= rows:
                 t, c = time.perf_counter(), time.process_time()
-                segments.append((written, 1e3 * (t - t_seg) / n_seg, 1e3 * (c - c_seg) / n_seg))
                 print(f"  {mode:8s} rows {written - n_seg:>9,d}-{written:<9,d} "
-                      f"{segments[-1][1]:.4f} ms wall, {segments[-1][2]:.4f} ms CPU per row", flush=True)
+                      f"{1e3 * (t - t_seg) / n_seg:.4f} ms wall, {1e3 * (c - c_seg) / n_seg:.4f} ms CPU "
+                      "per row", flush=True)
                 t_seg, c_seg, n_seg = t, c, 0
             if written >= rows:
                 break
@@ -70,8 +69,6 @@ def _run_mode(mode: str, url: str, base: list, rows: int, every: int, model_vers
     print(f"{mode:8s}: {rows:,d} rows written in {t_write:.1f} s, indexes built in {build:.1f} s, "
           f"total {total:.1f} s ({1e3 * total / rows:.4f} ms per row, {1e3 * cpu / rows:.4f} ms CPU "
           f"in this process); missing indexes after: {missing or 'none'}", flush=True)
-    return {"mode": mode, "rows": rows, "write_s": t_write, "build_s": build, "total_s": total,
-            "segments": segments}
 
 
 def _drop_all(url: str) -> None:
@@ -103,11 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes.split(","):
         if args.db:
             _drop_all(args.db)
-            _run_mode(mode, args.db, base, args.rows, args.every, stage.model_version, stage)
+            _run_mode(mode, args.db, base, args.rows, args.every, stage)
             continue
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-            _run_mode(mode, os.path.join(tmp, "w.sqlite"), base, args.rows, args.every,
-                      stage.model_version, stage)
+            _run_mode(mode, os.path.join(tmp, "w.sqlite"), base, args.rows, args.every, stage)
 
 
 if __name__ == "__main__":
