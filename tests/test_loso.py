@@ -407,6 +407,22 @@ def test_interstellar_twins_do_not_depend_on_the_training_recipe():
         np.testing.assert_array_equal(got[0][k].x, got[1][k].x)
 
 
+def _random_spectra(seed: int):
+    """48 random two-channel spectra of the 8 classes, 3 stars per class: ``(data, x, xn)``."""
+    import numpy as np
+
+    from lamost_ostar.datasets import LabelledSpectra
+
+    rng = np.random.default_rng(seed)
+    n, npix = 48, 3909
+    x = rng.normal(1.0, 0.1, size=(n, npix)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    xn = rng.normal(1.0, 0.05, size=(n, npix)).astype(np.float32)
+    labels = np.array(list("OBAFGKMX") * 6)
+    star = np.array([f"{c}{i % 3}" for i, c in enumerate(labels)])
+    return LabelledSpectra(x, labels, star, np.full(n, "lib"), xn=xn), x, xn
+
+
 def test_cnn1nx_sees_only_the_continuum_normalised_flux(tmp_path):
     """The line-only CNN's input is the normalised flux; its mixtures are not renormalised; its logits do
     not change when the standardised flux (the continuum shape) does."""
@@ -414,14 +430,9 @@ def test_cnn1nx_sees_only_the_continuum_normalised_flux(tmp_path):
 
     from lamost_ostar.datasets import LabelledSpectra
 
-    rng = np.random.default_rng(5)
-    n, npix = 48, 3909
-    x = rng.normal(1.0, 0.1, size=(n, npix)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    xn = rng.normal(1.0, 0.05, size=(n, npix)).astype(np.float32)
-    labels = np.array(list("OBAFGKMX") * 6)
-    star = np.array([f"{c}{i % 3}" for i, c in enumerate(labels)])
-    data = LabelledSpectra(x, labels, star, np.full(n, "lib"), xn=xn)
+    data, x, xn = _random_spectra(5)
+    n, npix = x.shape
+    labels, star = data.labels, data.star
     assert loso.model_input("cnn1nx", data).shape == (n, npix, 1)
     assert np.array_equal(loso.model_input("cnn1nx", data)[..., 0], xn)
     assert np.array_equal(loso.model_input("cnn1", data)[..., 0], x)
@@ -444,16 +455,8 @@ def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tm
     fold's saved model (``saved_fold_model``) gives the logits the run stored."""
     import numpy as np
 
-    from lamost_ostar.datasets import LabelledSpectra
-
-    rng = np.random.default_rng(6)
-    n, npix = 48, 3909
-    x = rng.normal(1.0, 0.1, size=(n, npix)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = np.array(list("OBAFGKMX") * 6)
-    star = np.array([f"{c}{i % 3}" for i, c in enumerate(labels)])
-    data = LabelledSpectra(x, labels, star, np.full(n, "lib"),
-                           xn=rng.normal(1.0, 0.05, size=(n, npix)).astype(np.float32))
+    data, x, _ = _random_spectra(6)
+    npix = x.shape[1]
     cfg = loso.LosoConfig.from_profile("tiny")
     (tmp_path / "models").mkdir()
     logits, info = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, list(loso.CLASSES_8), seed=3,
