@@ -32,6 +32,7 @@ with the position-aware dense head, ``cnn2dx`` that with within-class mixing
 (the default's CNN), and ``cnn2dw`` (experimental, run 15) ``cnn2dx`` with a
 linear path on the per-pixel standardised input added to its logits: the
 ``lr2`` baseline inside the network, with ``lr2``'s L2 penalty, trained jointly.
+Every CNN kind is a row of :data:`CNN_KINDS`.
 """
 from __future__ import annotations
 
@@ -51,13 +52,49 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
                        realise_templates, spread, _simulate_lib, _usable_for_training)
 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
-           "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
+           "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
+
+
+@dataclass(frozen=True)
+class CnnKind:
+    """How a CNN kind of :data:`CNN_KINDS` is built and trained (its input: :func:`model_input`).
+
+    Attributes
+    ----------
+    head : str or None
+        ``build_recogniser``'s head (``"dense"``: position-aware); None: the paper's pooling head.
+    mix : bool
+        O and B training spectra mixed across stars of their class (:func:`mix_within_class`).
+    standardise : bool
+        Every pixel of every channel standardised by the training set (saved as ``*.scale.npz``).
+    wide : bool
+        A linear path on the per-pixel standardised input added to the logits, with ``lr2``'s L2.
+    ema : float or None
+        Momentum of the weights' exponential moving average the model keeps (None: plain weights).
+    """
+
+    head: str | None = None
+    mix: bool = False
+    standardise: bool = False
+    wide: bool = False
+    ema: float | None = None
+
+
+#: the CNN kinds (the run each experimental one belongs to: ``reports/loso/runNN/README.md``)
+CNN_KINDS: dict[str, CnnKind] = {
+    "cnn2": CnnKind(), "cnn1": CnnKind(), "cnn2d": CnnKind(head="dense"),
+    "cnn2dx": CnnKind(head="dense", mix=True),                                   # the default's CNN
+    "cnn2dw": CnnKind(head="dense", mix=True, wide=True),                         # run 15
+    "cnn1nx": CnnKind(head="dense", mix=True),                                   # run 20
+    "cnn2dxs": CnnKind(head="dense", mix=True, standardise=True),                 # run 21
+    "cnn2dxse": CnnKind(head="dense", mix=True, standardise=True, ema=0.998),     # run 22
+}
+
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = ("cnn2", "cnn1", "lr2", "lr1", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs", "cnn2+lcgan", "cnn2+sgan",
-                                 "cnn2d+lcgan", "cnn2d+sgan")
+MODEL_KINDS: tuple[str, ...] = (*CNN_KINDS, "lr2", "lr1", "cnn2+lcgan", "cnn2+sgan", "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
 SNR_BINS: tuple[tuple[float, float], ...] = ((5, 10), (10, 20), (20, 50), (50, 1e9))
@@ -428,31 +465,32 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
-    if base in ("cnn1", "cnn2", "cnn2d", "cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs"):
+    if base in CNN_KINDS:
         import keras
 
         from .models import recogniser
 
-        build = {"head": "dense"} if base.startswith("cnn2d") or base == "cnn1nx" else None
+        spec = CNN_KINDS[base]
+        build = {"head": spec.head} if spec.head else None
         if "+" in kind:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])
         x_train = model_input(kind, train)
         ch = x_train.shape[-1]
-        if base == "cnn2dw":
-            # cnn2dx plus a linear path on per-pixel standardised input (the lr2 baseline inside
-            # the network), its L2 matched to lr2's C on this training set
+        if spec.wide:
+            # a linear path on per-pixel standardised input (the lr2 baseline inside the network),
+            # its L2 matched to lr2's C on this training set
             x64 = x_train.reshape(len(x_train), -1, ch).astype(np.float64)
-            build = dict(build, wide=(x64.mean(axis=0), x64.var(axis=0)),
+            build = dict(build or {}, wide=(x64.mean(axis=0), x64.var(axis=0)),
                          wide_l2=1.0 / (2.0 * cfg.lr_c * len(x_train)))
             del x64
-        if base in ("cnn2dx", "cnn2dw", "cnn1nx", "cnn2dxs"):
+        if spec.mix:
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
                                                       np.random.default_rng([seed, 7]),
                                                       group=train.source == "mkclass",
-                                                      unit_norm_first=base != "cnn1nx")
+                                                      unit_norm_first=not base.startswith("cnn1n"))
         scale = None
-        if base == "cnn2dxs":
+        if spec.standardise:
             # every pixel of every channel standardised by the training set, as lr2's scaler does
             sd = x_train.std(axis=0)
             scale = (x_train.mean(axis=0), np.where(sd > 1e-8, sd, 1.0).astype(np.float32))
@@ -462,7 +500,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             x_train, train.y(classes), _standardised(model_input(kind, val), scale), val.y(classes),
             epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
-            n_classes=len(classes), build_kwargs=build)
+            n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
         info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
                     val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
         predict = lambda d: recogniser.predict_logits(model, _standardised(model_input(kind, d), scale))  # noqa: E731

@@ -450,18 +450,33 @@ def test_cnn1nx_sees_only_the_continuum_normalised_flux(tmp_path):
     assert np.allclose(logits["a"], logits["b"], atol=1e-5)
 
 
-def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tmp_path):
-    """The CNN on per-pixel standardised input keeps its training scale beside the saved model, and the
-    fold's saved model (``saved_fold_model``) gives the logits the run stored."""
+@pytest.mark.parametrize("kind", ["cnn2dxs", "cnn2dxse"])
+def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tmp_path, kind):
+    """The CNN on per-pixel standardised input (and its weight-averaged twin) keeps its training scale
+    beside the saved model, and the fold's saved model (``saved_fold_model``) gives the logits the run
+    stored."""
     import numpy as np
 
     data, x, _ = _random_spectra(6)
     npix = x.shape[1]
     cfg = loso.LosoConfig.from_profile("tiny")
     (tmp_path / "models").mkdir()
-    logits, info = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, list(loso.CLASSES_8), seed=3,
-                                     log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxs")
-    z = np.load(tmp_path / "models" / "fold00_cnn2dxs.scale.npz")
+    logits, info = loso._fit_predict(kind, data, data, {"a": data}, cfg, list(loso.CLASSES_8), seed=3,
+                                     log=lambda *a: None, save_to=tmp_path / "models" / f"fold00_{kind}")
+    z = np.load(tmp_path / "models" / f"fold00_{kind}.scale.npz")
     assert z["mean"].shape == z["std"].shape == (npix, 2) and np.all(z["std"] > 0)
-    again = loso.saved_fold_model(tmp_path, "cnn2dxs", 0, len(loso.CLASSES_8))(data)
+    again = loso.saved_fold_model(tmp_path, kind, 0, len(loso.CLASSES_8))(data)
     assert np.allclose(again, logits["a"], atol=1e-4)
+
+
+def test_cnn_kinds_table():
+    """Every CNN kind is a row of one table; the others are the baselines and GAN variants; an unknown
+    kind is refused."""
+    assert set(loso.CNN_KINDS) <= set(loso.MODEL_KINDS)
+    assert loso.CNN_KINDS["cnn2dx"] == loso.CnnKind(head="dense", mix=True)
+    assert loso.CNN_KINDS["cnn2dxse"].ema and loso.CNN_KINDS["cnn2dxse"].standardise
+    assert not any(k.ema for name, k in loso.CNN_KINDS.items() if name != "cnn2dxse")
+    data, _, _ = _random_spectra(1)
+    with pytest.raises(ValueError, match="unknown model kind 'cnn9'"):
+        loso._fit_predict("cnn9", data, data, {}, loso.LosoConfig.from_profile("tiny"), list(loso.CLASSES_8),
+                          seed=0, log=lambda *a: None)

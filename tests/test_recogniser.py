@@ -62,6 +62,43 @@ def test_training_reduces_loss_and_early_stops():
     assert len(hist2["loss"]) == 2
 
 
+def _trainable(model):
+    return [np.asarray(v) for v in model.trainable_weights]
+
+
+def test_ema_of_momentum_zero_is_plain_training_and_averaged_weights_differ():
+    """With momentum 0 the average is the weights themselves: the swapping around validation and
+    early stopping must give plain training's weights back exactly; with momentum 0.9 they differ."""
+    x, y = synthetic(160)
+    xv, yv = synthetic(40, seed=1)
+    kw = dict(epochs=3, batch_size=32, learning_rate=3e-3, build_kwargs={"width": 8, "depth": 2})
+    runs = {}
+    for ema in (None, 0.0, 0.9):
+        keras.utils.set_random_seed(0)
+        model, hist = R.train_recogniser(x, y, xv, yv, ema_momentum=ema, **kw)
+        runs[ema] = (model, hist)
+    plain, zero, avg = (_trainable(runs[e][0]) for e in (None, 0.0, 0.9))
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(plain, zero))
+    assert np.allclose(runs[None][1]["val_loss"], runs[0.0][1]["val_loss"], rtol=1e-5)
+    assert not all(np.allclose(a, b, atol=1e-6) for a, b in zip(plain, avg))
+    assert np.isfinite(runs[0.9][1]["val_loss"]).all()
+
+
+def test_reestimate_batchnorm_moves_only_the_moving_statistics():
+    keras.utils.set_random_seed(0)
+    model = R.build_recogniser(3, npix=NPIX, width=8, depth=2)
+    x, _ = synthetic(100)
+    before = _trainable(model)
+    bn = model.get_layer("stem_bn")
+    mean0 = np.asarray(bn.moving_mean).copy()
+    assert R.reestimate_batchnorm(model, x, batch_size=32) == 3          # whole batches only
+    assert all(np.array_equal(a, b) for a, b in zip(before, _trainable(model)))
+    assert not np.allclose(np.asarray(bn.moving_mean), mean0)
+    assert R.reestimate_batchnorm(model, x[:10], batch_size=32) == 1     # one short batch
+    plain = keras.Sequential([keras.Input((NPIX, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert R.reestimate_batchnorm(plain, x) == 0
+
+
 def test_bad_shapes():
     model = R.build_recogniser(4, npix=NPIX, width=8, depth=1)
     with pytest.raises(ValueError):
