@@ -40,7 +40,7 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
+           "mix_within_class", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 
@@ -586,6 +586,7 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
     folds = list(range(len(o_units))) if cfg.folds is None else [f for f in cfg.folds if f < len(o_units)]
     store: dict[str, list[dict]] = {m: [] for m in cfg.models}
     fold_info = []
+    envs = [environment()]
     log(f"LOSO: {len(o_units)} O units ({', '.join(o_units)}); running folds {folds}; models {cfg.models}")
     for k in folds:
         t0 = time.perf_counter()
@@ -624,11 +625,13 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
         for m in cfg.models:
             _save_oof(out / f"oof_{_safe(m)}.npz", store[m], classes)
         (out / "folds.json").write_text(json.dumps({"config": _config_dict(cfg), "o_units": o_units,
-                                                    "folds": fold_info}, indent=1, default=str))
+                                                    "environments": envs, "folds": fold_info},
+                                                   indent=1, default=str))
         log(f"fold {k} done in {time.perf_counter() - t0:.0f} s")
     results = analyse(out, cfg.models, classes)
     results["config"] = _config_dict(cfg)
     results["o_units"] = o_units
+    results["environments"] = envs
     results["real_lamost_files"] = 0 if lamost is None else int(len(lamost))
     results["folds"] = fold_info
     results["total_seconds"] = time.perf_counter() - t_start
@@ -757,6 +760,45 @@ def _config_dict(cfg: LosoConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+#: packages whose versions change a run's figures (recorded by :func:`environment`)
+ENVIRONMENT_PACKAGES: tuple[str, ...] = ("numpy", "scipy", "scikit-learn", "tensorflow", "keras", "astropy",
+                                         "fitsio")
+
+
+def environment() -> dict[str, Any]:
+    """What produced a run's figures besides its config: code version, Python, package versions, backend.
+
+    A fresh install can resolve newer packages; the same seed and code then
+    give slightly different figures (run 22: ``lr2``'s seed-19 recall moved by
+    0.09 points between two installs of the same code).  Stored in
+    ``folds.json`` / ``results.json`` as ``environments`` (one entry per
+    distinct environment that ran folds of the run).
+    """
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import code_version
+
+    packages = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"code_version": code_version(), "python": platform.python_version(), "packages": packages,
+            "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
+
+
+def _union(envs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Distinct environments, in order of first appearance."""
+    out: list[dict[str, Any]] = []
+    for e in envs:
+        if dict(e) not in out:
+            out.append(dict(e))
+    return out
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -841,6 +883,8 @@ def merge_runs(parts: Sequence[str | Path], out_dir: str | Path) -> list[str]:
     config = dict(infos[0]["config"], folds=sorted(seen))
     folds = sorted(folds, key=lambda f: f["fold"])
     (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
+                                                "environments": _union(e for i in infos
+                                                                       for e in i.get("environments", [])),
                                                 "folds": folds}, indent=1, default=str))
     return [m.replace("_", "+") for m in models]
 
@@ -877,6 +921,8 @@ def pool_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[str]:
                   pooled_runs=[str(r) for r in runs])
     folds = [dict(f, run=i) for i, info in enumerate(infos) for f in info["folds"]]
     (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
+                                                "environments": _union(e for i in infos
+                                                                       for e in i.get("environments", [])),
                                                 "folds": folds}, indent=1, default=str))
     return [m.replace("_", "+") for m in models]
 
@@ -1374,6 +1420,10 @@ def render_report(results: dict) -> str:
               f"{len(results.get('o_units', []))} O split units: {', '.join(results.get('o_units', []))}.",
               f"Folds run: {[f['fold'] for f in results.get('folds', [])]}; total "
               f"{total / 60:.1f} min (data + fits).", ""]
+    for env in results.get("environments", []):
+        pk = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
+        lines += [f"Environment: code {env.get('code_version')}, Python {env.get('python')}, "
+                  f"Keras backend {env.get('keras_backend')}; {pk}.", ""]
     lines += ["Data behind every number: in fold k the models are trained on LAMOST-like realisations of the",
               "template stars of all other folds (+ their real LAMOST files) and tested on fold k's stars only:",
               "O = the held-out O star(s), E(B-V) 0-2.5 added to the star's own, S/N 5-100 (equal shares of the",

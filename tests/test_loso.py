@@ -1,6 +1,7 @@
 """Tests for lamost_ostar.loso (leave-one-star-out protocol) and the detector it ships."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
     lib_rows = d["set"] != "lamost"
     assert all(s in held[int(k)] for s, k in zip(d["star"][lib_rows], d["fold"][lib_rows]))
     assert np.isfinite(d["heii_sigma"][d["set"] == "o"]).any()
+    # what ran the folds is recorded: code, Python, the packages that change the figures
+    env = json.loads((out / "folds.json").read_text())["environments"]
+    assert env == res["environments"] and len(env) == 1
+    assert env[0]["packages"]["numpy"] == np.__version__ and set(env[0]["packages"]) == set(loso.ENVIRONMENT_PACKAGES)
+    assert env[0]["code_version"] and env[0]["python"] and "Environment: code " in text
     for m in res["models"].values():
         assert "operating_point" in m and "tables" in m and m["temperature"] > 0
         # the hot-subdwarf veto in sigma, set on O spectra; the raw-index veto and none for comparison
@@ -166,9 +172,12 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     f = json.loads((b / "folds.json").read_text())
     for fold in f["folds"]:
         fold["fold"] += 1
+    f["environments"] = f["environments"] + [dict(f["environments"][0], python="3.99.0")]
     (b / "folds.json").write_text(json.dumps(f))
     merged = tmp_path / "merged"
     assert sorted(loso.merge_runs([a, b], merged)) == ["cnn2", "lr2"]
+    envs = json.loads((merged / "folds.json").read_text())["environments"]    # distinct ones, in order
+    assert [e["python"] for e in envs][1:] == ["3.99.0"] and len(envs) == 2
     one, both = loso.load_oof(a / "oof_lr2.npz"), loso.load_oof(merged / "oof_lr2.npz")
     assert len(both["label"]) == 2 * len(one["label"]) and set(both["fold"]) == {0, 1}
     assert [x["fold"] for x in json.loads((merged / "folds.json").read_text())["folds"]] == [0, 1]
@@ -181,6 +190,11 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     assert np.all(p.sum(axis=1) <= 1.0 + 1e-9)                 # mean of log probabilities
     res = loso.analyse(merged, ["cnn2", "lr2", name], loso.CLASSES_8)
     assert set(res["models"]) == {"cnn2", "lr2", name}
+    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(merged), "--reanalyse"])                # the script's results carry them too
+    assert json.loads((merged / "results.json").read_text())["environments"] == envs
 
 
 def test_pool_runs_of_two_seeds(tiny_run, tmp_path):
@@ -200,6 +214,7 @@ def test_pool_runs_of_two_seeds(tiny_run, tmp_path):
     assert len(both["label"]) == 2 * len(one["label"])
     assert np.array_equal(np.unique(both["run"], return_counts=True)[1], [len(one["label"])] * 2)
     assert json.loads((pooled / "folds.json").read_text())["config"]["seed"] == [0, 1]
+    assert len(json.loads((pooled / "folds.json").read_text())["environments"]) == 1   # the same one twice
     # the single-line EWs stored for every test spectrum travel with the pool
     assert "ew_hgamma" in both and "ew_heii_4541_err" in both
     res = loso.analyse(pooled, ["lr2"], loso.CLASSES_8)
@@ -258,7 +273,6 @@ def test_false_o_by_star_accounts_for_every_non_o_test_spectrum(tiny_run):
 def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_writes_it(tiny_run):
     """A run's own operating point, applied with apply_rule, gives analyse's table; the script
     applies another run's rules (here the same run's results.json) and writes applied_rule.json."""
-    import importlib.util
     import json
 
     out, _ = tiny_run
