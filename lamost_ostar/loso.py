@@ -53,7 +53,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
+           "mix_within_class", "mix_across_classes", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 
@@ -74,6 +74,9 @@ class CnnKind:
         A linear path on the per-pixel standardised input added to the logits, with ``lr2``'s L2.
     ema : float or None
         Momentum of the weights' exponential moving average the model keeps (None: plain weights).
+    cross_mix : float
+        O/B mixtures with soft labels added to the training set, this fraction of its O and B
+        spectra (:func:`mix_across_classes`); 0: none.
     """
 
     head: str | None = None
@@ -81,6 +84,7 @@ class CnnKind:
     standardise: bool = False
     wide: bool = False
     ema: float | None = None
+    cross_mix: float = 0.0
 
 
 #: the CNN kinds (the run each experimental one belongs to: ``reports/loso/runNN/README.md``)
@@ -91,6 +95,7 @@ CNN_KINDS: dict[str, CnnKind] = {
     "cnn1nx": CnnKind(head="dense", mix=True),                                   # run 20
     "cnn2dxs": CnnKind(head="dense", mix=True, standardise=True),                 # run 21
     "cnn2dxse": CnnKind(head="dense", mix=True, standardise=True, ema=0.998),     # run 22
+    "cnn2dxsm": CnnKind(head="dense", mix=True, standardise=True, cross_mix=0.2),  # run 23
 }
 
 #: model kinds a LOSO run can compare
@@ -443,6 +448,48 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
     return out, n_mixed
 
 
+def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence[str], rng: np.random.Generator,
+                       fraction: float = 0.2, pair: tuple[str, str] = ("O", "B"),
+                       group: np.ndarray | None = None,
+                       unit_norm_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Mixtures of the two classes of ``pair`` with soft labels: the O/B boundary made explicit.
+
+    ``round(fraction * n)`` new spectra (``n``: the spectra of both classes),
+    each ``w * a + (1 - w) * b`` of a random spectrum ``a`` of ``pair[0]`` and
+    ``b`` of ``pair[1]`` of the same ``group`` (blue-only with blue-only), ``w``
+    uniform in (0, 1), labelled ``w`` of ``pair[0]`` and ``1 - w`` of
+    ``pair[1]``: what an O+B composite looks like, and how O-like it is.  The
+    unit-norm channel 0 is renormalised (``unit_norm_first``).  Returns the
+    new inputs and their soft labels ``(M, len(classes))``; the originals are
+    not changed.
+    """
+    k_a, k_b = list(classes).index(pair[0]), list(classes).index(pair[1])
+    group = np.zeros(len(labels), bool) if group is None else np.asarray(group)
+    xs, ws = [], []
+    for g in np.unique(group):
+        ia = np.flatnonzero((labels == pair[0]) & (group == g))
+        ib = np.flatnonzero((labels == pair[1]) & (group == g))
+        m = int(round(fraction * (ia.size + ib.size)))
+        if ia.size == 0 or ib.size == 0 or m == 0:
+            continue
+        a, b = rng.choice(ia, size=m), rng.choice(ib, size=m)
+        w = rng.uniform(0.0, 1.0, size=m).astype(np.float32)
+        shape = (-1,) + (1,) * (inputs.ndim - 1)
+        mixed = w.reshape(shape) * inputs[a] + (1 - w).reshape(shape) * inputs[b]
+        if unit_norm_first:
+            ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
+            norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
+            ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+        xs.append(mixed.astype(np.float32))
+        ws.append(w)
+    y = np.zeros((sum(len(w) for w in ws), len(classes)), np.float32)
+    if not xs:
+        return np.zeros((0,) + inputs.shape[1:], np.float32), y
+    w = np.concatenate(ws)
+    y[:, k_a], y[:, k_b] = w, 1 - w
+    return np.concatenate(xs), y
+
+
 def model_input(kind: str, data: LabelledSpectra) -> np.ndarray:
     """A model kind's input ``(N, NPIX, channels)``: ``cnn1``/``lr1`` the paper's ``x/||x||``,
     ``cnn1n*`` the continuum-normalised flux alone (its lines, no continuum shape), the others both."""
@@ -489,6 +536,14 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                                                       np.random.default_rng([seed, 7]),
                                                       group=train.source == "mkclass",
                                                       unit_norm_first=not base.startswith("cnn1n"))
+        y_train = train.y(classes)
+        if spec.cross_mix:
+            x_add, y_add = mix_across_classes(x_train, train.labels, classes, np.random.default_rng([seed, 9]),
+                                              fraction=spec.cross_mix, group=train.source == "mkclass",
+                                              unit_norm_first=not base.startswith("cnn1n"))
+            x_train = np.concatenate([x_train, x_add])
+            y_train = np.concatenate([np.eye(len(classes), dtype=np.float32)[y_train], y_add])
+            info["cross_mixed"] = int(len(x_add))
         scale = None
         if spec.standardise:
             # every pixel of every channel standardised by the training set, as lr2's scaler does
@@ -497,7 +552,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             x_train = _standardised(x_train, scale)
         keras.utils.set_random_seed(seed)
         model, hist = recogniser.train_recogniser(
-            x_train, train.y(classes), _standardised(model_input(kind, val), scale), val.y(classes),
+            x_train, y_train, _standardised(model_input(kind, val), scale), val.y(classes),
             epochs=cfg.epochs,
             batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
             n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)

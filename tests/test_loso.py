@@ -483,6 +483,37 @@ def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tm
     assert np.allclose(again, logits["a"], atol=1e-4)
 
 
+def test_mix_across_classes_soft_labels_and_groups():
+    """O/B mixtures carry their mixing weight as the label, stay within their group, renormalise channel 0."""
+    rng = np.random.default_rng(0)
+    n, npix = 40, 30
+    x = rng.uniform(0.5, 1.5, size=(n, npix, 2)).astype(np.float32)
+    x[..., 0] /= np.linalg.norm(x[..., 0], axis=1, keepdims=True)
+    labels = np.array(["O"] * 10 + ["B"] * 10 + ["A"] * 10 + ["O"] * 5 + ["B"] * 5)
+    group = np.arange(n) >= 30                                   # the last ten: blue-only
+    x[group, 20:] = 0.0
+    before = x.copy()
+    classes = list(loso.CLASSES_8)
+    xm, y = loso.mix_across_classes(x, labels, classes, np.random.default_rng(3), fraction=0.5, group=group)
+    assert np.array_equal(x, before)                            # originals untouched
+    assert len(xm) == len(y) == 10 + 5                          # half of (20) and of (10)
+    assert np.allclose(y.sum(axis=1), 1) and np.all(y[:, 2:] == 0)
+    assert np.all((y[:, 0] > 0) & (y[:, 0] < 1)) and np.allclose(y[:, 1], 1 - y[:, 0])
+    assert np.allclose(np.linalg.norm(xm[..., 0], axis=1), 1, atol=1e-5)
+    assert np.sum(np.all(xm[:, 20:] == 0, axis=(1, 2))) == 5    # the blue-only mixtures are blue-only
+    none, y0 = loso.mix_across_classes(x[20:30], labels[20:30], classes, rng)   # no O or B: nothing
+    assert none.shape == (0, npix, 2) and y0.shape == (0, len(classes))
+
+
+def test_cnn2dxsm_trains_on_soft_labelled_mixtures():
+    data, _, _ = _random_spectra(7)
+    cfg = loso.LosoConfig.from_profile("tiny")
+    logits, info = loso._fit_predict("cnn2dxsm", data, data, {"a": data}, cfg, list(loso.CLASSES_8), seed=3,
+                                     log=lambda *a: None)
+    n_ob = int(np.isin(data.labels, ["O", "B"]).sum())
+    assert info["cross_mixed"] == round(0.2 * n_ob) and logits["a"].shape == (len(data), len(loso.CLASSES_8))
+
+
 def test_cnn_kinds_table():
     """Every CNN kind is a row of one table; the others are the baselines and GAN variants; an unknown
     kind is refused."""

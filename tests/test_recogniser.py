@@ -99,6 +99,20 @@ def test_reestimate_batchnorm_moves_only_the_moving_statistics():
     assert R.reestimate_batchnorm(plain, x) == 0
 
 
+def test_soft_labels_train_with_categorical_cross_entropy():
+    """Rows of class probabilities train the same network; validation keeps integer labels."""
+    keras.utils.set_random_seed(0)
+    x, y = synthetic(120)
+    xv, yv = synthetic(30, seed=1)
+    soft = np.eye(3, dtype=np.float32)[y] * 0.9 + 0.1 / 3
+    model, hist = R.train_recogniser(x, soft, xv, yv, epochs=2, batch_size=32, learning_rate=3e-3,
+                                     build_kwargs={"width": 8, "depth": 2})
+    assert model.output_shape == (None, 3) and np.isfinite(hist["val_loss"]).all()
+    assert 0.0 <= hist["val_accuracy"][-1] <= 1.0
+    with pytest.raises(ValueError, match="soft labels have 3 columns"):
+        R.train_recogniser(x, soft, xv, yv, epochs=1, n_classes=4, build_kwargs={"width": 8, "depth": 2})
+
+
 def test_bad_shapes():
     model = R.build_recogniser(4, npix=NPIX, width=8, depth=1)
     with pytest.raises(ValueError):

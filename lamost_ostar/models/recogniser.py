@@ -217,6 +217,9 @@ def train_recogniser(
         Standardised spectra (C = 1), or the two-channel input (C = 2).
     y_train, y_val : ndarray of int
         Class indices (into :data:`CLASSES_7` or :data:`CLASSES_4`).
+        ``y_train`` may instead be soft labels ``(N, n_classes)`` (rows of
+        class probabilities, e.g. for mixtures of two classes); the loss is
+        then the categorical cross-entropy, on validation too.
     epochs : int
         Maximum number of epochs.
     batch_size : int
@@ -256,14 +259,19 @@ def train_recogniser(
     """
     x_train = as_model_input(x_train)
     x_val = as_model_input(x_val, x_train.shape[1], x_train.shape[-1])
-    y_train = np.asarray(y_train, dtype=np.int64).ravel()
+    soft = np.ndim(y_train) == 2
+    y_train = np.asarray(y_train, dtype=np.float32) if soft else np.asarray(y_train, dtype=np.int64).ravel()
     y_val = np.asarray(y_val, dtype=np.int64).ravel()
     if len(x_train) != len(y_train) or len(x_val) != len(y_val):
         raise ValueError("x and y lengths differ")
     if len(x_val) == 0:
         raise ValueError("validation set is empty (early stopping needs it)")
     if n_classes is None:
-        n_classes = int(max(y_train.max(), y_val.max())) + 1
+        n_classes = y_train.shape[1] if soft else int(max(y_train.max(), y_val.max())) + 1
+    if soft:
+        if y_train.shape[1] != n_classes:
+            raise ValueError(f"soft labels have {y_train.shape[1]} columns, not n_classes={n_classes}")
+        y_val = np.eye(n_classes, dtype=np.float32)[y_val]      # the same loss on validation
     if model is None:
         model = build_recogniser(n_classes, npix=x_train.shape[1], channels=x_train.shape[-1],
                                  **(build_kwargs or {}))
@@ -271,8 +279,10 @@ def train_recogniser(
     model.compile(
         optimizer=(keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema_momentum))
                    if ema else keras.optimizers.Adam(learning_rate)),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=(keras.losses.CategoricalCrossentropy(from_logits=True) if soft
+              else keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy") if soft
+                 else keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                          restore_best_weights=True)
