@@ -440,12 +440,17 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
         shape = (-1,) + (1,) * (out.ndim - 1)
         mixed = w.reshape(shape) * inputs[pick] + (1 - w).reshape(shape) * inputs[partner]
         if unit_norm_first:  # channel 0 is the unit-norm standardised flux: a mixture is renormalised
-            ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
-            norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
-            ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+            _renormalise_first_channel(mixed)
         out[pick] = mixed
         n_mixed += int(pick.size)
     return out, n_mixed
+
+
+def _renormalise_first_channel(mixed: np.ndarray) -> None:
+    """Scale channel 0 of each mixture (``(M, npix)`` or ``(M, npix, C)``) back to unit norm, in place."""
+    ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
+    norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
+    ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
 
 
 def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence[str], rng: np.random.Generator,
@@ -477,9 +482,7 @@ def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence
         shape = (-1,) + (1,) * (inputs.ndim - 1)
         mixed = w.reshape(shape) * inputs[a] + (1 - w).reshape(shape) * inputs[b]
         if unit_norm_first:
-            ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
-            norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
-            ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+            _renormalise_first_channel(mixed)
         xs.append(mixed.astype(np.float32))
         ws.append(w)
     y = np.zeros((sum(len(w) for w in ws), len(classes)), np.float32)
@@ -531,16 +534,17 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             build = dict(build or {}, wide=(x64.mean(axis=0), x64.var(axis=0)),
                          wide_l2=1.0 / (2.0 * cfg.lr_c * len(x_train)))
             del x64
+        # blue-only spectra mix with each other; channel 0 is unit-norm unless the input is cnn1n*'s
+        blue_only, unit_norm_first = train.source == "mkclass", not base.startswith("cnn1n")
         if spec.mix:
             x_train, info["mixed"] = mix_within_class(x_train, train.labels, train.star,
                                                       np.random.default_rng([seed, 7]),
-                                                      group=train.source == "mkclass",
-                                                      unit_norm_first=not base.startswith("cnn1n"))
+                                                      group=blue_only, unit_norm_first=unit_norm_first)
         y_train = train.y(classes)
         if spec.cross_mix:
             x_add, y_add = mix_across_classes(x_train, train.labels, classes, np.random.default_rng([seed, 9]),
-                                              fraction=spec.cross_mix, group=train.source == "mkclass",
-                                              unit_norm_first=not base.startswith("cnn1n"))
+                                              fraction=spec.cross_mix, group=blue_only,
+                                              unit_norm_first=unit_norm_first)
             x_train = np.concatenate([x_train, x_add])
             y_train = np.concatenate([np.eye(len(classes), dtype=np.float32)[y_train], y_add])
             info["cross_mixed"] = int(len(x_add))
@@ -845,10 +849,10 @@ def environment() -> dict[str, Any]:
             "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
 
 
-def _union(envs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Distinct environments, in order of first appearance."""
+def _environments_of(infos: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct ``environments`` of several runs' ``folds.json``, in order of first appearance."""
     out: list[dict[str, Any]] = []
-    for e in envs:
+    for e in (e for info in infos for e in info.get("environments", [])):
         if dict(e) not in out:
             out.append(dict(e))
     return out
@@ -938,8 +942,7 @@ def merge_runs(parts: Sequence[str | Path], out_dir: str | Path) -> list[str]:
     config = dict(infos[0]["config"], folds=sorted(seen))
     folds = sorted(folds, key=lambda f: f["fold"])
     (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
-                                                "environments": _union(e for i in infos
-                                                                       for e in i.get("environments", [])),
+                                                "environments": _environments_of(infos),
                                                 "folds": folds}, indent=1, default=str))
     return [m.replace("_", "+") for m in models]
 
@@ -976,8 +979,7 @@ def pool_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[str]:
                   pooled_runs=[str(r) for r in runs])
     folds = [dict(f, run=i) for i, info in enumerate(infos) for f in info["folds"]]
     (out / "folds.json").write_text(json.dumps({"config": config, "o_units": infos[0]["o_units"],
-                                                "environments": _union(e for i in infos
-                                                                       for e in i.get("environments", [])),
+                                                "environments": _environments_of(infos),
                                                 "folds": folds}, indent=1, default=str))
     return [m.replace("_", "+") for m in models]
 

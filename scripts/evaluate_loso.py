@@ -137,11 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             if key in prev:
                 res[key] = prev[key]
         folds_file = args.out / "folds.json"
-        if "folds" not in res and folds_file.exists():
+        if folds_file.exists():
             f = json.loads(folds_file.read_text())
-            res.update(config=f["config"], o_units=f["o_units"], folds=f["folds"])
-        if folds_file.exists():      # who ran the folds: the folds' own record, merged or pooled
-            res["environments"] = json.loads(folds_file.read_text()).get("environments", res.get("environments", []))
+            if "folds" not in res:
+                res.update(config=f["config"], o_units=f["o_units"], folds=f["folds"])
+            # who ran the folds: the folds' own record, merged or pooled
+            res["environments"] = f.get("environments", res.get("environments", []))
         if args.pool:
             res["per_run"] = loso.per_run_summary(args.pool.split(","))
         (args.out / "results.json").write_text(json.dumps(res, indent=1, default=loso._json_default))
