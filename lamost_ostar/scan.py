@@ -1261,6 +1261,9 @@ def run_scan(
             update = getattr(sink, "update_scan", None)
             last_update = time.monotonic()
             for fut in ac:
+                if not _settled(fut):
+                    ac.add(fut)  # finished, then lost with its worker: it runs again
+                    continue
                 if t_first is None:
                     t_first = time.perf_counter()
                 paths = pending[fut]
@@ -1546,6 +1549,17 @@ class _LogsToFile:
         if self._handler is not None:
             self._handler.close()
             self._handler = None
+
+
+def _settled(fut: Any) -> bool:
+    """Whether a partition's future, as :class:`distributed.as_completed` yields it, has an outcome.
+
+    A partition can finish on a worker that dies before the client has taken its
+    summary: the scheduler loses the result and runs the partition again (its
+    files are skipped as done), and the future is set back to ``lost`` or
+    ``pending``.  Such a future is waited for again, neither counted nor failed.
+    """
+    return fut.status in ("finished", "error", "cancelled")
 
 
 def _handle_failed(fut: Any, paths: list[str], sink: Any, scan_id: Any,

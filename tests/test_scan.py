@@ -404,6 +404,27 @@ def test_a_file_that_kills_workers_is_isolated(tmp_path):
     assert len(_rows(cat, "results_crashstage")) == 6   # a stage without a name: its class name
 
 
+def test_only_a_settled_partition_is_counted(client):
+    """A partition whose result was lost with its worker (CI, 2026-12-07: finished, then its
+    worker died before the client took the summary) is ``lost``/``pending`` again when
+    ``as_completed`` yields it: the scan waits for it instead of counting it as failed."""
+    from distributed import Event
+
+    done = client.submit(int, "1", pure=False)
+    bad = client.submit(int, "x", pure=False)
+    gate = Event(f"gate-{id(done)}", client=client)
+    waiting = client.submit(lambda name: Event(name).wait(60), gate.name, pure=False)
+    done.result()
+    with pytest.raises(ValueError):
+        bad.result()
+    assert scanmod._settled(done) and scanmod._settled(bad)
+    assert waiting.status == "pending" and not scanmod._settled(waiting)
+    waiting._state.lose()  # what the client does with a result lost with its worker
+    assert not scanmod._settled(waiting)
+    gate.set()
+    assert waiting.result() is True and scanmod._settled(waiting)
+
+
 def test_final_counts_are_the_rows_the_scan_wrote(tmp_path):
     """The scans row is closed with what the catalogue holds for the scan: a partition that
     ran twice (its worker killed after the write) or one cut off by an interrupt still counts."""
