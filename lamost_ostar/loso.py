@@ -53,7 +53,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
-           "mix_within_class", "mix_across_classes", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
+           "mix_within_class", "mix_across_classes", "MEMBER_SEED_STEP", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
            "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
 
 
@@ -77,6 +77,11 @@ class CnnKind:
     cross_mix : float
         O/B mixtures with soft labels added to the training set, this fraction of its O and B
         spectra (:func:`mix_across_classes`); 0: none.
+    members : int
+        Networks trained on the same training set from different initialisations (member ``m``
+        seeded ``seed + MEMBER_SEED_STEP * m``; member 0 is the one-member kind's network), their
+        class probabilities combined as the shipped ensemble combines its members
+        (:func:`ensemble_logits`, temperatures 1): a deep ensemble.
     """
 
     head: str | None = None
@@ -85,6 +90,7 @@ class CnnKind:
     wide: bool = False
     ema: float | None = None
     cross_mix: float = 0.0
+    members: int = 1
 
 
 #: the CNN kinds (the run each experimental one belongs to: ``reports/loso/runNN/README.md``)
@@ -96,7 +102,11 @@ CNN_KINDS: dict[str, CnnKind] = {
     "cnn2dxs": CnnKind(head="dense", mix=True, standardise=True),                 # run 21
     "cnn2dxse": CnnKind(head="dense", mix=True, standardise=True, ema=0.998),     # run 22
     "cnn2dxsm": CnnKind(head="dense", mix=True, standardise=True, cross_mix=0.2),  # run 23
+    "cnn2dxsd2": CnnKind(head="dense", mix=True, standardise=True, members=2),     # run 24
 }
+
+#: seed offset between the members of a deep-ensemble kind (:attr:`CnnKind.members`)
+MEMBER_SEED_STEP = 7919
 
 #: model kinds a LOSO run can compare
 MODEL_KINDS: tuple[str, ...] = (*CNN_KINDS, "lr2", "lr1", "cnn2+lcgan", "cnn2+sgan", "cnn2d+lcgan", "cnn2d+sgan")
@@ -493,13 +503,21 @@ def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence
     return np.concatenate(xs), y
 
 
+def _input_name(kind: str) -> str:
+    """Which input a model kind takes (:func:`model_input`): ``"normalised"``, ``"x"`` or ``"both"``."""
+    base = kind.split("+")[0]
+    if base.startswith("cnn1n"):
+        return "normalised"
+    return "x" if base in ("cnn1", "lr1") else "both"
+
+
 def model_input(kind: str, data: LabelledSpectra) -> np.ndarray:
     """A model kind's input ``(N, NPIX, channels)``: ``cnn1``/``lr1`` the paper's ``x/||x||``,
     ``cnn1n*`` the continuum-normalised flux alone (its lines, no continuum shape), the others both."""
-    base = kind.split("+")[0]
-    if base.startswith("cnn1n"):
+    name = _input_name(kind)
+    if name == "normalised":
         return data.normalised[..., None]
-    return data.inputs(1 if base in ("cnn1", "lr1") else 2)
+    return data.inputs(1 if name == "x" else 2)
 
 
 def _standardised(x: np.ndarray, scale: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
@@ -510,8 +528,14 @@ def _standardised(x: np.ndarray, scale: tuple[np.ndarray, np.ndarray] | None) ->
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
                  cfg: LosoConfig, classes: Sequence[str], seed: int, log,
                  gan_input: LabelledSpectra | None = None,
-                 save_to: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Train one model kind on ``train`` and return the logits of every test set."""
+                 save_to: Path | None = None,
+                 fitted: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Train one model kind on ``train`` and return the logits of every test set.
+
+    ``fitted``: the fold's networks already trained, by what defines them (input, recipe,
+    seed); a CNN kind whose network (or deep-ensemble member) is there reuses its logits
+    instead of training it again, and adds those it trains (not when saving models).
+    """
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     base = kind.split("+")[0]
@@ -554,19 +578,38 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             sd = x_train.std(axis=0)
             scale = (x_train.mean(axis=0), np.where(sd > 1e-8, sd, 1.0).astype(np.float32))
             x_train = _standardised(x_train, scale)
-        keras.utils.set_random_seed(seed)
-        model, hist = recogniser.train_recogniser(
-            x_train, y_train, _standardised(model_input(kind, val), scale), val.y(classes),
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
-            n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
-        info.update(epochs=len(hist["loss"]), best_epoch=hist["best_epoch"][0],
-                    val_accuracy=hist["val_accuracy"][hist["best_epoch"][0]])
-        predict = lambda d: recogniser.predict_logits(model, _standardised(model_input(kind, d), scale))  # noqa: E731
-        if save_to is not None:
-            model.save(save_to.with_suffix(".keras"))
-            if scale is not None:
-                np.savez(save_to.with_suffix(".scale.npz"), mean=scale[0], std=scale[1])
+        x_val, y_val = _standardised(model_input(kind, val), scale), val.y(classes)
+        x_tests = {name: _standardised(model_input(kind, d), scale) for name, d in tests.items() if len(d)}
+        same = (_input_name(kind), dataclasses.replace(spec, members=1), seed)
+        if "+" in kind or save_to is not None:
+            fitted = None  # GAN samples are drawn afresh; saved models need the network itself
+        members, fits = [], []
+        for m in range(spec.members):
+            key = (*same, m)
+            if fitted is not None and key in fitted:
+                members.append(fitted[key][0])
+                fits.append({**fitted[key][1], "reused": True})
+                continue
+            keras.utils.set_random_seed(seed + MEMBER_SEED_STEP * m)
+            model, hist = recogniser.train_recogniser(
+                x_train, y_train, x_val, y_val, epochs=cfg.epochs,
+                batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
+                n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
+            fit = {"epochs": len(hist["loss"]), "best_epoch": hist["best_epoch"][0],
+                   "val_accuracy": hist["val_accuracy"][hist["best_epoch"][0]]}
+            members.append({name: recogniser.predict_logits(model, x) for name, x in x_tests.items()})
+            fits.append(fit)
+            if fitted is not None:
+                fitted[key] = (members[-1], fit)
+            if save_to is not None:
+                path = save_to if spec.members == 1 else save_to.with_name(f"{save_to.name}_m{m}")
+                model.save(path.with_suffix(".keras"))
+                if scale is not None:
+                    np.savez(path.with_suffix(".scale.npz"), mean=scale[0], std=scale[1])
+        info.update(fits[0] if spec.members == 1 else {"members": fits})
+        logits = {name: members[0][name] if spec.members == 1
+                  else ensemble_logits([z[name] for z in members], [1.0] * spec.members)
+                  for name in x_tests}
     elif base in ("lr1", "lr2"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -583,15 +626,15 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                                 classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_)
         full = np.full((1, len(classes)), -1e4)
 
-        def predict(d):
-            z = clf.decision_function(scaler.transform(feats(d)))
-            out = np.repeat(full, len(d), axis=0)
-            out[:, clf.classes_] = z
-            return out
+        logits = {}
+        for name, d in tests.items():
+            if len(d):
+                logits[name] = np.repeat(full, len(d), axis=0)
+                logits[name][:, clf.classes_] = clf.decision_function(scaler.transform(feats(d)))
     else:
         raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
-    info["fit_seconds"] = time.perf_counter() - t0
-    logits = {name: np.asarray(predict(d), np.float64) for name, d in tests.items() if len(d)}
+    info["fit_seconds"] = time.perf_counter() - t0  # and the test sets' logits
+    logits = {name: np.asarray(z, np.float64) for name, z in logits.items()}
     log(f"    {kind}: fitted in {info['fit_seconds']:.0f} s {json.dumps({k: v for k, v in info.items() if k != 'fit_seconds'})}")
     return logits, info
 
@@ -664,13 +707,14 @@ def run_loso(cfg: LosoConfig, out_dir: str | Path, data_dir: str | Path | None =
                 "train": train.describe(), "models": {}}
         if standards is not None:
             info["mkclass_left_out"] = sorted(set(standards.name.tolist()) - set(std_k.name.tolist()))
+        fitted: dict = {}  # networks trained in this fold, shared by kinds that differ in members only
         for m in cfg.models:
             save_to = None
             if cfg.save_models:
                 (out / "models").mkdir(exist_ok=True)
                 save_to = out / "models" / f"fold{k:02d}_{_safe(m)}"
             logits, minfo = _fit_predict(m, train, val, tests, cfg, classes, seed=cfg.seed * 1000 + k, log=log,
-                                         gan_input=gan_input, save_to=save_to)
+                                         gan_input=gan_input, save_to=save_to, fitted=fitted)
             info["models"][m] = minfo
             for name, z in logits.items():
                 d = tests[name]
@@ -1635,11 +1679,20 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
 
         from .models import recogniser
 
-        net = keras.saving.load_model(stem.with_suffix(".keras"), compile=False)
-        sc = stem.with_suffix(".scale.npz")
-        scale = tuple(np.load(sc)[k] for k in ("mean", "std")) if sc.exists() else None
-        return lambda data: np.asarray(recogniser.predict_logits(
-            net, _standardised(model_input(model, data), scale)), np.float64)
+        n = CNN_KINDS[model.split("+")[0]].members
+        stems = [stem] if n == 1 else [stem.with_name(f"{stem.name}_m{m}") for m in range(n)]
+        nets, scales = [], []
+        for s in stems:
+            nets.append(keras.saving.load_model(s.with_suffix(".keras"), compile=False))
+            sc = s.with_suffix(".scale.npz")
+            scales.append(tuple(np.load(sc)[k] for k in ("mean", "std")) if sc.exists() else None)
+
+        def predict_cnn(data: LabelledSpectra) -> np.ndarray:
+            z = [np.asarray(recogniser.predict_logits(net, _standardised(model_input(model, data), scale)),
+                            np.float64) for net, scale in zip(nets, scales)]
+            return z[0] if n == 1 else ensemble_logits(z, [1.0] * n)
+
+        return predict_cnn
     z = dict(np.load(stem.with_suffix(".npz")))
 
     def predict(data: LabelledSpectra) -> np.ndarray:

@@ -483,6 +483,33 @@ def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tm
     assert np.allclose(again, logits["a"], atol=1e-4)
 
 
+def test_deep_ensemble_kind_shares_its_first_member_and_saves_every_member(tmp_path):
+    """``cnn2dxsd2`` trains two networks from different seeds and combines them as the shipped ensemble
+    does; ``cnn2dxs`` in the same fold reuses member 0 instead of training it again; the saved members
+    give back the run's logits."""
+    data, _, _ = _random_spectra(8)
+    cfg = loso.LosoConfig.from_profile("tiny")
+    classes = list(loso.CLASSES_8)
+    fitted: dict = {}
+    ens, info = loso._fit_predict("cnn2dxsd2", data, data, {"a": data}, cfg, classes, seed=3,
+                                  log=lambda *a: None, fitted=fitted)
+    assert len(info["members"]) == 2 and len(fitted) == 2
+    members = [fitted[k][0]["a"] for k in sorted(fitted, key=lambda k: k[-1])]
+    assert not np.allclose(members[0], members[1])
+    assert np.allclose(ens["a"], loso.ensemble_logits(members, [1.0, 1.0]))
+    one, info1 = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, classes, seed=3,
+                                   log=lambda *a: None, fitted=fitted)
+    assert info1["reused"] and np.array_equal(one["a"], members[0])
+    (tmp_path / "models").mkdir()
+    saved, _ = loso._fit_predict("cnn2dxsd2", data, data, {"a": data}, cfg, classes, seed=3,
+                                 log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxsd2",
+                                 fitted=fitted)
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.keras")) == [
+        "fold00_cnn2dxsd2_m0.keras", "fold00_cnn2dxsd2_m1.keras"]
+    again = loso.saved_fold_model(tmp_path, "cnn2dxsd2", 0, len(classes))(data)
+    assert np.allclose(again, saved["a"], atol=1e-4)
+
+
 def test_mix_across_classes_soft_labels_and_groups():
     """O/B mixtures carry their mixing weight as the label, stay within their group, renormalise channel 0."""
     rng = np.random.default_rng(0)
@@ -521,6 +548,7 @@ def test_cnn_kinds_table():
     assert loso.CNN_KINDS["cnn2dx"] == loso.CnnKind(head="dense", mix=True)
     assert loso.CNN_KINDS["cnn2dxse"].ema and loso.CNN_KINDS["cnn2dxse"].standardise
     assert not any(k.ema for name, k in loso.CNN_KINDS.items() if name != "cnn2dxse")
+    assert [name for name, k in loso.CNN_KINDS.items() if k.members > 1] == ["cnn2dxsd2"]
     data, _, _ = _random_spectra(1)
     with pytest.raises(ValueError, match="unknown model kind 'cnn9'"):
         loso._fit_predict("cnn9", data, data, {}, loso.LosoConfig.from_profile("tiny"), list(loso.CLASSES_8),
