@@ -533,8 +533,8 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
     """Train one model kind on ``train`` and return the logits of every test set.
 
     ``fitted``: the fold's networks already trained, by what defines them (input, recipe,
-    seed); a CNN kind whose network (or deep-ensemble member) is there reuses its logits
-    instead of training it again, and adds those it trains (not when saving models).
+    seed); a CNN kind whose network (or deep-ensemble member) is there reuses it (its logits,
+    and the network when saving models) instead of training it again, and adds those it trains.
     """
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -581,26 +581,27 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         x_val, y_val = _standardised(model_input(kind, val), scale), val.y(classes)
         x_tests = {name: _standardised(model_input(kind, d), scale) for name, d in tests.items() if len(d)}
         same = (_input_name(kind), dataclasses.replace(spec, members=1), seed)
-        if "+" in kind or save_to is not None:
-            fitted = None  # GAN samples are drawn afresh; saved models need the network itself
+        if "+" in kind:
+            fitted = None  # GAN samples are drawn afresh
         members, fits = [], []
         for m in range(spec.members):
             key = (*same, m)
             if fitted is not None and key in fitted:
-                members.append(fitted[key][0])
-                fits.append({**fitted[key][1], "reused": True})
-                continue
-            keras.utils.set_random_seed(seed + MEMBER_SEED_STEP * m)
-            model, hist = recogniser.train_recogniser(
-                x_train, y_train, x_val, y_val, epochs=cfg.epochs,
-                batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
-                n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
-            fit = {"epochs": len(hist["loss"]), "best_epoch": hist["best_epoch"][0],
-                   "val_accuracy": hist["val_accuracy"][hist["best_epoch"][0]]}
-            members.append({name: recogniser.predict_logits(model, x) for name, x in x_tests.items()})
+                logits_m, fit, model = fitted[key]
+                fit = {**fit, "reused": True}
+            else:
+                keras.utils.set_random_seed(seed + MEMBER_SEED_STEP * m)
+                model, hist = recogniser.train_recogniser(
+                    x_train, y_train, x_val, y_val, epochs=cfg.epochs,
+                    batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
+                    n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
+                fit = {"epochs": len(hist["loss"]), "best_epoch": hist["best_epoch"][0],
+                       "val_accuracy": hist["val_accuracy"][hist["best_epoch"][0]]}
+                logits_m = {name: recogniser.predict_logits(model, x) for name, x in x_tests.items()}
+                if fitted is not None:
+                    fitted[key] = (logits_m, fit, model)
+            members.append(logits_m)
             fits.append(fit)
-            if fitted is not None:
-                fitted[key] = (members[-1], fit)
             if save_to is not None:
                 path = save_to if spec.members == 1 else save_to.with_name(f"{save_to.name}_m{m}")
                 model.save(path.with_suffix(".keras"))

@@ -501,13 +501,19 @@ def test_deep_ensemble_kind_shares_its_first_member_and_saves_every_member(tmp_p
                                    log=lambda *a: None, fitted=fitted)
     assert info1["reused"] and np.array_equal(one["a"], members[0])
     (tmp_path / "models").mkdir()
+    fitted = {}  # a run that saves its models (the full profile) shares the networks as well
     saved, _ = loso._fit_predict("cnn2dxsd2", data, data, {"a": data}, cfg, classes, seed=3,
                                  log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxsd2",
                                  fitted=fitted)
+    one, info1 = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, classes, seed=3,
+                                   log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxs",
+                                   fitted=fitted)
+    assert info1["reused"]
     assert sorted(p.name for p in (tmp_path / "models").glob("*.keras")) == [
-        "fold00_cnn2dxsd2_m0.keras", "fold00_cnn2dxsd2_m1.keras"]
+        "fold00_cnn2dxs.keras", "fold00_cnn2dxsd2_m0.keras", "fold00_cnn2dxsd2_m1.keras"]
     again = loso.saved_fold_model(tmp_path, "cnn2dxsd2", 0, len(classes))(data)
     assert np.allclose(again, saved["a"], atol=1e-4)
+    assert np.allclose(loso.saved_fold_model(tmp_path, "cnn2dxs", 0, len(classes))(data), one["a"], atol=1e-4)
 
 
 def test_mix_across_classes_soft_labels_and_groups():
