@@ -735,6 +735,9 @@ class ScanSummary:
     startup_s: float = 0.0
     #: Seconds from the start of the scan to its first stored results (first partition done).
     first_result_s: float | None = None
+    #: Seconds from the start of the scan to its last partition's results; what follows is the
+    #: scan's end (query indexes built, final counts, the scan row closed).
+    last_result_s: float | None = None
     n_failed_partitions: int = 0
     n_unwritten_files: int = 0
     device: str | None = None
@@ -770,6 +773,15 @@ class ScanSummary:
         dt = self.elapsed_s - self.startup_s
         return n / dt if dt > 0 else 0.0
 
+    @property
+    def processing_rate(self) -> float:
+        """Files read and classified or failed per second while the partitions ran: from the end
+        of start-up to the last partition's results (neither start-up nor the scan's end)."""
+        if self.last_result_s is None:
+            return 0.0
+        dt = self.last_result_s - self.startup_s
+        return self._n_read() / dt if dt > 0 else 0.0
+
     def _n_read(self) -> int:
         """Files read (by at least one stage: the most any stage read)."""
         all_totals = list(self.stage_totals.values()) or [self.totals]
@@ -790,6 +802,7 @@ class ScanSummary:
                "spectra_per_s": round(self.processed_rate, 3),
                "startup_s": round(self.startup_s, 3),
                "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
+               "last_result_s": None if self.last_result_s is None else round(self.last_result_s, 3),
                "failed_partitions": self.n_failed_partitions,
                "unwritten_files": self.n_unwritten_files,
                "worker_peak_rss_mb": round(self._peak_rss_mb(), 1),
@@ -1233,7 +1246,7 @@ def run_scan(
         pending: dict[Any, list[str]] = {}
         interrupted = False
         t_work = time.perf_counter()
-        t_first = None
+        t_first = t_last = None
         try:
             if held:  # interrupted while the scan row was being written
                 raise KeyboardInterrupt
@@ -1280,6 +1293,7 @@ def run_scan(
                 del pending[fut]  # only once counted: an interrupt here loses nothing
                 fut.release()
                 del fut
+                t_last = time.perf_counter()
                 if pbar is not None:
                     if counter is not None and counter.finished and pbar.total is None:
                         pbar.total = counter.count
@@ -1319,6 +1333,7 @@ def run_scan(
                 reader=(info.get("reader") or {}).get("name"),
                 elapsed_s=time.perf_counter() - t_start, startup_s=t_work - t_start,
                 first_result_s=None if t_first is None else t_first - t_start,
+                last_result_s=None if t_last is None else t_last - t_start,
                 n_failed_partitions=n_failed,
                 n_unwritten_files=n_unwritten,
                 device=info.get("device"), keras_backend=info.get("keras_backend"),

@@ -30,7 +30,9 @@ file of the release (sorted walk, the scan's order):
     ``partpair`` -> ``scan2`` the cost of Dask.
 
 Rates are files per second (results + error rows), ``steady`` after start-up
-(imports, cluster, model load) and ``overall`` from the interpreter's start.
+(imports, cluster, model load), ``processing`` after start-up and up to the last
+partition's results (a scan's end, query indexes built and rows counted once, left
+out: the same window as ``one``'s) and ``overall`` from the interpreter's start.
 Printed per round, with the ratios ``scan2 / one``, ``scan2 / scan1`` and
 ``pair / one``, and the CPU time per file of all the processes of each run
 (``getrusage``: the process and its finished children, i.e. a local cluster's
@@ -75,7 +77,7 @@ def _loop_figures(n: int, t_work: float, cpu0: float, engine: str | None) -> dic
     """A child's figures for ``n`` files classified since ``t_work`` (thread CPU since ``cpu0``)."""
     t_end = time.perf_counter()
     return {"files": n, "startup_s": t_work - T0, "overall": n / (t_end - T0),
-            "steady": n / (t_end - t_work), "engine": engine,
+            "steady": n / (t_end - t_work), "processing": n / (t_end - t_work), "engine": engine,
             "partition_cpu_ms_per_file": 1e3 * (time.thread_time() - cpu0) / max(n, 1), **_cpu(n)}
 
 
@@ -120,7 +122,7 @@ def _new_scan_db(tmp: str) -> tuple[str, int]:
 def _together(res: list[dict]) -> dict:
     """Processes run at once: summed rates, each one's steady rate, their mean thread CPU per file."""
     return {"files": sum(r["files"] for r in res), "steady": sum(r["steady"] for r in res),
-            "overall": sum(r["overall"] for r in res), "each_steady": [r["steady"] for r in res],
+            "processing": sum(r["processing"] for r in res), "overall": sum(r["overall"] for r in res), "each_steady": [r["steady"] for r in res],
             "partition_cpu_ms_per_file": sum(r["partition_cpu_ms_per_file"] for r in res) / len(res)}
 
 
@@ -147,6 +149,7 @@ def _child_scan(release: str, engine: str, workers: int) -> dict:
     n = s.totals.n_classified + s.totals.n_errors
     return {"files": n, "startup_s": s.startup_s, "first_result_s": s.first_result_s,
             "overall": n / (t_end - T0), "steady": s.steady_rate, "engine": s.engine,
+            "processing": s.processing_rate, "end_s": s.elapsed_s - (s.last_result_s or s.elapsed_s),
             "worker_peak_rss_mb": s.counts()["worker_peak_rss_mb"], "wall_s": t_end - T0,
             "partition_cpu_ms_per_file": s.counts()["partition_cpu_ms_per_file"], **_cpu(n)}
 
@@ -212,17 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         ratios = {f"{x}/{y} {k}": got[x][k] / got[y][k]
                   for x, y in (("scan2", "one"), ("scan2", "scan1"), ("pair", "one"), ("scan2", "pair"),
                                ("part", "one"), ("partpair", "pair"), ("scan2", "partpair"))
-                  if x in got and y in got for k in ("steady", "overall")}
+                  if x in got and y in got for k in ("steady", "processing", "overall")}
         rounds.append({"round": r + 1, **got, "ratios": ratios})
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['overall']:.0f}"
-                                             for k, v in got.items()) + " files/s (steady/overall)")
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v['steady']:.0f}/{v['processing']:.0f}/{v['overall']:.0f}"
+                                             for k, v in got.items()) + " files/s (steady/processing/overall)")
         print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
         print("  CPU ms per file, reading and classifying (the worker thread): " + ", ".join(
             f"{k} {v['partition_cpu_ms_per_file']:.3f}" for k, v in got.items()), flush=True)
         if "scan2" in got:
             print(f"  scan2 CPU, all processes, start-up included: "
                   f"{got['scan2']['cpu_ms_per_file']:.3f} ms per file; client "
-                  f"{got['scan2']['cpu_client_s']:.1f} s, workers {got['scan2']['cpu_workers_s']:.1f} s",
+                  f"{got['scan2']['cpu_client_s']:.1f} s, workers {got['scan2']['cpu_workers_s']:.1f} s; "
+                  f"end of the scan (indexes, counts) {got['scan2']['end_s']:.2f} s",
                   flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -271,6 +271,9 @@ def test_ostar_scan_with_a_model_version_and_resume(tmp_path, release, client):
     assert (first.totals.n_classified, first.totals.n_errors) == (len(GOOD), len(BAD))
     assert first.startup_s <= first.first_result_s <= first.elapsed_s
     assert first.counts()["first_result_s"] == pytest.approx(first.first_result_s, abs=1e-3)
+    assert first.first_result_s <= first.last_result_s <= first.elapsed_s
+    assert first.counts()["last_result_s"] == pytest.approx(first.last_result_s, abs=1e-3)
+    assert first.processing_rate >= first.steady_rate > 0   # the scan's end left out
     assert "first results at" in first.format()
     again = scanmod.run_scan([release], cat, client=client, model_version=version,
                              models_dir=models, device="cpu", progress=False)
