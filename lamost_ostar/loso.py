@@ -447,20 +447,23 @@ def mix_within_class(inputs: np.ndarray, labels: np.ndarray, star: np.ndarray, r
             same = star[partner] == star[pick]
         pick, partner = pick[~same], partner[~same]
         w = rng.uniform(*weight_range, size=pick.size).astype(np.float32)
-        shape = (-1,) + (1,) * (out.ndim - 1)
-        mixed = w.reshape(shape) * inputs[pick] + (1 - w).reshape(shape) * inputs[partner]
-        if unit_norm_first:  # channel 0 is the unit-norm standardised flux: a mixture is renormalised
-            _renormalise_first_channel(mixed)
-        out[pick] = mixed
+        out[pick] = _mixtures(inputs, pick, partner, w, unit_norm_first)
         n_mixed += int(pick.size)
     return out, n_mixed
 
 
-def _renormalise_first_channel(mixed: np.ndarray) -> None:
-    """Scale channel 0 of each mixture (``(M, npix)`` or ``(M, npix, C)``) back to unit norm, in place."""
-    ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
-    norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
-    ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+def _mixtures(inputs: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray,
+              unit_norm_first: bool) -> np.ndarray:
+    """``w * inputs[a] + (1 - w) * inputs[b]`` row by row, channel by channel (``(N, npix)`` or
+    ``(N, npix, C)``); with ``unit_norm_first`` channel 0, the unit-norm standardised flux, is
+    scaled back to unit norm."""
+    shape = (-1,) + (1,) * (inputs.ndim - 1)
+    mixed = w.reshape(shape) * inputs[a] + (1 - w).reshape(shape) * inputs[b]
+    if unit_norm_first:
+        ch0 = mixed if mixed.ndim == 2 else mixed[..., 0]
+        norm = np.sqrt(np.sum(ch0.astype(np.float64) ** 2, axis=1))
+        ch0 /= np.where(norm > 0, norm, 1.0)[:, None].astype(np.float32)
+    return mixed
 
 
 def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence[str], rng: np.random.Generator,
@@ -489,11 +492,7 @@ def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence
             continue
         a, b = rng.choice(ia, size=m), rng.choice(ib, size=m)
         w = rng.uniform(0.0, 1.0, size=m).astype(np.float32)
-        shape = (-1,) + (1,) * (inputs.ndim - 1)
-        mixed = w.reshape(shape) * inputs[a] + (1 - w).reshape(shape) * inputs[b]
-        if unit_norm_first:
-            _renormalise_first_channel(mixed)
-        xs.append(mixed.astype(np.float32))
+        xs.append(_mixtures(inputs, a, b, w, unit_norm_first).astype(np.float32))
         ws.append(w)
     y = np.zeros((sum(len(w) for w in ws), len(classes)), np.float32)
     if not xs:
@@ -579,7 +578,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             scale = (x_train.mean(axis=0), np.where(sd > 1e-8, sd, 1.0).astype(np.float32))
             x_train = _standardised(x_train, scale)
         x_val, y_val = _standardised(model_input(kind, val), scale), val.y(classes)
-        x_tests = {name: _standardised(model_input(kind, d), scale) for name, d in tests.items() if len(d)}
+        tested = [name for name, d in tests.items() if len(d)]
         same = (_input_name(kind), dataclasses.replace(spec, members=1), seed)
         if "+" in kind:
             fitted = None  # GAN samples are drawn afresh
@@ -597,20 +596,23 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                     n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
                 fit = {"epochs": len(hist["loss"]), "best_epoch": hist["best_epoch"][0],
                        "val_accuracy": hist["val_accuracy"][hist["best_epoch"][0]]}
-                logits_m = {name: recogniser.predict_logits(model, x) for name, x in x_tests.items()}
+                # each test set's input built as it is scored (the survey set is large)
+                logits_m = {name: recogniser.predict_logits(model, _standardised(model_input(kind, tests[name]),
+                                                                                 scale))
+                            for name in tested}
                 if fitted is not None:
                     fitted[key] = (logits_m, fit, model)
             members.append(logits_m)
             fits.append(fit)
             if save_to is not None:
-                path = save_to if spec.members == 1 else save_to.with_name(f"{save_to.name}_m{m}")
+                path = _member_stems(save_to, spec.members)[m]
                 model.save(path.with_suffix(".keras"))
                 if scale is not None:
                     np.savez(path.with_suffix(".scale.npz"), mean=scale[0], std=scale[1])
         info.update(fits[0] if spec.members == 1 else {"members": fits})
         logits = {name: members[0][name] if spec.members == 1
                   else ensemble_logits([z[name] for z in members], [1.0] * spec.members)
-                  for name in x_tests}
+                  for name in tested}
     elif base in ("lr1", "lr2"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
@@ -1666,6 +1668,11 @@ def _comparison_sections(models: dict) -> list[str]:
     return out
 
 
+def _member_stems(stem: Path, members: int) -> list[Path]:
+    """Where a CNN kind's saved networks are: ``stem`` itself for one, ``{stem}_m{m}`` for each member."""
+    return [stem] if members == 1 else [stem.with_name(f"{stem.name}_m{m}") for m in range(members)]
+
+
 def saved_fold_model(out_dir: str | Path, model: str, fold: int,
                      n_classes: int) -> Callable[[LabelledSpectra], np.ndarray]:
     """Fold ``fold``'s model ``model`` saved in a run's ``models/``, loaded once: ``data -> logits``.
@@ -1681,9 +1688,8 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
         from .models import recogniser
 
         n = CNN_KINDS[model.split("+")[0]].members
-        stems = [stem] if n == 1 else [stem.with_name(f"{stem.name}_m{m}") for m in range(n)]
         nets, scales = [], []
-        for s in stems:
+        for s in _member_stems(stem, n):
             nets.append(keras.saving.load_model(s.with_suffix(".keras"), compile=False))
             sc = s.with_suffix(".scale.npz")
             scales.append(tuple(np.load(sc)[k] for k in ("mean", "std")) if sc.exists() else None)

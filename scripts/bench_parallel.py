@@ -122,7 +122,8 @@ def _new_scan_db(tmp: str) -> tuple[str, int]:
 def _together(res: list[dict]) -> dict:
     """Processes run at once: summed rates, each one's steady rate, their mean thread CPU per file."""
     return {"files": sum(r["files"] for r in res), "steady": sum(r["steady"] for r in res),
-            "processing": sum(r["processing"] for r in res), "overall": sum(r["overall"] for r in res), "each_steady": [r["steady"] for r in res],
+            "processing": sum(r["processing"] for r in res), "overall": sum(r["overall"] for r in res),
+            "each_steady": [r["steady"] for r in res],
             "partition_cpu_ms_per_file": sum(r["partition_cpu_ms_per_file"] for r in res) / len(res)}
 
 
