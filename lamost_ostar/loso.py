@@ -54,7 +54,7 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class", "mix_across_classes", "MEMBER_SEED_STEP", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
-           "ensemble_logits", "rule_candidates", "add_interstellar_twins", "config_from_dict"]
+           "ensemble_logits", "rule_candidates", "early_b_weights", "LR_KINDS", "add_interstellar_twins", "config_from_dict"]
 
 
 
@@ -82,6 +82,9 @@ class CnnKind:
         seeded ``seed + MEMBER_SEED_STEP * m``; member 0 is the one-member kind's network), their
         class probabilities combined as the shipped ensemble combines its members
         (:func:`ensemble_logits`, temperatures 1): a deep ensemble.
+    early_b_weight : float
+        Loss weight of the B0-B1 training spectra relative to the others (:func:`early_b_weights`);
+        1: every spectrum weighs the same.
     """
 
     head: str | None = None
@@ -91,6 +94,7 @@ class CnnKind:
     ema: float | None = None
     cross_mix: float = 0.0
     members: int = 1
+    early_b_weight: float = 1.0
 
 
 #: the CNN kinds (the run each experimental one belongs to: ``reports/loso/runNN/README.md``)
@@ -103,13 +107,18 @@ CNN_KINDS: dict[str, CnnKind] = {
     "cnn2dxse": CnnKind(head="dense", mix=True, standardise=True, ema=0.998),     # run 22
     "cnn2dxsm": CnnKind(head="dense", mix=True, standardise=True, cross_mix=0.2),  # run 23
     "cnn2dxsd2": CnnKind(head="dense", mix=True, standardise=True, members=2),     # run 24
+    "cnn2dxsb": CnnKind(head="dense", mix=True, standardise=True, early_b_weight=3.0),  # run 25
 }
+
+#: the logistic-regression kinds: their input (:func:`model_input`) and B0-B1 loss weight
+#: (:func:`early_b_weights`; ``lr2b``: run 25)
+LR_KINDS: dict[str, float] = {"lr2": 1.0, "lr1": 1.0, "lr2b": 3.0}
 
 #: seed offset between the members of a deep-ensemble kind (:attr:`CnnKind.members`)
 MEMBER_SEED_STEP = 7919
 
 #: model kinds a LOSO run can compare
-MODEL_KINDS: tuple[str, ...] = (*CNN_KINDS, "lr2", "lr1", "cnn2+lcgan", "cnn2+sgan", "cnn2d+lcgan", "cnn2d+sgan")
+MODEL_KINDS: tuple[str, ...] = (*CNN_KINDS, *LR_KINDS, "cnn2+lcgan", "cnn2+sgan", "cnn2d+lcgan", "cnn2d+sgan")
 
 #: S/N (g) and total E(B-V) bins of the tables
 SNR_BINS: tuple[tuple[float, float], ...] = ((5, 10), (10, 20), (20, 50), (50, 1e9))
@@ -502,6 +511,23 @@ def mix_across_classes(inputs: np.ndarray, labels: np.ndarray, classes: Sequence
     return np.concatenate(xs), y
 
 
+def early_b_weights(data: LabelledSpectra, weight: float) -> np.ndarray | None:
+    """Per-spectrum loss weights: ``weight`` for the B0-B1 spectra (B, subtype < 2 in
+    ``meta["subclass"]``), 1 for the others, scaled to a mean of 1 (None when ``weight`` is 1).
+
+    The operating point at the survey prior is set by the few non-O spectra scored highest, and
+    those are early-B stars (runs 11-24: B0-B0.5 dwarfs and giants such as lambda Lep); weighting
+    them asks the fit to spend its capacity on the O/B0 boundary.  A training spectrum replaced by
+    a mixture (:func:`mix_within_class`) keeps its own weight.
+    """
+    if weight == 1.0:
+        return None
+    sub = np.asarray(data.meta.get("subclass", np.full(len(data), "")), dtype=str)
+    early = (data.labels == "B") & (np.nan_to_num(_subtype(sub), nan=9.0) < 2)
+    w = np.where(early, float(weight), 1.0)
+    return (w / w.mean()).astype(np.float32)
+
+
 def _input_name(kind: str) -> str:
     """Which input a model kind takes (:func:`model_input`): ``"normalised"``, ``"x"`` or ``"both"``."""
     base = kind.split("+")[0]
@@ -564,7 +590,12 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                                                       np.random.default_rng([seed, 7]),
                                                       group=blue_only, unit_norm_first=unit_norm_first)
         y_train = train.y(classes)
+        sample_weight = early_b_weights(train, spec.early_b_weight)
+        if sample_weight is not None:
+            info["early_b"] = int(np.sum(sample_weight > sample_weight.min()))
         if spec.cross_mix:
+            if sample_weight is not None:
+                raise ValueError(f"{kind}: cross-class mixtures have no B0-B1 weight")
             x_add, y_add = mix_across_classes(x_train, train.labels, classes, np.random.default_rng([seed, 9]),
                                               fraction=spec.cross_mix, group=blue_only,
                                               unit_norm_first=unit_norm_first)
@@ -593,7 +624,8 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                 model, hist = recogniser.train_recogniser(
                     x_train, y_train, x_val, y_val, epochs=cfg.epochs,
                     batch_size=cfg.batch_size, patience=cfg.patience, learning_rate=cfg.learning_rate,
-                    n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema)
+                    n_classes=len(classes), build_kwargs=build, ema_momentum=spec.ema,
+                    sample_weight=sample_weight)
                 fit = {"epochs": len(hist["loss"]), "best_epoch": hist["best_epoch"][0],
                        "val_accuracy": hist["val_accuracy"][hist["best_epoch"][0]]}
                 # each test set's input built as it is scored (the survey set is large)
@@ -613,7 +645,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         logits = {name: members[0][name] if spec.members == 1
                   else ensemble_logits([z[name] for z in members], [1.0] * spec.members)
                   for name in tested}
-    elif base in ("lr1", "lr2"):
+    elif base in LR_KINDS:
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
@@ -622,7 +654,8 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
 
         scaler = StandardScaler().fit(feats(train))
         clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
-        clf.fit(scaler.transform(feats(train)), train.y(classes))
+        sample_weight = early_b_weights(train, LR_KINDS[base])
+        clf.fit(scaler.transform(feats(train)), train.y(classes), sample_weight=sample_weight)
         info["n_iter"] = int(np.max(clf.n_iter_))
         if save_to is not None:
             np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,

@@ -547,6 +547,47 @@ def test_cnn2dxsm_trains_on_soft_labelled_mixtures():
     assert info["cross_mixed"] == round(0.2 * n_ob) and logits["a"].shape == (len(data), len(loso.CLASSES_8))
 
 
+def test_early_b_weights_weigh_the_b0_b1_spectra():
+    """B0-B1 spectra weigh ``weight`` times the others, scaled to a mean of 1; weight 1 is no weights."""
+    data, _, _ = _random_spectra(9)
+    sub = np.array([f"{c}{i % 10}" if c in "OB" else c for i, c in enumerate(data.labels)])
+    sub[1], sub[9] = "B0.5", "B1.5"                             # data.labels[1] and [9] are "B"
+    data.meta["subclass"] = sub
+    w = loso.early_b_weights(data, 3.0)
+    early = (data.labels == "B") & np.isin(sub, ["B0", "B0.5", "B1", "B1.5"])
+    assert early[[1, 9]].all() and 0 < early.sum() < (data.labels == "B").sum()
+    assert np.isclose(w.mean(), 1.0) and np.allclose(w[early] / w[~early][0], 3.0)
+    assert np.all(w[~early] == w[~early][0])
+    assert loso.early_b_weights(data, 1.0) is None
+
+
+@pytest.mark.parametrize("kind", ["cnn2dxsb", "lr2b"])
+def test_early_b_weighted_kinds_weigh_their_fit(kind):
+    """``cnn2dxsb`` and ``lr2b`` fit with the B0-B1 weights, and the weights change the fit (the same
+    kind without them: ``cnn2dxs``, ``lr2``)."""
+    data, _, _ = _random_spectra(10)
+    data.meta["subclass"] = np.array([f"{c}{i % 4}" if c in "OB" else c for i, c in enumerate(data.labels)])
+    cfg = loso.LosoConfig.from_profile("tiny")
+    classes = list(loso.CLASSES_8)
+    plain = {"cnn2dxsb": "cnn2dxs", "lr2b": "lr2"}[kind]
+    got = [loso._fit_predict(k, data, data, {"a": data}, cfg, classes, seed=3, log=lambda *a: None)
+           for k in (kind, plain)]
+    assert got[0][0]["a"].shape == (len(data), len(classes))
+    assert not np.allclose(got[0][0]["a"], got[1][0]["a"])
+    if kind.startswith("cnn"):
+        assert got[0][1]["early_b"] == int(((data.labels == "B") &
+                                            np.isin(data.meta["subclass"], ["B0", "B1"])).sum())
+
+
+def test_train_recogniser_checks_sample_weight_length():
+    from lamost_ostar.models import recogniser
+
+    x = np.ones((4, 64, 2), np.float32)
+    with pytest.raises(ValueError, match="one value per training spectrum"):
+        recogniser.train_recogniser(x, np.zeros(4, int), x, np.zeros(4, int), epochs=1, n_classes=2,
+                                    sample_weight=np.ones(3))
+
+
 def test_cnn_kinds_table():
     """Every CNN kind is a row of one table; the others are the baselines and GAN variants; an unknown
     kind is refused."""

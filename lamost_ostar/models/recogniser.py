@@ -208,6 +208,7 @@ def train_recogniser(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 0,
     ema_momentum: float | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train a recogniser with Adam and early stopping on the validation loss.
 
@@ -248,6 +249,8 @@ def train_recogniser(
         early stopping and the returned model use the averaged weights, and the
         BatchNormalization statistics are measured again on ``x_train`` for
         them (:func:`reestimate_batchnorm`).  None: plain weights.
+    sample_weight : ndarray, optional
+        (N,) loss weight of each training spectrum (validation is unweighted).
 
     Returns
     -------
@@ -264,6 +267,10 @@ def train_recogniser(
     y_val = np.asarray(y_val, dtype=np.int64).ravel()
     if len(x_train) != len(y_train) or len(x_val) != len(y_val):
         raise ValueError("x and y lengths differ")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float32).ravel()
+        if len(sample_weight) != len(x_train):
+            raise ValueError("sample_weight must have one value per training spectrum")
     if len(x_val) == 0:
         raise ValueError("validation set is empty (early stopping needs it)")
     if n_classes is None:
@@ -291,7 +298,7 @@ def train_recogniser(
     first = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
     hist = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs,
                      batch_size=batch_size, callbacks=[*first, stop, *callbacks], class_weight=class_weight,
-                     shuffle=True, verbose=verbose)
+                     sample_weight=sample_weight, shuffle=True, verbose=verbose)
     if ema:
         reestimate_batchnorm(model, x_train, batch_size=max(int(batch_size), 128))
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
