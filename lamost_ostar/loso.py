@@ -911,7 +911,11 @@ def environment() -> dict[str, Any]:
     give slightly different figures (run 22: ``lr2``'s seed-19 recall moved by
     0.09 points between two installs of the same code).  Stored in
     ``folds.json`` / ``results.json`` as ``environments`` (one entry per
-    distinct environment that ran folds of the run).
+    distinct environment that ran folds of the run).  The processor and the
+    BLAS kernels numpy and scikit-learn use are recorded too: the same install
+    on another processor family picks other kernels, and the logistic
+    regressions' fits differ in their last digits (run 25: ``lr2``'s seed-19
+    iteration counts on an AMD EPYC against runs 22-24's).
     """
     import os
     import platform
@@ -926,7 +930,36 @@ def environment() -> dict[str, Any]:
         except PackageNotFoundError:
             packages[name] = None
     return {"code_version": code_version(), "python": platform.python_version(), "packages": packages,
-            "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
+            "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"), "cpu": _cpu_model(),
+            "blas": _blas_kernels()}
+
+
+def _cpu_model() -> str | None:
+    """The processor's model name (Linux ``/proc/cpuinfo``; elsewhere ``platform.processor()``)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _blas_kernels() -> list[str]:
+    """The BLAS libraries loaded in this process and the kernels they picked
+    (``threadpoolctl``: e.g. ``"openblas 0.3.30 Haswell"``); empty when unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        return []
+    import numpy  # noqa: F401  (loads numpy's BLAS)
+    import scipy.linalg  # noqa: F401  (and scipy's, which scikit-learn's solvers use)
+
+    return sorted({" ".join(str(i.get(k)) for k in ("internal_api", "version", "architecture") if i.get(k))
+                   for i in threadpool_info() if i.get("user_api") == "blas"})
 
 
 def _environments_of(infos: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -1559,8 +1592,10 @@ def render_report(results: dict) -> str:
               f"{total / 60:.1f} min (data + fits).", ""]
     for env in results.get("environments", []):
         pk = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
+        hw = "".join(f"; {k} {', '.join(v) if isinstance(v, list) else v}" for k, v in
+                     (("CPU", env.get("cpu")), ("BLAS", env.get("blas"))) if v)
         lines += [f"Environment: code {env.get('code_version')}, Python {env.get('python')}, "
-                  f"Keras backend {env.get('keras_backend')}; {pk}.", ""]
+                  f"Keras backend {env.get('keras_backend')}; {pk}{hw}.", ""]
     lines += ["Data behind every number: in fold k the models are trained on LAMOST-like realisations of the",
               "template stars of all other folds (+ their real LAMOST files) and tested on fold k's stars only:",
               "O = the held-out O star(s), E(B-V) 0-2.5 added to the star's own, S/N 5-100 (equal shares of the",

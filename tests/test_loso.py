@@ -57,6 +57,9 @@ def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
     assert env == res["environments"] and len(env) == 1
     assert env[0]["packages"]["numpy"] == np.__version__ and set(env[0]["packages"]) == set(loso.ENVIRONMENT_PACKAGES)
     assert env[0]["code_version"] and env[0]["python"] and "Environment: code " in text
+    # and the machine: the processor and the BLAS kernels picked for it (they change the fits' last digits)
+    assert env[0]["cpu"] == loso._cpu_model() and (env[0]["cpu"] is None or f"CPU {env[0]['cpu']}" in text)
+    assert env[0]["blas"] == loso._blas_kernels() and all(isinstance(b, str) for b in env[0]["blas"])
     for m in res["models"].values():
         assert "operating_point" in m and "tables" in m and m["temperature"] > 0
         # the hot-subdwarf veto in sigma, set on O spectra; the raw-index veto and none for comparison
