@@ -110,8 +110,8 @@ CNN_KINDS: dict[str, CnnKind] = {
     "cnn2dxsb": CnnKind(head="dense", mix=True, standardise=True, early_b_weight=3.0),  # run 25
 }
 
-#: the logistic-regression kinds: their input (:func:`model_input`) and B0-B1 loss weight
-#: (:func:`early_b_weights`; ``lr2b``: run 25)
+#: the logistic-regression kinds and the loss weight of their B0-B1 training spectra
+#: (:func:`early_b_weights`; ``lr2b``: run 25); their input is :func:`model_input`'s
 LR_KINDS: dict[str, float] = {"lr2": 1.0, "lr1": 1.0, "lr2b": 3.0}
 
 #: seed offset between the members of a deep-ensemble kind (:attr:`CnnKind.members`)
@@ -955,9 +955,10 @@ def _blas_kernels() -> list[str]:
         from threadpoolctl import threadpool_info
     except ImportError:  # pragma: no cover - scikit-learn depends on it
         return []
-    import numpy  # noqa: F401  (loads numpy's BLAS)
-    import scipy.linalg  # noqa: F401  (and scipy's, which scikit-learn's solvers use)
+    from importlib import import_module
 
+    for module in ("numpy", "scipy.linalg"):   # numpy's BLAS, and scipy's (scikit-learn's solvers)
+        import_module(module)
     return sorted({" ".join(str(i.get(k)) for k in ("internal_api", "version", "architecture") if i.get(k))
                    for i in threadpool_info() if i.get("user_api") == "blas"})
 
