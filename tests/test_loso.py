@@ -488,34 +488,28 @@ def test_cnn2dxs_standardises_every_pixel_and_its_saved_model_scores_the_same(tm
 
 def test_deep_ensemble_kind_shares_its_first_member_and_saves_every_member(tmp_path):
     """``cnn2dxsd2`` trains two networks from different seeds and combines them as the shipped ensemble
-    does; ``cnn2dxs`` in the same fold reuses member 0 instead of training it again; the saved members
-    give back the run's logits."""
+    does; ``cnn2dxs`` in the same fold reuses member 0 instead of training it again (also when the run
+    saves its models, as the full profile does); the saved members give back the run's logits."""
     data, _, _ = _random_spectra(8)
     cfg = loso.LosoConfig.from_profile("tiny")
     classes = list(loso.CLASSES_8)
     fitted: dict = {}
+    (tmp_path / "models").mkdir()
     ens, info = loso._fit_predict("cnn2dxsd2", data, data, {"a": data}, cfg, classes, seed=3,
-                                  log=lambda *a: None, fitted=fitted)
+                                  log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxsd2",
+                                  fitted=fitted)
     assert len(info["members"]) == 2 and len(fitted) == 2
     members = [fitted[k][0]["a"] for k in sorted(fitted, key=lambda k: k[-1])]
     assert not np.allclose(members[0], members[1])
     assert np.allclose(ens["a"], loso.ensemble_logits(members, [1.0, 1.0]))
     one, info1 = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, classes, seed=3,
-                                   log=lambda *a: None, fitted=fitted)
-    assert info1["reused"] and np.array_equal(one["a"], members[0])
-    (tmp_path / "models").mkdir()
-    fitted = {}  # a run that saves its models (the full profile) shares the networks as well
-    saved, _ = loso._fit_predict("cnn2dxsd2", data, data, {"a": data}, cfg, classes, seed=3,
-                                 log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxsd2",
-                                 fitted=fitted)
-    one, info1 = loso._fit_predict("cnn2dxs", data, data, {"a": data}, cfg, classes, seed=3,
                                    log=lambda *a: None, save_to=tmp_path / "models" / "fold00_cnn2dxs",
                                    fitted=fitted)
-    assert info1["reused"]
+    assert info1["reused"] and np.array_equal(one["a"], members[0]) and len(fitted) == 2
     assert sorted(p.name for p in (tmp_path / "models").glob("*.keras")) == [
         "fold00_cnn2dxs.keras", "fold00_cnn2dxsd2_m0.keras", "fold00_cnn2dxsd2_m1.keras"]
     again = loso.saved_fold_model(tmp_path, "cnn2dxsd2", 0, len(classes))(data)
-    assert np.allclose(again, saved["a"], atol=1e-4)
+    assert np.allclose(again, ens["a"], atol=1e-4)
     assert np.allclose(loso.saved_fold_model(tmp_path, "cnn2dxs", 0, len(classes))(data), one["a"], atol=1e-4)
 
 
@@ -564,22 +558,37 @@ def test_early_b_weights_weigh_the_b0_b1_spectra():
     assert loso.early_b_weights(data, 1.0) is None
 
 
-@pytest.mark.parametrize("kind", ["cnn2dxsb", "lr2b"])
-def test_early_b_weighted_kinds_weigh_their_fit(kind):
-    """``cnn2dxsb`` and ``lr2b`` fit with the B0-B1 weights, and the weights change the fit (the same
-    kind without them: ``cnn2dxs``, ``lr2``)."""
+def test_lr2b_fits_with_the_early_b_weights():
+    """``lr2b`` is ``lr2`` fitted with the B0-B1 weights, and the weights change the fit."""
     data, _, _ = _random_spectra(10)
     data.meta["subclass"] = np.array([f"{c}{i % 4}" if c in "OB" else c for i, c in enumerate(data.labels)])
     cfg = loso.LosoConfig.from_profile("tiny")
     classes = list(loso.CLASSES_8)
-    plain = {"cnn2dxsb": "cnn2dxs", "lr2b": "lr2"}[kind]
-    got = [loso._fit_predict(k, data, data, {"a": data}, cfg, classes, seed=3, log=lambda *a: None)
-           for k in (kind, plain)]
-    assert got[0][0]["a"].shape == (len(data), len(classes))
-    assert not np.allclose(got[0][0]["a"], got[1][0]["a"])
-    if kind.startswith("cnn"):
-        assert got[0][1]["early_b"] == int(((data.labels == "B") &
-                                            np.isin(data.meta["subclass"], ["B0", "B1"])).sum())
+    got = [loso._fit_predict(k, data, data, {"a": data}, cfg, classes, seed=3, log=lambda *a: None)[0]["a"]
+           for k in ("lr2b", "lr2")]
+    assert got[0].shape == (len(data), len(classes)) and not np.allclose(got[0], got[1])
+
+
+def test_cnn2dxsb_trains_with_the_early_b_weights(monkeypatch):
+    """``cnn2dxsb`` hands ``early_b_weights`` of its training set to the (real) training."""
+    from lamost_ostar.models import recogniser
+
+    data, _, _ = _random_spectra(10)
+    data.meta["subclass"] = np.array([f"{c}{i % 4}" if c in "OB" else c for i, c in enumerate(data.labels)])
+    seen = []
+    real = recogniser.train_recogniser
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("sample_weight"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recogniser, "train_recogniser", spy)
+    logits, info = loso._fit_predict("cnn2dxsb", data, data, {"a": data}, loso.LosoConfig.from_profile("tiny"),
+                                     list(loso.CLASSES_8), seed=3, log=lambda *a: None)
+    assert logits["a"].shape == (len(data), len(loso.CLASSES_8))
+    assert len(seen) == 1 and np.array_equal(seen[0], loso.early_b_weights(data, 3.0))
+    early = (data.labels == "B") & np.isin(data.meta["subclass"], ["B0", "B1"])
+    assert info["early_b"] == int(early.sum()) > 0
 
 
 def test_train_recogniser_checks_sample_weight_length():
