@@ -522,10 +522,14 @@ def early_b_weights(data: LabelledSpectra, weight: float) -> np.ndarray | None:
     """
     if weight == 1.0:
         return None
-    sub = np.asarray(data.meta.get("subclass", np.full(len(data), "")), dtype=str)
-    early = (data.labels == "B") & (np.nan_to_num(_subtype(sub), nan=9.0) < 2)
-    w = np.where(early, float(weight), 1.0)
+    w = np.where(_early_b(data), float(weight), 1.0)
     return (w / w.mean()).astype(np.float32)
+
+
+def _early_b(data: LabelledSpectra) -> np.ndarray:
+    """The B0-B1 spectra of ``data``: labelled B, subtype < 2 in ``meta["subclass"]``."""
+    sub = np.asarray(data.meta.get("subclass", np.full(len(data), "")), dtype=str)
+    return (data.labels == "B") & (np.nan_to_num(_subtype(sub), nan=9.0) < 2)
 
 
 def _input_name(kind: str) -> str:
@@ -592,7 +596,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         y_train = train.y(classes)
         sample_weight = early_b_weights(train, spec.early_b_weight)
         if sample_weight is not None:
-            info["early_b"] = int(np.sum(sample_weight > sample_weight.min()))
+            info["early_b"] = int(_early_b(train).sum())
         if spec.cross_mix:
             if sample_weight is not None:
                 raise ValueError(f"{kind}: cross-class mixtures have no B0-B1 weight")
@@ -652,10 +656,12 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         def feats(d):
             return model_input(kind, d).reshape(len(d), -1)
 
-        scaler = StandardScaler().fit(feats(train))
+        x_train = feats(train)
+        scaler = StandardScaler().fit(x_train)
         clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
         sample_weight = early_b_weights(train, LR_KINDS[base])
-        clf.fit(scaler.transform(feats(train)), train.y(classes), sample_weight=sample_weight)
+        clf.fit(scaler.transform(x_train), train.y(classes), sample_weight=sample_weight)
+        del x_train
         info["n_iter"] = int(np.max(clf.n_iter_))
         if save_to is not None:
             np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,
