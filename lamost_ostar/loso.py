@@ -164,6 +164,8 @@ class LosoConfig:
     gan_iterations, gan_samples, gan_snr : int, int, float
         GAN budget, generated O spectra added, minimum S/N of the GAN's
         training realisations.
+    lr_c, lr_max_iter : float, int
+        Inverse L2 strength and iteration cap of the logistic regressions.
     seed : int
         Master seed.
     interstellar_tests : bool
@@ -193,6 +195,7 @@ class LosoConfig:
     gan_samples: int = 300
     gan_snr: float = 80.0
     lr_c: float = 0.05
+    lr_max_iter: int = 300
     seed: int = 0
     profile: str = "full"
     interstellar_tests: bool = False
@@ -205,8 +208,8 @@ class LosoConfig:
                        batch_size=16, n_val_per_class=4, o_per_star=8, b_per_star=2, x_per_star=2,
                        survey_per_fold=40, survey_per_class={"B": 8, "A": 8, "F": 8, "G": 8, "K": 4,
                                                              "M": 2, "X": 2},
-                       folds=(0,), gan_iterations=2, gan_samples=6, save_models=False, seed=seed,
-                       profile=name)
+                       folds=(0,), gan_iterations=2, gan_samples=6, lr_max_iter=50, save_models=False,
+                       seed=seed, profile=name)
         if name == "quick":
             return cls(folds=(0, 1, 2), seed=seed, profile=name)
         if name == "full":
@@ -658,7 +661,7 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
 
         x_train = feats(train)
         scaler = StandardScaler().fit(x_train)
-        clf = LogisticRegression(C=cfg.lr_c, max_iter=300)
+        clf = LogisticRegression(C=cfg.lr_c, max_iter=cfg.lr_max_iter)
         sample_weight = early_b_weights(train, LR_KINDS[base])
         clf.fit(scaler.transform(x_train), train.y(classes), sample_weight=sample_weight)
         del x_train

@@ -270,7 +270,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
             batch_size: int = 32, seed: int = 0, test_fraction: float = 0.15,
             val_fraction: float = 0.15, library: bool = True, n_library_per_class: int = 300,
             learning_rate: float = 1e-3, progress: bool = False, model_kind: str | None = None,
-            lr_c: float = 0.05) -> dict:
+            lr_c: float = 0.05, lr_max_iter: int = 300) -> dict:
     """Retrain the O-star detector on a labelled release and register a new version.
 
     Builds the same kind of model as the packaged default (``model_kind=None``:
@@ -298,6 +298,9 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
        with no O star in the validation split the rule keeps the default
        model's thresholds and the card says so.
     5. Test-split metrics at that operating point go into the card.
+
+    ``lr_c`` and ``lr_max_iter`` are the inverse L2 strength and the iteration
+    cap of a logistic-regression model or member.
 
     Returns
     -------
@@ -362,7 +365,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     kind = model_kind or default_model_kind()
     t0 = time.perf_counter()
     fit = dict(epochs=epochs, batch_size=batch_size, patience=5, learning_rate=learning_rate, lr_c=lr_c,
-               seed=seed, verbose=0)
+               lr_max_iter=lr_max_iter, seed=seed, verbose=0)
     if kind.startswith("ens-"):
         members = kind[4:].split("-")
         fitted = [_fit_member(m, train, val, classes, **fit) for m in members]
@@ -412,7 +415,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
         "train_config": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                          "seed": seed, "library": library, "n_library_per_class": n_library_per_class,
                          "mkclass_fraction": mkclass_fraction, "emission_fraction": emission_fraction,
-                         "gan_iterations": gan_iterations,
+                         "gan_iterations": gan_iterations, "lr_c": lr_c, "lr_max_iter": lr_max_iter,
                          "model_kind": kind},
         "prefix": f"ostar{len(classes)}d",
     }
@@ -592,7 +595,7 @@ def _no_real_lamost_candidates(model, decision, temperature: float, classes, cha
 
 
 def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int, patience: int,
-                learning_rate: float, lr_c: float, seed: int, verbose: int):
+                learning_rate: float, lr_c: float, lr_max_iter: int, seed: int, verbose: int):
     """One model of kind ``lr1``/``lr2`` (logistic regression as a Keras model) or ``cnn*``."""
     import keras
 
@@ -606,7 +609,7 @@ def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int,
         ch = 2 if kind == "lr2" else 1
         feats = train.inputs(ch).reshape(len(train), -1)
         scaler = StandardScaler().fit(feats)
-        clf = LogisticRegression(C=lr_c, max_iter=300).fit(scaler.transform(feats), train.y(classes))
+        clf = LogisticRegression(C=lr_c, max_iter=lr_max_iter).fit(scaler.transform(feats), train.y(classes))
         coef = np.zeros((len(classes), feats.shape[1]))
         icpt = np.full(len(classes), -1e4)
         coef[clf.classes_], icpt[clf.classes_] = clf.coef_, clf.intercept_
@@ -631,7 +634,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                    n_val_per_class: int = 100, seed: int = 0, data_dir: str | Path | None = None,
                    model_kind: str = "cnn2", verbose: int = 0,
                    calibration_results: str | Path | None = None,
-                   clean_checks: Sequence[str | Path] = ()) -> tuple[str, dict]:
+                   clean_checks: Sequence[str | Path] = (), lr_max_iter: int = 300) -> tuple[str, dict]:
     """Train the two-channel detector on every star and register it with the LOSO decision.
 
     The network is trained like one LOSO fold but on all template stars and all
@@ -656,6 +659,9 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
         ``applied_rule.json`` files of :func:`lamost_ostar.loso.apply_rule`
         (runs of other seeds scored with this rule, unchanged); their summary
         goes into the card (``metrics.loso.clean_checks``).
+    lr_max_iter : int
+        Iteration cap of a logistic-regression member (its ``lr_c`` comes from
+        the LOSO run's configuration).
 
     Returns
     -------
@@ -693,7 +699,7 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     t0 = time.perf_counter()
     lr_c = float((calib.get("config") or {}).get("lr_c", 0.05))
     fit = dict(epochs=epochs, batch_size=batch_size, patience=patience, learning_rate=learning_rate,
-               lr_c=lr_c, seed=seed, verbose=verbose)
+               lr_c=lr_c, lr_max_iter=lr_max_iter, seed=seed, verbose=verbose)
     if model_kind.startswith("ens-"):
         # an ensemble: every member trained on the same spectra, averaged through its own
         # out-of-fold temperature (the same combination as loso.ensemble_oof)
@@ -756,7 +762,8 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
         "calibration": ("temperature scaling fitted on the leave-one-star-out out-of-fold logits "
                         "(held-out stars), not on the training stars"),
         "train_config": {"epochs": epochs, "batch_size": batch_size, "patience": patience,
-                         "learning_rate": learning_rate, "seed": seed, "model_kind": model_kind},
+                         "learning_rate": learning_rate, "seed": seed, "lr_c": lr_c, "lr_max_iter": lr_max_iter,
+                         "model_kind": model_kind},
         "prefix": f"ostar{len(classes)}-{model_kind}",
     }
     version = registry.save_model_version(model, models_dir, card)

@@ -22,3 +22,20 @@ def shared_data() -> Path:
         pytest.skip(f"shared data folder not found at {SHARED_DATA} "
                     "(real LAMOST/MILES/Pickles files are not in this checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def loso_tiny_run(tmp_path_factory):
+    """A tiny leave-one-star-out run (fold 0, ``cnn2`` and ``lr2``) with its fold models saved.
+
+    Shared by the LOSO and robustness tests (one run instead of one per module);
+    a test that changes the run works on a copy of the folder.  Returns
+    ``(run_dir, report_path)``.
+    """
+    from lamost_ostar import loso
+
+    out = tmp_path_factory.mktemp("loso_tiny")
+    cfg = loso.LosoConfig.from_profile("tiny")
+    cfg.save_models, cfg.b_per_star = True, 8     # 2 B spectra per S/N bin and star
+    path = loso.run_loso(cfg, out, log=lambda *a: None)
+    return out, path

@@ -128,6 +128,7 @@ def test_training_learns_and_checkpoints(make, tmp_path):
                    checkpoint_dir=tmp_path, callback=lambda it, tr, p: calls.append((it, p)),
                    progress=False)
     assert len(hist.d_loss) == len(hist.g_loss) == 150
+    assert gan.model.run_eagerly is False                         # 150 iterations: compiled
     assert np.mean(hist.d_loss[-20:]) < np.mean(hist.d_loss[:5])  # D learns
     after = np.median(gan.sample(32, seed=3) @ template)
     assert after > max(before, 0.4)                               # G moves towards the data
@@ -139,6 +140,13 @@ def test_training_learns_and_checkpoints(make, tmp_path):
     loaded = G.load_generator(hist.checkpoints[150])
     np.testing.assert_allclose(G.sample_generator(loaded, 4, seed=9), gan.sample(4, seed=9),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_short_first_fit_runs_eagerly():
+    gan = G.make_sgan(npix=NPIX)
+    hist = gan.fit(_real(), iterations=G.EAGER_MAX_ITERATIONS, batch_size=4, progress=False)
+    assert gan.model.run_eagerly is True and len(hist.d_loss) == G.EAGER_MAX_ITERATIONS
+    assert np.isfinite(hist.d_loss).all() and np.isfinite(hist.g_loss).all()
 
 
 def test_sample_is_standardised_and_seeded():

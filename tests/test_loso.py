@@ -30,12 +30,15 @@ def test_folds_hold_every_star_once_and_one_o_unit_each():
     assert not any(s.startswith("mkclass:") for s in ids) and "HD338529" not in set(ids)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("loso")
-    cfg = loso.LosoConfig.from_profile("tiny")
-    path = loso.run_loso(cfg, out, log=lambda *a: None)
-    return out, path
+@pytest.fixture
+def tiny_run(loso_tiny_run, tmp_path):
+    """The session's tiny LOSO run, copied: a test may change its copy."""
+    import shutil
+
+    out, path = loso_tiny_run
+    copy = tmp_path / "loso"
+    shutil.copytree(out, copy)
+    return copy, copy / path.relative_to(out)
 
 
 def test_tiny_run_writes_out_of_fold_data_and_a_report(tiny_run):
@@ -233,16 +236,12 @@ def test_pool_runs_of_two_seeds(tiny_run, tmp_path):
 
 def test_an_ensemble_detector_is_trained_registered_and_scans(tiny_run, tmp_path):
     """train_detector(model_kind='ens-A-B') trains both members and ships their mean as one model."""
-    import shutil
-
     from lamost_ostar import train
     from lamost_ostar.datasets import DetectorRecipe
     from lamost_ostar.models.registry import load_model
     from lamost_ostar.stage import OStarStage
 
-    out, _ = tiny_run
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
+    run, _ = tiny_run
     name = loso.ensemble_oof(run, ["cnn2", "lr2"])
     res = json.loads((run / "results.json").read_text())
     res["models"].update(loso.analyse(run, [name], loso.CLASSES_8)["models"])
@@ -251,11 +250,11 @@ def test_an_ensemble_detector_is_trained_registered_and_scans(tiny_run, tmp_path
     (run / "results.json").write_text(json.dumps(res, default=loso._json_default))
     version, card = train.train_detector(tmp_path / "models", run / "results.json",
                                          recipe=DetectorRecipe(n_per_class=10), epochs=1, n_val_per_class=3,
-                                         model_kind=name)
+                                         model_kind=name, lr_max_iter=50)
     bundle = load_model(version, tmp_path / "models")
     assert version.startswith("ostar8-ens-cnn2-lr2") and bundle.channels == 2
     members = card["metrics"]["history"]["members"]
-    assert set(members) == {"cnn2", "lr2"}
+    assert set(members) == {"cnn2", "lr2"} and card["train_config"]["lr_max_iter"] == 50
     assert members["lr2"]["temperature"] == pytest.approx(res["models"]["lr2"]["temperature"])
     (ok,) = OStarStage(version, tmp_path / "models", device="cpu").process([str(DATA / "io_image_dr7.fits")])
     assert ok.ok and ok.is_candidate in (True, False) and sum(ok.probs.values()) == pytest.approx(1.0)

@@ -55,6 +55,7 @@ def test_training_reduces_loss_and_early_stops():
     assert hist["loss"][-1] < hist["loss"][0]
     assert hist["val_accuracy"][hist["best_epoch"][0]] > 0.6
     assert model.output_shape == (None, 3)
+    assert model.run_eagerly is False            # 8 epochs x 8 batches: the steps are compiled
     # patience: stops once val_loss has not improved for `patience` epochs
     model.trainable = False                      # frozen -> constant val_loss
     model2, hist2 = R.train_recogniser(x, y, xv, yv, epochs=50, batch_size=32, patience=1,
@@ -69,9 +70,9 @@ def _trainable(model):
 def test_ema_of_momentum_zero_is_plain_training_and_averaged_weights_differ():
     """With momentum 0 the average is the weights themselves: the swapping around validation and
     early stopping must give plain training's weights back exactly; with momentum 0.9 they differ."""
-    x, y = synthetic(160)
-    xv, yv = synthetic(40, seed=1)
-    kw = dict(epochs=3, batch_size=32, learning_rate=3e-3, build_kwargs={"width": 8, "depth": 2})
+    x, y = synthetic(96)
+    xv, yv = synthetic(32, seed=1)
+    kw = dict(epochs=2, batch_size=32, learning_rate=3e-3, build_kwargs={"width": 8, "depth": 2})
     runs = {}
     for ema in (None, 0.0, 0.9):
         keras.utils.set_random_seed(0)
@@ -109,6 +110,7 @@ def test_soft_labels_train_with_categorical_cross_entropy():
                                      build_kwargs={"width": 8, "depth": 2})
     assert model.output_shape == (None, 3) and np.isfinite(hist["val_loss"]).all()
     assert 0.0 <= hist["val_accuracy"][-1] <= 1.0
+    assert model.run_eagerly is True             # 2 epochs x 4 batches: too few steps to compile
     with pytest.raises(ValueError, match="soft labels have 3 columns"):
         R.train_recogniser(x, soft, xv, yv, epochs=1, n_classes=4, build_kwargs={"width": 8, "depth": 2})
 

@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A tiny LOSO run (fold 0) with its fold models saved, merged with an ensemble and analysed."""
-    out = tmp_path_factory.mktemp("loso_saved")
-    cfg = loso.LosoConfig.from_profile("tiny")
-    cfg.save_models, cfg.b_per_star = True, 8     # 2 B spectra per S/N bin and star
-    loso.run_loso(cfg, out, log=lambda *a: None)
+def saved_run(loso_tiny_run, tmp_path_factory):
+    """The session's tiny LOSO run (its fold models saved), copied, with an ensemble, analysed."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("loso_saved") / "run"
+    shutil.copytree(loso_tiny_run[0], out)
     name = loso.ensemble_oof(out, ["cnn2", "lr2"])
     res = loso.analyse(out, ["cnn2", "lr2", name], loso.CLASSES_8)
     (out / "results.json").write_text(json.dumps(res, default=loso._json_default))

@@ -41,7 +41,7 @@ def test_retrain_registers_new_version_without_overwriting(release, tmp_path):
     old_sha = registry.sha256_file(models / old / "model.keras")
 
     res = train.retrain(release / "truth.csv", release, models, gan_iterations=1, epochs=1,
-                        batch_size=8, seed=0, n_library_per_class=6)
+                        batch_size=8, seed=0, n_library_per_class=6, lr_max_iter=50)
     assert res["version"] != old
     versions = [c["version"] for c in registry.list_versions(models)]
     assert versions == [old, res["version"]]
@@ -78,7 +78,7 @@ def test_retrain_an_ensemble(release, tmp_path):
     from lamost_ostar.models import registry
 
     res = train.retrain(release / "truth.csv", release, tmp_path, gan_iterations=0, epochs=1, batch_size=8,
-                        seed=0, n_library_per_class=6, model_kind="ens-cnn2-lr2")
+                        seed=0, n_library_per_class=6, model_kind="ens-cnn2-lr2", lr_max_iter=50)
     card = json.loads((tmp_path / res["version"] / "card.json").read_text())
     assert card["train_config"]["model_kind"] == "ens-cnn2-lr2"
     members = card["metrics"]["history"]["members"]
