@@ -634,7 +634,8 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                    n_val_per_class: int = 100, seed: int = 0, data_dir: str | Path | None = None,
                    model_kind: str = "cnn2", verbose: int = 0,
                    calibration_results: str | Path | None = None,
-                   clean_checks: Sequence[str | Path] = (), lr_max_iter: int = 300) -> tuple[str, dict]:
+                   clean_checks: Sequence[str | Path] = (), lr_max_iter: int | None = None
+                   ) -> tuple[str, dict]:
     """Train the two-channel detector on every star and register it with the LOSO decision.
 
     The network is trained like one LOSO fold but on all template stars and all
@@ -659,9 +660,9 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
         ``applied_rule.json`` files of :func:`lamost_ostar.loso.apply_rule`
         (runs of other seeds scored with this rule, unchanged); their summary
         goes into the card (``metrics.loso.clean_checks``).
-    lr_max_iter : int
-        Iteration cap of a logistic-regression member (its ``lr_c`` comes from
-        the LOSO run's configuration).
+    lr_max_iter : int, optional
+        Iteration cap of a logistic-regression member.  Default: the LOSO
+        run's, as its ``lr_c`` (the members are fitted like the run's folds).
 
     Returns
     -------
@@ -697,7 +698,10 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
                                   rng, None)
     t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lr_c = float((calib.get("config") or {}).get("lr_c", 0.05))
+    loso_config = calib.get("config") or {}
+    lr_c = float(loso_config.get("lr_c", 0.05))
+    if lr_max_iter is None:      # the LOSO folds' own cap (300 in runs older than the setting)
+        lr_max_iter = int(loso_config.get("lr_max_iter", 300))
     fit = dict(epochs=epochs, batch_size=batch_size, patience=patience, learning_rate=learning_rate,
                lr_c=lr_c, lr_max_iter=lr_max_iter, seed=seed, verbose=verbose)
     if model_kind.startswith("ens-"):
