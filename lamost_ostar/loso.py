@@ -85,6 +85,9 @@ class CnnKind:
     early_b_weight : float
         Loss weight of the B0-B1 training spectra relative to the others (:func:`early_b_weights`);
         1: every spectrum weighs the same.
+    build : tuple of (str, value) pairs
+        Further :func:`lamost_ostar.models.recogniser.build_recogniser` arguments (size and
+        regularisation); empty: its defaults.
     """
 
     head: str | None = None
@@ -95,6 +98,7 @@ class CnnKind:
     cross_mix: float = 0.0
     members: int = 1
     early_b_weight: float = 1.0
+    build: tuple[tuple[str, Any], ...] = ()
 
 
 #: the CNN kinds (the run each experimental one belongs to: ``reports/loso/runNN/README.md``)
@@ -108,6 +112,8 @@ CNN_KINDS: dict[str, CnnKind] = {
     "cnn2dxsm": CnnKind(head="dense", mix=True, standardise=True, cross_mix=0.2),  # run 23
     "cnn2dxsd2": CnnKind(head="dense", mix=True, standardise=True, members=2),     # run 24
     "cnn2dxsb": CnnKind(head="dense", mix=True, standardise=True, early_b_weight=3.0),  # run 25
+    "cnn2dxsr": CnnKind(head="dense", mix=True, standardise=True,                   # run 26
+                        build=(("width", 8), ("dropout", 0.5), ("head_l2", 1e-3))),
 }
 
 #: the logistic-regression kinds and the loss weight of their B0-B1 training spectra
@@ -577,7 +583,8 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         from .models import recogniser
 
         spec = CNN_KINDS[base]
-        build = {"head": spec.head} if spec.head else None
+        build = {"head": spec.head} if spec.head else {}
+        build = {**build, **dict(spec.build)} or None
         if "+" in kind:
             train = LabelledSpectra.concat([train, _gan_samples(kind.split("+")[1], train, gan_input, cfg,
                                                                  seed, info)])

@@ -591,6 +591,34 @@ def test_cnn2dxsb_trains_with_the_early_b_weights(monkeypatch):
     assert info["early_b"] == int(early.sum()) > 0
 
 
+def test_cnn2dxsr_is_cnn2dxs_smaller_and_more_regularised(monkeypatch):
+    """``cnn2dxsr`` trains ``cnn2dxs``'s network at half the width, dropout 0.5, head L2 1e-3."""
+    from lamost_ostar.models import recogniser
+
+    data, _, _ = _random_spectra(6)
+    models = []
+    real = recogniser.train_recogniser
+
+    def spy(*args, **kwargs):
+        model, hist = real(*args, **kwargs)
+        models.append(model)
+        return model, hist
+
+    monkeypatch.setattr(recogniser, "train_recogniser", spy)
+    kind = loso.CNN_KINDS["cnn2dxsr"]
+    assert kind == loso.CnnKind(head="dense", mix=True, standardise=True, build=kind.build)
+    logits, _ = loso._fit_predict("cnn2dxsr", data, data, {"a": data}, loso.LosoConfig.from_profile("tiny"),
+                                  list(loso.CLASSES_8), seed=3, log=lambda *a: None)
+    assert logits["a"].shape == (len(data), len(loso.CLASSES_8))
+    (model,) = models
+    assert model.get_layer("stem_conv").filters == 8
+    assert {layer.rate for layer in model.layers if layer.__class__.__name__ == "Dropout"} == {0.5}
+    assert model.get_layer("head_dense").kernel_regularizer.l2 == pytest.approx(1e-3)
+    default = recogniser.build_recogniser(8, head="dense")
+    assert default.get_layer("stem_conv").filters == 16
+    assert default.get_layer("head_dense").kernel_regularizer.l2 == pytest.approx(1e-4)
+
+
 def test_train_recogniser_checks_sample_weight_length():
     from lamost_ostar.models import recogniser
 

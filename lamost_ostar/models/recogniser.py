@@ -101,6 +101,7 @@ def build_recogniser(
     head: str = "gap",
     wide: tuple[np.ndarray, np.ndarray] | None = None,
     wide_l2: float = 0.0,
+    head_l2: float = 1e-4,
 ) -> keras.Model:
     """Build the residual + attention recogniser (not compiled).
 
@@ -143,6 +144,8 @@ def build_recogniser(
     wide_l2 : float
         L2 weight of the linear path's kernel (per-sample loss units:
         ``1 / (2 C N)`` reproduces scikit-learn's ``C`` on ``N`` spectra).
+    head_l2 : float
+        L2 weight of the dense head's hidden layer (``head="dense"``).
 
     Returns
     -------
@@ -175,7 +178,7 @@ def build_recogniser(
         h = keras.layers.Flatten(name="head_flatten")(h)
         h = keras.layers.Dropout(dropout)(h)
         h = keras.layers.Dense(64, activation="relu", name="head_dense",
-                               kernel_regularizer=keras.regularizers.L2(1e-4))(h)
+                               kernel_regularizer=keras.regularizers.L2(head_l2))(h)
         h = keras.layers.Dropout(dropout)(h)
     else:
         raise ValueError(f"head must be 'gap' or 'dense', got {head!r}")
