@@ -137,6 +137,9 @@ EBV_BINS: tuple[tuple[float, float], ...] = ((0, 0.4), (0.4, 0.8), (0.8, 1.5), (
 SURVEY_NON_O: dict[str, float] = {"B": 0.03, "A": 0.08, "F": 0.28, "G": 0.33, "K": 0.21,
                                   "M": 0.07, "X": 0.003}
 
+#: Iteration cap (lbfgs) of the logistic regressions, unless a run sets its own (``LosoConfig.lr_max_iter``).
+LR_MAX_ITER: int = 300
+
 
 @dataclass
 class LosoConfig:
@@ -201,7 +204,7 @@ class LosoConfig:
     gan_samples: int = 300
     gan_snr: float = 80.0
     lr_c: float = 0.05
-    lr_max_iter: int = 300
+    lr_max_iter: int = LR_MAX_ITER
     seed: int = 0
     profile: str = "full"
     interstellar_tests: bool = False
@@ -563,6 +566,37 @@ def _standardised(x: np.ndarray, scale: tuple[np.ndarray, np.ndarray] | None) ->
     return x if scale is None else ((x - scale[0]) / scale[1]).astype(np.float32)
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, c: float, max_iter: int = LR_MAX_ITER,
+                 sample_weight: np.ndarray | None = None) -> tuple[Any, Any]:
+    """The logistic-regression baseline's fit: features standardised, then an L2 logistic regression.
+
+    Used by the LOSO folds (``lr*`` kinds) and by the shipped models' linear
+    members (:mod:`lamost_ostar.train`), so both are fitted alike.
+
+    Parameters
+    ----------
+    x : ndarray, (N, n_features)
+        Flattened model input.
+    y : ndarray of int
+        Class indices.
+    c, max_iter : float, int
+        Inverse L2 strength and iteration cap.
+    sample_weight : ndarray, optional
+        (N,) loss weight of each spectrum.
+
+    Returns
+    -------
+    (StandardScaler, LogisticRegression)
+        Both fitted.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(x), y, sample_weight=sample_weight)
+    return scaler, clf
+
+
 def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests: dict[str, LabelledSpectra],
                  cfg: LosoConfig, classes: Sequence[str], seed: int, log,
                  gan_input: LabelledSpectra | None = None,
@@ -660,18 +694,11 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
                   else ensemble_logits([z[name] for z in members], [1.0] * spec.members)
                   for name in tested}
     elif base in LR_KINDS:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
         def feats(d):
             return model_input(kind, d).reshape(len(d), -1)
 
-        x_train = feats(train)
-        scaler = StandardScaler().fit(x_train)
-        clf = LogisticRegression(C=cfg.lr_c, max_iter=cfg.lr_max_iter)
-        sample_weight = early_b_weights(train, LR_KINDS[base])
-        clf.fit(scaler.transform(x_train), train.y(classes), sample_weight=sample_weight)
-        del x_train
+        scaler, clf = fit_logistic(feats(train), train.y(classes), c=cfg.lr_c, max_iter=cfg.lr_max_iter,
+                                   sample_weight=early_b_weights(train, LR_KINDS[base]))
         info["n_iter"] = int(np.max(clf.n_iter_))
         if save_to is not None:
             np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,

@@ -270,7 +270,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
             batch_size: int = 32, seed: int = 0, test_fraction: float = 0.15,
             val_fraction: float = 0.15, library: bool = True, n_library_per_class: int = 300,
             learning_rate: float = 1e-3, progress: bool = False, model_kind: str | None = None,
-            lr_c: float = 0.05, lr_max_iter: int = 300) -> dict:
+            lr_c: float = 0.05, lr_max_iter: int | None = None) -> dict:
     """Retrain the O-star detector on a labelled release and register a new version.
 
     Builds the same kind of model as the packaged default (``model_kind=None``:
@@ -300,7 +300,8 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     5. Test-split metrics at that operating point go into the card.
 
     ``lr_c`` and ``lr_max_iter`` are the inverse L2 strength and the iteration
-    cap of a logistic-regression model or member.
+    cap of a logistic-regression model or member (``lr_max_iter`` None:
+    :data:`lamost_ostar.loso.LR_MAX_ITER`).
 
     Returns
     -------
@@ -311,7 +312,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
 
     from .datasets import (CLASSES_8, DetectorRecipe, add_noise, build_detector_training, load_labelled_release,
                            split_by_star, _usable_for_training)
-    from .loso import SURVEY_NON_O
+    from .loso import LR_MAX_ITER, SURVEY_NON_O
     from .models import gan, recogniser, registry
     from .models.calibration import fit_temperature
     from .models.decision import Decision, choose_operating_point
@@ -363,6 +364,7 @@ def retrain(labels_csv: str | Path, release_dir: str | Path, models_dir: str | P
     train = LabelledSpectra.concat(parts).only(classes)
     assert_disjoint_stars(train.subset(train.source == "release"), val, test)
     kind = model_kind or default_model_kind()
+    lr_max_iter = LR_MAX_ITER if lr_max_iter is None else int(lr_max_iter)
     t0 = time.perf_counter()
     fit = dict(epochs=epochs, batch_size=batch_size, patience=5, learning_rate=learning_rate, lr_c=lr_c,
                lr_max_iter=lr_max_iter, seed=seed, verbose=0)
@@ -603,13 +605,11 @@ def _fit_member(kind: str, train, val, classes, *, epochs: int, batch_size: int,
 
     keras.utils.set_random_seed(seed)
     if kind in ("lr2", "lr1"):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
+        from .loso import fit_logistic
 
         ch = 2 if kind == "lr2" else 1
         feats = train.inputs(ch).reshape(len(train), -1)
-        scaler = StandardScaler().fit(feats)
-        clf = LogisticRegression(C=lr_c, max_iter=lr_max_iter).fit(scaler.transform(feats), train.y(classes))
+        scaler, clf = fit_logistic(feats, train.y(classes), c=lr_c, max_iter=lr_max_iter)
         coef = np.zeros((len(classes), feats.shape[1]))
         icpt = np.full(len(classes), -1e4)
         coef[clf.classes_], icpt[clf.classes_] = clf.coef_, clf.intercept_
@@ -700,8 +700,8 @@ def train_detector(models_dir: str | Path, loso_results: str | Path, *, recipe=N
     t0 = time.perf_counter()
     loso_config = calib.get("config") or {}
     lr_c = float(loso_config.get("lr_c", 0.05))
-    if lr_max_iter is None:      # the LOSO folds' own cap (300 in runs older than the setting)
-        lr_max_iter = int(loso_config.get("lr_max_iter", 300))
+    if lr_max_iter is None:      # the LOSO folds' own cap (LR_MAX_ITER in runs older than the setting)
+        lr_max_iter = int(loso_config.get("lr_max_iter", loso.LR_MAX_ITER))
     fit = dict(epochs=epochs, batch_size=batch_size, patience=patience, learning_rate=learning_rate,
                lr_c=lr_c, lr_max_iter=lr_max_iter, seed=seed, verbose=verbose)
     if model_kind.startswith("ens-"):

@@ -569,48 +569,47 @@ def test_lr2b_fits_with_the_early_b_weights():
     assert got[0].shape == (len(data), len(classes)) and not np.allclose(got[0], got[1])
 
 
-def test_cnn2dxsb_trains_with_the_early_b_weights(monkeypatch):
-    """``cnn2dxsb`` hands ``early_b_weights`` of its training set to the (real) training."""
+@pytest.fixture
+def trainings(monkeypatch):
+    """Every call of the (real) ``recogniser.train_recogniser``: ``(kwargs, trained model)`` in order."""
     from lamost_ostar.models import recogniser
 
-    data, _, _ = _random_spectra(10)
-    data.meta["subclass"] = np.array([f"{c}{i % 4}" if c in "OB" else c for i, c in enumerate(data.labels)])
-    seen = []
-    real = recogniser.train_recogniser
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("sample_weight"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recogniser, "train_recogniser", spy)
-    logits, info = loso._fit_predict("cnn2dxsb", data, data, {"a": data}, loso.LosoConfig.from_profile("tiny"),
-                                     list(loso.CLASSES_8), seed=3, log=lambda *a: None)
-    assert logits["a"].shape == (len(data), len(loso.CLASSES_8))
-    assert len(seen) == 1 and np.array_equal(seen[0], loso.early_b_weights(data, 3.0))
-    early = (data.labels == "B") & np.isin(data.meta["subclass"], ["B0", "B1"])
-    assert info["early_b"] == int(early.sum()) > 0
-
-
-def test_cnn2dxsr_is_cnn2dxs_smaller_and_more_regularised(monkeypatch):
-    """``cnn2dxsr`` trains ``cnn2dxs``'s network at half the width, dropout 0.5, head L2 1e-3."""
-    from lamost_ostar.models import recogniser
-
-    data, _, _ = _random_spectra(6)
-    models = []
+    calls = []
     real = recogniser.train_recogniser
 
     def spy(*args, **kwargs):
         model, hist = real(*args, **kwargs)
-        models.append(model)
+        calls.append((kwargs, model))
         return model, hist
 
     monkeypatch.setattr(recogniser, "train_recogniser", spy)
+    return calls
+
+
+def test_cnn2dxsb_trains_with_the_early_b_weights(trainings):
+    """``cnn2dxsb`` hands ``early_b_weights`` of its training set to the (real) training."""
+    data, _, _ = _random_spectra(10)
+    data.meta["subclass"] = np.array([f"{c}{i % 4}" if c in "OB" else c for i, c in enumerate(data.labels)])
+    logits, info = loso._fit_predict("cnn2dxsb", data, data, {"a": data}, loso.LosoConfig.from_profile("tiny"),
+                                     list(loso.CLASSES_8), seed=3, log=lambda *a: None)
+    assert logits["a"].shape == (len(data), len(loso.CLASSES_8))
+    assert len(trainings) == 1
+    assert np.array_equal(trainings[0][0].get("sample_weight"), loso.early_b_weights(data, 3.0))
+    early = (data.labels == "B") & np.isin(data.meta["subclass"], ["B0", "B1"])
+    assert info["early_b"] == int(early.sum()) > 0
+
+
+def test_cnn2dxsr_is_cnn2dxs_smaller_and_more_regularised(trainings):
+    """``cnn2dxsr`` trains ``cnn2dxs``'s network at half the width, dropout 0.5, head L2 1e-3."""
+    from lamost_ostar.models import recogniser
+
+    data, _, _ = _random_spectra(6)
     kind = loso.CNN_KINDS["cnn2dxsr"]
     assert kind == loso.CnnKind(head="dense", mix=True, standardise=True, build=kind.build)
     logits, _ = loso._fit_predict("cnn2dxsr", data, data, {"a": data}, loso.LosoConfig.from_profile("tiny"),
                                   list(loso.CLASSES_8), seed=3, log=lambda *a: None)
     assert logits["a"].shape == (len(data), len(loso.CLASSES_8))
-    (model,) = models
+    ((_, model),) = trainings
     assert model.get_layer("stem_conv").filters == 8
     assert {layer.rate for layer in model.layers if layer.__class__.__name__ == "Dropout"} == {0.5}
     assert model.get_layer("head_dense").kernel_regularizer.l2 == pytest.approx(1e-3)
