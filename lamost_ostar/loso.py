@@ -54,7 +54,8 @@ from .datasets import (CLASSES_8, OTHER_LABEL, DetectorRecipe, LabelledSpectra, 
 __all__ = ["CLASSES_8", "LosoConfig", "MODEL_KINDS", "assign_folds", "run_loso", "analyse", "render_report",
            "CnnKind", "CNN_KINDS", "evidence", "EVIDENCE_KEYS", "LINE_KEYS", "merge_runs", "pool_runs", "false_o_by_star", "ensemble_oof",
            "mix_within_class", "mix_across_classes", "MEMBER_SEED_STEP", "environment", "apply_rule", "star_test_sets", "saved_fold_model", "member_temperature",
-           "ensemble_logits", "rule_candidates", "early_b_weights", "LR_KINDS", "add_interstellar_twins", "config_from_dict"]
+           "ensemble_logits", "rule_candidates", "early_b_weights", "LR_KINDS", "LrKind",
+           "split_early_b_labels", "merge_split_logits", "add_interstellar_twins", "config_from_dict"]
 
 
 
@@ -116,9 +117,27 @@ CNN_KINDS: dict[str, CnnKind] = {
                         build=(("width", 8), ("dropout", 0.5), ("head_l2", 1e-3))),
 }
 
-#: the logistic-regression kinds and the loss weight of their B0-B1 training spectra
-#: (:func:`early_b_weights`; ``lr2b``: run 25); their input is :func:`model_input`'s
-LR_KINDS: dict[str, float] = {"lr2": 1.0, "lr1": 1.0, "lr2b": 3.0}
+@dataclass(frozen=True)
+class LrKind:
+    """How a logistic-regression kind of :data:`LR_KINDS` is fitted (its input: :func:`model_input`).
+
+    Attributes
+    ----------
+    early_b_weight : float
+        Loss weight of the B0-B1 training spectra relative to the others (:func:`early_b_weights`).
+    split_early_b : bool
+        The B0-B1 training spectra are a class of their own in the fit (one more weight vector),
+        merged back into B at the output (:func:`merge_split_logits`): the O/B0 boundary gets a
+        hyperplane of its own instead of sharing B's with the late-B stars.
+    """
+
+    early_b_weight: float = 1.0
+    split_early_b: bool = False
+
+
+#: the logistic-regression kinds (``lr2b``: run 25; ``lr2e``: run 27)
+LR_KINDS: dict[str, LrKind] = {"lr2": LrKind(), "lr1": LrKind(), "lr2b": LrKind(early_b_weight=3.0),
+                               "lr2e": LrKind(split_early_b=True)}
 
 #: seed offset between the members of a deep-ensemble kind (:attr:`CnnKind.members`)
 MEMBER_SEED_STEP = 7919
@@ -538,6 +557,24 @@ def early_b_weights(data: LabelledSpectra, weight: float) -> np.ndarray | None:
     return (w / w.mean()).astype(np.float32)
 
 
+def split_early_b_labels(data: LabelledSpectra, classes: Sequence[str]) -> np.ndarray:
+    """Class indices of ``data`` with its B0-B1 spectra (:func:`_early_b`) given index
+    ``len(classes)``, a training class of their own (:attr:`LrKind.split_early_b`)."""
+    y = np.asarray(data.y(classes)).copy()
+    y[_early_b(data)] = len(classes)
+    return y
+
+
+def merge_split_logits(z: np.ndarray, n_classes: int, into: int) -> np.ndarray:
+    """Logits over the first ``n_classes`` columns of ``z``, the split-off class (column
+    ``n_classes``) merged into class ``into`` (B) by ``logaddexp``: the softmax then gives
+    p(B) = p(B2-B9) + p(B0-B1) and every other class's probability unchanged."""
+    z = np.asarray(z, np.float64)
+    out = z[:, :n_classes].copy()
+    out[:, into] = np.logaddexp(z[:, into], z[:, n_classes])
+    return out
+
+
 def _early_b(data: LabelledSpectra) -> np.ndarray:
     """The B0-B1 spectra of ``data``: labelled B, subtype < 2 in ``meta["subclass"]``."""
     sub = np.asarray(data.meta.get("subclass", np.full(len(data), "")), dtype=str)
@@ -697,19 +734,26 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
         def feats(d):
             return model_input(kind, d).reshape(len(d), -1)
 
-        scaler, clf = fit_logistic(feats(train), train.y(classes), c=cfg.lr_c, max_iter=cfg.lr_max_iter,
-                                   sample_weight=early_b_weights(train, LR_KINDS[base]))
+        lr = LR_KINDS[base]
+        y = split_early_b_labels(train, classes) if lr.split_early_b else train.y(classes)
+        if lr.split_early_b:
+            info["early_b"] = int(np.sum(y == len(classes)))
+        scaler, clf = fit_logistic(feats(train), y, c=cfg.lr_c, max_iter=cfg.lr_max_iter,
+                                   sample_weight=early_b_weights(train, lr.early_b_weight))
         info["n_iter"] = int(np.max(clf.n_iter_))
+        merge = {"merged_into": list(classes).index("B")} if lr.split_early_b else {}
         if save_to is not None:
             np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,
-                                classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_)
-        full = np.full((1, len(classes)), -1e4)
+                                classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_, **merge)
+        full = np.full((1, len(classes) + lr.split_early_b), -1e4)
 
         logits = {}
         for name, d in tests.items():
             if len(d):
                 logits[name] = np.repeat(full, len(d), axis=0)
                 logits[name][:, clf.classes_] = clf.decision_function(scaler.transform(feats(d)))
+                if merge:
+                    logits[name] = merge_split_logits(logits[name], len(classes), merge["merged_into"])
     else:
         raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
     info["fit_seconds"] = time.perf_counter() - t0  # and the test sets' logits
@@ -1816,9 +1860,9 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
 
     def predict(data: LabelledSpectra) -> np.ndarray:
         x = (model_input(model, data).reshape(len(data), -1) - z["mean"]) / z["scale"]
-        full = np.full((len(data), n_classes), -1e4)
+        full = np.full((len(data), n_classes + ("merged_into" in z)), -1e4)
         full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
-        return full
+        return merge_split_logits(full, n_classes, int(z["merged_into"])) if "merged_into" in z else full
 
     return predict
 

@@ -569,6 +569,38 @@ def test_lr2b_fits_with_the_early_b_weights():
     assert got[0].shape == (len(data), len(classes)) and not np.allclose(got[0], got[1])
 
 
+def test_lr2e_fits_b0_b1_as_a_class_of_its_own_and_merges_it_into_b(tmp_path):
+    """``lr2e``: the B0-B1 training spectra are a ninth class in the fit; the logits handed on are
+    over the eight classes, p(B) the sum of the two B parts, and the saved fold model gives the same."""
+    from scipy.special import softmax
+
+    data, _, _ = _random_spectra(10)
+    is_b = data.labels == "B"
+    data.meta["subclass"] = np.where(is_b, np.where(np.cumsum(is_b) % 2 == 0, "B0", "B5"), data.labels)
+    cfg = loso.LosoConfig.from_profile("tiny")
+    classes = list(loso.CLASSES_8)
+    y = loso.split_early_b_labels(data, classes)
+    early = (data.labels == "B") & np.isin(data.meta["subclass"], ["B0", "B1"])
+    assert np.all(y[early] == len(classes)) and np.array_equal(y[~early], data.y(classes)[~early])
+    (tmp_path / "models").mkdir()
+    logits, info = loso._fit_predict("lr2e", data, data, {"a": data}, cfg, classes, seed=3, log=lambda *a: None,
+                                     save_to=tmp_path / "models" / "fold00_lr2e")
+    z = logits["a"]
+    assert z.shape == (len(data), len(classes)) and info["early_b"] == int(early.sum()) > 0
+    saved = dict(np.load(tmp_path / "models" / "fold00_lr2e.npz"))
+    fitted = list(saved["classes"])
+    assert fitted[-1] == len(classes) and int(saved["merged_into"]) == classes.index("B")
+    x = (loso.model_input("lr2e", data).reshape(len(data), -1) - saved["mean"]) / saved["scale"]
+    p_fit = softmax(x @ saved["coef"].T + saved["intercept"], axis=1)   # the fitted classes, B0-B1 last
+    p8 = softmax(z, axis=1)
+    k = classes.index("B")
+    assert np.allclose(p8[:, k], p_fit[:, fitted.index(k)] + p_fit[:, -1])
+    assert all(np.allclose(p8[:, c], p_fit[:, fitted.index(c)]) for c in fitted[:-1] if c != k)
+    assert np.allclose(loso.saved_fold_model(tmp_path, "lr2e", 0, len(classes))(data), z)
+    plain = loso._fit_predict("lr2", data, data, {"a": data}, cfg, classes, seed=3, log=lambda *a: None)[0]["a"]
+    assert not np.allclose(softmax(plain, axis=1), p8)
+
+
 @pytest.fixture
 def trainings(monkeypatch):
     """Every call of the (real) ``recogniser.train_recogniser``: ``(kwargs, trained model)`` in order."""
