@@ -560,7 +560,7 @@ def early_b_weights(data: LabelledSpectra, weight: float) -> np.ndarray | None:
 def split_early_b_labels(data: LabelledSpectra, classes: Sequence[str]) -> np.ndarray:
     """Class indices of ``data`` with its B0-B1 spectra (:func:`_early_b`) given index
     ``len(classes)``, a training class of their own (:attr:`LrKind.split_early_b`)."""
-    y = np.asarray(data.y(classes)).copy()
+    y = data.y(classes)
     y[_early_b(data)] = len(classes)
     return y
 
@@ -573,6 +573,15 @@ def merge_split_logits(z: np.ndarray, n_classes: int, into: int) -> np.ndarray:
     out = z[:, :n_classes].copy()
     out[:, into] = np.logaddexp(z[:, into], z[:, n_classes])
     return out
+
+
+def _lr_logits(scores: np.ndarray, fitted: np.ndarray, n_classes: int, merged_into: int | None) -> np.ndarray:
+    """Logits over ``n_classes`` from a logistic regression's decision scores over the classes it
+    was fitted on (``fitted``: their indices; a class it never saw gets -1e4), its split-off B0-B1
+    class (index ``n_classes``, :attr:`LrKind.split_early_b`) merged into ``merged_into``."""
+    full = np.full((len(scores), n_classes + (merged_into is not None)), -1e4)
+    full[:, fitted] = scores
+    return full if merged_into is None else merge_split_logits(full, n_classes, merged_into)
 
 
 def _early_b(data: LabelledSpectra) -> np.ndarray:
@@ -735,25 +744,20 @@ def _fit_predict(kind: str, train: LabelledSpectra, val: LabelledSpectra, tests:
             return model_input(kind, d).reshape(len(d), -1)
 
         lr = LR_KINDS[base]
-        y = split_early_b_labels(train, classes) if lr.split_early_b else train.y(classes)
+        y, into = train.y(classes), None
         if lr.split_early_b:
+            y, into = split_early_b_labels(train, classes), list(classes).index("B")
             info["early_b"] = int(np.sum(y == len(classes)))
         scaler, clf = fit_logistic(feats(train), y, c=cfg.lr_c, max_iter=cfg.lr_max_iter,
                                    sample_weight=early_b_weights(train, lr.early_b_weight))
         info["n_iter"] = int(np.max(clf.n_iter_))
-        merge = {"merged_into": list(classes).index("B")} if lr.split_early_b else {}
         if save_to is not None:
             np.savez_compressed(save_to.with_suffix(".npz"), coef=clf.coef_, intercept=clf.intercept_,
-                                classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_, **merge)
-        full = np.full((1, len(classes) + lr.split_early_b), -1e4)
-
-        logits = {}
-        for name, d in tests.items():
-            if len(d):
-                logits[name] = np.repeat(full, len(d), axis=0)
-                logits[name][:, clf.classes_] = clf.decision_function(scaler.transform(feats(d)))
-                if merge:
-                    logits[name] = merge_split_logits(logits[name], len(classes), merge["merged_into"])
+                                classes=clf.classes_, mean=scaler.mean_, scale=scaler.scale_,
+                                **({} if into is None else {"merged_into": into}))
+        logits = {name: _lr_logits(clf.decision_function(scaler.transform(feats(d))), clf.classes_,
+                                   len(classes), into)
+                  for name, d in tests.items() if len(d)}
     else:
         raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
     info["fit_seconds"] = time.perf_counter() - t0  # and the test sets' logits
@@ -1860,9 +1864,8 @@ def saved_fold_model(out_dir: str | Path, model: str, fold: int,
 
     def predict(data: LabelledSpectra) -> np.ndarray:
         x = (model_input(model, data).reshape(len(data), -1) - z["mean"]) / z["scale"]
-        full = np.full((len(data), n_classes + ("merged_into" in z)), -1e4)
-        full[:, z["classes"]] = x @ z["coef"].T + z["intercept"]
-        return merge_split_logits(full, n_classes, int(z["merged_into"])) if "merged_into" in z else full
+        return _lr_logits(x @ z["coef"].T + z["intercept"], z["classes"], n_classes,
+                          int(z["merged_into"]) if "merged_into" in z else None)
 
     return predict
 
