@@ -51,13 +51,17 @@ def _apply_rule(rules_file: Path, out: Path, class_veto: bool = True, min_snr_g:
     (out / name).write_text(json.dumps(applied, indent=1, default=loso._json_default))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "loso")
     ap.add_argument("--profile", default="full", choices=["tiny", "quick", "full"])
     ap.add_argument("--models", default=None, help="comma-separated model kinds")
     ap.add_argument("--folds", default=None, help="comma-separated fold numbers")
     ap.add_argument("--gan-iterations", type=int, default=None)
+    ap.add_argument("--n-per-class", type=int, default=None,
+                    help="training realisations per class (DetectorRecipe.n_per_class; default: the "
+                         "profile's, 600 for full); the blue-only share of --mkclass-fraction scales with it")
     ap.add_argument("--mkclass-fraction", type=float, default=None,
                     help="blue-only MKCLASS standards added to every class, as a fraction of n_per_class "
                          "(DetectorRecipe.mkclass_fraction; default 0: none); each fold leaves out the "
@@ -109,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-snr-g", type=float, default=None,
                     help="with --reanalyse / --apply-rule: the stage's S/N floor (no candidate below it; "
                          "default: the scan's, 3; 0: none)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.add_interstellar_twins:
         models = sorted(p.stem[4:].replace("_", "+") for p in args.out.glob("oof_*.npz")
                         if not p.stem.startswith("oof_ens-"))
@@ -149,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "report.md").write_text(loso.render_report(res))
         print(f"report: {args.out / 'report.md'}")
         return
+    cfg = config_from_args(args)
+    path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
+    print(f"report: {path}")
+
+
+def config_from_args(args: argparse.Namespace) -> "loso.LosoConfig":
+    """The run's :class:`lamost_ostar.loso.LosoConfig`: the profile's, with the options given."""
     cfg = loso.LosoConfig.from_profile(args.profile, seed=args.seed)
     if args.models:
         cfg.models = tuple(args.models.split(","))
@@ -162,9 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg.recipe = dataclasses.replace(cfg.recipe, emission_fraction=args.emission_fraction)
     if args.interstellar_training:
         cfg.recipe = dataclasses.replace(cfg.recipe, interstellar=True)
+    if args.n_per_class is not None:
+        cfg.recipe = dataclasses.replace(cfg.recipe, n_per_class=args.n_per_class)
     cfg.interstellar_tests = args.interstellar_tests
-    path = loso.run_loso(cfg, args.out, data_dir=args.data_dir, log=lambda m: print(m, flush=True))
-    print(f"report: {path}")
+    return cfg
 
 
 if __name__ == "__main__":

@@ -196,9 +196,7 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     assert np.all(p.sum(axis=1) <= 1.0 + 1e-9)                 # mean of log probabilities
     res = loso.analyse(merged, ["cnn2", "lr2", name], loso.CLASSES_8)
     assert set(res["models"]) == {"cnn2", "lr2", name}
-    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _evaluate_loso_script()
     mod.main(["--out", str(merged), "--reanalyse"])                # the script's results carry them too
     assert json.loads((merged / "results.json").read_text())["environments"] == envs
 
@@ -292,9 +290,7 @@ def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_write
         {k: v for k, v in by_star.items() if v}
     survey = [r for r in t["false_o_by_star"] if r["set"] == "survey"]
     assert sum(r["called_o"] for r in survey) == t["survey_false_o_count"]
-    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _evaluate_loso_script()
     mod.main(["--out", str(out), "--apply-rule", str(out / "results.json")])
     applied = json.loads((out / "applied_rule.json").read_text())
     assert applied["lr2"]["tables"]["survey_false_o_count"] == ref["survey_false_o_count"]
@@ -671,3 +667,24 @@ def test_cnn_kinds_table():
     with pytest.raises(ValueError, match="unknown model kind 'cnn9'"):
         loso._fit_predict("cnn9", data, data, {}, loso.LosoConfig.from_profile("tiny"), list(loso.CLASSES_8),
                           seed=0, log=lambda *a: None)
+
+
+def _evaluate_loso_script():
+    """``scripts/evaluate_loso.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluate_loso_script_options_set_the_recipe():
+    """--n-per-class, --mkclass-fraction and --emission-fraction reach the run's recipe; unset, the profile's."""
+    mod = _evaluate_loso_script()
+    cfg = mod.config_from_args(mod.build_parser().parse_args(
+        ["--profile", "full", "--seed", "7", "--models", "cnn2dx,lr2", "--n-per-class", "1200",
+         "--mkclass-fraction", "0.5", "--emission-fraction", "0.25"]))
+    assert (cfg.seed, cfg.models) == (7, ("cnn2dx", "lr2"))
+    assert (cfg.recipe.n_per_class, cfg.recipe.mkclass_fraction, cfg.recipe.emission_fraction) == (1200, 0.5, 0.25)
+    default = mod.config_from_args(mod.build_parser().parse_args(["--profile", "full"]))
+    assert default.recipe == loso.LosoConfig.from_profile("full").recipe
+
