@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+#: The repository's ``scripts/`` folder.
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 #: Location of the shared real-data folder, found relative to the repository
 #: (``<repo>/../shared/data``) so that the tests work from any checkout.
@@ -22,6 +27,20 @@ def shared_data() -> Path:
         pytest.skip(f"shared data folder not found at {SHARED_DATA} "
                     "(real LAMOST/MILES/Pickles files are not in this checkout)")
     return SHARED_DATA
+
+
+def _load_script(stem: str, module_name: str | None = None) -> ModuleType:
+    """``scripts/<stem>.py`` executed as a new module named ``module_name`` (default: ``stem``)."""
+    spec = importlib.util.spec_from_file_location(module_name or stem, SCRIPTS / f"{stem}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """A loader of the repository's scripts as modules: ``load_script("evaluate_loso")``."""
+    return _load_script
 
 
 @pytest.fixture(scope="session")

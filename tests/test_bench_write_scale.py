@@ -1,7 +1,6 @@
 """Smoke test of ``scripts/bench_write_scale.py``: both modes write every row and end with every index."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,11 +8,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_write_scale.py
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def test_both_modes_write_every_row_and_end_with_every_index(tmp_path, capsys, monkeypatch):
+def test_both_modes_write_every_row_and_end_with_every_index(tmp_path, capsys, monkeypatch, load_script):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))         # it imports its sibling bench_write
-    spec = importlib.util.spec_from_file_location("bench_write_scale", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench_write_scale")
     rel = tmp_path / "rel"
     rel.mkdir()
     for name in ("io_image_dr7.fits", "io_coadd_dr9.fits.gz", "io_image_dr6.fits.gz"):

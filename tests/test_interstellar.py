@@ -68,16 +68,11 @@ def test_mock_interstellar_changes_only_the_features_and_consumes_no_other_draw(
     assert np.nanmax(np.abs(ratio[:, far] - 1.0)) < 0.02       # the continuum (noise level shifts ~1 %)
 
 
-def test_sensitivity_script_scans_both_releases_of_the_same_stars(tmp_path, capsys):
+def test_sensitivity_script_scans_both_releases_of_the_same_stars(tmp_path, capsys, load_script):
     """scripts/ism_sensitivity.py end to end: two real mock releases, two real scans, one table."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ism_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("ism_sensitivity", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("ism_sensitivity")
     assert mod.main([str(tmp_path), "--n", "24", "--preset", "O=0.5,B=0.5", "--seed", "2",
                      "--workers", "1"]) == 0
     rep = json.loads((tmp_path / "ism_sensitivity.json").read_text())
@@ -88,15 +83,10 @@ def test_sensitivity_script_scans_both_releases_of_the_same_stars(tmp_path, caps
     assert "candidates" in capsys.readouterr().out
 
 
-def test_sensitivity_script_line_evidence_mode(tmp_path):
-    import importlib.util
+def test_sensitivity_script_line_evidence_mode(tmp_path, load_script):
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ism_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("ism_sensitivity_lines", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("ism_sensitivity", "ism_sensitivity_lines")
     assert mod.main([str(tmp_path), "--lines", "12", "--seed", "3"]) == 0
     ev = json.loads((tmp_path / "ism_lines.json").read_text())["evidence"]
     assert len(ev["O"]["heii_sigma"]) == 2 and "heii_detected_b0_b1" in ev["B"]

@@ -1,7 +1,6 @@
 """Tests for lamost_ostar.loso (leave-one-star-out protocol) and the detector it ships."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from lamost_ostar.datasets import library_star_ids
 from lamost_ostar.templates import load_templates
 
 DATA = Path(__file__).resolve().parent / "data"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_folds_hold_every_star_once_and_one_o_unit_each():
@@ -162,7 +160,7 @@ def test_mix_within_class_mixes_different_stars_of_one_class():
     assert n1 == 0 and np.array_equal(same, x[:5])
 
 
-def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
+def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path, load_script):
     """Runs of disjoint folds merge into one; an ensemble's OOF logits come from its members'."""
     import shutil
 
@@ -196,7 +194,7 @@ def test_merge_parallel_runs_and_an_ensemble(tiny_run, tmp_path):
     assert np.all(p.sum(axis=1) <= 1.0 + 1e-9)                 # mean of log probabilities
     res = loso.analyse(merged, ["cnn2", "lr2", name], loso.CLASSES_8)
     assert set(res["models"]) == {"cnn2", "lr2", name}
-    mod = _evaluate_loso_script()
+    mod = load_script("evaluate_loso")
     mod.main(["--out", str(merged), "--reanalyse"])                # the script's results carry them too
     assert json.loads((merged / "results.json").read_text())["environments"] == envs
 
@@ -271,7 +269,7 @@ def test_false_o_by_star_accounts_for_every_non_o_test_spectrum(tiny_run):
     assert [r["nested"] for r in rows] == sorted((r["nested"] for r in rows), reverse=True)
 
 
-def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_writes_it(tiny_run):
+def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_writes_it(tiny_run, load_script):
     """A run's own operating point, applied with apply_rule, gives analyse's table; the script
     applies another run's rules (here the same run's results.json) and writes applied_rule.json."""
     import json
@@ -290,7 +288,7 @@ def test_apply_rule_reproduces_the_runs_own_operating_point_and_the_script_write
         {k: v for k, v in by_star.items() if v}
     survey = [r for r in t["false_o_by_star"] if r["set"] == "survey"]
     assert sum(r["called_o"] for r in survey) == t["survey_false_o_count"]
-    mod = _evaluate_loso_script()
+    mod = load_script("evaluate_loso")
     mod.main(["--out", str(out), "--apply-rule", str(out / "results.json")])
     applied = json.loads((out / "applied_rule.json").read_text())
     assert applied["lr2"]["tables"]["survey_false_o_count"] == ref["survey_false_o_count"]
@@ -669,17 +667,9 @@ def test_cnn_kinds_table():
                           seed=0, log=lambda *a: None)
 
 
-def _evaluate_loso_script():
-    """``scripts/evaluate_loso.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("evaluate_loso", REPO / "scripts" / "evaluate_loso.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_evaluate_loso_script_options_set_the_recipe():
+def test_evaluate_loso_script_options_set_the_recipe(load_script):
     """--n-per-class, --mkclass-fraction and --emission-fraction reach the run's recipe; unset, the profile's."""
-    mod = _evaluate_loso_script()
+    mod = load_script("evaluate_loso")
     cfg = mod.config_from_args(mod.build_parser().parse_args(
         ["--profile", "full", "--seed", "7", "--models", "cnn2dx,lr2", "--n-per-class", "1200",
          "--mkclass-fraction", "0.5", "--emission-fraction", "0.25"]))

@@ -1,20 +1,7 @@
 """Tests for ``scripts/profile_summary.py`` (py-spy collapsed stacks of a scan)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_summary.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("profile_summary", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_steps_from_class_qualified_frames(tmp_path):
+def test_steps_from_class_qualified_frames(tmp_path, load_script):
     """py-spy names methods ``Class.method (file:line)``; every step is found, each sample once per step."""
     base = ("process 1:\"python\";_run_task (distributed/worker.py:2785);"
             "process_partition (lamost_ostar/scan.py:580);OStarStage.process (lamost_ostar/stage.py:987)")
@@ -28,7 +15,7 @@ def test_steps_from_class_qualified_frames(tmp_path):
     ]
     path = tmp_path / "scan.folded"
     path.write_text("\n".join(lines) + "\n")
-    mod = _load()
+    mod = load_script("profile_summary")
     total, steps, own = mod.summarise(mod.load(path), top=3)
     share = dict(steps)
     assert total == 65

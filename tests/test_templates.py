@@ -1,9 +1,6 @@
 """Tests for the packaged template library (lamost_ostar.templates) and its builder."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,7 +9,6 @@ from lamost_ostar.templates import (DEFAULT_PATH, IMPOSTOR, KINDS, MK_LETTERS, M
                                     TemplateLibrary, air_to_vacuum, load_mkclass, load_templates,
                                     parse_spectral_type, vacuum_to_air)
 
-REPO = Path(__file__).resolve().parents[1]
 
 O_STARS = {  # name: (spectral type, luminosity class, source)
     "HD057060": ("O7Ia", "Ia", "miles"),
@@ -37,14 +33,6 @@ STELIB_O = {  # star: (type as given, subtype, luminosity class used, E(B-V) = A
 @pytest.fixture(scope="module")
 def lib():
     return load_templates()
-
-
-def _build_module():
-    spec = importlib.util.spec_from_file_location("build_templates",
-                                                  REPO / "scripts" / "build_templates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_packaged_file_small():
@@ -324,9 +312,9 @@ def test_parse_spectral_type(spt, mk, expected):
     assert (np.isnan(sub) and np.isnan(expected[1])) or sub == expected[1]
 
 
-def test_degrade_matrix_resolution():
+def test_degrade_matrix_resolution(load_script):
     """The builder's kernel turns a 2.5 A (FWHM) line into a lambda/1800 line."""
-    build = _build_module()
+    build = load_script("build_templates")
     wave_in = np.arange(5000.0, 7000.0, 0.9)
     fwhm_in, centre = 2.5, 6000.0
     line = np.exp(-0.5 * ((wave_in - centre) / (fwhm_in / 2.3548)) ** 2)
@@ -340,9 +328,9 @@ def test_degrade_matrix_resolution():
     assert np.allclose(matrix.sum(axis=1), 1.0)
 
 
-def test_masked_degrade_never_invents_flux():
+def test_masked_degrade_never_invents_flux(load_script):
     """A native gap: grid pixels whose kernel touches it are invalid; the rest are unbiased."""
-    build = _build_module()
+    build = load_script("build_templates")
     wave_in = np.arange(4000.0, 6000.0, 1.0)
     flux = 1.0 + 0.1 * np.sin(wave_in / 37.0)
     good = np.ones(wave_in.size, bool)
@@ -359,8 +347,8 @@ def test_masked_degrade_never_invents_flux():
     assert np.allclose(out[valid], ref[valid], rtol=1e-3)
 
 
-def test_builder_names_and_types():
-    build = _build_module()
+def test_builder_names_and_types(load_script):
+    build = load_script("build_templates")
     assert build.star_id("HD 57060") == "HD057060"
     assert build.star_id("HD057060") == "HD057060"
     assert build.star_id("HD 020902         Cl") == "HD020902"
@@ -375,8 +363,8 @@ def test_builder_names_and_types():
     assert build.mkclass_type("t300l50p00")[3] == "G0V"
 
 
-def test_pickles_names():
-    build = _build_module()
+def test_pickles_names(load_script):
+    build = load_script("build_templates")
     assert build._pickles_type("o5v") == ("O", "O5V", 5.0, "V")
     assert build._pickles_type("b57v")[2] == 6.0
     assert build._pickles_type("m2p5v")[2] == 2.5
@@ -384,9 +372,9 @@ def test_pickles_names():
     assert build._pickles_type("k01ii")[1:] == ("K0-1II", 0.5, "II")
 
 
-def test_pickles_reader_on_shared(shared_data, tmp_path):
+def test_pickles_reader_on_shared(shared_data, tmp_path, load_script):
     """The fixed-width reader copes with the overflowing last line of m10iii.dat."""
-    build = _build_module()
+    build = load_script("build_templates")
     src = shared_data / "libraries" / "pickles"
     if not src.is_dir():
         pytest.skip("no Pickles library under shared data")
