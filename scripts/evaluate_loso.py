@@ -171,14 +171,9 @@ def config_from_args(args: argparse.Namespace) -> "loso.LosoConfig":
         cfg.folds = tuple(int(k) for k in args.folds.split(","))
     if args.gan_iterations is not None:
         cfg.gan_iterations = args.gan_iterations
-    if args.mkclass_fraction is not None:
-        cfg.recipe = dataclasses.replace(cfg.recipe, mkclass_fraction=args.mkclass_fraction)
-    if args.emission_fraction is not None:
-        cfg.recipe = dataclasses.replace(cfg.recipe, emission_fraction=args.emission_fraction)
-    if args.interstellar_training:
-        cfg.recipe = dataclasses.replace(cfg.recipe, interstellar=True)
-    if args.n_per_class is not None:
-        cfg.recipe = dataclasses.replace(cfg.recipe, n_per_class=args.n_per_class)
+    recipe = {"n_per_class": args.n_per_class, "mkclass_fraction": args.mkclass_fraction,
+              "emission_fraction": args.emission_fraction, "interstellar": args.interstellar_training or None}
+    cfg.recipe = dataclasses.replace(cfg.recipe, **{k: v for k, v in recipe.items() if v is not None})
     cfg.interstellar_tests = args.interstellar_tests
     return cfg
 

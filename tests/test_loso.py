@@ -668,13 +668,15 @@ def test_cnn_kinds_table():
 
 
 def test_evaluate_loso_script_options_set_the_recipe(load_script):
-    """--n-per-class, --mkclass-fraction and --emission-fraction reach the run's recipe; unset, the profile's."""
+    """--n-per-class, --mkclass-fraction, --emission-fraction and --interstellar-training reach the run's
+    recipe; unset, the profile's."""
     mod = load_script("evaluate_loso")
     cfg = mod.config_from_args(mod.build_parser().parse_args(
         ["--profile", "full", "--seed", "7", "--models", "cnn2dx,lr2", "--n-per-class", "1200",
-         "--mkclass-fraction", "0.5", "--emission-fraction", "0.25"]))
+         "--mkclass-fraction", "0.5", "--emission-fraction", "0.25", "--interstellar-training"]))
     assert (cfg.seed, cfg.models) == (7, ("cnn2dx", "lr2"))
     assert (cfg.recipe.n_per_class, cfg.recipe.mkclass_fraction, cfg.recipe.emission_fraction) == (1200, 0.5, 0.25)
+    assert cfg.recipe.interstellar is True
     default = mod.config_from_args(mod.build_parser().parse_args(["--profile", "full"]))
     assert default.recipe == loso.LosoConfig.from_profile("full").recipe
 
